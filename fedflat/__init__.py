@@ -1,0 +1,34 @@
+"""fedflat: federated optimisation with flat-minimum methods, privacy and bandwidth limits."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from fedflat.runtime.run import RunResult
+
+
+def run(source: Any, overrides: Any = None, out: Any = None) -> RunResult:
+    """Run a scenario (path, dict or Scenario); see ``fedflat.runtime.run.run``."""
+    from fedflat.runtime.run import run as _run
+
+    return _run(source, overrides, out)
+
+
+def resume(run_dir: Any) -> RunResult:
+    """Resume a run folder from its newest checkpoint."""
+    from fedflat.runtime.run import resume as _resume
+
+    return _resume(run_dir)
+
+
+def aggregate(updates: Any, rule: str = "mean", weights: Any = None, **params: Any) -> Any:
+    """Aggregate an [n, d] tensor of updates with a named rule; returns a [d] tensor."""
+    from fedflat.server.rules import aggregate as _aggregate
+
+    return _aggregate(updates, rule=rule, weights=weights, **params)
+
+
+__all__ = ["__version__", "aggregate", "resume", "run"]

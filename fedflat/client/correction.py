@@ -1,0 +1,190 @@
+"""Client-drift corrections: terms added to the oracle's gradient at every local step.
+
+A correction is three pure functions. ``init`` builds its state from the update context
+(the global model, the client's persistent state, the server broadcast); ``adjust`` maps
+the oracle's gradient to the corrected one; ``finish`` returns the client's new
+persistent state and the extra vectors it sends to the server (e.g. SCAFFOLD's Δc_i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fedflat.client.oracle import UpdateContext
+
+
+class Correction(NamedTuple):
+    """init(ctx) -> state; adjust(g, w, state, ctx) -> g; finish(y, steps, lr, state, ctx)
+    -> (new client state, uplink extras)."""
+
+    init: Callable[[UpdateContext], Any]
+    adjust: Callable[[Tensor, Tensor, Any, UpdateContext], Tensor]
+    finish: Callable[
+        [Tensor, int, float, Any, UpdateContext],
+        tuple[dict[str, Tensor], dict[str, Tensor]],
+    ]
+
+
+def fedprox(*, mu: float) -> Correction:
+    """FedProx (Li et al., MLSys 2020): gradient of (mu/2)||y - x||^2 added to every step.
+
+    References: https://arxiv.org/abs/1812.06127
+    """
+    if mu < 0:
+        raise ValueError(f"fedprox mu must be >= 0, got {mu}")
+
+    def adjust(g: Tensor, w: Tensor, state: Any, ctx: UpdateContext) -> Tensor:
+        return g.add(w - ctx.x_global, alpha=mu)
+
+    def finish(y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext):
+        return dict(ctx.client_state), {}
+
+    return Correction(init=lambda ctx: (), adjust=adjust, finish=finish)
+
+
+# Names of the vectors the corrections below read/write (broadcast, client state, uplink).
+SCAFFOLD_C = "scaffold_c"  # server control variate c (broadcast)
+SCAFFOLD_CI = "scaffold_ci"  # client control variate c_i (client state)
+SCAFFOLD_DC = "scaffold_dc"  # Δc_i = c_i⁺ − c_i (uplink extra)
+FEDDYN_GRAD = "feddyn_grad"  # FedDyn client dual g_i (client state)
+PREV_GLOBAL_UPDATE = "prev_global_update"  # x_t − x_{t−1} (broadcast)
+PREV_STEPS_LR = "prev_steps_lr"  # mean K·η of the previous round's clients (broadcast)
+MOFEDSAM_STEPS_LR = "mofedsam_steps_lr"  # this client's K·η, shape [1] (uplink extra)
+
+
+def _like(ctx: UpdateContext, store: dict[str, Tensor], name: str) -> Tensor | None:
+    """``store[name]`` on the device/dtype of the global model, or None if absent."""
+    v = store.get(name)
+    if v is None:
+        return None
+    return v.to(device=ctx.x_global.device, dtype=ctx.x_global.dtype)
+
+
+def scaffold() -> Correction:
+    """SCAFFOLD, option II (Karimireddy et al., ICML 2020), client side.
+
+    Every step uses ``g + c − c_i``; ``c`` comes from ``ctx.broadcast["scaffold_c"]`` and
+    ``c_i`` from ``ctx.client_state["scaffold_ci"]`` (zeros when absent, i.e. in the first
+    round / at a client's first participation). At the end, with K the steps actually
+    taken and η the learning rate used, ``c_i⁺ = c_i − c + (x − y)/(K η)``; ``finish``
+    returns client state ``{"scaffold_ci": c_i⁺}`` and the uplink extra
+    ``{"scaffold_dc": c_i⁺ − c_i}``. A client that took no step keeps ``c_i``
+    (``Δc_i = 0``). Pair with ``fedflat.server.corrections.scaffold_server``.
+
+    References:
+        https://arxiv.org/abs/1910.06378 (ALGORITHMS.md §3.3).
+    """
+
+    def init(ctx: UpdateContext) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        c = _like(ctx, ctx.broadcast, SCAFFOLD_C)
+        ci = _like(ctx, ctx.client_state, SCAFFOLD_CI)
+        if c is None and ci is None:
+            return None, None, None  # both zero: the correction is the identity
+        diff = (c if c is not None else 0.0) - (ci if ci is not None else 0.0)
+        return c, ci, diff
+
+    def adjust(g: Tensor, w: Tensor, state: Any, ctx: UpdateContext) -> Tensor:
+        diff = state[2]
+        return g if diff is None else g + diff
+
+    def finish(y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext):
+        c, ci, _ = state
+        ci_old = ci if ci is not None else torch.zeros_like(ctx.x_global)
+        if steps <= 0 or lr <= 0:
+            # No local progress: option II has nothing to estimate from.
+            return {SCAFFOLD_CI: ci_old}, {SCAFFOLD_DC: torch.zeros_like(ci_old)}
+        ci_new = (ctx.x_global - y) / (steps * lr) + ci_old
+        if c is not None:
+            ci_new = ci_new - c
+        return {SCAFFOLD_CI: ci_new}, {SCAFFOLD_DC: ci_new - ci_old}
+
+    return Correction(init=init, adjust=adjust, finish=finish)
+
+
+def feddyn(*, alpha: float) -> Correction:
+    """FedDyn (Acar et al., ICLR 2021), client side, in the paper's form.
+
+    Local objective ``L_i(y) − ⟨g_i, y⟩ + (α/2)‖y − x‖²``: every step uses
+    ``g − g_i + α (y − x)``; at the end ``g_i ← g_i − α (y − x)``. ``g_i`` is kept in
+    ``ctx.client_state["feddyn_grad"]`` (zeros when absent). This is algebraically the
+    FL-Simulator form ``∇L + α(y − x) + α H_i`` with ``H_i = Σ past Δ_i = −g_i/α``
+    (ALGORITHMS.md §3.4). No uplink extra: the server step
+    ``fedflat.server.corrections.feddyn_server`` uses the deltas.
+
+    Args:
+        alpha: α > 0 (FL-Simulator reference 0.1; paper grid {0.1, 0.01, 0.001}).
+
+    References:
+        https://arxiv.org/abs/2111.04263
+    """
+    if not alpha > 0:
+        raise ValueError(f"feddyn alpha must be > 0, got {alpha}")
+
+    def adjust(g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext) -> Tensor:
+        out = torch.add(g, w - ctx.x_global, alpha=alpha)
+        return out if state is None else out.sub_(state)
+
+    def finish(y: Tensor, steps: int, lr: float, state: Tensor | None, ctx: UpdateContext):
+        gi = state if state is not None else torch.zeros_like(ctx.x_global)
+        return {FEDDYN_GRAD: gi - alpha * (y - ctx.x_global)}, {}
+
+    return Correction(
+        init=lambda ctx: _like(ctx, ctx.client_state, FEDDYN_GRAD), adjust=adjust, finish=finish
+    )
+
+
+def mofedsam(*, alpha: float) -> Correction:
+    """MoFedSAM's client momentum (Qu et al., ICML 2022, as FL-Simulator implements it).
+
+    Every step uses ``α g + (1 − α) m`` with the momentum
+    ``m = −u / (K η)_prev``: ``u = ctx.broadcast["prev_global_update"]`` (x_t − x_{t−1})
+    and ``(K η)_prev = ctx.broadcast["prev_steps_lr"]``, the mean over the previous round's
+    clients of local steps × learning rate. Both are broadcast by
+    ``fedflat.server.corrections.prev_update_broadcast``; this correction uplinks its own
+    ``K η`` as the extra ``"mofedsam_steps_lr"`` (shape [1]) for that purpose. ``m = 0``
+    while no previous update exists (round 0), as in the reference. Put it *first* among
+    the corrections so that α scales the oracle's (SAM) gradient only.
+
+    FL-Simulator normalises by the previous round's lr and K = E·n_0/b of client 0; the
+    mean K·η of the participants is the same when clients are alike. With a server lr
+    η_g ≠ 1, u = η_g Δ̄ (the reference uses Δ̄).
+
+    Args:
+        alpha: α in (0, 1] (FL-Simulator reference 0.05 / 0.1).
+
+    References:
+        Qu et al., Generalized Federated Learning via Sharpness Aware Minimization,
+        ICML 2022, https://arxiv.org/abs/2206.02618 (ALGORITHMS.md §3.7).
+    """
+    if not 0 < alpha <= 1:
+        raise ValueError(f"mofedsam alpha must be in (0, 1], got {alpha}")
+
+    def init(ctx: UpdateContext) -> Tensor | None:
+        u = _like(ctx, ctx.broadcast, PREV_GLOBAL_UPDATE)
+        if u is None:
+            return None
+        steps_lr = ctx.broadcast.get(PREV_STEPS_LR)
+        if steps_lr is None:
+            raise ValueError(
+                "mofedsam: the broadcast has 'prev_global_update' but no 'prev_steps_lr'; "
+                "the server pipeline needs prev_update_broadcast() and every client the "
+                "mofedsam correction"
+            )
+        kl = float(steps_lr.reshape(-1)[0])
+        if not kl > 0:
+            return None
+        return u * (-(1.0 - alpha) / kl)
+
+    def adjust(g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext) -> Tensor:
+        out = g * alpha
+        return out if state is None else out.add_(state)
+
+    def finish(y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext):
+        kl = torch.tensor([float(steps) * float(lr)], dtype=ctx.x_global.dtype)
+        return {}, {MOFEDSAM_STEPS_LR: kl.to(ctx.x_global.device)}
+
+    return Correction(init=init, adjust=adjust, finish=finish)

@@ -1,0 +1,154 @@
+"""One client update: local steps from the global model, returning a delta.
+
+The local rule is the composition oracle -> corrections -> base optimizer. The loop below
+never changes when an oracle (SAM, DP) or a correction (FedProx, SCAFFOLD) is added.
+Everything random comes from the generator of (seed, "client", round, client_id).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedflat.client.correction import Correction
+from fedflat.client.optim import LocalOptimizer
+from fedflat.client.oracle import Oracle, UpdateContext
+from fedflat.models.flat import FlatModel
+
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    """How many local steps and which batches.
+
+    Attributes:
+        batch_size: mini-batch size b.
+        epochs: local epochs E (a fresh permutation per epoch, last batch may be smaller).
+        steps: local steps K instead of epochs (batches cycle through permutations).
+        batching: "shuffle" (the above) or "poisson" (each example joins each step's batch
+            independently with probability batch_size / n; batches vary in size, may be empty,
+            and are never resampled — what DP-SGD's accounting assumes).
+        grad_clip: optional global-norm clip of the final local gradient (FL-Simulator).
+    """
+
+    batch_size: int
+    epochs: int | None = 1
+    steps: int | None = None
+    batching: str = "shuffle"
+    grad_clip: float | None = None
+
+    def num_steps(self, n: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None  # noqa: S101 - guaranteed by the scenario schema
+        per_epoch = math.ceil(n / self.batch_size) if self.batching == "shuffle" else max(
+            1, round(n / self.batch_size))
+        return self.epochs * per_epoch
+
+
+@dataclass(frozen=True)
+class LocalRule:
+    """The composed local rule of a client update."""
+
+    oracle: Oracle
+    corrections: Sequence[Correction]
+    optimizer: LocalOptimizer
+    schedule: LocalSchedule
+
+
+@dataclass
+class ClientResult:
+    """What one client update returns (the delta travels flat)."""
+
+    client_id: int
+    delta: Tensor
+    num_samples: int
+    train_loss: float
+    steps: int
+    client_state: dict[str, Tensor] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def batch_indices(
+    n: int, schedule: LocalSchedule, gen: torch.Generator, max_steps: int | None = None
+) -> Iterator[Tensor]:
+    """Yield the index tensors of the local mini-batches of one client update."""
+    total = schedule.num_steps(n)
+    if max_steps is not None:
+        total = min(total, max_steps)
+    if schedule.batching == "poisson":
+        q = min(1.0, schedule.batch_size / n)
+        for _ in range(total):
+            yield torch.nonzero(torch.rand(n, generator=gen) < q).squeeze(1)
+        return
+    b = schedule.batch_size
+    done = 0
+    while done < total:
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, b):
+            yield perm[i : i + b]
+            done += 1
+            if done == total:
+                return
+
+
+def client_update(
+    rule: LocalRule,
+    ctx: UpdateContext,
+    x: Tensor,
+    y: Tensor,
+    lr: float,
+    gen: torch.Generator,
+    max_steps: int | None = None,
+) -> ClientResult:
+    """Run the local rule on one client's data (x, y) starting from ``ctx.x_global``.
+
+    Args:
+        rule: the composed local rule.
+        ctx: the update context (model, global params, round, client id, broadcast, state).
+        x, y: this client's training examples.
+        lr: the local learning rate of this round.
+        gen: the client's generator for this round.
+        max_steps: cap on local steps (partial work of a straggler), None for no cap.
+    """
+    oracle, opt = rule.oracle, rule.optimizer
+    w = ctx.x_global.clone()
+    ostate = oracle.init(ctx)
+    cstates = [c.init(ctx) for c in rule.corrections]
+    opt_state = opt.init(w)
+    loss_sum, steps, counted = 0.0, 0, 0
+    metrics: dict[str, float] = {}
+    for idx in batch_indices(len(y), rule.schedule, gen, max_steps):
+        loss, g, ostate, m = oracle.grad(w, (x[idx], y[idx]), ostate, gen, ctx)
+        for c, cs in zip(rule.corrections, cstates, strict=True):
+            g = c.adjust(g, w, cs, ctx)
+        if rule.schedule.grad_clip is not None:
+            g = g * (rule.schedule.grad_clip / g.norm().clamp_min(rule.schedule.grad_clip))
+        w, opt_state = opt.step(w, g, opt_state, lr)
+        steps += 1
+        if len(idx):
+            loss_sum += float(loss)
+            counted += 1
+        for k, v in m.items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    state = dict(ctx.client_state)
+    extras: dict[str, Tensor] = {}
+    for c, cs in zip(rule.corrections, cstates, strict=True):
+        new_state, ex = c.finish(w, steps, lr, cs, ctx)
+        state.update(new_state)
+        extras.update(ex)
+    metrics = {k: v / max(steps, 1) for k, v in metrics.items()}
+    return ClientResult(
+        client_id=ctx.client_id,
+        delta=w - ctx.x_global,
+        num_samples=len(y),
+        train_loss=loss_sum / counted if counted else float("nan"),
+        steps=steps,
+        client_state=state,
+        extras=extras,
+        metrics=metrics,
+    )

@@ -1,0 +1,480 @@
+"""Dataset registry: pooled train/test tensors plus optional natural clients.
+
+Files are read from a data directory laid out as ``<data_dir>/<dataset>/<file>`` (see
+each folder's SOURCE.md). The scenario key ``data.data_dir`` sets it, or the environment
+variable ``FEDFLAT_DATA`` (:func:`resolve_data_dir`). Splitting the pooled training set
+into clients is the partitioners' job (:mod:`fedflat.data.partition`); datasets with
+natural clients (synthetic devices, FEMNIST writers) also return those groups.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedflat.data.synthetic import generate_synthetic
+from fedflat.errors import DataError
+from fedflat.rng import numpy_rng
+
+DATA_ENV = "FEDFLAT_DATA"
+CACHE_ENV = "FEDFLAT_CACHE"
+
+# Seed of the fixed train/test splits (digits, fashion_mnist): the same for every run
+# seed, so that runs with different seeds are evaluated on the same test set.
+SPLIT_SEED = 0
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+_CIFAR_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A loaded dataset: pooled train/test tensors and optional natural client groups.
+
+    Attributes:
+        name: registry name.
+        x_train: ``[n_train, *in_shape]`` float32.
+        y_train: ``[n_train]`` int64.
+        x_test: ``[n_test, *in_shape]`` float32.
+        y_test: ``[n_test]`` int64.
+        num_classes: number of classes.
+        in_shape: shape of one input without the batch dimension.
+        train_groups: natural clients as index arrays into ``x_train`` (synthetic
+            devices, FEMNIST writers), or None when the dataset has no natural clients.
+        test_groups: the same clients' indices into ``x_test`` (aligned with
+            ``train_groups``), or None.
+    """
+
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    in_shape: tuple[int, ...]
+    train_groups: list[np.ndarray] | None
+    test_groups: list[np.ndarray] | None
+
+
+def resolve_data_dir(data_dir: str | None) -> str | None:
+    """The configured data directory, else ``$FEDFLAT_DATA``, else None."""
+    if data_dir:
+        return data_dir
+    return os.environ.get(DATA_ENV) or None
+
+
+def cache_dir() -> Path:
+    """Folder of decoded-array caches.
+
+    ``$FEDFLAT_CACHE``, else ``$XDG_CACHE_HOME/fedflat``, else ``~/.cache/fedflat``.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedflat"
+
+
+# ----------------------------------------------------------------------------------
+# Loaders
+
+
+def _load_synthetic(
+    data_dir: str | None, seed: int, num_clients: int, options: dict[str, Any]
+) -> Dataset:
+    """Synthetic(α, β) of FedProx (:func:`fedflat.data.synthetic.generate_synthetic`).
+
+    ``num_clients`` is the number of devices; ``options`` are the keyword arguments of
+    ``generate_synthetic``. No files are needed.
+    """
+    allowed = {
+        p.name
+        for p in inspect.signature(generate_synthetic).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"data.synthetic: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
+        )
+    data = generate_synthetic(numpy_rng(seed, "data"), num_clients, **options)
+    return Dataset(
+        name="synthetic",
+        x_train=torch.from_numpy(data.x_train),
+        y_train=torch.from_numpy(data.y_train),
+        x_test=torch.from_numpy(data.x_test),
+        y_test=torch.from_numpy(data.y_test),
+        num_classes=int(options.get("num_classes", 10)),
+        in_shape=(data.x_train.shape[1],),
+        train_groups=data.train_groups,
+        test_groups=data.test_groups,
+    )
+
+
+def _load_digits(
+    data_dir: str | None, seed: int, num_clients: int, options: dict[str, Any]
+) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images): ``[1, 8, 8]`` in [0, 1].
+
+    The 80/20 train/test split is stratified by class and fixed (``SPLIT_SEED``),
+    independent of the run seed. No files are needed.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    train, test = _fixed_split(y, 0.2, "digits")
+    return _images("digits", x[train], y[train], x[test], y[test], 10)
+
+
+def _load_mnist(
+    data_dir: str | None, seed: int, num_clients: int, options: dict[str, Any]
+) -> Dataset:
+    """MNIST 60k/10k from ``<data_dir>/mnist/mnist.npz``: ``[1, 28, 28]`` in [0, 1]."""
+    arrays = _read_npz(
+        "mnist", data_dir, "mnist/mnist.npz", ("x_train", "y_train", "x_test", "y_test")
+    )
+    return _images(
+        "mnist",
+        _to_unit(arrays["x_train"]),
+        arrays["y_train"].astype(np.int64),
+        _to_unit(arrays["x_test"]),
+        arrays["y_test"].astype(np.int64),
+        10,
+    )
+
+
+def _load_fashion_mnist(
+    data_dir: str | None, seed: int, num_clients: int, options: dict[str, Any]
+) -> Dataset:
+    """Fashion-MNIST from ``<data_dir>/fashion_mnist/fashion_mnist_test.npz``.
+
+    Only the official **test** split (10,000 images) is vendored, so both our train and
+    test sets come from it: a fixed (``SPLIT_SEED``), class-stratified 80/20 split, i.e.
+    8,000 train and 2,000 test images, 800/200 per class. Numbers are therefore not
+    comparable with results trained on the official 60k training set. ``[1, 28, 28]`` in
+    [0, 1].
+    """
+    arrays = _read_npz(
+        "fashion_mnist",
+        data_dir,
+        "fashion_mnist/fashion_mnist_test.npz",
+        ("x_test", "y_test"),
+    )
+    x = _to_unit(arrays["x_test"])
+    y = arrays["y_test"].astype(np.int64)
+    train, test = _fixed_split(y, 0.2, "fashion_mnist")
+    return _images("fashion_mnist", x[train], y[train], x[test], y[test], 10)
+
+
+def _load_femnist(
+    data_dir: str | None, seed: int, num_clients: int, options: dict[str, Any]
+) -> Dataset:
+    """LEAF FEMNIST sample, one client per writer.
+
+    Read from ``<data_dir>/femnist/femnist_leaf_niid005.npz``.
+
+    Pixels are inverted (``255 - x``, MNIST polarity: ink high) and scaled to [0, 1],
+    ``[1, 28, 28]``, 62 classes. The natural clients are the writers that have training
+    data (105 in the file), in file order; the first ``num_clients`` are used and the
+    pooled train/test arrays hold only those writers' samples (as LEAF evaluates on the
+    union of the clients' test data). ``test_groups[i]`` is writer i's test data. The 79
+    test-only writers are not included.
+
+    Raises:
+        DataError: the file is missing or malformed, or it has fewer writers than
+            ``num_clients``.
+    """
+    keys = ("x_train", "y_train", "client_train", "x_test", "y_test", "client_test",
+            "clients", "client_has_train")  # fmt: skip
+    arrays = _read_npz("femnist", data_dir, "femnist/femnist_leaf_niid005.npz", keys)
+    writers = np.flatnonzero(arrays["client_has_train"])
+    if num_clients > len(writers):
+        raise DataError(
+            f"dataset 'femnist': num_clients={num_clients} but the file has only "
+            f"{len(writers)} writers with training data"
+        )
+    chosen = writers[:num_clients]
+    slot = np.full(
+        len(arrays["clients"]), -1, dtype=np.int64
+    )  # writer id -> client index
+    slot[chosen] = np.arange(num_clients)
+
+    def gather(x: np.ndarray, y: np.ndarray, owner: np.ndarray) -> tuple[Any, ...]:
+        client = slot[owner.astype(np.int64)]
+        rows = np.flatnonzero(client >= 0)
+        rows = rows[
+            np.argsort(client[rows], kind="stable")
+        ]  # group by client, keep file order
+        ends = np.cumsum(np.bincount(client[rows], minlength=num_clients))
+        starts = np.concatenate(([0], ends[:-1]))
+        groups = [
+            np.arange(s, e, dtype=np.int64) for s, e in zip(starts, ends, strict=True)
+        ]
+        pixels = (255.0 - x[rows].astype(np.float32)) / 255.0
+        return pixels[:, None], y[rows].astype(np.int64), groups
+
+    x_tr, y_tr, g_tr = gather(
+        arrays["x_train"], arrays["y_train"], arrays["client_train"]
+    )
+    x_te, y_te, g_te = gather(arrays["x_test"], arrays["y_test"], arrays["client_test"])
+    if any(len(g) == 0 for g in g_tr):
+        raise DataError(
+            "dataset 'femnist': a writer marked client_has_train has no train rows"
+        )
+    return Dataset(
+        name="femnist",
+        x_train=torch.from_numpy(x_tr),
+        y_train=torch.from_numpy(y_tr),
+        x_test=torch.from_numpy(x_te),
+        y_test=torch.from_numpy(y_te),
+        num_classes=62,
+        in_shape=(1, 28, 28),
+        train_groups=g_tr,
+        test_groups=g_te,
+    )
+
+
+def _load_cifar10(
+    data_dir: str | None, seed: int, num_clients: int, options: dict[str, Any]
+) -> Dataset:
+    """CIFAR-10 JPEG subset from ``<data_dir>/cifar10/cifar10_jpeg_subset.zip``.
+
+    10,000 train images (the first 1,000 per class) and the full 10,000-image test set,
+    re-encoded as JPEG q75 (lossy; not bit-identical to the official batches). Images
+    are decoded with Pillow once and cached as uint8 in :func:`cache_dir` (keyed by the
+    zip's size and mtime). Output ``[3, 32, 32]``, normalised per channel with the mean
+    and std of this training subset.
+    """
+    path = _require_file("cifar10", data_dir, "cifar10/cifar10_jpeg_subset.zip")
+    arrays = _cifar_cached(path)
+    x_tr = arrays["x_train"].astype(np.float32) / 255.0  # [n, 32, 32, 3]
+    x_te = arrays["x_test"].astype(np.float32) / 255.0
+    mean = x_tr.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = x_tr.std(axis=(0, 1, 2), dtype=np.float64)
+
+    def prep(x: np.ndarray) -> np.ndarray:
+        x = ((x - mean) / std).astype(np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    return _images(
+        "cifar10",
+        prep(x_tr),
+        arrays["y_train"].astype(np.int64),
+        prep(x_te),
+        arrays["y_test"].astype(np.int64),
+        10,
+    )
+
+
+Loader = Callable[[str | None, int, int, dict[str, Any]], Dataset]
+
+DATASETS: dict[str, Loader] = {
+    "synthetic": _load_synthetic,
+    "digits": _load_digits,
+    "femnist": _load_femnist,
+    "mnist": _load_mnist,
+    "fashion_mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar10,
+}
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | None,
+    seed: int,
+    num_clients: int,
+    synthetic: dict[str, Any] | None = None,
+) -> Dataset:
+    """Load dataset ``name``.
+
+    Args:
+        name: one of ``DATASETS``: "synthetic", "digits", "femnist", "mnist",
+            "fashion_mnist", "cifar10".
+        data_dir: folder holding ``<name>/...`` files (see :func:`resolve_data_dir`);
+            not needed for "synthetic" and "digits".
+        seed: run seed; only "synthetic" draws from it (``numpy_rng(seed, "data")``).
+        num_clients: number of synthetic devices, or of FEMNIST writers to keep; other
+            datasets only check it is >= 1 (partitioners split them later).
+        synthetic: keyword options of
+            :func:`fedflat.data.synthetic.generate_synthetic` (alpha, beta, iid, ...).
+
+    Returns:
+        The dataset.
+
+    Raises:
+        ValueError: unknown name, ``num_clients`` < 1, options for the wrong dataset.
+        DataError: no data directory, a missing or unreadable file.
+    """
+    try:
+        loader = DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {name!r}; known: {sorted(DATASETS)}"
+        ) from None
+    if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
+        raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    if synthetic and name != "synthetic":
+        raise ValueError(f"synthetic options were given but the dataset is {name!r}")
+    return loader(data_dir, seed, num_clients, dict(synthetic or {}))
+
+
+# ----------------------------------------------------------------------------------
+# Helpers
+
+
+def _require_file(name: str, data_dir: str | None, relative: str) -> Path:
+    how = f"set data.data_dir in the scenario or the {DATA_ENV} environment variable"
+    if not data_dir:
+        raise DataError(
+            f"dataset {name!r} needs the file <data_dir>/{relative}, but no data "
+            f"directory is set; {how}"
+        )
+    path = Path(data_dir).expanduser() / relative
+    if not path.is_file():
+        raise DataError(
+            f"dataset {name!r}: file not found: {path} ({how} to the folder that holds "
+            f"{relative})"
+        )
+    return path
+
+
+def _read_npz(
+    name: str, data_dir: str | None, relative: str, keys: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    path = _require_file(name, data_dir, relative)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in keys if k not in f.files]
+            if missing:
+                raise DataError(f"dataset {name!r}: {path} lacks array(s) {missing}")
+            return {k: f[k] for k in keys}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"dataset {name!r}: cannot read {path}: {err}") from err
+
+
+def _to_unit(x: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, H, W]`` -> float32 ``[n, 1, H, W]`` in [0, 1]."""
+    return (x.astype(np.float32) / 255.0)[:, None]
+
+
+def _images(
+    name: str,
+    x_tr: np.ndarray,
+    y_tr: np.ndarray,
+    x_te: np.ndarray,
+    y_te: np.ndarray,
+    num_classes: int,
+) -> Dataset:
+    return Dataset(
+        name=name,
+        x_train=torch.from_numpy(np.ascontiguousarray(x_tr, dtype=np.float32)),
+        y_train=torch.from_numpy(np.ascontiguousarray(y_tr, dtype=np.int64)),
+        x_test=torch.from_numpy(np.ascontiguousarray(x_te, dtype=np.float32)),
+        y_test=torch.from_numpy(np.ascontiguousarray(y_te, dtype=np.int64)),
+        num_classes=num_classes,
+        in_shape=tuple(int(s) for s in x_tr.shape[1:]),
+        train_groups=None,
+        test_groups=None,
+    )
+
+
+def _fixed_split(
+    y: np.ndarray, test_fraction: float, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-stratified split fixed by ``SPLIT_SEED`` and the dataset name.
+
+    Each class c contributes ``round(test_fraction·n_c)`` random samples to the test
+    set. Returns sorted train and test indices.
+    """
+    rng = numpy_rng(SPLIT_SEED, "split", list(DATASETS).index(name))
+    order = np.lexsort((rng.random(len(y)), y))  # by class, random within class
+    counts = np.bincount(y)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    rank = np.arange(len(y)) - starts[y[order]]
+    is_test = rank < np.round(test_fraction * counts)[y[order]]
+    return np.sort(order[~is_test]), np.sort(order[is_test])
+
+
+def _cifar_cached(path: Path) -> dict[str, np.ndarray]:
+    """Decoded uint8 arrays of the CIFAR zip, from the cache when it is current."""
+    st = path.stat()
+    cache = (
+        cache_dir()
+        / f"cifar10_jpeg_v{_CIFAR_CACHE_VERSION}_{st.st_size}_{st.st_mtime_ns}.npz"
+    )
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as f:
+                return {k: f[k] for k in keys}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            pass  # a broken cache is rebuilt below
+    arrays = _decode_cifar_zip(path)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a concurrent reader never sees a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as out:
+            np.savez(out, **arrays)
+        os.replace(tmp, cache)
+    except OSError as err:
+        warnings.warn(
+            f"could not cache decoded CIFAR-10 at {cache}: {err}", stacklevel=3
+        )
+    return arrays
+
+
+def _decode_cifar_zip(path: Path) -> dict[str, np.ndarray]:
+    """Decode ``{train,test}/<class>/*.jpg`` entries with Pillow (sorted by name)."""
+    from PIL import Image
+
+    label_of = {c: i for i, c in enumerate(CIFAR10_CLASSES)}
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = sorted(n for n in zf.namelist() if n.lower().endswith(".jpg"))
+            for split in ("train", "test"):
+                mine = [n for n in names if n.split("/")[0] == split]
+                if not mine:
+                    raise DataError(
+                        f"dataset 'cifar10': {path} has no {split}/*.jpg entries"
+                    )
+                x = np.empty((len(mine), 32, 32, 3), dtype=np.uint8)
+                y = np.empty(len(mine), dtype=np.int64)
+                for i, entry in enumerate(mine):
+                    parts = entry.split("/")
+                    if len(parts) != 3 or parts[1] not in label_of:
+                        raise DataError(
+                            f"dataset 'cifar10': unexpected entry {entry!r} in {path}"
+                        )
+                    with Image.open(io.BytesIO(zf.read(entry))) as img:
+                        pixels = np.asarray(img.convert("RGB"))
+                    if pixels.shape != (32, 32, 3):
+                        raise DataError(
+                            f"dataset 'cifar10': {entry} in {path} is {pixels.shape}, "
+                            "expected (32, 32, 3)"
+                        )
+                    x[i] = pixels
+                    y[i] = label_of[parts[1]]
+                out[f"x_{split}"], out[f"y_{split}"] = x, y
+    except (OSError, zipfile.BadZipFile) as err:
+        raise DataError(f"dataset 'cifar10': cannot read {path}: {err}") from err
+    return out

@@ -1,0 +1,1 @@
+"""Runtime: the round loop, backends (serial, Ray), checkpoints."""

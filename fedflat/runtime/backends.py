@@ -1,0 +1,177 @@
+"""Backends move data and call the client and server code; they decide no numbers.
+
+``SerialBackend`` is the in-process reference. ``RayBackend`` runs a pool of client actors
+(each training a chunk of the round's clients with its model and data resident) and one
+server actor that owns the global state; the round's payload (global model and broadcast)
+goes into the object store once. Both return the same records for the same scenario.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from fedflat.client.update import ClientResult
+from fedflat.runtime.build import FederatedData
+from fedflat.runtime.server_core import ServerCore
+from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
+from fedflat.scenario.schema import Scenario
+
+
+class Backend(Protocol):
+    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def final_params(self) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
+class SerialBackend:
+    """Everything in this process, clients one after another."""
+
+    def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor) -> None:
+        self.worker = ClientWorker(sc, fed, threads=sc.runtime.threads)
+        self.core = ServerCore(sc, fed, params)
+
+    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]:
+        payload = self.core.begin_round(round_)
+        states = self.core.states_for([j.client_id for j in jobs])
+        results = self.worker.run(payload, jobs, states)
+        return self.core.end_round(round_, jobs, results)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state)
+
+    def final_params(self) -> torch.Tensor:
+        return self.core.params
+
+    def close(self) -> None:
+        pass
+
+
+def balance_chunks(jobs: Sequence[ClientJob], sizes: Sequence[int], k: int) -> list[list[int]]:
+    """Split job positions into ≤ k chunks of similar work (longest-processing-time first).
+
+    Deterministic; each chunk keeps its jobs in round order. Empty chunks are dropped.
+    """
+    order = sorted(range(len(jobs)), key=lambda i: (-sizes[jobs[i].client_id], i))
+    loads = [0] * k
+    chunks: list[list[int]] = [[] for _ in range(k)]
+    for i in order:
+        a = min(range(k), key=lambda j: (loads[j], j))
+        chunks[a].append(i)
+        loads[a] += sizes[jobs[i].client_id]
+    return [sorted(c) for c in chunks if c]
+
+
+class _ServerActor:
+    """Server actor body: a ServerCore plus chunk bookkeeping."""
+
+    def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor, threads: int) -> None:
+        self.core = ServerCore(sc, fed, params, threads=threads)
+
+    def begin(self, round_: int, chunk_ids: list[list[int]]) -> tuple[Any, ...]:
+        payload = self.core.begin_round(round_)
+        return (payload, *[self.core.states_for(ids) for ids in chunk_ids])
+
+    def end(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]],
+            *chunk_results: list[ClientResult]) -> dict[str, Any]:
+        results: list[ClientResult | None] = [None] * len(jobs)
+        for positions, res in zip(chunks, chunk_results, strict=True):
+            for pos, r in zip(positions, res, strict=True):
+                results[pos] = r
+        return self.core.end_round(round_, jobs, [r for r in results if r is not None])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state)
+
+    def params(self) -> torch.Tensor:
+        return self.core.params
+
+
+class _ClientActor:
+    def __init__(self, sc: Scenario, fed: FederatedData, device: str, threads: int) -> None:
+        self.worker = ClientWorker(sc, fed, device=device, threads=threads)
+
+    def run(self, payload: RoundPayload, states: list[dict[str, torch.Tensor]],
+            jobs: list[ClientJob]) -> list[ClientResult]:
+        return self.worker.run(payload, jobs, states)
+
+
+class RayBackend:
+    """Client actors plus a server actor. Starts a local Ray unless one is running or an
+    address is given; shuts down only what it started."""
+
+    def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor) -> None:
+        import ray
+
+        self.ray = ray
+        rt = sc.runtime
+        self._started = False
+        if not ray.is_initialized():
+            if rt.address:
+                ray.init(address=rt.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(1, math.ceil(rt.num_actors * rt.num_cpus)),
+                         num_gpus=math.ceil(rt.num_actors * rt.num_gpus) if rt.num_gpus else 0,
+                         include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            self._started = True
+        threads = max(1, math.ceil(rt.num_cpus))
+        device = "cuda" if rt.num_gpus > 0 else "cpu"
+        fed_ref = ray.put(fed)
+        server_cls = ray.remote(num_cpus=0)(_ServerActor)
+        client_cls = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus)(_ClientActor)
+        self.server = server_cls.remote(sc, fed_ref, params, threads)
+        self.actors = [client_cls.remote(sc, fed_ref, device, threads) for _ in range(rt.num_actors)]
+        self.sizes = fed.client_sizes().tolist()
+        ray.get(self.server.params.remote())  # surface construction errors now
+
+    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]:
+        ray = self.ray
+        jobs = list(jobs)
+        chunks = balance_chunks(jobs, self.sizes, len(self.actors))
+        if not chunks:
+            return ray.get(self.server.end.remote(round_, jobs, []))
+        chunk_ids = [[jobs[i].client_id for i in c] for c in chunks]
+        refs = self.server.begin.options(num_returns=1 + len(chunks)).remote(round_, chunk_ids)
+        payload_ref, state_refs = refs[0], refs[1:]
+        result_refs = [
+            actor.run.remote(payload_ref, sref, [jobs[i] for i in c])
+            for actor, sref, c in zip(self.actors, state_refs, chunks, strict=False)
+        ]
+        return ray.get(self.server.end.remote(round_, jobs, chunks, *result_refs))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ray.get(self.server.state_dict.remote())
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ray.get(self.server.load_state_dict.remote(state))
+
+    def final_params(self) -> torch.Tensor:
+        return self.ray.get(self.server.params.remote())
+
+    def close(self) -> None:
+        for a in [*self.actors, self.server]:
+            try:
+                self.ray.kill(a)
+            except Exception:  # noqa: BLE001 - best effort during shutdown
+                pass
+        if self._started:
+            self.ray.shutdown()
+            self._started = False
+
+
+def make_backend(sc: Scenario, fed: FederatedData, params: torch.Tensor) -> Backend:
+    if sc.runtime.backend == "ray":
+        return RayBackend(sc, fed, params)
+    return SerialBackend(sc, fed, params)

@@ -1,0 +1,132 @@
+"""Build the pieces of a run from a scenario: data, model, local rule, server pipeline.
+
+Every backend (serial, Ray actors, Flower apps) calls these same builders, so the client
+update and the server pipeline are identical wherever they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedflat.client.correction import Correction
+from fedflat.client.optim import LocalOptimizer, adam, sgd
+from fedflat.client.oracle import Oracle, plain
+from fedflat.client.update import LocalRule, LocalSchedule
+from fedflat.data import partition as part
+from fedflat.data.datasets import Dataset, load_dataset
+from fedflat.errors import DataError
+from fedflat.models.flat import FlatModel
+from fedflat.models.zoo import build_model
+from fedflat.rng import numpy_rng, stream
+from fedflat.scenario.schema import Scenario
+from fedflat.server import optimizers as server_opt
+from fedflat.server.pipeline import Pipeline, ServerStep
+from fedflat.server.rules import rule_step
+
+
+@dataclass
+class FederatedData:
+    """Base arrays plus, for each client, the indices of its training samples."""
+
+    dataset: Dataset
+    client_indices: list[np.ndarray]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+    def client_sizes(self) -> np.ndarray:
+        return np.array([len(ix) for ix in self.client_indices])
+
+
+def build_data(sc: Scenario) -> FederatedData:
+    """Load the dataset and split it into clients as the scenario says.
+
+    Raises:
+        DataError: a missing or unreadable data file, or too few natural clients.
+    """
+    d = sc.data
+    ds = load_dataset(d.dataset, data_dir=d.data_dir, seed=sc.seed, num_clients=d.num_clients,
+                      synthetic=d.synthetic.model_dump())
+    p = d.partition
+    labels = ds.y_train.numpy()
+    rng = numpy_rng(sc.seed, "partition")
+    n = d.num_clients
+    if p.method == "natural":
+        if ds.train_groups is None:
+            raise DataError(f"dataset {d.dataset!r} has no natural clients")
+        if len(ds.train_groups) < n:
+            raise DataError(f"dataset {d.dataset!r} has {len(ds.train_groups)} natural clients, "
+                            f"fewer than data.num_clients = {n}")
+        parts = part.natural(ds.train_groups[:n])
+    elif p.method == "iid":
+        parts = part.iid(labels, n, rng)
+    elif p.method == "dirichlet_per_class":
+        parts = part.dirichlet_per_class(labels, n, rng, alpha=p.alpha, min_size=p.min_size)
+    elif p.method == "dirichlet_per_client":
+        parts = part.dirichlet_per_client(labels, n, rng, alpha=p.alpha, alpha_scale=p.alpha_scale,
+                                          allow_reuse=p.allow_reuse, num_classes=ds.num_classes)
+    elif p.method == "shards":
+        parts = part.shards(labels, n, rng, shards_per_client=p.shards_per_client)
+    elif p.method == "quantity_skew":
+        parts = part.quantity_skew(labels, n, rng, sigma=p.quantity_sigma)
+    else:  # pragma: no cover - the schema's Literal rules this out
+        raise ValueError(p.method)
+    return FederatedData(ds, [np.asarray(ix, dtype=np.int64) for ix in parts])
+
+
+def build_flat_model(sc: Scenario, ds: Dataset, device: str | torch.device = "cpu") -> FlatModel:
+    m = sc.model
+    module = build_model(m.name, ds.in_shape, ds.num_classes, hidden=m.hidden,
+                         channels=m.channels, norm=m.norm, groups=m.groups)
+    return FlatModel(module, device=device)
+
+
+def initial_params(sc: Scenario, model: FlatModel) -> torch.Tensor:
+    return model.init_params(stream(sc.seed, "init"))
+
+
+def build_oracle(sc: Scenario) -> Oracle:
+    return plain()
+
+
+def build_corrections(sc: Scenario) -> list[Correction]:
+    return []
+
+
+def build_optimizer(sc: Scenario) -> LocalOptimizer:
+    c = sc.client
+    if c.optimizer == "adam":
+        return adam(weight_decay=c.weight_decay)
+    return sgd(momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
+
+
+def build_local_rule(sc: Scenario) -> LocalRule:
+    c = sc.client
+    schedule = LocalSchedule(
+        batch_size=c.batch_size,
+        epochs=c.local_epochs if c.local_steps is None else None,
+        steps=c.local_steps,
+        grad_clip=c.grad_clip,
+    )
+    return LocalRule(oracle=build_oracle(sc), corrections=build_corrections(sc),
+                     optimizer=build_optimizer(sc), schedule=schedule)
+
+
+def client_lr(sc: Scenario, round_: int) -> float:
+    """The local learning rate of round ``round_``."""
+    return sc.client.lr * sc.client.lr_decay**round_
+
+
+def build_pipeline(sc: Scenario) -> Pipeline:
+    """The server pipeline: rule -> server optimizer."""
+    s = sc.server
+    steps: list[ServerStep] = [rule_step("mean", {}, weighting=s.weighting)]
+    if s.optimizer == "fedavgm":
+        steps.append(server_opt.fedavgm(lr=s.lr, momentum=s.momentum))
+    else:
+        steps.append(server_opt.fedavg(lr=s.lr))
+    return Pipeline(steps)

@@ -1,0 +1,255 @@
+"""The driver of a run: rounds, metrics, checkpoints, progress, resume.
+
+It samples cohorts, hands jobs to a backend, writes one metrics line per round and
+checkpoints. It decides no numbers itself beyond which clients take part.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import fedflat
+from fedflat.data.partition import client_stats
+from fedflat.errors import DataError, FedflatError, ScenarioError
+from fedflat.runtime.backends import make_backend
+from fedflat.runtime.build import FederatedData, build_data, build_flat_model, client_lr, initial_params
+from fedflat.runtime.checkpoint import load_latest, save_checkpoint
+from fedflat.runtime.sampling import sample_cohort
+from fedflat.runtime.worker import ClientJob
+from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
+from fedflat.scenario.schema import Scenario
+
+
+@dataclass
+class RunResult:
+    """What ``fedflat.run`` returns."""
+
+    params: torch.Tensor
+    metrics: list[dict[str, Any]]
+    run_dir: Path
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_data(loaded: LoadedScenario) -> FederatedData:
+    try:
+        return build_data(loaded.scenario)
+    except DataError as exc:
+        sc = loaded.scenario
+        key = "data.data_dir" if ("not found" in str(exc) or "data_dir" in str(exc)) else "data.dataset"
+        if "natural clients" in str(exc):
+            key = "data.num_clients"
+        if key == "data.data_dir" and ("data", "data_dir") not in loaded.lines:
+            key = "data.dataset"
+        raise loaded.error(key, f"{exc}" + ("" if sc.data.data_dir else "")) from None
+    except ValueError as exc:  # a partitioner that cannot satisfy its constraints
+        raise loaded.error("data.partition", str(exc)) from None
+
+
+def _new_run_dir(sc: Scenario, out: str | Path | None) -> Path:
+    if out is not None:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()):
+            raise ScenarioError(f"output folder {path} exists and is not empty", file="--out")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(sc.output.dir) / sc.name
+    path, i = base / stamp, 1
+    while path.exists():
+        path, i = base / f"{stamp}-{i}", i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def _clean(rec: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe record: NaN becomes null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+
+
+class Runner:
+    """Runs (or resumes) one scenario in one run folder."""
+
+    def __init__(self, loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> None:
+        self.loaded = loaded
+        self.sc = loaded.scenario
+        self.run_dir = run_dir
+        self.fed = fed
+        self.metrics: list[dict[str, Any]] = []
+        self.next_round = 0
+        self.elapsed_before = 0.0
+
+    # ------------------------------------------------------------------ files
+    def write_static_files(self) -> None:
+        (self.run_dir / "scenario.yaml").write_text(dump_scenario(self.sc))
+        ds = self.fed.dataset
+        stats = client_stats(self.fed.client_indices, ds.y_train.numpy(), ds.num_classes)
+        _write_json(self.run_dir / "clients.json",
+                    {"dataset": ds.name, "num_clients": self.fed.num_clients,
+                     "clients": [{"client_id": i, **s} for i, s in enumerate(stats)]})
+
+    def write_summary(self, status: str, **extra: Any) -> dict[str, Any]:
+        accs = [m["test_accuracy"] for m in self.metrics if m.get("test_accuracy") is not None]
+        summary = {
+            "status": status,
+            "name": self.sc.name,
+            "rounds_planned": self.sc.server.rounds,
+            "rounds_completed": self.next_round,
+            "final_test_accuracy": accs[-1] if accs else None,
+            "best_test_accuracy": max(accs) if accs else None,
+            "final_test_loss": next((m["test_loss"] for m in reversed(self.metrics)
+                                     if m.get("test_loss") is not None), None),
+            "wall_seconds": self.elapsed_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "fedflat_version": fedflat.__version__,
+            **extra,
+        }
+        _write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _rewrite_metrics(self) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(_clean(m), default=_json_default) + "\n" for m in self.metrics))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ loop
+    def execute(self, backend_state: dict[str, Any] | None = None) -> RunResult:
+        sc = self.sc
+        params0 = initial_params(sc, build_flat_model(sc, self.fed.dataset))
+        backend = make_backend(sc, self.fed, params0)
+        self._t0 = time.perf_counter()
+        status = "failed"
+        extra: dict[str, Any] = {}
+        try:
+            if backend_state is not None:
+                backend.load_state_dict(backend_state)
+            self._rewrite_metrics()
+            status = self._loop(backend)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            self._checkpoint(backend)
+            raise
+        except BaseException as exc:
+            extra["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            try:
+                params = backend.final_params()
+                if status == "completed":
+                    torch.save(params, self.run_dir / "final_model.pt")
+                summary = self.write_summary(status, **extra)
+            finally:
+                backend.close()
+        return RunResult(params=params, metrics=self.metrics, run_dir=self.run_dir, summary=summary)
+
+    def _checkpoint(self, backend: Any) -> None:
+        state = {"server": backend.state_dict(), "metrics": self.metrics,
+                 "wall_seconds": self.elapsed_before + time.perf_counter() - self._t0}
+        save_checkpoint(self.run_dir, self.next_round, state, self.sc.output.keep_checkpoints)
+
+    def _loop(self, backend: Any) -> str:
+        sc = self.sc
+        show = sc.output.progress if sc.output.progress is not None else sys.stderr.isatty()
+        bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
+                   desc=sc.name, unit="round", dynamic_ncols=True)
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the loop
+        try:
+            for t in range(self.next_round, sc.server.rounds):
+                t_start = time.perf_counter()
+                cohort = sample_cohort(sc.seed, t, self.fed.num_clients, method=sc.server.sampling,
+                                       clients_per_round=sc.server.clients_per_round,
+                                       sampling_rate=sc.server.sampling_rate)
+                lr = client_lr(sc, t)
+                jobs = [ClientJob(round=t, client_id=c, lr=lr) for c in cohort]
+                rec = backend.round(t, jobs)
+                rec["round_seconds"] = time.perf_counter() - t_start
+                rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
+                self.metrics.append(rec)
+                metrics_file.write(json.dumps(_clean(rec), default=_json_default) + "\n")
+                metrics_file.flush()
+                self.next_round = t + 1
+                every = sc.output.checkpoint_every
+                if (every and self.next_round % every == 0) or self.next_round == sc.server.rounds:
+                    self._checkpoint(backend)
+                if rec.get("test_accuracy") is not None:
+                    bar.set_postfix(acc=f"{rec['test_accuracy']:.3f}", loss=f"{rec.get('train_loss', float('nan')):.3f}")
+                bar.update(1)
+        finally:
+            metrics_file.close()
+            bar.close()
+        return "completed"
+
+
+def run(
+    source: str | Path | dict[str, Any] | Scenario,
+    overrides: dict[str, Any] | list[str] | None = None,
+    out: str | Path | None = None,
+) -> RunResult:
+    """Run a scenario and return its result.
+
+    Args:
+        source: a scenario YAML path, a dict, or a Scenario.
+        overrides: ``{"server.rounds": 5}`` or ``["server.rounds=5"]`` (like ``--set``).
+        out: the run folder (default ``<output.dir>/<name>/<timestamp>``).
+
+    Returns:
+        RunResult with ``.params`` (final flat parameters), ``.metrics`` and ``.run_dir``.
+
+    Raises:
+        ScenarioError: invalid scenario or missing data; nothing is written then.
+    """
+    loaded = load_scenario(source, overrides)
+    fed = _load_data(loaded)
+    run_dir = _new_run_dir(loaded.scenario, out)
+    runner = Runner(loaded, run_dir, fed)
+    runner.write_static_files()
+    runner.write_summary("running")
+    return runner.execute()
+
+
+def resume(run_dir: str | Path) -> RunResult:
+    """Continue a run from its newest checkpoint (same final model as an uninterrupted run)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "scenario.yaml").is_file():
+        raise FedflatError(f"{run_dir} is not a run folder (no scenario.yaml)")
+    loaded = load_scenario(run_dir / "scenario.yaml")
+    fed = _load_data(loaded)
+    runner = Runner(loaded, run_dir, fed)
+    ckpt = load_latest(run_dir)
+    state = None
+    if ckpt is not None:
+        runner.next_round = int(ckpt["next_round"])
+        runner.metrics = list(ckpt["metrics"])
+        runner.elapsed_before = float(ckpt.get("wall_seconds", 0.0))
+        state = ckpt["server"]
+    if runner.next_round >= loaded.scenario.server.rounds and (run_dir / "final_model.pt").exists():
+        params = torch.load(run_dir / "final_model.pt")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return RunResult(params=params, metrics=runner.metrics, run_dir=run_dir, summary=summary)
+    runner.write_summary("running", resumed_from_round=runner.next_round)
+    return runner.execute(backend_state=state)

@@ -1,0 +1,128 @@
+"""The server side of a run: global state, the server pipeline, per-client state, evaluation.
+
+``ServerCore`` owns everything a checkpoint must hold on the server side. The serial
+backend keeps one in-process; the Ray backend wraps one in a server actor. It never imports
+Ray or Flower.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedflat.client.update import ClientResult
+from fedflat.rng import numpy_rng, stream
+from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
+from fedflat.runtime.worker import ClientJob, RoundPayload
+from fedflat.scenario.schema import Scenario
+from fedflat.server.pipeline import ServerRound
+
+
+class ServerCore:
+    """Global model, server-pipeline state, client states; applies one round at a time."""
+
+    def __init__(self, scenario: Scenario, fed: FederatedData, params: Tensor,
+                 threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.sc = scenario
+        self.num_clients = fed.num_clients
+        self.model = build_flat_model(scenario, fed.dataset)
+        self.pipeline = build_pipeline(scenario)
+        self.params = params.clone()
+        self.eval_params: Tensor | None = None
+        self.pipeline_state = self.pipeline.init(self.params)
+        self.client_states: dict[int, dict[str, Tensor]] = {}
+        self.broadcast: dict[str, Tensor] = {}
+        self._eval_sets = self._make_eval_sets(fed)
+
+    # ------------------------------------------------------------------ rounds
+    def begin_round(self, round_: int) -> RoundPayload:
+        return RoundPayload(round=round_, params=self.params, broadcast=dict(self.broadcast))
+
+    def states_for(self, client_ids: Sequence[int]) -> list[dict[str, Tensor]]:
+        return [self.client_states.get(c, {}) for c in client_ids]
+
+    def end_round(self, round_: int, jobs: Sequence[ClientJob],
+                  results: Sequence[ClientResult]) -> dict[str, Any]:
+        """Aggregate the round's results (given in job order), evaluate when due."""
+        rec: dict[str, Any] = {"round": round_, "clients": [j.client_id for j in jobs]}
+        if results:
+            for r in results:
+                self.client_states[r.client_id] = r.client_state
+            deltas = torch.stack([r.delta for r in results])
+            weights = torch.tensor([float(r.num_samples) for r in results])
+            extras = {k: torch.stack([r.extras[k] for r in results]) for k in results[0].extras}
+            rnd = ServerRound(round=round_, params=self.params, deltas=deltas, weights=weights,
+                              client_ids=[r.client_id for r in results],
+                              num_clients=self.num_clients, extras=extras,
+                              broadcast=dict(self.broadcast))
+            gen = stream(self.sc.seed, "server", round_)
+            rnd, self.pipeline_state, metrics = self.pipeline.apply(rnd, self.pipeline_state, gen)
+            assert rnd.new_params is not None  # noqa: S101 - Pipeline.apply guarantees it
+            self.params = rnd.new_params
+            self.broadcast = rnd.broadcast
+            self.eval_params = rnd.eval_params
+            losses = [(r.train_loss, r.num_samples) for r in results if not math.isnan(r.train_loss)]
+            total = sum(n for _, n in losses)
+            rec["train_loss"] = sum(l * n for l, n in losses) / total if total else float("nan")
+            rec["update_norm"] = float(rnd.aggregate.norm()) if rnd.aggregate is not None else 0.0
+            rec["local_steps_mean"] = sum(r.steps for r in results) / len(results)
+            rec.update(metrics)
+        else:
+            rec["train_loss"] = float("nan")  # an empty Poisson cohort: the model stays put
+        ev = self.sc.eval
+        if (round_ + 1) % ev.every == 0 or round_ + 1 == self.sc.server.rounds:
+            rec.update(self.evaluate())
+        return rec
+
+    # ------------------------------------------------------------------ evaluation
+    def _make_eval_sets(self, fed: FederatedData) -> dict[str, tuple[Tensor, Tensor]]:
+        ds, ev = fed.dataset, self.sc.eval
+        sets: dict[str, tuple[Tensor, Tensor]] = {}
+        if ev.split in ("test", "both"):
+            sets["test"] = (ds.x_test, ds.y_test)
+        if ev.split in ("train", "both"):
+            import numpy as np
+
+            ix = torch.as_tensor(np.concatenate(fed.client_indices)) if fed.client_indices else None
+            sets["train"] = (ds.x_train[ix], ds.y_train[ix])
+        if ev.max_samples is not None:
+            for name, (x, y) in list(sets.items()):
+                if len(y) > ev.max_samples:
+                    keep = numpy_rng(self.sc.seed, "eval", 0).choice(len(y), ev.max_samples,
+                                                                     replace=False)
+                    keep_t = torch.as_tensor(sorted(keep))
+                    sets[name] = (x[keep_t], y[keep_t])
+        return sets
+
+    def evaluate(self) -> dict[str, float]:
+        w = self.eval_params if self.eval_params is not None else self.params
+        out: dict[str, float] = {}
+        for name, (x, y) in self._eval_sets.items():
+            loss_sum, correct, n = self.model.evaluate(w, x, y)
+            out[f"{name}_loss"] = loss_sum / max(n, 1)
+            out[f"{name}_accuracy"] = correct / max(n, 1)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"params": self.params, "eval_params": self.eval_params,
+                "pipeline_state": self.pipeline_state, "client_states": self.client_states,
+                "broadcast": self.broadcast}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"} - set(state)
+        if missing:
+            raise ValueError(f"server checkpoint lacks {sorted(missing)}")
+        if len(state["pipeline_state"]) != len(self.pipeline.steps):
+            raise ValueError("checkpoint was written by a different server pipeline")
+        self.params = state["params"]
+        self.eval_params = state["eval_params"]
+        self.pipeline_state = state["pipeline_state"]
+        self.client_states = state["client_states"]
+        self.broadcast = state["broadcast"]

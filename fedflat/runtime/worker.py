@@ -1,0 +1,80 @@
+"""The client side of a run: a model, resident data, and the client update of many clients.
+
+A ``ClientWorker`` lives in the driver (serial backend), in a Ray actor, or in a Flower
+ClientApp. It builds its model and local rule once and trains any number of clients per
+call; it never imports Ray or Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedflat.client.oracle import UpdateContext
+from fedflat.client.update import ClientResult, client_update
+from fedflat.rng import stream
+from fedflat.runtime.build import FederatedData, build_flat_model, build_local_rule
+from fedflat.scenario.schema import Scenario
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work in one round (plain data, cheap to ship)."""
+
+    round: int
+    client_id: int
+    lr: float
+    max_steps: int | None = None
+
+
+@dataclass
+class RoundPayload:
+    """What the server broadcasts to every client of a round (put in the object store once)."""
+
+    round: int
+    params: Tensor
+    broadcast: dict[str, Tensor]
+
+
+class ClientWorker:
+    """Trains clients of one run; keeps the model and the data resident."""
+
+    def __init__(self, scenario: Scenario, fed: FederatedData, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.sc = scenario
+        self.device = torch.device(device)
+        ds = fed.dataset
+        self.x = ds.x_train.to(self.device)
+        self.y = ds.y_train.to(self.device)
+        self.index = [torch.as_tensor(ix, device=self.device) for ix in fed.client_indices]
+        self.model = build_flat_model(scenario, ds, self.device)
+        self.model.module.train()
+        self.rule = build_local_rule(scenario)
+
+    def run(self, payload: RoundPayload, jobs: Sequence[ClientJob],
+            states: Sequence[dict[str, Tensor]]) -> list[ClientResult]:
+        """Run ``jobs`` in order from the payload's global model; results in job order."""
+        params = payload.params.to(self.device)
+        broadcast = {k: v.to(self.device) for k, v in payload.broadcast.items()}
+        out = []
+        for job, state in zip(jobs, states, strict=True):
+            ix = self.index[job.client_id]
+            ctx = UpdateContext(
+                model=self.model, x_global=params, round=job.round, client_id=job.client_id,
+                num_samples=len(ix), broadcast=broadcast,
+                client_state={k: v.to(self.device) for k, v in state.items()},
+            )
+            gen = stream(self.sc.seed, "client", job.round, job.client_id, device=self.device)
+            res = client_update(self.rule, ctx, self.x[ix], self.y[ix], job.lr, gen,
+                                max_steps=job.max_steps)
+            if self.device.type != "cpu":
+                res.delta = res.delta.cpu()
+                res.client_state = {k: v.cpu() for k, v in res.client_state.items()}
+                res.extras = {k: v.cpu() for k, v in res.extras.items()}
+            out.append(res)
+        return out

@@ -1,0 +1,221 @@
+"""Scenario schema of the server's aggregation rule (``server.aggregation``).
+
+One flat model holds the rule name and every rule's parameters, so a YAML block reads::
+
+    server:
+      aggregation:
+        rule: krum
+        num_byzantine: 5
+        bucket_size: 2
+
+Parameters that the chosen rule does not use are ignored; ``rule_params()`` returns the
+ones it uses, under the same names that ``fedflat.server.rules.apply_rule`` takes.
+Definitions and defaults follow ALGORITHMS.md §5.1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RuleName = Literal[
+    "mean",
+    "median",
+    "trimmed_mean",
+    "krum",
+    "multi_krum",
+    "bulyan",
+    "geometric_median",
+    "centered_clipping",
+]
+
+# Parameters each rule reads (besides ``bucket_size``, which wraps any rule).
+RULE_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "mean": (),
+    "median": (),
+    "trimmed_mean": ("trim_ratio",),
+    "krum": ("num_byzantine",),
+    "multi_krum": ("num_byzantine", "num_selected"),
+    "bulyan": ("num_byzantine",),
+    "geometric_median": ("nu", "max_iters", "tol", "init"),
+    "centered_clipping": ("tau", "iters"),
+}
+
+# Rules that need the assumed number of Byzantine inputs f.
+NEEDS_NUM_BYZANTINE = ("krum", "multi_krum", "bulyan")
+
+_KEY = "server.aggregation"
+
+
+class AggregationConfig(BaseModel):
+    """``server.aggregation``: the rule that turns the round's client deltas into one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: RuleName = Field(
+        "mean",
+        description=(
+            "Aggregation rule over the stacked client deltas: mean | median (coordinate-"
+            "wise) | trimmed_mean | krum | multi_krum | bulyan | geometric_median (RFA) | "
+            "centered_clipping (ALGORITHMS.md §5.1)."
+        ),
+    )
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples",
+        description=(
+            "Client weights the rule uses: 'samples' = number of local training samples "
+            "n_i (weighted mean / weighted median / RFA alpha_i ∝ n_i), 'uniform' = every "
+            "client counts once. Krum's selection ignores weights."
+        ),
+    )
+    num_byzantine: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Assumed number f of Byzantine inputs per aggregation (count, not fraction); "
+            "required by krum, multi_krum and bulyan. With bucketing it stays f while n "
+            "becomes the number of buckets (as in the reference code)."
+        ),
+    )
+    num_selected: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "multi_krum: number m of lowest-score inputs averaged (count). Default n - f; "
+            "m = 1 is Krum."
+        ),
+    )
+    trim_ratio: float = Field(
+        0.1,
+        ge=0.0,
+        lt=0.5,
+        description=(
+            "trimmed_mean: fraction beta in [0, 0.5); per coordinate the floor(beta*n) "
+            "largest and floor(beta*n) smallest values are dropped (Yin et al. 2018)."
+        ),
+    )
+    nu: float = Field(
+        1e-5,
+        gt=0.0,
+        description=(
+            "geometric_median: smoothing nu of the Weiszfeld weights "
+            "alpha_i / max(nu, ||z - x_i||), in the units of the deltas (RFA official: 1e-5)."
+        ),
+    )
+    max_iters: int = Field(
+        4,
+        ge=1,
+        description="geometric_median: maximum Weiszfeld iterations (RFA official: 4).",
+    )
+    tol: float = Field(
+        1e-6,
+        ge=0.0,
+        description=(
+            "geometric_median: stop when the objective sum_i alpha_i ||z - x_i|| decreases "
+            "by less than tol times its value (relative; RFA official: 1e-6)."
+        ),
+    )
+    init: Literal["mean", "zero"] = Field(
+        "mean",
+        description=(
+            "geometric_median: starting point, the weighted mean (RFA official) or the "
+            "zero vector (epfml variant)."
+        ),
+    )
+    tau: float = Field(
+        10.0,
+        gt=0.0,
+        description=(
+            "centered_clipping: clipping radius tau around the previous aggregate, in the "
+            "units of the deltas (L2 norm). 10 in the bucketing paper, 100 in the CC "
+            "paper's CIFAR-10 runs; .inf disables clipping."
+        ),
+    )
+    iters: int = Field(
+        3,
+        ge=1,
+        description=(
+            "centered_clipping: clipping iterations L per aggregation (3 in the bucketing "
+            "paper, 1 in the CC paper's CIFAR-10 runs)."
+        ),
+    )
+    bucket_size: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Bucketing (Karimireddy, He, Jaggi 2022): randomly permute the deltas, average "
+            "buckets of at most bucket_size, and apply the rule to the bucket means. null = "
+            "off; 2 in the paper."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _needs_f(self) -> AggregationConfig:
+        if self.rule in NEEDS_NUM_BYZANTINE and self.num_byzantine is None:
+            raise ValueError(
+                f"num_byzantine is required when rule is {self.rule!r} "
+                "(the assumed number of Byzantine inputs f)"
+            )
+        return self
+
+    def rule_params(self) -> dict[str, Any]:
+        """The parameters the chosen rule reads, plus ``bucket_size`` (for apply_rule)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in RULE_PARAMETERS[self.rule]}
+        out["bucket_size"] = self.bucket_size
+        return out
+
+
+def num_rule_inputs(clients_per_round: int, bucket_size: int | None) -> int:
+    """Number of vectors the rule sees: the clients, or the buckets when bucketing."""
+    if bucket_size is None:
+        return clients_per_round
+    return math.ceil(clients_per_round / bucket_size)
+
+
+def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | None:
+    """Check that the rule's condition on the number of inputs n can hold.
+
+    Krum and Multi-Krum need n >= 2f + 3, Bulyan n >= 4f + 3 (ALGORITHMS.md §5.1); with
+    bucketing n is the number of buckets ceil(clients_per_round / bucket_size). Multi-Krum
+    also needs num_selected <= n.
+
+    Args:
+        cfg: the aggregation block.
+        clients_per_round: number of client deltas the server receives each round.
+
+    Returns:
+        An error message naming the offending key, or None if the configuration can work.
+    """
+    n = num_rule_inputs(clients_per_round, cfg.bucket_size)
+    where = (
+        f"{clients_per_round} clients per round"
+        if cfg.bucket_size is None
+        else f"{n} buckets ({clients_per_round} clients per round, bucket_size "
+        f"{cfg.bucket_size})"
+    )
+    f = cfg.num_byzantine
+    if cfg.rule in NEEDS_NUM_BYZANTINE:
+        if f is None:  # the model validator prevents this; kept for mutated configs
+            return f"{_KEY}.num_byzantine is required when rule is {cfg.rule!r}"
+        factor = 4 if cfg.rule == "bulyan" else 2
+        if n < factor * f + 3:
+            return (
+                f"{_KEY}.num_byzantine: rule {cfg.rule!r} needs n >= {factor}f+3 inputs per "
+                f"aggregation, i.e. n >= {factor * f + 3} for num_byzantine={f}, but the "
+                f"server gets n = {where}; "
+                + (
+                    f"lower num_byzantine to at most {(n - 3) // factor} or "
+                    if n >= 3
+                    else ""
+                )
+                + "raise clients_per_round"
+                + ("" if cfg.bucket_size is None else " or lower bucket_size")
+            )
+        if cfg.rule == "multi_krum" and cfg.num_selected is not None and cfg.num_selected > n:
+            return (
+                f"{_KEY}.num_selected: multi_krum averages num_selected={cfg.num_selected} "
+                f"inputs but the server gets only n = {where}"
+            )
+    return None

@@ -1,0 +1,354 @@
+"""Scenario blocks for the local rule, drift corrections, server optimizers and SWA.
+
+Typed (pydantic v2, unknown keys rejected) descriptions of what a scenario may say about
+the client's gradient oracle, its drift corrections, the adaptive server optimizers and
+server SWA; ``PRESETS`` maps method names to the blocks they imply; the ``build_*``
+functions turn validated blocks into the library objects (``Oracle``, ``Correction``,
+``ServerStep``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedflat.client.correction import Correction, feddyn, fedprox, mofedsam, scaffold
+from fedflat.client.oracle import Oracle
+from fedflat.client.oracles import fedsmoo, make_oracle
+from fedflat.server.corrections import (
+    feddyn_server,
+    fedsmoo_server,
+    prev_update_broadcast,
+    scaffold_server,
+)
+from fedflat.server.fedopt import fedadagrad, fedadam, fedyogi
+from fedflat.server.pipeline import ServerStep
+from fedflat.server.swa import swa_start_round, swa_step
+
+OracleName = Literal["sgd", "sam", "asam", "gam", "sam_on", "fisher_sam", "lesam", "fedsmoo"]
+
+
+class OracleConfig(BaseModel):
+    """The client's gradient oracle (ALGORITHMS.md §2, §3.6–3.8)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: OracleName = Field(
+        "sgd",
+        description="Gradient oracle: sgd (plain gradient, 1 pass), sam, asam, fisher_sam, "
+        "sam_on, fedsmoo (2 passes), gam (4 passes), lesam (1 pass). Default sgd.",
+    )
+    rho: float = Field(
+        0.05,
+        ge=0,
+        description="Perturbation radius ρ of sam/asam/sam_on/fisher_sam/lesam/fedsmoo "
+        "(fisher_sam: γ). Default 0.05 (SAM's CIFAR default); ASAM typically ~10× larger.",
+    )
+    eta: float = Field(
+        0.0,
+        ge=0,
+        description="ASAM / ASAM-ON element-wise offset η_a in T = |w| + η_a. Default 0 "
+        "(official example); FedASAM uses 0.2. Must be 0 with variant davda54.",
+    )
+    variant: Literal["official", "davda54"] = Field(
+        "official",
+        description="ASAM variant: official (T only on tensors named *weight*, with η_a) or "
+        "davda54 (T = |w| on all tensors, no η_a). Default official.",
+    )
+    wd_in_perturbation: bool = Field(
+        False,
+        description="SAM only: build ε from g + λw (λ = the client optimizer's weight "
+        "decay), as the JAX reference does. Default false (PyTorch repos).",
+    )
+    grad_rho: float = Field(0.03, ge=0, description="GAM ρ_t (SAM radius). Default 0.03.")
+    grad_norm_rho: float = Field(
+        0.2, ge=0, description="GAM ρ'_t (gradient-norm ascent radius). Default 0.2."
+    )
+    beta0: float = Field(0.1, ge=0, le=1, description="GAM β0 (β2 = 1 − β0). Default 0.1.")
+    beta1: float = Field(0.1, ge=0, le=1, description="GAM β1 (β3 = 1 − β1). Default 0.1.")
+    gamma: float = Field(
+        0.05, ge=0, description="GAM γ, weight of the orthogonal correction. Default 0.05."
+    )
+    eta_f: float = Field(
+        1.0, ge=0, description="Fisher-SAM η_f in f = 1 + η_f g². Default 1.0."
+    )
+    adaptive: bool = Field(
+        False, description="SAM-ON: use the ASAM-ON operator T = |w| + η_a. Default false."
+    )
+    normalize_bias: bool = Field(
+        False, description="SAM-ON adaptive: apply T to bias tensors too. Default false."
+    )
+
+
+class CorrectionConfig(BaseModel):
+    """Client-drift corrections added to the oracle's gradient (§3.2–3.4, §3.7)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prox_mu: float | None = Field(
+        None,
+        ge=0,
+        description="FedProx μ (adds μ(y − x)); null = off. Typical 0.001–1.",
+    )
+    scaffold: bool = Field(
+        False, description="SCAFFOLD option II control variates (g + c − c_i). Default off."
+    )
+    feddyn_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="FedDyn α (g − g_i + α(y − x), server x = mean(y) − h/α); null = off. "
+        "FL-Simulator uses 0.1.",
+    )
+    mofedsam_alpha: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="MoFedSAM α: step direction α g + (1 − α)(−Δ_prev/(Kη)); null = off. "
+        "FL-Simulator uses 0.05 or 0.1.",
+    )
+
+
+class SwaConfig(BaseModel):
+    """Server-side SWA of the global models (§3.6)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Turn server SWA on. Default off.")
+    start: float | int = Field(
+        0.75,
+        description="Start of the SWA phase: a float in [0, 1] is a fraction of the rounds, "
+        "an int a 0-based round index. Default 0.75.",
+    )
+    cycle: int = Field(10, ge=1, description="Cycle length c in rounds. Default 10.")
+    swa_lr: float = Field(
+        1e-4, ge=0, description="Client lr at the low end of each cycle. Default 1e-4."
+    )
+    collect: Literal["lowest_lr", "official"] = Field(
+        "lowest_lr",
+        description="Which round of a cycle is averaged: lowest_lr ((r+1) mod c == 0) or "
+        "official ((r − start) mod c == 0, the reference code). Default lowest_lr.",
+    )
+
+    @field_validator("start")
+    @classmethod
+    def _start_range(cls, v: float | int) -> float | int:
+        if v < 0 or (isinstance(v, float) and v > 1):
+            raise ValueError(
+                f"start must be a fraction in [0, 1] or a round index >= 0, got {v}"
+            )
+        return v
+
+
+class FedOptConfig(BaseModel):
+    """Hyperparameters of FedAdam / FedYogi / FedAdagrad (§3.5); the server lr is separate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay β1. Default 0.9.")
+    beta2: float = Field(
+        0.99,
+        ge=0,
+        lt=1,
+        description="Second-moment decay β2 (Adam, Yogi). Default 0.99 (paper text; the "
+        "released code used 0.999).",
+    )
+    tau: float = Field(1e-3, gt=0, description="Adaptivity τ. Default 1e-3.")
+    bias_correction: bool = Field(
+        False,
+        description="Keras-style bias correction (released code); false = paper "
+        "Algorithm 2. Default false.",
+    )
+    initial_accumulator: float = Field(
+        0.0, ge=0, description="Initial second moment v_0. Default 0."
+    )
+
+
+_ORACLE_PARAMS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "sam": ("rho", "wd_in_perturbation"),
+    "asam": ("rho", "eta", "variant"),
+    "gam": ("grad_rho", "grad_norm_rho", "beta0", "beta1", "gamma"),
+    "sam_on": ("rho", "adaptive", "eta", "normalize_bias"),
+    "fisher_sam": ("rho", "eta_f"),
+    "lesam": ("rho",),
+}
+
+
+def build_local_rule(
+    oracle: OracleConfig, correction: CorrectionConfig, *, weight_decay: float = 0.0
+) -> tuple[Oracle, tuple[Correction, ...]]:
+    """The client's oracle and its corrections, in the order the client loop applies them.
+
+    Order: mofedsam (scales the oracle's gradient by α, so it must come first), the
+    FedSMOO state carrier, scaffold, feddyn, fedprox.
+
+    Args:
+        oracle: the oracle block.
+        correction: the corrections block.
+        weight_decay: the client optimizer's weight decay (used by SAM when
+            ``wd_in_perturbation``).
+    """
+    corrections: list[Correction] = []
+    if correction.mofedsam_alpha is not None:
+        corrections.append(mofedsam(alpha=correction.mofedsam_alpha))
+    if oracle.name == "fedsmoo":
+        pair = fedsmoo(rho=oracle.rho)
+        built, corrections = pair.oracle, [*corrections, pair.correction]
+    else:
+        params: dict[str, Any] = {k: getattr(oracle, k) for k in _ORACLE_PARAMS[oracle.name]}
+        if oracle.name == "sam":
+            params["weight_decay"] = weight_decay
+        built = make_oracle(oracle.name, **params)
+    if correction.scaffold:
+        corrections.append(scaffold())
+    if correction.feddyn_alpha is not None:
+        corrections.append(feddyn(alpha=correction.feddyn_alpha))
+    if correction.prox_mu is not None:
+        corrections.append(fedprox(mu=correction.prox_mu))
+    return built, tuple(corrections)
+
+
+def build_server_corrections(
+    oracle: OracleConfig, correction: CorrectionConfig, *, num_clients: int
+) -> tuple[ServerStep, ...]:
+    """Server steps the local rule needs, in order; chain them right **after** the
+    optimizer step (FedAvg / FedAdam / ...) and before SWA.
+
+    feddyn_server (moves new_params), scaffold_server (c only), fedsmoo_server,
+    prev_update_broadcast (FedLESAM / MoFedSAM; last, it reads the final new_params).
+    """
+    steps: list[ServerStep] = []
+    if correction.feddyn_alpha is not None:
+        steps.append(feddyn_server(alpha=correction.feddyn_alpha, num_clients=num_clients))
+    if correction.scaffold:
+        steps.append(scaffold_server(num_clients=num_clients))
+    if oracle.name == "fedsmoo":
+        steps.append(fedsmoo_server(rho=oracle.rho))
+    if oracle.name == "lesam" or correction.mofedsam_alpha is not None:
+        steps.append(prev_update_broadcast())
+    return tuple(steps)
+
+
+def build_fedopt(name: str, *, lr: float, config: FedOptConfig) -> ServerStep:
+    """FedAdam / FedYogi / FedAdagrad server step from its block (name without "fed" ok)."""
+    key = name if name.startswith("fed") else f"fed{name}"
+    common = {
+        "lr": lr,
+        "beta1": config.beta1,
+        "tau": config.tau,
+        "bias_correction": config.bias_correction,
+        "initial_accumulator": config.initial_accumulator,
+    }
+    if key == "fedadam":
+        return fedadam(beta2=config.beta2, **common)
+    if key == "fedyogi":
+        return fedyogi(beta2=config.beta2, **common)
+    if key == "fedadagrad":
+        return fedadagrad(**common)
+    raise ValueError(f"unknown adaptive server optimizer {name!r}; known: fedadam, fedyogi, fedadagrad")
+
+
+def build_swa(config: SwaConfig, *, num_rounds: int) -> ServerStep | None:
+    """The SWA server step (last in the pipeline), or None when SWA is off."""
+    if not config.enabled:
+        return None
+    return swa_step(
+        start_round=swa_start_round(config.start, num_rounds),
+        cycle=config.cycle,
+        collect=config.collect,
+    )
+
+
+_SWA_REFERENCE: dict[str, Any] = {
+    "enabled": True,
+    "start": 0.75,
+    "cycle": 10,
+    "swa_lr": 1e-4,
+    "collect": "lowest_lr",
+}
+_FEDAVG: dict[str, Any] = {"optimizer": "fedavg", "lr": 1.0}
+
+# Method name -> the scenario blocks it implies. Keys: "oracle" (OracleConfig),
+# "correction" (CorrectionConfig), "server" ({"optimizer": fedavg|fedadam|fedyogi|
+# fedadagrad, "lr": η_g, optional "fedopt": FedOptConfig}), optional "swa" (SwaConfig).
+# Values are the reference hyperparameters of ALGORITHMS.md §3.2–3.8; data-set-specific
+# settings (client lr, batch size, rounds) are not part of a method preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Caldarola et al. ECCV 2022, CIFAR-10 scripts: FedSAM ρ = 0.1, FedAvg server.
+    "fedsam": {"oracle": {"name": "sam", "rho": 0.1}, "correction": {}, "server": dict(_FEDAVG)},
+    # FedASAM ρ = 0.7, η_a = 0.2 (official ASAM variant).
+    "fedasam": {
+        "oracle": {"name": "asam", "rho": 0.7, "eta": 0.2, "variant": "official"},
+        "correction": {},
+        "server": dict(_FEDAVG),
+    },
+    # The same with server SWA (start 0.75 T, c = 10, swa_lr 1e-4).
+    "fedsam_swa": {
+        "oracle": {"name": "sam", "rho": 0.1},
+        "correction": {},
+        "server": dict(_FEDAVG),
+        "swa": dict(_SWA_REFERENCE),
+    },
+    "fedasam_swa": {
+        "oracle": {"name": "asam", "rho": 0.7, "eta": 0.2, "variant": "official"},
+        "correction": {},
+        "server": dict(_FEDAVG),
+        "swa": dict(_SWA_REFERENCE),
+    },
+    # Qu et al. ICML 2022 via FL-Simulator: SAM ρ = 0.1, momentum α = 0.1.
+    "mofedsam": {
+        "oracle": {"name": "sam", "rho": 0.1},
+        "correction": {"mofedsam_alpha": 0.1},
+        "server": dict(_FEDAVG),
+    },
+    # FedGAMMA (FL-Simulator): SAM ρ = 0.01 + SCAFFOLD.
+    "fedgamma": {
+        "oracle": {"name": "sam", "rho": 0.01},
+        "correction": {"scaffold": True},
+        "server": dict(_FEDAVG),
+    },
+    # FedSMOO (FL-Simulator): ρ = 0.1, FedDyn λ = 0.1.
+    "fedsmoo": {
+        "oracle": {"name": "fedsmoo", "rho": 0.1},
+        "correction": {"feddyn_alpha": 0.1},
+        "server": dict(_FEDAVG),
+    },
+    # FedLESAM example command: ρ = 0.5.
+    "fedlesam": {"oracle": {"name": "lesam", "rho": 0.5}, "correction": {}, "server": dict(_FEDAVG)},
+    "scaffold": {"oracle": {"name": "sgd"}, "correction": {"scaffold": True}, "server": dict(_FEDAVG)},
+    # FedProx μ = 0.01 (FL-Simulator CIFAR; the FedProx synthetic runs use μ = 1).
+    "fedprox": {"oracle": {"name": "sgd"}, "correction": {"prox_mu": 0.01}, "server": dict(_FEDAVG)},
+    # FedDyn α = 0.1 (FL-Simulator).
+    "feddyn": {
+        "oracle": {"name": "sgd"},
+        "correction": {"feddyn_alpha": 0.1},
+        "server": dict(_FEDAVG),
+    },
+    # FL-Simulator FedAdam: global lr 0.1, β = (0.9, 0.99), ε = 0.01.
+    "fedadam": {
+        "oracle": {"name": "sgd"},
+        "correction": {},
+        "server": {
+            "optimizer": "fedadam",
+            "lr": 0.1,
+            "fedopt": {"beta1": 0.9, "beta2": 0.99, "tau": 1e-2},
+        },
+    },
+    # Flower FedYogi defaults: η = 0.01, β = (0.9, 0.99), τ = 1e-3.
+    "fedyogi": {
+        "oracle": {"name": "sgd"},
+        "correction": {},
+        "server": {
+            "optimizer": "fedyogi",
+            "lr": 0.01,
+            "fedopt": {"beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+        },
+    },
+    # Reddi et al. CIFAR-100 best FedAdagrad: server lr 10^-1, ε = 10^-2.
+    "fedadagrad": {
+        "oracle": {"name": "sgd"},
+        "correction": {},
+        "server": {"optimizer": "fedadagrad", "lr": 0.1, "fedopt": {"beta1": 0.9, "tau": 1e-2}},
+    },
+}

@@ -1,0 +1,62 @@
+"""Generate the scenario key reference (Markdown) from the schema's field descriptions.
+
+``python -m fedflat.scenario.reference`` prints it; the README embeds it, and a test checks
+that the README lists every key.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterator
+from types import UnionType
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from fedflat.scenario.schema import Scenario
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, UnionType):
+        for arg in typing.get_args(annotation):
+            sub = _submodel(arg)
+            if sub is not None:
+                return sub
+    return None
+
+
+def _type_name(annotation: Any) -> str:
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    return (text.replace("typing.", "").replace("NoneType", "None")
+            .replace("Literal", "one of ").replace("|", "or"))
+
+
+def iter_keys(model: type[BaseModel] = Scenario, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+    """(key path, type, default, description) for every leaf key, depth first."""
+    for name, fld in model.model_fields.items():
+        key = f"{prefix}{name}"
+        sub = _submodel(fld.annotation)
+        if sub is not None:
+            yield from iter_keys(sub, key + ".")
+            continue
+        if fld.default is not PydanticUndefined:
+            default = repr(fld.default)
+        elif fld.default_factory is not None:
+            default = repr(fld.default_factory())  # type: ignore[call-arg]
+        else:
+            default = "required"
+        yield key, _type_name(fld.annotation), default, (fld.description or "").replace("\n", " ")
+
+
+def markdown() -> str:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, typ, default, desc in iter_keys():
+        rows.append(f"| `{key}` | {typ.replace('|', '/')} | `{default}` | {desc.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

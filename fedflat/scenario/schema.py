@@ -1,0 +1,152 @@
+"""The typed scenario schema: every key, its default, its unit and its meaning.
+
+A scenario is one YAML file. ``fedflat validate`` checks it against these models; the
+README's scenario reference is generated from the field descriptions
+(``python -m fedflat.scenario.reference``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    """Base of every scenario block: unknown keys are errors, values are checked strictly."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SyntheticConfig(Section):
+    alpha: float = Field(1.0, ge=0, description="Synthetic(α, β): spread of the device model prior u_k ~ N(0, α).")
+    beta: float = Field(1.0, ge=0, description="Synthetic(α, β): spread of the device feature prior B_k ~ N(0, β).")
+    iid: bool = Field(False, description="Synthetic-IID: one global model and x ~ N(0, Σ) on every device.")
+    prior_scale: Literal["std", "variance"] = Field(
+        "std", description="How α and β are read: 'std' as the released FedProx code (np.random.normal scale), "
+        "'variance' as the paper writes them (std = sqrt). Identical for 0 and 1.")
+    num_features: int = Field(60, ge=1, description="Input dimension.")
+    num_classes: int = Field(10, ge=2, description="Number of classes.")
+    size_mean: float = Field(4.0, description="Device sizes ⌊LogNormal(size_mean, size_sigma)⌋ + min_size.")
+    size_sigma: float = Field(2.0, ge=0, description="Log-normal sigma of the device sizes.")
+    min_size: int = Field(50, ge=1, description="Added to every device size (samples).")
+    max_size: int | None = Field(None, ge=1, description="Optional cap on a device's size (samples); None = no cap as in the paper.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Per-device share of samples held out for testing.")
+
+
+class PartitionConfig(Section):
+    method: Literal[
+        "natural", "iid", "dirichlet_per_class", "dirichlet_per_client", "shards", "quantity_skew"
+    ] = Field("natural", description="How training samples are split across clients. 'natural' uses the "
+              "dataset's own clients (synthetic devices, FEMNIST writers); 'dirichlet_per_class' = Dir(α·1_N) "
+              "per class across clients (NIID-Bench, ALGORITHMS.md §6.1); 'dirichlet_per_client' = a class "
+              "prior per client (Hsu et al. / FL-Simulator, §6.2); 'shards' = McMahan's label-sorted shards; "
+              "'quantity_skew' = log-normal client sizes with iid labels.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (see alpha_scale).")
+    alpha_scale: Literal["total_mass", "per_coordinate"] = Field(
+        "total_mass", description="dirichlet_per_client only: 'total_mass' = Dir(α·p), per-class concentration "
+        "α/C (Hsu et al., the FedSAM splits); 'per_coordinate' = Dir(α·1_C) (FL-Simulator, FedDyn).")
+    min_size: int = Field(10, ge=0, description="dirichlet_per_class: resample until every client has this many samples.")
+    shards_per_client: int = Field(2, ge=1, description="shards: shards per client.")
+    quantity_sigma: float = Field(1.0, ge=0, description="quantity_skew: log-normal sigma of client sizes (0 = balanced).")
+    allow_reuse: bool = Field(False, description="dirichlet_per_client: reset exhausted class pools (duplicates samples, as FL-Simulator).")
+
+
+class DataConfig(Section):
+    dataset: Literal["synthetic", "digits", "femnist", "mnist", "fashion_mnist", "cifar10"] = Field(
+        "synthetic", description="Dataset. synthetic and digits are built in; the others read files from data_dir.")
+    data_dir: str | None = Field(None, description="Directory holding the dataset folders (femnist/, mnist/, ...). "
+                                 "Defaults to the environment variable FEDFLAT_DATA.")
+    num_clients: int = Field(100, ge=1, description="Number of clients N (synthetic devices, FEMNIST writers, or partitions).")
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+class ModelConfig(Section):
+    name: Literal["logistic", "mlp", "cnn"] = Field("logistic", description="logistic = multinomial logistic regression; mlp; cnn = LeNet-style (images only).")
+    hidden: list[int] = Field([200], description="MLP hidden widths; the CNN uses hidden[0] for its dense layer.")
+    channels: list[int] = Field([32, 64], description="CNN convolution widths.")
+    norm: Literal["none", "group", "batch", "layer"] = Field("none", description="CNN normalisation layer (GroupNorm for DP).")
+    groups: int = Field(8, ge=1, description="GroupNorm groups.")
+
+
+class ClientConfig(Section):
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Base local optimizer (PyTorch semantics).")
+    lr: float = Field(0.01, gt=0, description="Local learning rate η.")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="Per-round multiplicative decay of the local lr (η_t = η·decay^t).")
+    momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum (buffers reset every round).")
+    nesterov: bool = Field(False, description="Nesterov momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="Coupled L2 weight decay λ.")
+    local_epochs: int | None = Field(1, ge=1, description="Local epochs E (ignored when local_steps is set).")
+    local_steps: int | None = Field(None, ge=1, description="Local steps K per round (overrides local_epochs).")
+    batch_size: int = Field(10, ge=1, description="Local mini-batch size b.")
+    grad_clip: float | None = Field(None, gt=0, description="Optional global-norm clip of the local gradient (FL-Simulator uses 10).")
+
+
+class ServerConfig(Section):
+    rounds: int = Field(100, ge=1, description="Number of communication rounds T.")
+    clients_per_round: int = Field(10, ge=1, description="Clients per round m (uniform sampling), or the expected number (Poisson).")
+    sampling: Literal["uniform", "poisson"] = Field(
+        "uniform", description="'uniform' = m clients without replacement; 'poisson' = each client independently "
+        "with rate q (cohort size varies, may be empty; required for user-level DP accounting).")
+    sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson rate q; default clients_per_round / num_clients.")
+    optimizer: Literal["fedavg", "fedavgm"] = Field("fedavg", description="Server optimizer on the aggregate.")
+    lr: float = Field(1.0, gt=0, description="Server learning rate η_g.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum β.")
+    weighting: Literal["samples", "uniform"] = Field("samples", description="Aggregation weights: n_i (FedAvg) or uniform 1/m.")
+
+
+class RuntimeConfig(Section):
+    backend: Literal["serial", "ray"] = Field("serial", description="'serial' = in-process reference; 'ray' = a pool of client actors plus a server actor.")
+    num_actors: int = Field(2, ge=1, description="Ray: number of client actors.")
+    num_cpus: float = Field(1.0, gt=0, description="Ray: CPUs per client actor (also its torch thread count, rounded up).")
+    num_gpus: float = Field(0.0, ge=0, description="Ray: GPUs per client actor (fractional allowed); > 0 trains on CUDA.")
+    address: str | None = Field(None, description="Ray: join an existing cluster ('auto' or 'ray://host:10001'); None starts a local Ray for the run.")
+    threads: int | None = Field(None, ge=1, description="torch threads in the serial backend / driver (None = torch default).")
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds (and after the last).")
+    split: Literal["test", "train", "both"] = Field("test", description="Which pooled split to evaluate.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many samples (a fixed subset).")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Parent directory of run folders (runs/<name>/<timestamp>/); --out overrides.")
+    checkpoint_every: int = Field(10, ge=0, description="Save a checkpoint every this many rounds (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    progress: bool | None = Field(None, description="Progress bar: None = only when stderr is a terminal.")
+
+
+class Scenario(Section):
+    """A whole scenario file."""
+
+    name: str = Field("scenario", description="Run name (folder runs/<name>/...).")
+    description: str = Field("", description="Free text.")
+    seed: int = Field(0, ge=0, description="Root seed: every random stream derives from (seed, purpose, round, client).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+
+def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
+    """Checks that involve several keys: (key path, message) for each failure."""
+    errors: list[tuple[str, str]] = []
+    n = sc.data.num_clients
+    if sc.server.clients_per_round > n:
+        errors.append(("server.clients_per_round",
+                       f"clients_per_round = {sc.server.clients_per_round} exceeds data.num_clients = {n}"))
+    if sc.client.local_epochs is None and sc.client.local_steps is None:
+        errors.append(("client.local_epochs", "set local_epochs or local_steps"))
+    if sc.data.partition.method == "natural" and sc.data.dataset in ("digits", "mnist", "fashion_mnist", "cifar10"):
+        errors.append(("data.partition.method",
+                       f"dataset {sc.data.dataset!r} has no natural clients; choose iid, dirichlet_per_class, "
+                       "dirichlet_per_client, shards or quantity_skew"))
+    if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
+        errors.append(("data.partition.method", "synthetic data is generated per device: use method 'natural'"))
+    return errors

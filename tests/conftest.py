@@ -1,0 +1,54 @@
+"""Shared fixtures: one Ray instance for the whole session, small scenarios, data dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("FEDFLAT_DATA") or str(REPO.parent / "shared" / "data")
+
+
+def data_available(*parts: str) -> bool:
+    return Path(DATA_DIR, *parts).exists()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once (2 CPUs) and shut it down after the last test."""
+    ray = pytest.importorskip("ray")
+    started = False
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        started = True
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def tiny_scenario(**over) -> dict:
+    """A small synthetic scenario as a dict; ``over`` maps dotted keys to values."""
+    sc = {
+        "name": "tiny",
+        "seed": 3,
+        "data": {"dataset": "synthetic", "num_clients": 12,
+                 "synthetic": {"alpha": 1.0, "beta": 1.0, "max_size": 120}},
+        "model": {"name": "logistic"},
+        "client": {"lr": 0.05, "batch_size": 10, "local_epochs": 1},
+        "server": {"rounds": 4, "clients_per_round": 4},
+        "eval": {"every": 2},
+        "output": {"checkpoint_every": 1},
+    }
+    for key, value in over.items():
+        node = sc
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return sc

@@ -1,0 +1,326 @@
+"""Codecs: round trips, unbiasedness, exact byte counts, error feedback, configuration."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from fedflat.comm import codecs as C
+from fedflat.rng import stream
+from fedflat.scenario.comm import CodecConfig, CommConfig
+
+
+def gen(i: int = 0) -> torch.Generator:
+    return stream(1234, "codec", i)
+
+
+def vec(d: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # Test data from numpy so that it does not depend on the codecs' torch draws.
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(d)).to(dtype)
+
+
+# ------------------------------------------------------------------------- round trips
+
+
+def test_fp32_round_trip_is_exact():
+    x = vec(1000)
+    codec = C.fp32()
+    y = codec.decode(codec.encode(x, gen()))
+    assert torch.equal(x, y)
+    assert y.dtype == torch.float32
+
+
+def test_fp16_equals_numpy_half_rounding():
+    x = vec(1000) * 10
+    codec = C.fp16()
+    y = codec.decode(codec.encode(x, gen()))
+    expected = x.numpy().astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(y.numpy(), expected)
+    # Round to nearest: relative error at most half an ulp, 2^-11.
+    assert torch.all((y - x).abs() <= 2.0**-11 * x.abs())
+
+
+def test_bf16_within_half_ulp():
+    x = vec(1000) * 1e3
+    codec = C.bf16()
+    y = codec.decode(codec.encode(x, gen()))
+    # 8 significant bits: round to nearest gives relative error <= 2^-8.
+    assert torch.all((y - x).abs() <= 2.0**-8 * x.abs())
+    assert not torch.equal(x, y)  # it did lose precision
+
+
+def test_decode_keeps_input_dtype():
+    x = vec(50, dtype=torch.float64)
+    for codec in (C.fp16(), C.qsgd(levels=4), C.top_k(k=3), C.sign()):
+        assert codec.decode(codec.encode(x, gen())).dtype == torch.float64
+
+
+def test_top_k_keeps_the_k_largest_magnitudes():
+    d, k = 200, 17
+    x = vec(d, seed=3)
+    for enc_kind in ("int32", "packed"):
+        codec = C.top_k(k=k, index_encoding=enc_kind)
+        y = codec.decode(codec.encode(x, gen()))
+        top = np.argsort(-np.abs(x.numpy()))[:k]
+        expected = np.zeros(d, dtype=np.float32)
+        expected[top] = x.numpy()[top]
+        np.testing.assert_array_equal(y.numpy(), expected)
+
+
+def test_top_k_ratio_rounds_up():
+    codec = C.top_k(ratio=0.1)
+    enc = codec.encode(vec(95), gen())
+    assert enc.payload["values"].numel() == 10  # ceil(9.5)
+    assert C.top_k(ratio=1e-6).encode(vec(95), gen()).payload["values"].numel() == 1
+    assert (
+        C.top_k(k=500).encode(vec(95), gen()).payload["values"].numel() == 95
+    )  # capped
+
+
+def test_sign_keeps_signs_and_mean_abs_scale():
+    x = vec(101, seed=5)
+    codec = C.sign()
+    y = codec.decode(codec.encode(x, gen()))
+    scale = np.abs(x.numpy()).mean()
+    np.testing.assert_allclose(y.numpy(), scale * np.sign(x.numpy()), rtol=1e-6)
+    zero = C.sign().decode(C.sign().encode(torch.zeros(9), gen()))
+    assert torch.equal(zero, torch.zeros(9))
+
+
+def test_random_k_biased_keeps_values_on_support():
+    d, k = 60, 7
+    x = vec(d, seed=2)
+    codec = C.random_k(k=k, unbiased=False)
+    y = codec.decode(codec.encode(x, gen()))
+    support = y != 0
+    assert int(support.sum()) == k
+    assert torch.equal(y[support], x[support])
+
+
+def test_random_k_seed_encoding_matches_sent_indices():
+    x = vec(80, seed=4)
+    a = C.random_k(k=9, index_encoding="seed")
+    y = a.decode(a.encode(x, gen(7)))
+    support = y != 0
+    assert int(support.sum()) == 9
+    torch.testing.assert_close(y[support], x[support] * 80 / 9)
+    # Same generator -> same message; another stream -> (almost surely) another support.
+    assert torch.equal(y, a.decode(a.encode(x, gen(7))))
+    assert not torch.equal(y != 0, a.decode(a.encode(x, gen(8))) != 0)
+
+
+def test_decode_rejects_foreign_message():
+    enc = C.fp16().encode(vec(4), gen())
+    with pytest.raises(ValueError, match="fp32"):
+        C.fp32().decode(enc)
+
+
+# -------------------------------------------------------------------------- unbiasedness
+
+
+def test_qsgd_unbiased_and_on_grid():
+    d, s, n = 20, 2, 4000
+    x = vec(d, seed=9)
+    codec = C.qsgd(levels=s)
+    g = gen(1)
+    samples = torch.stack([codec.decode(codec.encode(x, g)) for _ in range(n)]).double()
+    norm = float(torch.linalg.vector_norm(x.double()))
+    # Every value is norm * l / s with l the floor or the ceil of s|x_i|/norm.
+    levels = samples.abs() * s / norm
+    r = (x.double().abs() * s / norm).expand_as(levels)
+    on_floor = (levels - r.floor()).abs() < 1e-4
+    on_ceil = (levels - r.floor() - 1).abs() < 1e-4
+    assert torch.all(on_floor | on_ceil)
+    assert on_floor.any() and on_ceil.any()
+    assert torch.all((samples == 0) | (samples.sign() == x.double().sign()))
+    # Closed-form variance (norm/s)^2 p(1-p); the mean is within 5 standard errors.
+    p = (x.double().abs() * s / norm) % 1.0
+    se = (norm / s) * torch.sqrt(p * (1 - p) / n)
+    err = (samples.mean(0) - x.double()).abs()
+    assert torch.all(err <= 5 * se + 1e-6)
+
+
+def test_random_k_unbiased_in_mean():
+    d, k, n = 10, 3, 6000
+    x = vec(d, seed=11)
+    codec = C.random_k(k=k, unbiased=True)
+    g = gen(2)
+    samples = torch.stack([codec.decode(codec.encode(x, g)) for _ in range(n)]).double()
+    # Each coordinate is x_i d/k with probability k/d, else 0: variance x_i^2 (d/k - 1).
+    se = x.double().abs() * math.sqrt((d / k - 1) / n)
+    assert torch.all((samples.mean(0) - x.double()).abs() <= 5 * se)
+
+
+def test_same_generator_same_encoding():
+    x = vec(300)
+    codec = C.qsgd(levels=5)
+    a = codec.decode(codec.encode(x, gen(3)))
+    b = codec.decode(codec.encode(x, gen(3)))
+    c = codec.decode(codec.encode(x, gen(4)))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- byte counts
+
+
+@pytest.mark.parametrize(
+    ("codec", "d", "expected"),
+    [
+        (C.fp32(), 10, 4 + 40),
+        (C.fp16(), 10, 4 + 20),
+        (C.bf16(), 7, 4 + 14),
+        # qsgd: header + norm + ceil(d * ceil(log2(2s+1)) / 8)
+        (C.qsgd(levels=1), 10, 4 + 4 + 3),  # 3 codes -> 2 bits -> 20 bits -> 3 bytes
+        (C.qsgd(levels=3), 10, 4 + 4 + 4),  # 7 codes -> 3 bits -> 30 bits -> 4 bytes
+        (C.qsgd(levels=4), 10, 4 + 4 + 5),  # 9 codes -> 4 bits -> 40 bits -> 5 bytes
+        (C.qsgd(levels=127), 10, 4 + 4 + 10),  # 255 codes -> 8 bits
+        (
+            C.qsgd(levels=128),
+            10,
+            4 + 4 + 12,
+        ),  # 257 codes -> 9 bits -> 90 bits -> 12 bytes
+        (C.top_k(k=10), 100, 4 + 40 + 40),
+        (
+            C.top_k(k=10, index_encoding="packed"),
+            100,
+            4 + 40 + 9,
+        ),  # 7 bits * 10 = 70 bits
+        (C.top_k(k=3, index_encoding="packed"), 256, 4 + 12 + 3),  # 8 bits each
+        (
+            C.top_k(k=3, index_encoding="packed"),
+            257,
+            4 + 12 + 4,
+        ),  # 9 bits * 3 = 27 bits
+        (C.random_k(k=10), 100, 4 + 40 + 40),
+        (C.random_k(k=10, index_encoding="seed"), 100, 4 + 40 + 8),
+        (C.sign(), 10, 4 + 4 + 2),
+        (C.sign(), 16, 4 + 4 + 2),
+        (C.sign(), 17, 4 + 4 + 3),
+    ],
+)
+def test_nbytes_against_hand_count(codec: C.Codec, d: int, expected: int):
+    enc = codec.encode(vec(d), gen())
+    assert enc.nbytes == expected
+    assert codec.wire_nbytes(d) == expected
+
+
+def test_pack_bits_round_trip_and_size():
+    rng = np.random.default_rng(0)
+    for bits in (1, 2, 3, 5, 7, 8, 9, 13, 31):
+        n = 1001
+        codes = torch.from_numpy(rng.integers(0, 2**bits, n))
+        packed = C.pack_bits(codes, bits)
+        assert packed.dtype == torch.uint8
+        assert packed.numel() == math.ceil(n * bits / 8)
+        assert torch.equal(C.unpack_bits(packed, n, bits), codes)
+
+
+def test_pack_bits_layout_lsb_first():
+    # codes 1, 2, 3 with 2 bits: bits 10 01 11 (LSB first) -> byte 0b00111001 = 57.
+    packed = C.pack_bits(torch.tensor([1, 2, 3]), 2)
+    assert packed.tolist() == [1 | (2 << 2) | (3 << 4)]
+    with pytest.raises(ValueError, match="codes"):
+        C.pack_bits(torch.tensor([4]), 2)
+
+
+# ------------------------------------------------------------------------ error feedback
+
+
+def test_error_feedback_top_k_loses_nothing():
+    d, k = 50, 5
+    xs = [vec(d, seed=20), vec(d, seed=21)]
+    ef = C.with_error_feedback(C.top_k(k=k))
+    residual = None
+    decoded = []
+    for x in xs:
+        enc, residual = ef.encode_ef(x, residual, gen())
+        decoded.append(ef.decode(enc))
+    total = decoded[0] + decoded[1] + residual
+    torch.testing.assert_close(total, xs[0] + xs[1], rtol=0, atol=1e-6)
+    # The second message is the top-k of (x2 + what the first one dropped).
+    carried = xs[0] - decoded[0]
+    p = (xs[1] + carried).numpy()
+    top = np.argsort(-np.abs(p))[:k]
+    assert set(np.flatnonzero(decoded[1].numpy())) == set(top.tolist())
+
+
+def test_error_feedback_resends_what_was_dropped():
+    x = vec(30, seed=22)
+    ef = C.with_error_feedback(C.top_k(k=4))
+    enc1, r1 = ef.encode_ef(x, None, gen())
+    # With nothing new to send, the next message is the top-4 of the residual itself.
+    enc2, r2 = ef.encode_ef(torch.zeros(30), r1, gen())
+    m2 = ef.decode(enc2).numpy()
+    top = np.argsort(-np.abs(r1.numpy()))[:4]
+    np.testing.assert_array_equal(m2[top], r1.numpy()[top])
+    np.testing.assert_allclose(
+        ef.decode(enc1).numpy() + m2 + r2.numpy(), x.numpy(), atol=1e-6
+    )
+
+
+def test_transmit_handles_plain_and_ef_codecs():
+    x = vec(40)
+    t = C.transmit(C.fp16(), x, None, gen())
+    assert t.residual is None
+    assert t.nbytes == 4 + 80
+    t = C.transmit(C.with_error_feedback(C.sign()), x, None, gen())
+    torch.testing.assert_close(t.decoded + t.residual, x)
+
+
+# ---------------------------------------------------------------------- registry/config
+
+
+def test_make_codec_errors_name_the_parameter():
+    with pytest.raises(ValueError, match="levels"):
+        C.make_codec("qsgd", levels=0)
+    with pytest.raises(ValueError, match="ratio"):
+        C.make_codec("top_k", ratio=1.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        C.make_codec("random_k", k=3, ratio=0.1)
+    with pytest.raises(ValueError, match="unknown codec"):
+        C.make_codec("zip")
+    with pytest.raises(ValueError, match="levels"):
+        C.make_codec("fp16", levels=3)
+
+
+def test_codec_from_config():
+    cfg = CommConfig.model_validate(
+        {
+            "uplink": {"codec": "top_k", "ratio": 0.1, "error_feedback": True},
+            "downlink": {"codec": "random_k", "k": 5, "unbiased": False},
+        }
+    )
+    up = C.codec_from_config(cfg.uplink)
+    assert isinstance(up, C.ErrorFeedbackCodec)
+    assert up.wire_nbytes(100) == 4 + 40 + 40
+    down = C.codec_from_config(cfg.downlink)
+    assert isinstance(down, C.Codec)
+    assert not down.unbiased
+    q = C.codec_from_config(CodecConfig(codec="qsgd", levels=4))
+    assert q.wire_nbytes(10) == 4 + 4 + 5
+    assert isinstance(C.codec_from_config(CommConfig().uplink), C.Codec)
+
+
+@pytest.mark.parametrize(
+    ("block", "match"),
+    [
+        ({"codec": "qsgd"}, "levels is required"),
+        ({"codec": "fp16", "levels": 4}, "levels applies"),
+        ({"codec": "top_k"}, "exactly one of k or ratio"),
+        ({"codec": "top_k", "k": 3, "ratio": 0.1}, "exactly one of k or ratio"),
+        ({"codec": "sign", "k": 3}, "k applies"),
+        ({"codec": "top_k", "k": 3, "unbiased": True}, "unbiased applies"),
+        ({"codec": "top_k", "k": 3, "index_encoding": "seed"}, "seed"),
+        ({"codec": "top_k", "ratio": 0.0}, "greater than 0"),
+        ({"codec": "fp32", "bits": 8}, "Extra inputs"),
+        ({"codec": "gzip"}, "codec"),
+    ],
+)
+def test_codec_config_rejects(block: dict, match: str):
+    with pytest.raises(ValidationError, match=match):
+        CommConfig.model_validate({"uplink": block})
