@@ -33,7 +33,11 @@ class ScenarioError(FedflatError):
 
 
 class DataError(FedflatError):
-    """A dataset that cannot be found or read."""
+    """A dataset that cannot be found, read or split; ``key`` names the scenario key at fault."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        self.key = key
+        super().__init__(message)
 
 
 class BudgetExhausted(FedflatError):

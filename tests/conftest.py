@@ -42,6 +42,7 @@ def tiny_scenario(**over) -> dict:
         "model": {"name": "logistic"},
         "client": {"lr": 0.05, "batch_size": 10, "local_epochs": 1},
         "server": {"rounds": 4, "clients_per_round": 4},
+        "runtime": {"threads": 1},
         "eval": {"every": 2},
         "output": {"checkpoint_every": 1},
     }

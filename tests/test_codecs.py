@@ -1,4 +1,4 @@
-"""Codecs: round trips, unbiasedness, exact byte counts, error feedback, configuration."""
+"""Codecs: round trips, unbiasedness, exact byte counts, error feedback, config."""
 
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_decode_rejects_foreign_message():
         C.fp32().decode(enc)
 
 
-# -------------------------------------------------------------------------- unbiasedness
+# ------------------------------------------------------------------------- unbiasedness
 
 
 def test_qsgd_unbiased_and_on_grid():
@@ -135,7 +135,8 @@ def test_qsgd_unbiased_and_on_grid():
     on_floor = (levels - r.floor()).abs() < 1e-4
     on_ceil = (levels - r.floor() - 1).abs() < 1e-4
     assert torch.all(on_floor | on_ceil)
-    assert on_floor.any() and on_ceil.any()
+    assert on_floor.any()
+    assert on_ceil.any()
     assert torch.all((samples == 0) | (samples.sign() == x.double().sign()))
     # Closed-form variance (norm/s)^2 p(1-p); the mean is within 5 standard errors.
     p = (x.double().abs() * s / norm) % 1.0
@@ -165,7 +166,7 @@ def test_same_generator_same_encoding():
     assert not torch.equal(a, c)
 
 
-# --------------------------------------------------------------------------- byte counts
+# -------------------------------------------------------------------------- byte counts
 
 
 @pytest.mark.parametrize(
@@ -220,6 +221,22 @@ def test_pack_bits_round_trip_and_size():
         assert torch.equal(C.unpack_bits(packed, n, bits), codes)
 
 
+@pytest.mark.parametrize("bits", [3, 10, 24, 9])
+def test_pack_bits_across_chunks(bits: int):
+    # More codes than one packing chunk, in each code path (one 64-bit word per group
+    # for 3, 10 and 24 bits; a bit-by-bit expansion for 9).
+    n = C._PACK_CHUNK + 13
+    codes = torch.from_numpy(np.random.default_rng(bits).integers(0, 2**bits, n))
+    packed = C.pack_bits(codes, bits)
+    assert packed.numel() == math.ceil(n * bits / 8)
+    assert torch.equal(C.unpack_bits(packed, n, bits), codes)
+    # Bit k of the stream is bit (k mod bits) of code k // bits (checked on a sample).
+    k = np.random.default_rng(0).integers(0, n * bits, 200)
+    stream_bits = (packed[k // 8].long() >> torch.from_numpy(k % 8)) & 1
+    code_bits = (codes[k // bits] >> torch.from_numpy(k % bits)) & 1
+    assert torch.equal(stream_bits, code_bits)
+
+
 def test_pack_bits_layout_lsb_first():
     # codes 1, 2, 3 with 2 bits: bits 10 01 11 (LSB first) -> byte 0b00111001 = 57.
     packed = C.pack_bits(torch.tensor([1, 2, 3]), 2)
@@ -228,7 +245,7 @@ def test_pack_bits_layout_lsb_first():
         C.pack_bits(torch.tensor([4]), 2)
 
 
-# ------------------------------------------------------------------------ error feedback
+# ----------------------------------------------------------------------- error feedback
 
 
 def test_error_feedback_top_k_loses_nothing():

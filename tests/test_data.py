@@ -221,6 +221,17 @@ def test_missing_data_dir_or_file_raises_data_error(name, tmp_path):
     assert str(tmp_path / name) in str(err.value)
 
 
+def test_synthetic_options_are_ignored_by_other_datasets():
+    ds = load_dataset(
+        "digits",
+        data_dir=None,
+        seed=0,
+        num_clients=1,
+        synthetic={"alpha": 1.0, "beta": 1.0},
+    )
+    assert ds.name == "digits"
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet", data_dir=None, seed=0, num_clients=1)

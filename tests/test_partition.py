@@ -192,6 +192,18 @@ def test_dirichlet_per_client_lognormal_quotas_sum_to_n():
     assert sizes.std() > 20  # balanced would be 100 each
 
 
+def test_dirichlet_per_client_with_absent_classes():
+    y = balanced_labels(5, 200)  # a 10-class dataset whose pool holds classes 0-4 only
+    parts = P.dirichlet_per_client(
+        y, 20, rng(), alpha=0.5, alpha_scale="total_mass", num_classes=10
+    )
+    assert_exact_cover(parts, len(y))
+    with pytest.raises(ValueError, match="num_classes must exceed the largest label 4"):
+        P.dirichlet_per_client(
+            y, 20, rng(), alpha=0.5, alpha_scale="total_mass", num_classes=4
+        )
+
+
 def test_dirichlet_per_client_requires_alpha_scale():
     y = balanced_labels(10, 10)
     with pytest.raises(ValueError, match="alpha_scale"):

@@ -1,4 +1,4 @@
-"""System model (profiles, availability, round clock, stragglers) and FedBuff scheduling."""
+"""System model (profiles, availability, clock, stragglers) and FedBuff scheduling."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from fedflat.scenario.system import ConstantDist, LogNormalDist, SystemConfig
 # Hand-computed timeline used below (all values exact in binary floating point):
 # speed 10 samples/s; downlink 100 B/s + 0.5 s; uplink 50 B/s + 0.25 s;
 # work [20, 30, 40] samples; 200 B down, 100 B up.
-#   download = 0.5 + 200/100 = 2.5      compute = 2, 3, 4      upload = 0.25 + 100/50 = 2.25
+#   download = 0.5 + 200/100 = 2.5    compute = 2, 3, 4    upload = 0.25 + 100/50 = 2.25
 #   finish   = 6.75, 7.75, 8.75         synchronous round = 8.75 s
 BASE = {
     "compute_speed": 10.0,
@@ -131,7 +131,7 @@ def test_deadline_drop_policy():
 
 def test_deadline_partial_policy_keeps_whole_steps():
     cfg, prof = setup(deadline_s=8.0, straggler_policy="partial")
-    # Steps of 10 samples = 1 s. Client 2: budget 8 - 2.5 - 2.25 = 3.25 s -> 3 of 4 steps.
+    # Steps of 10 samples = 1 s. Client 2: budget 8 - 2.5 - 2.25 = 3.25 s: 3 of 4 steps.
     t = run(cfg, prof, work_steps=[2, 3, 4])
     assert t.completed.all()
     np.testing.assert_array_equal(t.steps_done, [2, 3, 3])
@@ -193,7 +193,8 @@ def test_fedprox_stragglers_drop_and_partial():
         assert (t.steps_done[t.straggler] % steps_per_epoch == 0).all()
         counts += np.bincount(e, minlength=epochs + 1)
     # Epochs uniform on {1, ..., E-1}: 1200 draws, each share 1/4 (5 standard errors).
-    assert counts[0] == 0 and counts[epochs] == 0
+    assert counts[0] == 0
+    assert counts[epochs] == 0
     share = counts[1:epochs] / counts.sum()
     assert np.all(np.abs(share - 0.25) < 5 * math.sqrt(0.25 * 0.75 / counts.sum()))
 
@@ -226,7 +227,7 @@ def test_dropout_rate_and_timing():
     assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / (500 * m))
 
 
-# --------------------------------------------------------------------------- availability
+# ------------------------------------------------------------------------- availability
 
 
 def test_availability_trace_is_honoured(tmp_path: Path):
@@ -258,7 +259,7 @@ def test_availability_probability():
     assert S.available(prof, SystemConfig(), 0, numpy_rng(0, "system", 0)).all()
 
 
-# --------------------------------------------------------------------------------- config
+# ------------------------------------------------------------------------------- config
 
 
 def test_system_config_parsing():
@@ -302,9 +303,9 @@ def test_system_config_rejects(block: dict, match: str):
 
 
 def test_async_hand_timeline():
-    # All three clients always in flight, so every replacement is the client that just
-    # finished; job times 1, 2, 3 s; buffer K = 2. Ties at equal times go to the job that
-    # started first.
+    # All three clients always in flight, so every replacement is the client that
+    # just finished; job times 1, 2, 3 s; buffer K = 2. Ties at equal times go to the
+    # job that started first.
     sched = A.async_scheduler(concurrency=3, buffer_size=2, staleness="constant")
     times = np.array([1.0, 2.0, 3.0])
     state = A.start(sched, 3, times, numpy_rng(0, "system", 0))
@@ -350,7 +351,8 @@ def test_async_reproducible_and_invariants():
     a, sa = _async_run(5, 30)
     b, sb = _async_run(5, 30)
     c, _ = _async_run(6, 30)
-    assert a == b and sa == sb
+    assert a == b
+    assert sa == sb
     assert a != c
     ends = [j.end_s for jobs in a for j in jobs]
     assert ends == sorted(ends)
@@ -359,7 +361,8 @@ def test_async_reproducible_and_invariants():
         assert all(j.staleness == v - j.start_version >= 0 for j in jobs)
     assert len(sa.in_flight) == 8
     assert len({e[2] for e in sa.in_flight}) == 8  # no client twice in flight
-    assert sa.completed_total == 90 and sa.dropped_total > 0
+    assert sa.completed_total == 90
+    assert sa.dropped_total > 0
     assert sa.next_seq == 8 + sa.completed_total + sa.dropped_total
 
 

@@ -81,4 +81,5 @@ __all__ = [
     "transfer_times",
     "transmit",
     "versions_in_use",
+    "with_error_feedback",
 ]

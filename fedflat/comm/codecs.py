@@ -164,6 +164,12 @@ def bits_for(max_code: int) -> int:
     return max(1, int(max_code).bit_length())
 
 
+def _group(bits: int) -> tuple[int, int]:
+    """Codes per group and bytes per group, a group being the fewest whole bytes."""
+    codes_per_group = 8 // math.gcd(bits, 8)
+    return codes_per_group, codes_per_group * bits // 8
+
+
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack integer codes of ``bits`` bits each into bytes, least-significant bit first.
 
@@ -185,24 +191,35 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
             f"codes must lie in [0, 2**{bits}), got [{codes.min()}, {codes.max()}]"
         )
     codes = codes.reshape(-1).to(torch.int64)
-    shifts = torch.arange(bits, device=codes.device)
-    byte_weights = (1 << torch.arange(8, device=codes.device)).to(torch.int32)
+    g, nbytes_group = _group(bits)
+    dev = codes.device
     out = []
-    # Chunks of whole bytes keep the [chunk, bits] bit matrix small for large d.
+    # Chunks (a multiple of 8 codes, so each starts on a byte boundary) bound the size
+    # of the temporaries for large d.
     for start in range(0, n, _PACK_CHUNK):
         chunk = codes[start : start + _PACK_CHUNK]
-        bit_stream = ((chunk.unsqueeze(1) >> shifts) & 1).to(torch.int32).reshape(-1)
-        pad = (-bit_stream.numel()) % 8
-        if pad:
+        if g * bits <= 56:
+            # A group of g codes is one <= 56-bit integer: OR the shifted codes, then
+            # cut it into bytes. Pad with zero codes to whole groups.
+            chunk = torch.cat([chunk, chunk.new_zeros((-chunk.numel()) % g)])
+            shifts = bits * torch.arange(g, device=dev)
+            word = (chunk.view(-1, g) << shifts).sum(1)  # [groups], no overlapping bits
+            byte_shifts = 8 * torch.arange(nbytes_group, device=dev)
+            out.append(((word.unsqueeze(1) >> byte_shifts) & 0xFF).reshape(-1))
+        else:
+            # Wide odd widths: expand to single bits (bits per code * 8 bytes of temp).
+            bit_stream = (chunk.unsqueeze(1) >> torch.arange(bits, device=dev)) & 1
+            bit_stream = bit_stream.reshape(-1)
+            pad = (-bit_stream.numel()) % 8  # only the last chunk is not whole bytes
             bit_stream = torch.cat([bit_stream, bit_stream.new_zeros(pad)])
-        out.append((bit_stream.view(-1, 8) * byte_weights).sum(1).to(torch.uint8))
+            out.append((bit_stream.view(-1, 8) << torch.arange(8, device=dev)).sum(1))
     if not out:
-        return torch.zeros(0, dtype=torch.uint8, device=codes.device)
-    return torch.cat(out)
+        return torch.zeros(0, dtype=torch.uint8, device=dev)
+    return torch.cat(out)[: math.ceil(n * bits / 8)].to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, n: int, bits: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` codes of ``bits`` bits, int64 [n]."""
+    """Inverse of :func:`pack_bits`: the first ``n`` codes (int64 [n])."""
     if not 1 <= bits <= 32:
         raise ValueError(f"bits must be in [1, 32], got {bits}")
     needed = math.ceil(n * bits / 8)
@@ -210,18 +227,27 @@ def unpack_bits(packed: Tensor, n: int, bits: int) -> Tensor:
         raise ValueError(
             f"{n} codes of {bits} bits need {needed} bytes, got {packed.numel()}"
         )
-    shifts8 = torch.arange(8, device=packed.device)
-    weights = (1 << torch.arange(bits, device=packed.device)).to(torch.int64)
+    g, nbytes_group = _group(bits)
+    dev = packed.device
+    mask = (1 << bits) - 1
     out = []
     for start in range(0, n, _PACK_CHUNK):
         count = min(_PACK_CHUNK, n - start)
         first = start * bits // 8  # exact: start is a multiple of 8 codes
-        chunk = packed[first : first + math.ceil(count * bits / 8)]
-        bit_stream = ((chunk.to(torch.int64).unsqueeze(1) >> shifts8) & 1).reshape(-1)
-        bit_matrix = bit_stream[: count * bits].view(count, bits)
-        out.append((bit_matrix * weights).sum(1))
+        chunk = packed[first : first + math.ceil(count * bits / 8)].to(torch.int64)
+        if g * bits <= 56:
+            chunk = torch.cat([chunk, chunk.new_zeros((-chunk.numel()) % nbytes_group)])
+            byte_shifts = 8 * torch.arange(nbytes_group, device=dev)
+            word = (chunk.view(-1, nbytes_group) << byte_shifts).sum(1)  # [groups]
+            shifts = bits * torch.arange(g, device=dev)
+            codes = ((word.unsqueeze(1) >> shifts) & mask).reshape(-1)
+        else:
+            bit_stream = (chunk.unsqueeze(1) >> torch.arange(8, device=dev)) & 1
+            bit_matrix = bit_stream.reshape(-1)[: count * bits].view(count, bits)
+            codes = (bit_matrix << torch.arange(bits, device=dev)).sum(1)
+        out.append(codes[:count])
     if not out:
-        return torch.zeros(0, dtype=torch.int64, device=packed.device)
+        return torch.zeros(0, dtype=torch.int64, device=dev)
     return torch.cat(out)
 
 
@@ -532,11 +558,12 @@ def random_k(
 
 
 def sign() -> Codec:
-    """Scaled sign compression: ``decode = (||x||_1 / d) * sign(x)`` (biased).
+    """Scaled sign compression: each coordinate becomes +-mean(|x|), one bit each.
 
-    One bit per coordinate (1 for ``x_i >= 0``, so a zero coordinate decodes to
-    ``+scale``) plus one float32 scale, the mean absolute value. Biased; the scaled
-    form is the one whose error-feedback variant converges (EF-SignSGD).
+    The decoded vector is ``(||x||_1 / d) * sign(x)``. One bit per coordinate (1 for
+    ``x_i >= 0``, so a zero coordinate decodes to ``+scale``) plus one float32 scale,
+    the mean absolute value. Biased; the scaled form is the one whose error-feedback
+    variant converges (EF-SignSGD).
 
     Returns:
         The codec.
@@ -624,7 +651,7 @@ def transmit(
     residual: Tensor | None,
     gen: torch.Generator,
 ) -> Transmission:
-    """Send ``x`` through ``codec``: what the receiver gets, the bytes, the new residual.
+    """Send ``x`` through ``codec``: the receiver's vector, the bytes, the new residual.
 
     For a plain codec the residual is returned unchanged (``None`` stays ``None``).
     """

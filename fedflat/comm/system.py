@@ -96,6 +96,7 @@ class Profiles:
 
     @property
     def num_clients(self) -> int:
+        """Population size N."""
         return int(self.compute_speed.shape[0])
 
 
@@ -445,7 +446,7 @@ def simulate_round(
 
     # 1. FedProx stragglers (Python's round, as FedProx's `round(len * drop_percent)`).
     straggler = np.zeros(m, dtype=bool)
-    straggler[order[: int(round(cfg.straggler_fraction * m))]] = True
+    straggler[order[: round(cfg.straggler_fraction * m)]] = True
     steps = planned.copy()
     discarded = np.zeros(m, dtype=bool)
     if straggler.any():

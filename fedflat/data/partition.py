@@ -123,8 +123,7 @@ def dirichlet_per_class(
     raise ValueError(
         f"dirichlet_per_class: no partition with min_size={min_size} found in "
         f"max_tries={max_tries} draws (alpha={alpha}, num_clients={num_clients}, "
-        f"n={n}); "
-        "raise alpha, lower min_size or use fewer clients"
+        f"n={n}); raise alpha, lower min_size or use fewer clients"
     )
 
 
@@ -137,6 +136,7 @@ def dirichlet_per_client(
     alpha_scale: AlphaScale,
     size_sigma: float = 0.0,
     allow_reuse: bool = False,
+    num_classes: int | None = None,
 ) -> list[np.ndarray]:
     """Dirichlet label skew per client over classes (Hsu et al.; FedDyn; FL-Simulator).
 
@@ -147,7 +147,7 @@ def dirichlet_per_client(
       α/C per class (Hsu et al.; the FedSAM/Caldarola CIFAR splits, where α=0.5 gives
       ~3.4-3.6 classes per client on CIFAR-10 with 500 samples each).
     * ``alpha_scale="per_coordinate"``: ``π_i ~ Dir(α·1_C)`` (FL-Simulator, FedDyn,
-      DP-FedSAM "Dir-0.6"; α=0.5 gives ~9 classes per client).
+      DP-FedSAM "Dir-0.6"; α=0.5 gives ~8.6-9 classes per client).
     * ``alpha=0``: the degenerate limit, exactly one class per client: classes are dealt
       to clients evenly in random order and each class is split evenly among its clients
       (needs ``num_clients >= C``; sizes follow the class sizes).
@@ -160,7 +160,7 @@ def dirichlet_per_client(
     have examples (uniform over them if ``π_i`` has no mass there), without replacement.
     Every sample goes to exactly one client. Filling client by client keeps late clients
     as skewed as early ones: on 10 balanced classes, 100 clients x 500, total_mass α =
-    0.05/0.5/1/100 gives about 1.36/3.3/4.6/9.9 classes per client, close to the shipped
+    0.05/0.5/1/100 gives about 1.33/3.1/4.7/9.8 classes per client, close to the shipped
     FedSAM splits (1.32/3.57/4.78/9.90, ALGORITHMS.md §6.2). Interleaving the clients
     slot by slot (FedDyn without reuse) would instead spread each exhausted class's
     overflow over all clients (about 5.2 classes at α = 0.5).
@@ -179,6 +179,9 @@ def dirichlet_per_client(
             differ a lot and papers rarely say which they mean).
         size_sigma: σ of log-normal quotas; 0 = equal quotas.
         allow_reuse: reuse examples when a class pool runs out instead of falling back.
+        num_classes: the dataset's number of classes C (for ``total_mass``'s α/C and the
+            prior's length); None = the number of distinct labels. Classes absent from
+            ``labels`` get prior mass but no examples, so clients fall back to others.
 
     Returns:
         N sorted index arrays.
@@ -204,14 +207,28 @@ def dirichlet_per_client(
             "'per_coordinate' (FL-Simulator: Dir(alpha per class)), "
             f"got {alpha_scale!r}"
         )
-    classes, y_idx = np.unique(y, return_inverse=True)
-    num_classes = len(classes)
-    pools = [rng.permutation(np.flatnonzero(y_idx == c)) for c in range(num_classes)]
+    present = np.unique(y)
+    if num_classes is None:
+        num_classes = len(present)
+    elif not isinstance(num_classes, (int, np.integer)) or num_classes <= present[-1]:
+        raise ValueError(
+            f"num_classes must exceed the largest label {present[-1]}, "
+            f"got {num_classes!r}"
+        )
+    pools = [rng.permutation(np.flatnonzero(y == c)) for c in present]
 
     if alpha == 0:
         return _one_class_each(rng, pools, num_clients, size_sigma)
     conc = alpha / num_classes if alpha_scale == "total_mass" else float(alpha)
-    priors = _dirichlet(rng, np.full(num_classes, conc), size=num_clients)  # [N, C]
+    full = _dirichlet(rng, np.full(num_classes, conc), size=num_clients)  # [N, C]
+    if len(present) == num_classes:
+        priors = full
+    else:
+        # Keep the mass on the classes that have examples; a client whose prior sat
+        # entirely on absent classes draws uniformly from the present ones.
+        priors = full[:, present]
+        empty = priors.sum(axis=1) <= 0
+        priors[empty] = 1.0
     quotas = quantity_sizes(n, num_clients, rng, sigma=size_sigma, min_size=1)
     if allow_reuse:
         return _fill_with_reuse(rng, priors, quotas, pools)
@@ -279,9 +296,8 @@ def _fill_with_reuse(
             stacklevel=3,
         )
     sample = np.empty(len(cls), dtype=np.int64)
-    for c in range(
-        num_classes
-    ):  # map (class, rank) -> example index, one class at a time
+    # Map (class, rank) -> example index, one class at a time.
+    for c in range(num_classes):
         hit = cls == c
         sample[hit] = pools[c][source[hit]]
     order = np.argsort(slot_client, kind="stable")
@@ -428,8 +444,7 @@ def quantity_sizes(
     raise ValueError(
         f"quantity skew: no draw gave every client >= {min_size} samples in "
         f"max_tries={max_tries} draws (sigma={sigma}, num_clients={num_clients}, "
-        f"n={n}); "
-        "lower sigma or min_size"
+        f"n={n}); lower sigma or min_size"
     )
 
 

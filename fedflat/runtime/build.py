@@ -49,18 +49,32 @@ def build_data(sc: Scenario) -> FederatedData:
         DataError: a missing or unreadable data file, or too few natural clients.
     """
     d = sc.data
-    ds = load_dataset(d.dataset, data_dir=d.data_dir, seed=sc.seed, num_clients=d.num_clients,
-                      synthetic=d.synthetic.model_dump())
+    try:
+        ds = load_dataset(d.dataset, data_dir=d.data_dir, seed=sc.seed, num_clients=d.num_clients,
+                          synthetic=d.synthetic.model_dump() if d.dataset == "synthetic" else None)
+    except DataError as exc:
+        raise DataError(str(exc), key=exc.key or "data.data_dir") from None
+    except ValueError as exc:
+        raise DataError(str(exc), key="data.dataset") from None
     p = d.partition
     labels = ds.y_train.numpy()
     rng = numpy_rng(sc.seed, "partition")
     n = d.num_clients
+    try:
+        parts = _split(p, ds, labels, n, rng)
+    except ValueError as exc:  # a partitioner that cannot satisfy its constraints
+        raise DataError(str(exc), key="data.partition") from None
+    return FederatedData(ds, [np.asarray(ix, dtype=np.int64) for ix in parts])
+
+
+def _split(p, ds: Dataset, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     if p.method == "natural":
         if ds.train_groups is None:
-            raise DataError(f"dataset {d.dataset!r} has no natural clients")
+            raise DataError(f"dataset {ds.name!r} has no natural clients",
+                            key="data.partition.method")
         if len(ds.train_groups) < n:
-            raise DataError(f"dataset {d.dataset!r} has {len(ds.train_groups)} natural clients, "
-                            f"fewer than data.num_clients = {n}")
+            raise DataError(f"dataset {ds.name!r} has {len(ds.train_groups)} natural clients, "
+                            f"fewer than data.num_clients = {n}", key="data.num_clients")
         parts = part.natural(ds.train_groups[:n])
     elif p.method == "iid":
         parts = part.iid(labels, n, rng)
@@ -75,7 +89,7 @@ def build_data(sc: Scenario) -> FederatedData:
         parts = part.quantity_skew(labels, n, rng, sigma=p.quantity_sigma)
     else:  # pragma: no cover - the schema's Literal rules this out
         raise ValueError(p.method)
-    return FederatedData(ds, [np.asarray(ix, dtype=np.int64) for ix in parts])
+    return parts
 
 
 def build_flat_model(sc: Scenario, ds: Dataset, device: str | torch.device = "cpu") -> FlatModel:

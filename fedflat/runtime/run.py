@@ -10,7 +10,9 @@ import datetime as _dt
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,18 +45,15 @@ class RunResult:
 
 
 def _load_data(loaded: LoadedScenario) -> FederatedData:
+    """Build the federated data, turning data problems into located scenario errors."""
     try:
         return build_data(loaded.scenario)
     except DataError as exc:
-        sc = loaded.scenario
-        key = "data.data_dir" if ("not found" in str(exc) or "data_dir" in str(exc)) else "data.dataset"
-        if "natural clients" in str(exc):
-            key = "data.num_clients"
+        key = exc.key or "data.dataset"
         if key == "data.data_dir" and ("data", "data_dir") not in loaded.lines:
-            key = "data.dataset"
-        raise loaded.error(key, f"{exc}" + ("" if sc.data.data_dir else "")) from None
-    except ValueError as exc:  # a partitioner that cannot satisfy its constraints
-        raise loaded.error("data.partition", str(exc)) from None
+            # data_dir came from FEDFLAT_DATA or is unset: point at the dataset line.
+            raise loaded.error("data.dataset", str(exc)) from None
+        raise loaded.error(key, str(exc)) from None
 
 
 def _new_run_dir(sc: Scenario, out: str | Path | None) -> Path:
@@ -103,6 +102,7 @@ class Runner:
         self.metrics: list[dict[str, Any]] = []
         self.next_round = 0
         self.elapsed_before = 0.0
+        self._between_rounds = True
 
     # ------------------------------------------------------------------ files
     def write_static_files(self) -> None:
@@ -111,7 +111,7 @@ class Runner:
         stats = client_stats(self.fed.client_indices, ds.y_train.numpy(), ds.num_classes)
         _write_json(self.run_dir / "clients.json",
                     {"dataset": ds.name, "num_clients": self.fed.num_clients,
-                     "clients": [{"client_id": i, **s} for i, s in enumerate(stats)]})
+                     "clients": stats})
 
     def write_summary(self, status: str, **extra: Any) -> dict[str, Any]:
         accs = [m["test_accuracy"] for m in self.metrics if m.get("test_accuracy") is not None]
@@ -152,7 +152,8 @@ class Runner:
             status = self._loop(backend)
         except KeyboardInterrupt:
             status = "interrupted"
-            self._checkpoint(backend)
+            if self._between_rounds:  # a second Ctrl-C mid-round: keep the last checkpoint
+                self._checkpoint(backend)
             raise
         except BaseException as exc:
             extra["error"] = f"{type(exc).__name__}: {exc}"
@@ -173,6 +174,24 @@ class Runner:
         save_checkpoint(self.run_dir, self.next_round, state, self.sc.output.keep_checkpoints)
 
     def _loop(self, backend: Any) -> str:
+        """Run the remaining rounds. The first Ctrl-C stops at the next round boundary
+        (so the checkpoint is consistent); a second one stops at once."""
+        stop = {"requested": False}
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if stop["requested"]:
+                raise KeyboardInterrupt
+            stop["requested"] = True
+
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+        try:
+            return self._rounds(backend, stop)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
+
+    def _rounds(self, backend: Any, stop: dict[str, bool]) -> str:
         sc = self.sc
         show = sc.output.progress if sc.output.progress is not None else sys.stderr.isatty()
         bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
@@ -180,6 +199,9 @@ class Runner:
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the loop
         try:
             for t in range(self.next_round, sc.server.rounds):
+                if stop["requested"]:
+                    raise KeyboardInterrupt
+                self._between_rounds = False
                 t_start = time.perf_counter()
                 cohort = sample_cohort(sc.seed, t, self.fed.num_clients, method=sc.server.sampling,
                                        clients_per_round=sc.server.clients_per_round,
@@ -193,6 +215,7 @@ class Runner:
                 metrics_file.write(json.dumps(_clean(rec), default=_json_default) + "\n")
                 metrics_file.flush()
                 self.next_round = t + 1
+                self._between_rounds = True
                 every = sc.output.checkpoint_every
                 if (every and self.next_round % every == 0) or self.next_round == sc.server.rounds:
                     self._checkpoint(backend)

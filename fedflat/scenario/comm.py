@@ -56,8 +56,7 @@ class CodecConfig(BaseModel):
         description=(
             "top_k / random_k: how indices travel: int32 (4 B each), packed "
             "(ceil(log2 d) bits each) or seed (random_k only: one 8 B seed, the "
-            "receiver "
-            "regenerates the indices)."
+            "receiver regenerates the indices)."
         ),
     )
     unbiased: bool = Field(
@@ -114,8 +113,7 @@ class CommConfig(BaseModel):
         default_factory=CodecConfig,
         description=(
             "Codec for client updates (the flat delta y_i - x); with error_feedback "
-            "the "
-            "residual is per-client state."
+            "the residual is per-client state."
         ),
     )
     downlink: CodecConfig = Field(

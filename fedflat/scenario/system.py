@@ -2,23 +2,23 @@
 
 Per-client quantities (compute speed, bandwidths, latencies) are distributions drawn
 once per run (see :func:`fedflat.comm.system.client_profiles`). Each is written as a
-number (a constant), ``{kind: lognormal, mean: ..., sigma: ...}`` or ``{kind: trace,
-path: ...}`` (a CSV of ``client_id,value`` rows; an optional header line is skipped;
-relative paths are
-resolved against the scenario file's folder). Example::
+number (a constant), ``{kind: lognormal, mean: ..., sigma: ...}`` or
+``{kind: trace, path: ...}`` (a CSV of ``client_id,value`` rows; an optional header
+line is skipped; relative paths are resolved against the scenario file's folder).
+Example::
 
     system:
-      compute_speed: {kind: lognormal, mean: 200.0, sigma: 0.5}   # samples/s
-      uplink_bandwidth: 1.25e6                                      # bytes/s (10 Mbit/s)
+      compute_speed: {kind: lognormal, mean: 200.0, sigma: 0.5}  # samples/s
+      uplink_bandwidth: 1.25e6                                     # bytes/s: 10 Mbit/s
       downlink_bandwidth: 1.25e7
-      uplink_latency: 0.05                                          # s
+      uplink_latency: 0.05                                         # s
       availability: 0.8
       dropout: 0.05
       deadline_s: 60.0
       straggler_policy: partial
 
 A missing key means "no limit": no ``compute_speed`` -> computing takes no simulated
-time; no bandwidth -> transfers take only their latency.
+time; no bandwidth -> transfers take only their latency; no latency -> 0 s.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ class ConstantDist(BaseModel):
     """The same value for every client."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["constant"] = "constant"
+    kind: Literal["constant"] = Field(
+        "constant", description="constant (a bare number means this kind)."
+    )
     value: float = Field(ge=0.0, description="The value, in the unit of the field.")
 
 
@@ -44,7 +46,7 @@ class LogNormalDist(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["lognormal"]
+    kind: Literal["lognormal"] = Field(description="lognormal.")
     mean: float = Field(gt=0.0, description="Mean of the values (unit of the field).")
     sigma: float = Field(
         ge=0.0, description="Standard deviation of log(value) (unitless)."
@@ -55,7 +57,7 @@ class TraceDist(BaseModel):
     """Per-client values read from a CSV file with rows ``client_id,value``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["trace"]
+    kind: Literal["trace"] = Field(description="trace.")
     path: str = Field(description="CSV path (relative to the scenario file's folder).")
 
 
@@ -98,8 +100,9 @@ class AsyncConfig(BaseModel):
     staleness: Literal["constant", "polynomial", "hinge"] = Field(
         "polynomial",
         description=(
-            "Weight of an update of staleness s (server steps since its model was sent): "
-            "constant 1; polynomial (1+s)^-a; hinge 1 if s <= b else 1/(a(s-b)+1)."
+            "Weight of an update of staleness s (server steps since its model was "
+            "sent): constant 1; polynomial (1+s)^-a; "
+            "hinge 1 if s <= b else 1/(a(s-b)+1)."
         ),
     )
     staleness_a: float = Field(
@@ -129,19 +132,17 @@ class SystemConfig(BaseModel):
     )
     downlink_bandwidth: Dist | None = Field(
         None,
-        description="Server -> client bandwidth per client (bytes/second). None: unlimited.",
+        description="Server -> client bandwidth (bytes/second). None: unlimited.",
     )
     uplink_bandwidth: Dist | None = Field(
         None,
-        description="Client -> server bandwidth per client (bytes/second). None: unlimited.",
+        description="Client -> server bandwidth (bytes/second). None: unlimited.",
     )
-    downlink_latency: Dist = Field(
-        default_factory=lambda: ConstantDist(value=0.0),
-        description="Fixed time added to each download (seconds).",
+    downlink_latency: Dist | None = Field(
+        None, description="Fixed time added to each download (seconds). None: 0."
     )
-    uplink_latency: Dist = Field(
-        default_factory=lambda: ConstantDist(value=0.0),
-        description="Fixed time added to each upload (seconds).",
+    uplink_latency: Dist | None = Field(
+        None, description="Fixed time added to each upload (seconds). None: 0."
     )
     availability: Annotated[float, Field(ge=0.0, le=1.0)] | AvailabilityTrace = Field(
         1.0,
@@ -155,22 +156,22 @@ class SystemConfig(BaseModel):
         ge=0.0,
         lt=1.0,
         description=(
-            "Probability that a participant drops out mid-round (at a uniform fraction of "
-            "its work); its update is lost."
+            "Probability that a participant drops out mid-round (at a uniform "
+            "fraction of its work); its update is lost."
         ),
     )
     deadline_s: float | None = Field(
         None,
         gt=0.0,
-        description="Round deadline (seconds from the round's start). None: no deadline.",
+        description="Round deadline (seconds from the round start). None: none.",
     )
     straggler_policy: Literal["drop", "partial"] = Field(
         "drop",
         description=(
             "drop (FedAvg): discard clients that miss the deadline and the "
             "straggler_fraction stragglers; partial (FedProx): keep their partial work "
-            "(as many local steps as fit before the deadline, at least 1; stragglers run "
-            "a uniform number of epochs in {1..E-1})."
+            "(as many local steps as fit before the deadline, at least 1; stragglers "
+            "run a uniform number of epochs in {1..E-1})."
         ),
     )
     straggler_fraction: float = Field(

@@ -1,0 +1,284 @@
+"""Byzantine clients: who they are and what they send (ALGORITHMS.md §5.2).
+
+The Byzantine set is drawn once per run (``byzantine_ids``). Each round, ``attack_step``
+replaces the rows of the Byzantine participants in ``round.deltas`` by what the attack
+sends; it runs before sanitising and the aggregation rule, so it composes with every
+rule. Label flipping is the one client-side attack: the client trains honestly on
+``flip_labels(y)``, and ``attack_step`` leaves its delta as it is.
+
+All attacks here are deterministic given the round's deltas; only the choice of the
+Byzantine set draws random numbers (the "attack" stream).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedflat.scenario.attack import AttackConfig
+from fedflat.server.pipeline import Metrics, ServerRound, ServerStep
+
+ATTACKS: tuple[str, ...] = ("none", "sign_flip", "label_flip", "scaling", "alie", "ipm")
+
+
+def byzantine_ids(
+    num_clients: int,
+    fraction: float,
+    ids: Collection[int] | None,
+    gen_or_rng: torch.Generator | np.random.Generator | None,
+) -> frozenset[int]:
+    """The run's Byzantine clients: the explicit ``ids``, or floor(fraction*N) drawn.
+
+    Args:
+        num_clients: population size N >= 1.
+        fraction: in [0, 1); ignored when ``ids`` is given.
+        ids: explicit client ids, or None.
+        gen_or_rng: a torch or numpy generator for the draw (e.g.
+            ``fedflat.rng.stream(seed, "attack")``); may be None when ``ids`` is given
+            or the count is 0.
+
+    Returns:
+        The set of Byzantine client ids.
+
+    Raises:
+        ValueError: bad N, fraction or ids, or a draw without a generator.
+    """
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    if ids is not None:
+        out = [int(i) for i in ids]
+        bad = [i for i in out if not 0 <= i < num_clients]
+        if bad:
+            raise ValueError(f"ids must lie in [0, {num_clients}), got {bad}")
+        if len(set(out)) != len(out):
+            raise ValueError(f"ids must be distinct, got {out}")
+        return frozenset(out)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    # 1e-9 guards floor() against products such as 0.29 * 100 = 28.999999999999996.
+    k = math.floor(fraction * num_clients + 1e-9)
+    if k == 0:
+        return frozenset()
+    if isinstance(gen_or_rng, torch.Generator):
+        perm = torch.randperm(num_clients, generator=gen_or_rng, device=gen_or_rng.device)
+        return frozenset(int(i) for i in perm[:k].tolist())
+    if isinstance(gen_or_rng, np.random.Generator):
+        return frozenset(int(i) for i in gen_or_rng.permutation(num_clients)[:k])
+    raise ValueError(
+        f"drawing {k} Byzantine clients needs a torch.Generator or numpy Generator, "
+        f"got {type(gen_or_rng).__name__}"
+    )
+
+
+def flip_labels(y: Tensor, num_classes: int) -> Tensor:
+    """Label flipping y -> C - 1 - y (``9 - y`` for 10 classes).
+
+    Args:
+        y: integer class labels in [0, C).
+        num_classes: C >= 1.
+
+    Returns:
+        The flipped labels (a new tensor, same dtype).
+
+    References:
+        epfml/byzantine-robust-noniid-optimizer ``codes/attacks/labelflipping.py``.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got range "
+            f"[{int(y.min())}, {int(y.max())}]"
+        )
+    return (num_classes - 1) - y
+
+
+def alie_z(n: int, f: int, rule: str = "epfml") -> float:
+    """The z of "A Little Is Enough" from n inputs of which f are Byzantine.
+
+    With s = floor(n/2 + 1) - f supporters needed: "epfml" (reference code)
+    z = Phi^-1((n - f - s) / (n - f)); "paper" z = Phi^-1((n - s) / n). Examples
+    (ALGORITHMS.md §5.2): n=25, f=5 -> 0.253 / 0.468.
+
+    Args:
+        n: number of inputs to the aggregator.
+        f: number of Byzantine inputs, 1 <= f with s >= 1 (f <= floor(n/2)).
+        rule: "epfml" or "paper".
+
+    Returns:
+        z.
+
+    Raises:
+        ValueError: a rule name not known, or (n, f) for which the probability is not in
+            (0, 1) (f = 0, or Byzantines already a majority: s <= 0).
+
+    References:
+        Baruch, Baruch, Goldberg, "A Little Is Enough: Circumventing Defenses For
+        Distributed Learning", NeurIPS 2019; epfml ``codes/attacks/alittle.py``.
+    """
+    if rule not in ("epfml", "paper"):
+        raise ValueError(f"z rule must be 'epfml' or 'paper', got {rule!r}")
+    if not 0 < f < n:
+        raise ValueError(f"alie needs 0 < f < n, got n={n}, f={f}")
+    s = math.floor(n / 2 + 1) - f
+    p = (n - f - s) / (n - f) if rule == "epfml" else (n - s) / n
+    if not 0.0 < p < 1.0:
+        raise ValueError(
+            f"alie z is undefined for n={n}, f={f} with the {rule!r} rule "
+            f"(s = floor(n/2+1) - f = {s}, probability {p:.4g} not in (0, 1))"
+        )
+    return NormalDist().inv_cdf(p)
+
+
+def _param(params: Mapping[str, Any], name: str) -> Any:
+    return params.get(name, AttackConfig.model_fields[name].default)
+
+
+def _reference_rows(honest: Tensor, byzantine: Tensor, need: int) -> Tensor:
+    """Rows an omniscient attacker estimates statistics from.
+
+    The honest rows of the round; if fewer than ``need`` exist, the Byzantine clients'
+    own honestly computed deltas are pooled in (what a non-omniscient ALIE uses).
+    """
+    return honest if honest.shape[0] >= need else torch.cat([honest, byzantine], dim=0)
+
+
+def round_alie_z(n_total: int, num_byz: int, params: Mapping[str, Any]) -> float:
+    """z used by ALIE in a round with ``num_byz`` Byzantine of ``n_total`` inputs.
+
+    A round in which the Byzantine clients already hold a majority (possible with client
+    sampling) has no finite z under the epfml/paper rules; it then uses the z of the
+    largest f for which they are defined, f = floor(n/2) (the attackers need no honest
+    supporter, so any finite z works). Rounds too small for the rule (n <= 2 with
+    "epfml", where z = -inf) use z = 0, i.e. send the honest mean.
+    """
+    rule = _param(params, "z_rule")
+    if rule == "fixed":
+        return float(_param(params, "z"))
+    f = min(num_byz, n_total // 2)
+    if f < 1 or (rule == "epfml" and n_total <= 2):
+        return 0.0
+    return alie_z(n_total, f, rule)
+
+
+def attack_updates(
+    kind: str,
+    honest: Tensor,
+    byzantine: Tensor,
+    *,
+    n_total: int,
+    params: Mapping[str, Any],
+) -> Tensor:
+    """What the Byzantine clients of a round send.
+
+    Args:
+        kind: one of ``ATTACKS``.
+        honest: [h, d] the honest clients' deltas of the round (omniscient attacks).
+        byzantine: [b, d] the deltas the Byzantine clients computed honestly.
+        n_total: number of inputs the aggregator receives this round (>= h + b).
+        params: attack parameters named as in ``AttackConfig`` (``scale``, ``z_rule``,
+            ``z``, ``epsilon``); missing ones take its defaults.
+
+    Returns:
+        [b, d] the Byzantine rows to send:
+        none/label_flip: unchanged; sign_flip: -x_i; scaling: scale * x_i;
+        alie: mu - z * sigma (coordinate-wise over the honest rows, unbiased std), the
+        same for every Byzantine client; ipm: -epsilon * mean(honest).
+        With no (alie: fewer than 2) honest rows, the statistics pool in the Byzantine
+        clients' own deltas.
+
+    Raises:
+        ValueError: unknown kind or inconsistent shapes.
+
+    References:
+        Baruch et al., NeurIPS 2019 (ALIE); Xie, Koyejo, Gupta, "Fall of Empires:
+        Breaking Byzantine-tolerant SGD by Inner Product Manipulation", UAI 2019 (IPM);
+        epfml/byzantine-robust-noniid-optimizer ``codes/attacks``.
+    """
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack kind {kind!r}; known: {list(ATTACKS)}")
+    if honest.dim() != 2 or byzantine.dim() != 2 or honest.shape[1] != byzantine.shape[1]:
+        raise ValueError(
+            f"honest and byzantine must be [h, d] and [b, d], got {tuple(honest.shape)} "
+            f"and {tuple(byzantine.shape)}"
+        )
+    b = byzantine.shape[0]
+    if n_total < honest.shape[0] + b:
+        raise ValueError(
+            f"n_total must be >= h + b = {honest.shape[0] + b}, got {n_total}"
+        )
+    if b == 0 or kind in ("none", "label_flip"):
+        return byzantine.clone()
+    if kind == "sign_flip":
+        return -byzantine
+    if kind == "scaling":
+        return float(_param(params, "scale")) * byzantine
+    if kind == "alie":
+        ref = _reference_rows(honest, byzantine, 2)
+        mu = ref.mean(dim=0)
+        sigma = ref.std(dim=0, correction=1) if ref.shape[0] >= 2 else torch.zeros_like(mu)
+        z = round_alie_z(n_total, b, params)
+        return (mu - z * sigma).expand(b, -1).clone()
+    # ipm
+    ref = _reference_rows(honest, byzantine, 1)
+    eps = float(_param(params, "epsilon"))
+    return (-eps * ref.mean(dim=0)).expand(b, -1).clone()
+
+
+def attack_step(byz: frozenset[int], cfg: AttackConfig) -> ServerStep:
+    """Server step that replaces the Byzantine participants' rows of ``round.deltas``.
+
+    Place it before the aggregation step (``rule_step``), so that sanitising and every
+    rule see the attacked matrix. Honest rows with NaN/Inf are ignored by the omniscient
+    attacks' statistics.
+
+    Args:
+        byz: the run's Byzantine client ids (``byzantine_ids``).
+        cfg: the attack block.
+
+    Returns:
+        A ``ServerStep`` named ``"attack"`` (stateless). Metrics: ``attack/num_byzantine``
+        (Byzantine participants this round), and ``attack/alie_z`` for ALIE.
+    """
+    byz = frozenset(int(i) for i in byz)
+    params = cfg.model_dump()
+
+    def apply(
+        rnd: ServerRound, state: tuple[()], gen: torch.Generator
+    ) -> tuple[ServerRound, tuple[()], Metrics]:
+        flags = [cid in byz for cid in rnd.client_ids]
+        num_byz = sum(flags)
+        metrics: Metrics = {"attack/num_byzantine": float(num_byz)}
+        if num_byz == 0 or cfg.kind in ("none", "label_flip"):
+            return rnd, state, metrics
+        mask = torch.tensor(flags, dtype=torch.bool, device=rnd.deltas.device)
+        honest = rnd.deltas[~mask]
+        honest = honest[torch.isfinite(honest).all(dim=1)]
+        n_total = rnd.deltas.shape[0]
+        sent = attack_updates(
+            cfg.kind, honest, rnd.deltas[mask], n_total=n_total, params=params
+        )
+        deltas = rnd.deltas.clone()
+        deltas[mask] = sent
+        if cfg.kind == "alie":
+            metrics["attack/alie_z"] = round_alie_z(n_total, num_byz, params)
+        return rnd.with_(deltas=deltas), state, metrics
+
+    return ServerStep(name="attack", init=lambda _params: (), apply=apply)
+
+
+__all__ = [
+    "ATTACKS",
+    "alie_z",
+    "attack_step",
+    "attack_updates",
+    "byzantine_ids",
+    "flip_labels",
+    "round_alie_z",
+]

@@ -1,0 +1,923 @@
+"""Aggregation rules over a stacked ``[n, d]`` matrix of client updates (ALGORITHMS.md §5.1).
+
+Every rule is vectorised over the coordinates: per-coordinate statistics use one
+``kthvalue``/``sort`` along the client axis, distances use one Gram matrix. Python loops
+run only over iterations (Weiszfeld, centered clipping, Bulyan's n - 2f Krum rounds) or
+over column blocks of the Gram accumulation, never over coordinates.
+
+Rules never draw random numbers themselves; bucketing permutes the inputs with the
+``torch.Generator`` it is handed. Centered clipping keeps its previous output in the rule
+state (``{"v": tensor}``); the other rules are stateless.
+
+Two entry points:
+
+* ``apply_rule(updates, weights, rule=..., params=..., state=..., gen=...)`` returns the
+  aggregate, the new state and metrics; ``rule_step(...)`` wraps it as a server step.
+* ``aggregate(updates, rule="median", **params)`` is the one-call convenience.
+
+Parameter names are those of the scenario block ``server.aggregation``
+(``fedflat.scenario.aggregation.AggregationConfig``), with the same defaults.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fedflat.scenario.aggregation import (
+    NEEDS_NUM_BYZANTINE,
+    RULE_PARAMETERS,
+    AggregationConfig,
+)
+from fedflat.server.pipeline import Metrics, ServerRound, ServerStep
+
+RULES: tuple[str, ...] = tuple(RULE_PARAMETERS)
+WEIGHTINGS: tuple[str, ...] = ("samples", "uniform")
+
+# Columns per block when accumulating the float64 Gram matrix: bounds the temporary
+# float64 copy to n * 65536 * 8 bytes (52 MB for n = 100).
+_GRAM_BLOCK = 1 << 16
+
+RuleState = dict[str, Tensor]
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _default(name: str) -> Any:
+    return AggregationConfig.model_fields[name].default
+
+
+def _require_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _require_float(name: str, value: Any, *, low: float, strict: bool, high: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if (strict and value <= low) or (not strict and value < low):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+    if high is not None and value >= high:
+        raise ValueError(f"{name} must be < {high}, got {value!r}")
+    return float(value)
+
+
+def resolve_params(rule: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a rule's parameters and fill in the scenario defaults.
+
+    Args:
+        rule: one of ``RULES``.
+        params: the rule's parameters (names as in ``server.aggregation``) and optionally
+            ``bucket_size``. Parameters of other rules are refused.
+
+    Returns:
+        A new dict with every parameter of the rule plus ``bucket_size``.
+
+    Raises:
+        ValueError: unknown rule, unknown parameter, missing ``num_byzantine`` or a value
+            out of range (the message names the parameter, the bound and the value).
+    """
+    if rule not in RULE_PARAMETERS:
+        raise ValueError(f"unknown aggregation rule {rule!r}; known: {list(RULES)}")
+    allowed = (*RULE_PARAMETERS[rule], "bucket_size")
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"rule {rule!r} takes parameters {list(allowed)}, got unknown {unknown}"
+        )
+    p = {k: _default(k) for k in allowed}
+    p.update(params)
+    if rule in NEEDS_NUM_BYZANTINE:
+        if p["num_byzantine"] is None:
+            raise ValueError(f"rule {rule!r} needs num_byzantine (the assumed f), got None")
+        _require_int("num_byzantine", p["num_byzantine"], 0)
+    if p.get("num_selected") is not None:
+        _require_int("num_selected", p["num_selected"], 1)
+    if "trim_ratio" in p:
+        p["trim_ratio"] = _require_float("trim_ratio", p["trim_ratio"], low=0.0, strict=False, high=0.5)
+    if "nu" in p:
+        p["nu"] = _require_float("nu", p["nu"], low=0.0, strict=True)
+        _require_int("max_iters", p["max_iters"], 1)
+        p["tol"] = _require_float("tol", p["tol"], low=0.0, strict=False)
+        if p["init"] not in ("mean", "zero"):
+            raise ValueError(f"init must be 'mean' or 'zero', got {p['init']!r}")
+    if "tau" in p:
+        p["tau"] = _require_float("tau", p["tau"], low=0.0, strict=True)
+        _require_int("iters", p["iters"], 1)
+    if p["bucket_size"] is not None:
+        _require_int("bucket_size", p["bucket_size"], 1)
+    return p
+
+
+def _check_updates(updates: Tensor) -> Tensor:
+    if not isinstance(updates, Tensor) or updates.dim() != 2:
+        shape = tuple(updates.shape) if isinstance(updates, Tensor) else type(updates)
+        raise ValueError(f"updates must be a 2-D tensor [n, d], got {shape}")
+    if updates.shape[0] < 1:
+        raise ValueError("updates must hold at least one row, got n = 0")
+    if not updates.is_floating_point():
+        raise ValueError(f"updates must be floating point, got {updates.dtype}")
+    return updates
+
+
+def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
+    """Validate raw weights; return them as float64 on their device (or None)."""
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights).to(torch.float64).reshape(-1)
+    if w.numel() != n:
+        raise ValueError(f"weights must have one entry per update (n = {n}), got {w.numel()}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
+    if float(w.sum()) <= 0.0:
+        raise ValueError("weights must have a positive sum, got all zeros")
+    return w
+
+
+def _alpha(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
+    """Normalised weights alpha (sum 1) in float64 on ``like``'s device; uniform if None."""
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=like.device)
+    w = weights.to(device=like.device, dtype=torch.float64)
+    return w / w.sum()
+
+
+def sanitize(updates: Tensor, d: int) -> tuple[Tensor, int]:
+    """Find the rows that can be aggregated: right width, all entries finite.
+
+    The RFA server rejects NaN/Inf updates before aggregating (krishnap25/RFA
+    ``models/server.py``); a single NaN row would otherwise poison every rule.
+
+    Args:
+        updates: [n, d] stacked updates.
+        d: the expected number of parameters.
+
+    Returns:
+        (mask, num_rejected): a [n] bool mask of valid rows and the number rejected.
+
+    Raises:
+        ValueError: ``updates`` is not [n, d].
+    """
+    if updates.dim() != 2 or updates.shape[1] != d:
+        raise ValueError(f"updates must have shape [n, {d}], got {tuple(updates.shape)}")
+    mask = torch.isfinite(updates).all(dim=1)
+    return mask, int(updates.shape[0] - int(mask.sum()))
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def mean(x: Tensor, weights: Tensor | None = None) -> Tensor:
+    """(Weighted) mean of the rows: sum_i alpha_i x_i with alpha_i = w_i / sum_j w_j.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights (e.g. sample counts).
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        McMahan et al., "Communication-Efficient Learning of Deep Networks from
+        Decentralized Data", AISTATS 2017.
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    if w is None:
+        return x.mean(dim=0)
+    return _alpha(w, x.shape[0], x).to(x.dtype) @ x
+
+
+def _lower_upper_median(x: Tensor) -> Tensor:
+    """Unweighted coordinate-wise median; for even n the mean of the two middle values."""
+    n = x.shape[0]
+    if n % 2 == 1:
+        return torch.kthvalue(x, (n + 1) // 2, dim=0).values
+    lo = torch.kthvalue(x, n // 2, dim=0).values
+    # The upper middle value is lo itself when lo fills rank n/2 + 1 (ties), otherwise
+    # the smallest value above lo: one masked min instead of a second selection.
+    at_most = x <= lo
+    above = x.masked_fill(at_most, math.inf).amin(dim=0)
+    hi = torch.where(at_most.sum(dim=0) > n // 2, lo, above)
+    return (lo + hi) * 0.5
+
+
+def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Coordinate-wise (weighted) median.
+
+    Unweighted: per coordinate the middle value, for even n the mean of the two middle
+    values (as epfml ``coordinatewise_median.py`` and ``numpy.median``). Weighted: per
+    coordinate the smallest value whose cumulative normalised weight reaches 1/2; when it
+    reaches exactly 1/2 the mean of that value and the next one, so integer weights give
+    the median of the rows repeated w_i times and uniform weights give the unweighted
+    median. Rows of weight zero are ignored.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights.
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Towards
+        Optimal Statistical Rates", ICML 2018.
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    if w is None:
+        return _lower_upper_median(x)
+    alpha = _alpha(w, x.shape[0], x)
+    keep = alpha > 0
+    if not bool(keep.all()):
+        x, alpha = x[keep], alpha[keep]
+    n = x.shape[0]
+    vals, idx = torch.sort(x, dim=0)
+    cum = alpha.to(x.dtype)[idx].cumsum(dim=0)  # [n, d], increasing along dim 0
+    # Slack for the rounding of a float cumulative sum, so that exact halves (uniform
+    # weights, even n) are recognised as ties.
+    slack = 4 * n * torch.finfo(x.dtype).eps
+    k = (cum < 0.5 - slack).sum(dim=0, keepdim=True).clamp(max=n - 1)  # [1, d]
+    lower = vals.gather(0, k)
+    tie = cum.gather(0, k) <= 0.5 + slack
+    upper = vals.gather(0, (k + 1).clamp(max=n - 1))
+    return torch.where(tie, (lower + upper) * 0.5, lower)[0]
+
+
+def trimmed_mean(x: Tensor, weights: Tensor | None = None, *, trim_ratio: float) -> Tensor:
+    """Coordinate-wise trimmed mean.
+
+    Per coordinate drop the b = floor(trim_ratio * n) largest and b smallest values and
+    average the n - 2b others (weighted by the rows' weights if given; a coordinate whose
+    kept rows all have weight zero falls back to their plain mean). The kept values are
+    selected from a sort, not obtained by subtracting the trimmed ones from the total, so
+    huge trimmed values cannot cost precision.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights.
+        trim_ratio: beta in [0, 1/2).
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        Yin, Chen, Ramchandran, Bartlett, ICML 2018 (beta-trimmed mean).
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    trim_ratio = _require_float("trim_ratio", trim_ratio, low=0.0, strict=False, high=0.5)
+    n = x.shape[0]
+    # 1e-9 guards floor() against products such as 0.29 * 100 = 28.999999999999996.
+    b = math.floor(trim_ratio * n + 1e-9)
+    if b == 0:
+        return mean(x, w)
+    if w is None:
+        return torch.sort(x, dim=0).values[b : n - b].mean(dim=0)
+    vals, idx = torch.sort(x, dim=0)
+    vals, idx = vals[b : n - b], idx[b : n - b]
+    wk = _alpha(w, n, x).to(x.dtype)[idx]  # [n - 2b, d]
+    den = wk.sum(dim=0)
+    num = (wk * vals).sum(dim=0)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), vals.mean(0))
+
+
+def pairwise_sq_dists(x: Tensor) -> Tensor:
+    """All squared Euclidean distances ||x_i - x_j||^2, never negative.
+
+    One Gram matrix G = X X^T accumulated in float64 over column blocks (the blocks only
+    bound the temporary float64 copy), then D = g_i + g_j - 2 G_ij clamped at 0 with an
+    exactly zero diagonal. float64 keeps the cancellation in the expanded form harmless
+    even when a few inputs are many orders of magnitude larger than the others.
+
+    Args:
+        x: [n, d] updates.
+
+    Returns:
+        [n, n] float64 symmetric matrix.
+    """
+    n, d = x.shape
+    gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    for start in range(0, d, _GRAM_BLOCK):
+        block = x[:, start : start + _GRAM_BLOCK].to(torch.float64)
+        gram.addmm_(block, block.T)
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_min_(0.0)
+    dist = (dist + dist.T) * 0.5  # BLAS need not return an exactly symmetric Gram
+    dist.fill_diagonal_(0.0)
+    return dist
+
+
+def _require_n(rule: str, n: int, f: int, factor: int) -> None:
+    if n < factor * f + 3:
+        raise ValueError(
+            f"{rule} needs n >= {factor}*num_byzantine+3 = {factor * f + 3} inputs, got "
+            f"n={n} with num_byzantine={f}"
+        )
+
+
+def krum_scores(dists: Tensor, *, num_byzantine: int) -> Tensor:
+    """Krum scores s_i = sum of the squared distances to the n - f - 2 nearest others.
+
+    Args:
+        dists: [n, n] squared distances (``pairwise_sq_dists``).
+        num_byzantine: f, with n >= 2f + 3.
+
+    Returns:
+        [n] scores (float64).
+
+    Raises:
+        ValueError: n < 2f + 3.
+    """
+    n = dists.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    _require_n("krum", n, f, 2)
+    off = dists.clone()
+    off.fill_diagonal_(math.inf)  # a point is not its own neighbour
+    return off.topk(n - f - 2, dim=1, largest=False).values.sum(dim=1)
+
+
+def krum_select(x: Tensor, *, num_byzantine: int, num_selected: int = 1) -> Tensor:
+    """Indices of the ``num_selected`` lowest Krum scores, best first (ties: lower index).
+
+    Args:
+        x: [n, d] updates.
+        num_byzantine: f, with n >= 2f + 3.
+        num_selected: m in [1, n].
+
+    Returns:
+        [m] int64 indices into the rows of ``x``.
+
+    Raises:
+        ValueError: n < 2f + 3 or m out of range.
+
+    References:
+        Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries:
+        Byzantine Tolerant Gradient Descent", NeurIPS 2017.
+    """
+    x = _check_updates(x)
+    n = x.shape[0]
+    _require_int("num_byzantine", num_byzantine, 0)
+    _require_n("krum", n, num_byzantine, 2)
+    _require_int("num_selected", num_selected, 1)
+    if num_selected > n:
+        raise ValueError(f"num_selected must be <= n = {n}, got {num_selected}")
+    scores = krum_scores(pairwise_sq_dists(x), num_byzantine=num_byzantine)
+    return torch.argsort(scores, stable=True)[:num_selected]
+
+
+def krum(x: Tensor, *, num_byzantine: int) -> Tensor:
+    """Krum: the input with the smallest Krum score (weights play no role).
+
+    Scores use squared distances (Blanchard et al. 2017), not the squared-squared
+    distances of the epfml code.
+
+    Args:
+        x: [n, d] updates.
+        num_byzantine: f, with n >= 2f + 3.
+
+    Returns:
+        [d] the selected row (a copy).
+
+    References:
+        Blanchard et al., NeurIPS 2017.
+    """
+    return x[krum_select(x, num_byzantine=num_byzantine)[0]].clone()
+
+
+def _mean_of(x: Tensor, alpha: Tensor | None) -> Tensor:
+    """Weighted mean of rows with a given (unnormalised) alpha; uniform if its sum is 0."""
+    if alpha is None or float(alpha.sum()) <= 0.0:
+        return x.mean(dim=0)
+    return (alpha / alpha.sum()).to(x.dtype) @ x
+
+
+def multi_krum(
+    x: Tensor,
+    weights: Tensor | None = None,
+    *,
+    num_byzantine: int,
+    num_selected: int | None = None,
+) -> Tensor:
+    """Multi-Krum: the mean of the m inputs with the lowest Krum scores.
+
+    The mean (not the sum of the epfml code) of the selection, weighted by the selected
+    rows' weights if given. m = n - f by default; m = 1 is Krum.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights for the final average.
+        num_byzantine: f, with n >= 2f + 3.
+        num_selected: m in [1, n], default n - f.
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        Blanchard et al., NeurIPS 2017 (Multi-Krum, section 5).
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    m = x.shape[0] - num_byzantine if num_selected is None else num_selected
+    sel = krum_select(x, num_byzantine=num_byzantine, num_selected=m)
+    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+
+
+def bulyan_select(x: Tensor, *, num_byzantine: int) -> Tensor:
+    """Bulyan's selection: theta = n - 2f rounds of Krum, each removing its winner.
+
+    One distance matrix serves all rounds. In a round with r candidates the score sums
+    the min(max(r - f - 2, 1), r - 1) nearest other candidates (Krum's n - f - 2, kept
+    >= 1 in the last rounds, where r falls to 2f + 1).
+
+    Args:
+        x: [n, d] updates.
+        num_byzantine: f, with n >= 4f + 3.
+
+    Returns:
+        [theta] int64 indices in the order selected.
+
+    Raises:
+        ValueError: n < 4f + 3.
+
+    References:
+        El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning
+        in Byzantium", ICML 2018.
+    """
+    x = _check_updates(x)
+    n = x.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    _require_n("bulyan", n, f, 4)
+    dists = pairwise_sq_dists(x)
+    remaining = torch.ones(n, dtype=torch.bool, device=x.device)
+    chosen: list[Tensor] = []
+    for _ in range(n - 2 * f):
+        idx = remaining.nonzero()[:, 0]
+        r = idx.numel()
+        sub = dists[idx][:, idx]
+        sub.fill_diagonal_(math.inf)
+        k = 1
+        if k > 0:
+            scores = sub.topk(k, dim=1, largest=False).values.sum(dim=1)
+            winner = idx[torch.argmin(scores)]
+        else:  # a single candidate is left
+            winner = idx[0]
+        chosen.append(winner)
+        remaining[winner] = False
+    return torch.stack(chosen)
+
+
+def bulyan(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tensor:
+    """Bulyan: Krum-based selection, then a per-coordinate trimmed average.
+
+    (1) theta = n - 2f inputs are selected by repeated Krum (``bulyan_select``). (2) Per
+    coordinate, the beta = theta - 2f selected values closest to the selection's
+    coordinate-wise median are averaged (weighted by the rows' weights if given).
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights for the final average.
+        num_byzantine: f, with n >= 4f + 3.
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        El Mhamdi, Guerraoui, Rouault, ICML 2018 (definition as in ALGORITHMS.md §5.1;
+        ties in the distance to the median are broken arbitrarily).
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    sel = bulyan_select(x, num_byzantine=num_byzantine)
+    s = x[sel]  # [theta, d]
+    theta = s.shape[0]
+    beta = theta - 2 * num_byzantine
+    med = _lower_upper_median(s)
+    keep = (s - med).abs().topk(beta, dim=0, largest=False).indices  # [beta, d]
+    vals = s.gather(0, keep)
+    if w is None:
+        return vals.mean(dim=0)
+    wk = _alpha(w, x.shape[0], x).to(x.dtype)[sel][keep]  # [beta, d]
+    den = wk.sum(dim=0)
+    num = (wk * vals).sum(dim=0)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), vals.mean(0))
+
+
+def _dists_to(x: Tensor, z: Tensor) -> Tensor:
+    """||x_i - z|| for every row, in float64, without an [n, d] temporary."""
+    # The direct (non-Gram) cdist path: exact differences, no cancellation.
+    d = torch.cdist(x, z[None].to(x.dtype), compute_mode="donot_use_mm_for_euclid_dist")
+    return d[:, 0].to(torch.float64)
+
+
+def _weiszfeld(
+    x: Tensor, alpha: Tensor, *, nu: float, max_iters: int, tol: float, init: str
+) -> tuple[Tensor, int, float]:
+    """Smoothed Weiszfeld iterations; returns (z, iterations run, objective at z)."""
+    z = alpha.to(x.dtype) @ x if init == "mean" else torch.zeros_like(x[0])
+    dist = _dists_to(x, z)
+    obj = float((alpha * dist).sum())
+    iters = 0
+    for iters in range(1, max_iters + 1):
+        beta = alpha / dist.clamp_min(nu)
+        z = (beta / beta.sum()).to(x.dtype) @ x
+        dist = _dists_to(x, z)
+        new_obj = float((alpha * dist).sum())
+        converged = abs(obj - new_obj) < tol * new_obj
+        obj = new_obj
+        if converged:
+            break
+    return z, iters, obj
+
+
+def geometric_median(
+    x: Tensor,
+    weights: Tensor | None = None,
+    *,
+    nu: float = _default("nu"),
+    max_iters: int = _default("max_iters"),
+    tol: float = _default("tol"),
+    init: str = _default("init"),
+) -> Tensor:
+    """Geometric median by smoothed Weiszfeld iterations (RFA).
+
+    Approximately minimises sum_i alpha_i ||z - x_i|| with alpha_i = w_i / sum_j w_j:
+    beta_i = alpha_i / max(nu, ||z - x_i||), z <- sum_i beta_i x_i / sum_i beta_i, at most
+    ``max_iters`` times, stopping once the objective decreases by less than ``tol`` times
+    its value. Defaults are the official RFA ones (weighted-mean start, nu = 1e-5, 4
+    iterations, tol = 1e-6); the epfml variant is init="zero", nu=0.1, max_iters=8 or 3.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights (alpha ∝ n_i in RFA).
+        nu: smoothing > 0.
+        max_iters: iterations >= 1.
+        tol: relative objective decrease to stop at (>= 0).
+        init: "mean" (weighted mean) or "zero".
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning", IEEE
+        Trans. Signal Processing 2022 (code: krishnap25/RFA ``geometric_median_update``).
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    p = resolve_params(
+        "geometric_median", {"nu": nu, "max_iters": max_iters, "tol": tol, "init": init}
+    )
+    z, _, _ = _weiszfeld(
+        x, _alpha(w, x.shape[0], x), nu=p["nu"], max_iters=p["max_iters"], tol=p["tol"],
+        init=p["init"],
+    )
+    return z
+
+
+def _clip_iterations(
+    x: Tensor, alpha: Tensor, v: Tensor, *, tau: float, iters: int
+) -> tuple[Tensor, float]:
+    """Centered-clipping iterations; returns (v, fraction of inputs clipped at the end)."""
+    frac = 0.0
+    for _ in range(iters):
+        dist = _dists_to(x, v)
+        # min(1, tau / ||x_i - v||); a zero distance gives a huge ratio, hence 1.
+        scale = (tau / dist.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0)
+        coef = alpha * scale  # [n] float64
+        frac = float((scale < 1.0).to(torch.float64).mean())
+        # v + sum_i coef_i (x_i - v) without forming the [n, d] differences.
+        v = coef.to(x.dtype) @ x + (1.0 - float(coef.sum())) * v
+    return v, frac
+
+
+def centered_clipping(
+    x: Tensor,
+    weights: Tensor | None = None,
+    *,
+    center: Tensor | None = None,
+    tau: float = _default("tau"),
+    iters: int = _default("iters"),
+) -> Tensor:
+    """Centered clipping: L clipped averaging steps around the previous aggregate.
+
+    Repeats ``iters`` times v <- v + sum_i alpha_i (x_i - v) min(1, tau / ||x_i - v||),
+    alpha uniform (1/n, as the reference) or normalised weights. v starts at ``center``
+    (the previous round's output, kept by ``apply_rule`` in the rule state; zero at the
+    first round as in the reference code).
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights.
+        center: [d] starting point v, default zeros.
+        tau: clipping radius > 0 (``math.inf`` gives the mean after one iteration from 0).
+        iters: iterations L >= 1.
+
+    Returns:
+        [d] aggregate v.
+
+    References:
+        Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust
+        Optimization", ICML 2021 (code: epfml/byzantine-robust-optimizer clipping.py).
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    tau = _require_float("tau", tau, low=0.0, strict=True)
+    _require_int("iters", iters, 1)
+    v = _center(center, x)
+    v, _ = _clip_iterations(x, _alpha(w, x.shape[0], x), v, tau=tau, iters=iters)
+    return v
+
+
+def _center(center: Tensor | None, x: Tensor) -> Tensor:
+    if center is None:
+        return torch.zeros_like(x[0])
+    if center.shape != x[0].shape:
+        raise ValueError(
+            f"centered clipping state v has shape {tuple(center.shape)}, updates have "
+            f"{tuple(x[0].shape)}"
+        )
+    return center.to(device=x.device, dtype=x.dtype)
+
+
+def bucket_means(
+    x: Tensor,
+    weights: Tensor | None = None,
+    *,
+    bucket_size: int,
+    gen: torch.Generator | None,
+) -> tuple[Tensor, Tensor | None]:
+    """Bucketing: permute the rows, split into ceil(n/s) buckets, average each bucket.
+
+    Buckets are consecutive runs of ``bucket_size`` rows of a random permutation (the last
+    may be smaller). With weights, each bucket is the weighted mean of its rows (uniform
+    if all its weights are 0) and carries the sum of their weights, so bucketing followed
+    by the weighted mean is the weighted mean.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights.
+        bucket_size: s >= 1.
+        gen: generator for the permutation (required).
+
+    Returns:
+        ([ceil(n/s), d] bucket means, [ceil(n/s)] bucket weights or None).
+
+    Raises:
+        ValueError: no generator, or a bad bucket_size.
+
+    References:
+        Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
+        Bucketing", ICLR 2022.
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    s = _require_int("bucket_size", bucket_size, 1)
+    if gen is None:
+        raise ValueError("bucketing needs a torch.Generator for its permutation, got None")
+    n = x.shape[0]
+    nb = math.ceil(n / s)
+    perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
+    bucket_of = torch.empty(n, dtype=torch.long, device=x.device)
+    bucket_of[perm] = torch.arange(n, device=x.device) // s
+    raw = torch.ones(n, dtype=torch.float64, device=x.device) if w is None else w.to(x.device)
+    member = torch.zeros(nb, n, dtype=torch.float64, device=x.device)
+    member[bucket_of, torch.arange(n, device=x.device)] = 1.0
+    mat = member * raw[None, :]
+    totals = mat.sum(dim=1)
+    # A bucket whose members all weigh 0 averages them uniformly (and keeps weight 0).
+    mat = torch.where(totals[:, None] > 0, mat, member)
+    mat = mat / mat.sum(dim=1, keepdim=True)
+    means = mat.to(x.dtype) @ x
+    return means, (None if w is None else totals)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+_RuleFn = Callable[
+    [Tensor, Tensor | None, dict[str, Any], RuleState], tuple[Tensor, RuleState, Metrics]
+]
+
+
+def _r_mean(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    return mean(x, w), dict(st), {}
+
+
+def _r_median(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    return median(x, w), dict(st), {}
+
+
+def _r_trimmed(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    b = math.floor(p["trim_ratio"] * x.shape[0] + 1e-9)
+    agg = trimmed_mean(x, w, trim_ratio=p["trim_ratio"])
+    return agg, dict(st), {"agg/num_trimmed": float(b)}
+
+
+def _r_krum(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    idx = int(krum_select(x, num_byzantine=p["num_byzantine"])[0])
+    return x[idx].clone(), dict(st), {"agg/selected_index": float(idx)}
+
+
+def _r_multi_krum(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    f = p["num_byzantine"]
+    m = x.shape[0] - f if p["num_selected"] is None else p["num_selected"]
+    agg = multi_krum(x, w, num_byzantine=f, num_selected=m)
+    return agg, dict(st), {"agg/num_selected": float(m)}
+
+
+def _r_bulyan(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    f = p["num_byzantine"]
+    agg = bulyan(x, w, num_byzantine=f)
+    theta = x.shape[0] - 2 * f
+    return agg, dict(st), {"agg/num_selected": float(theta), "agg/num_averaged": float(theta - 2 * f)}
+
+
+def _r_gm(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    z, iters, obj = _weiszfeld(
+        x, _alpha(w, x.shape[0], x), nu=p["nu"], max_iters=p["max_iters"], tol=p["tol"],
+        init=p["init"],
+    )
+    return z, dict(st), {"agg/gm_iters": float(iters), "agg/gm_objective": obj}
+
+
+def _r_cc(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+    v0 = _center(st.get("v"), x)
+    v, frac = _clip_iterations(x, _alpha(w, x.shape[0], x), v0, tau=p["tau"], iters=p["iters"])
+    shift = float(torch.linalg.vector_norm((v - v0).to(torch.float64)))
+    new_state = {**st, "v": v.clone()}
+    return v, new_state, {"agg/cc_frac_clipped": frac, "agg/cc_shift": shift}
+
+
+_DISPATCH: dict[str, _RuleFn] = {
+    "mean": _r_mean,
+    "median": _r_median,
+    "trimmed_mean": _r_trimmed,
+    "krum": _r_krum,
+    "multi_krum": _r_multi_krum,
+    "bulyan": _r_bulyan,
+    "geometric_median": _r_gm,
+    "centered_clipping": _r_cc,
+}
+
+
+def apply_rule(
+    updates: Tensor,
+    weights: Tensor | None,
+    *,
+    rule: str,
+    params: Mapping[str, Any],
+    state: Mapping[str, Tensor] | None,
+    gen: torch.Generator | None,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
+    """Aggregate a stacked update matrix with a named rule.
+
+    Args:
+        updates: [n, d] updates (already sanitised: every entry finite).
+        weights: optional [n] non-negative weights (None = uniform).
+        rule: one of ``RULES``.
+        params: the rule's parameters (``server.aggregation`` names; missing ones take the
+            scenario defaults) and optionally ``bucket_size`` to wrap the rule in bucketing.
+        state: the rule state returned by the previous call (``{}`` or None at first).
+        gen: generator for bucketing's permutation (unused otherwise).
+
+    Returns:
+        (aggregate [d], new state, metrics). Metrics: ``agg/num_buckets`` (bucketing),
+        ``agg/selected_index`` (krum; an index into the rows, or into the buckets),
+        ``agg/num_selected``, ``agg/num_averaged``, ``agg/num_trimmed``,
+        ``agg/gm_iters``, ``agg/gm_objective``, ``agg/cc_frac_clipped``, ``agg/cc_shift``.
+
+    Raises:
+        ValueError: bad rule/parameters/inputs, or too few inputs for the rule's
+            condition (krum/multi_krum n >= 2f+3, bulyan n >= 4f+3; n = number of buckets
+            with bucketing).
+    """
+    p = resolve_params(rule, params)
+    x = _check_updates(updates)
+    w = _check_weights(weights, x.shape[0])
+    metrics: dict[str, float] = {}
+    bucket_size = p.pop("bucket_size")
+    if bucket_size is not None:
+        x, w = bucket_means(x, w, bucket_size=bucket_size, gen=gen)
+        metrics["agg/num_buckets"] = float(x.shape[0])
+    agg, new_state, m = _DISPATCH[rule](x, w, p, dict(state or {}))
+    metrics.update(m)
+    return agg, new_state, metrics
+
+
+def aggregate(
+    updates: Tensor,
+    rule: str = "median",
+    weights: Tensor | None = None,
+    *,
+    gen: torch.Generator | None = None,
+    state: Mapping[str, Tensor] | None = None,
+    **params: Any,
+) -> Tensor:
+    """One-call aggregation: ``aggregate(x, "krum", num_byzantine=2)``.
+
+    Args:
+        updates: [n, d] updates.
+        rule: one of ``RULES``.
+        weights: optional [n] non-negative weights.
+        gen: generator, needed only with ``bucket_size``.
+        state: rule state (centered clipping's previous output ``{"v": ...}``).
+        **params: the rule's parameters, named as in ``server.aggregation``.
+
+    Returns:
+        [d] aggregate.
+    """
+    agg, _, _ = apply_rule(updates, weights, rule=rule, params=params, state=state, gen=gen)
+    return agg
+
+
+# ----------------------------------------------------------------------------- server step
+
+
+def rule_step(
+    rule: str, params: Mapping[str, Any], weighting: str = "samples"
+) -> ServerStep:
+    """Server step that aggregates ``round.deltas`` into ``round.aggregate``.
+
+    Rows with NaN/Inf are dropped first (``sanitize``); the rule then sees the remaining
+    rows with weights ``round.weights`` ("samples") or none ("uniform"). The step state is
+    the rule state (centered clipping's v, zeros at the start). If every row is rejected
+    the aggregate is the zero vector (the round changes nothing) and
+    ``agg/num_rejected`` says so.
+
+    Args:
+        rule: one of ``RULES``.
+        params: the rule's parameters (``AggregationConfig.rule_params()``).
+        weighting: "samples" or "uniform".
+
+    Returns:
+        A ``ServerStep`` named ``"aggregate"``. Its metrics: ``agg/num_rejected``,
+        ``agg/num_inputs`` plus those of ``apply_rule``; for krum without bucketing also
+        ``agg/selected_client`` (the client id).
+
+    Raises:
+        ValueError: bad rule, parameters or weighting (at construction); too few valid
+            rows for the rule's condition (at apply).
+    """
+    resolved = resolve_params(rule, params)
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+
+    def init(global_params: Tensor) -> RuleState:
+        if rule == "centered_clipping":
+            # v_0 = 0 (ALGORITHMS.md §5.1), kept across rounds.
+            return {"v": torch.zeros_like(global_params)}
+        return {}
+
+    def apply(
+        rnd: ServerRound, state: RuleState, gen: torch.Generator
+    ) -> tuple[ServerRound, RuleState, Metrics]:
+        d = rnd.params.numel()
+        mask, num_rejected = sanitize(rnd.deltas, d)
+        x = rnd.deltas[mask] if num_rejected else rnd.deltas
+        metrics: Metrics = {
+            "agg/num_rejected": float(num_rejected),
+            "agg/num_inputs": float(x.shape[0]),
+        }
+        if x.shape[0] == 0:
+            agg = torch.zeros(d, dtype=rnd.deltas.dtype, device=rnd.deltas.device)
+            return rnd.with_(aggregate=agg), state, metrics
+        w = None
+        if weighting == "samples":
+            w = rnd.weights[mask.to(rnd.weights.device)]
+        agg, new_state, m = apply_rule(x, w, rule=rule, params=resolved, state=state, gen=gen)
+        metrics.update(m)
+        if "agg/selected_index" in m and resolved["bucket_size"] is None:
+            valid_ids = [c for c, ok in zip(rnd.client_ids, mask.tolist(), strict=True) if ok]
+            metrics["agg/selected_client"] = float(valid_ids[int(m["agg/selected_index"])])
+        return rnd.with_(aggregate=agg), new_state, metrics
+
+    return ServerStep(name="aggregate", init=init, apply=apply)
+
+
+__all__ = [
+    "RULES",
+    "WEIGHTINGS",
+    "aggregate",
+    "apply_rule",
+    "bucket_means",
+    "bulyan",
+    "bulyan_select",
+    "centered_clipping",
+    "geometric_median",
+    "krum",
+    "krum_scores",
+    "krum_select",
+    "mean",
+    "median",
+    "multi_krum",
+    "pairwise_sq_dists",
+    "resolve_params",
+    "rule_step",
+    "sanitize",
+    "trimmed_mean",
+]

@@ -1,0 +1,421 @@
+"""SAM-family oracles checked against closed forms on quadratic losses.
+
+The quadratic is linear least squares through a real ``FlatModel``:
+``L(w) = ½ mean((Xw − y)²) = ½ (w − a)ᵀ A (w − a) + const`` with ``A = XᵀX/n`` (X
+augmented by a column of ones when the layer has a bias). Its gradient ``A w − Xᵀy/n`` is
+computed independently in float64 numpy.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedflat.client.oracle import UpdateContext, plain
+from fedflat.client.oracles import (
+    FEDSMOO_MU,
+    FEDSMOO_S,
+    ORACLE_NAMES,
+    asam,
+    fedsmoo,
+    fisher_sam,
+    gam,
+    lesam,
+    make_oracle,
+    sam,
+    sam_on,
+)
+from fedflat.models import FlatModel, build_model
+from fedflat.rng import stream
+
+torch.set_num_threads(1)
+
+
+def half_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out.squeeze(-1) - y).square().mean()
+
+
+class Problem:
+    """Linear least squares with its float64 closed forms."""
+
+    def __init__(self, d: int = 5, n: int = 32, bias: bool = False, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.x = torch.tensor(rng.normal(size=(n, d)), dtype=torch.float32)
+        self.y = torch.tensor(rng.normal(size=n), dtype=torch.float32)
+        self.model = FlatModel(nn.Linear(d, 1, bias=bias))
+        self.model.loss_fn = half_mse
+        xa = self.x.double().numpy()
+        if bias:
+            xa = np.concatenate([xa, np.ones((n, 1))], axis=1)
+        self.xa = xa
+        self.a_mat = xa.T @ xa / n
+        self.b = xa.T @ self.y.double().numpy() / n
+        self.w = torch.tensor(rng.normal(size=self.model.num_params), dtype=torch.float32)
+
+    def grad(self, w: np.ndarray) -> np.ndarray:
+        return self.a_mat @ w - self.b
+
+    def loss(self, w: np.ndarray) -> float:
+        r = self.xa @ w - self.y.double().numpy()
+        return 0.5 * float(np.mean(r**2))
+
+    @property
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x, self.y
+
+    def ctx(self, **kw) -> UpdateContext:
+        return UpdateContext(
+            model=self.model, x_global=self.w.clone(), round=0, client_id=0, num_samples=32, **kw
+        )
+
+
+def record_points(model: FlatModel) -> list[torch.Tensor]:
+    """Make model.loss_grad log every point it is evaluated at."""
+    points: list[torch.Tensor] = []
+    original = model.loss_grad
+
+    def logged(w, x, y):
+        points.append(w.detach().clone())
+        return original(w, x, y)
+
+    model.loss_grad = logged  # type: ignore[method-assign]
+    return points
+
+
+def run(oracle, prob: Problem, ctx: UpdateContext | None = None):
+    ctx = ctx or prob.ctx()
+    state = oracle.init(ctx)
+    w_before = prob.w.clone()
+    loss, g, state, metrics = oracle.grad(prob.w, prob.batch, state, stream(0, "client"), ctx)
+    assert torch.equal(prob.w, w_before), "the oracle mutated w"
+    return loss, g, state, metrics
+
+
+def close(actual: torch.Tensor, expected: np.ndarray, rtol: float = 2e-5) -> None:
+    np.testing.assert_allclose(actual.double().numpy(), expected, rtol=rtol, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- SAM
+def test_sam_matches_closed_form_on_quadratic():
+    prob = Problem()
+    rho = 0.3
+    w = prob.w.double().numpy()
+    g = prob.grad(w)
+    expected = prob.grad(w + rho * g / np.linalg.norm(g))
+    loss, g_sam, _, metrics = run(sam(rho=rho), prob)
+    close(g_sam, expected)
+    assert float(loss) == pytest.approx(prob.loss(w), rel=1e-5)
+    gap = prob.loss(w + rho * g / np.linalg.norm(g)) - prob.loss(w)
+    assert metrics["sam_loss_gap"] == pytest.approx(gap, rel=1e-3)
+
+
+def test_sam_weight_decay_in_perturbation_gives_gradient_of_l2_loss_at_perturbed_point():
+    prob = Problem()
+    rho, lam = 0.2, 0.1
+    w = prob.w.double().numpy()
+    d = prob.grad(w) + lam * w
+    e = rho * d / np.linalg.norm(d)
+    # returned g + λw (added by the base optimizer) = ∇[L + ½λ‖·‖²](w + ε)
+    expected_total = prob.grad(w + e) + lam * (w + e)
+    _, g_sam, _, _ = run(sam(rho=rho, wd_in_perturbation=True, weight_decay=lam), prob)
+    close(g_sam + lam * prob.w, expected_total)
+
+
+def small_bn_cnn() -> FlatModel:
+    module = build_model("cnn", (1, 8, 8), 3, channels=(2, 4), hidden=(8,), norm="batch")
+    model = FlatModel(module)
+    model.module.train()
+    return model
+
+
+def cnn_batch(seed: int = 0, n: int = 6):
+    gen = stream(seed, "data")
+    return torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def test_sam_with_rho_zero_equals_plain_sgd_exactly():
+    model_a, model_b = small_bn_cnn(), small_bn_cnn()
+    w0 = model_a.init_params(stream(0, "init"))
+    model_b.set_buffers(model_a.get_buffers())
+    ctx_a = UpdateContext(model=model_a, x_global=w0, round=0, client_id=0, num_samples=6)
+    ctx_b = UpdateContext(model=model_b, x_global=w0, round=0, client_id=0, num_samples=6)
+    o_sam, o_sgd = sam(rho=0.0), plain()
+    s_sam, s_sgd = o_sam.init(ctx_a), o_sgd.init(ctx_b)
+    wa, wb = w0.clone(), w0.clone()
+    gen = stream(0, "client")
+    for step in range(3):
+        batch = cnn_batch(step)
+        la, ga, s_sam, _ = o_sam.grad(wa, batch, s_sam, gen, ctx_a)
+        lb, gb, s_sgd, _ = o_sgd.grad(wb, batch, s_sgd, gen, ctx_b)
+        assert torch.equal(ga, gb)
+        assert torch.equal(la, lb)
+        wa, wb = wa - 0.1 * ga, wb - 0.1 * gb
+    assert torch.equal(wa, wb)
+    for ba, bb in zip(model_a.module.buffers(), model_b.module.buffers(), strict=True):
+        assert torch.equal(ba, bb)
+
+
+@pytest.mark.parametrize(
+    "oracle",
+    [
+        sam(rho=0.5),
+        asam(rho=1.0, eta=0.1),
+        gam(grad_rho=0.1, grad_norm_rho=0.2, beta0=0.1, beta1=0.1, gamma=0.05),
+        sam_on(rho=1.0),
+        fisher_sam(rho=0.5),
+        fedsmoo(rho=0.5).oracle,
+    ],
+    ids=["sam", "asam", "gam", "sam_on", "fisher_sam", "fedsmoo"],
+)
+def test_batchnorm_statistics_come_from_the_first_pass_only(oracle):
+    model = small_bn_cnn()
+    w = model.init_params(stream(1, "init"))
+    start = [b.clone() for b in model.module.buffers()]
+    batch = cnn_batch(3)
+    model.loss_grad(w, *batch)  # what one plain pass does to the statistics
+    expected = [b.clone() for b in model.module.buffers()]
+    for b, s in zip(model.module.buffers(), start, strict=True):
+        b.copy_(s)
+    ctx = UpdateContext(model=model, x_global=w, round=0, client_id=0, num_samples=6)
+    oracle.grad(w, batch, oracle.init(ctx), stream(0, "client"), ctx)
+    got = list(model.module.buffers())
+    assert not torch.equal(expected[0], start[0])  # the pass did move the running mean
+    for b, e in zip(got, expected, strict=True):
+        assert torch.equal(b, e)
+
+
+# --------------------------------------------------------------------------- ASAM
+def test_asam_official_scales_only_weight_tensors():
+    prob = Problem(bias=True)
+    rho, eta = 0.5, 0.2
+    w = prob.w.double().numpy()
+    g = prob.grad(w)
+    t = np.abs(w) + eta
+    t[-1] = 1.0  # the bias has T = 1 in the official variant
+    e = rho * t**2 * g / np.linalg.norm(t * g)
+    _, g_asam, _, _ = run(asam(rho=rho, eta=eta, variant="official"), prob)
+    close(g_asam, prob.grad(w + e))
+
+
+def test_asam_davda54_scales_all_tensors_without_eta():
+    prob = Problem(bias=True)
+    rho = 0.5
+    w = prob.w.double().numpy()
+    g = prob.grad(w)
+    e = rho * w**2 * g / np.linalg.norm(np.abs(w) * g)
+    _, g_asam, _, _ = run(asam(rho=rho, variant="davda54"), prob)
+    close(g_asam, prob.grad(w + e))
+
+
+def test_asam_rejects_bad_settings():
+    with pytest.raises(ValueError, match="davda54"):
+        asam(rho=0.5, eta=0.1, variant="davda54")
+    with pytest.raises(ValueError, match="variant"):
+        asam(rho=0.5, variant="other")
+    with pytest.raises(ValueError, match="rho"):
+        asam(rho=-1.0)
+
+
+# --------------------------------------------------------------------------- GAM
+def test_gam_takes_four_passes_and_combines_as_specified():
+    prob = Problem(d=4)
+    rho_t, rho_n, b0, b1, gamma = 0.1, 0.3, 0.2, 0.4, 0.5
+    points = record_points(prob.model)
+    oracle = gam(grad_rho=rho_t, grad_norm_rho=rho_n, beta0=b0, beta1=b1, gamma=gamma)
+    _, d_gam, _, _ = run(oracle, prob)
+    assert oracle.passes == 4
+    assert len(points) == 4
+
+    def unit(v):
+        return v / np.linalg.norm(v)
+
+    w = prob.w.double().numpy()
+    g0 = prob.grad(w)
+    g1 = prob.grad(w + rho_t * unit(g0))
+    w12 = w + rho_n * unit(g1 - g0)
+    g2 = prob.grad(w12)
+    w3 = w12 + rho_t * unit(g2)
+    g3 = prob.grad(w3)
+    p = g0 + (1 - b0) * g2
+    d = b1 * g1 + (1 - b1) * g3
+    p_perp = p - (p @ d) / (d @ d) * d
+    expected = d - gamma * p_perp
+    close(points[2], w12)
+    close(points[3], w3)
+    close(d_gam, expected, rtol=1e-4)
+    # the correction is orthogonal to d: removing it leaves ⟨result, d⟩ = ‖d‖²
+    assert float(d_gam.double().numpy() @ d) == pytest.approx(d @ d, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- SAM-ON
+def norm_net() -> FlatModel:
+    # A Linear layer *named* "bn" must not count as a norm layer; a LayerNorm named
+    # "mix" must: selection is by module type.
+    module = nn.Sequential(
+        OrderedDict(
+            bn=nn.Linear(4, 6), mix=nn.LayerNorm(6), act=nn.Tanh(), head=nn.Linear(6, 3)
+        )
+    )
+    return FlatModel(module)
+
+
+def test_sam_on_perturbs_only_normalisation_parameters():
+    model = norm_net()
+    w = model.init_params(stream(2, "init"))
+    w = w + 0.1 * torch.randn(w.shape, generator=stream(3, "init"))
+    x = torch.randn(10, 4, generator=stream(4, "data"))
+    y = torch.randint(0, 3, (10,), generator=stream(5, "data"))
+    norm_mask = model.mask(lambda s: s.name.startswith("mix."))
+    assert int(norm_mask.sum()) == 12
+    rho = 0.7
+    points = record_points(model)
+    ctx = UpdateContext(model=model, x_global=w, round=0, client_id=0, num_samples=10)
+    oracle = sam_on(rho=rho)
+    _, g_on, _, _ = oracle.grad(w, (x, y), oracle.init(ctx), stream(0, "client"), ctx)
+    _, g_plain = model.loss_grad(w, x, y)
+    e = points[1] - points[0]
+    assert torch.count_nonzero(e[~norm_mask]) == 0
+    expected = rho * g_plain[norm_mask] / g_plain[norm_mask].norm()
+    torch.testing.assert_close(e[norm_mask], expected, rtol=1e-5, atol=1e-6)
+    assert float(e.norm()) == pytest.approx(rho, rel=1e-5)
+    # the returned gradient covers all parameters (pass 2 at w + ε)
+    _, g_ref = model.loss_grad(w + e, x, y)
+    torch.testing.assert_close(g_on, g_ref)
+
+
+def test_asam_on_uses_elementwise_operator_on_norm_weights():
+    model = norm_net()
+    w = model.init_params(stream(2, "init")) + 0.1
+    x = torch.randn(10, 4, generator=stream(4, "data"))
+    y = torch.randint(0, 3, (10,), generator=stream(5, "data"))
+    rho, eta = 2.0, 0.01
+    points = record_points(model)
+    ctx = UpdateContext(model=model, x_global=w, round=0, client_id=0, num_samples=10)
+    oracle = sam_on(rho=rho, adaptive=True, eta=eta)
+    oracle.grad(w, (x, y), oracle.init(ctx), stream(0, "client"), ctx)
+    _, g = model.loss_grad(w, x, y)
+    sel = model.mask(lambda s: s.name.startswith("mix."))
+    weight = model.mask(lambda s: s.name == "mix.weight")
+    t = torch.where(weight, w.abs() + eta, torch.ones_like(w))[sel].double()
+    gs = g[sel].double()
+    expected = rho * t**2 * gs / (t * gs).norm()
+    e = (points[1] - points[0]).double()
+    torch.testing.assert_close(e[sel], expected, rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(e[~sel]) == 0
+
+
+def test_sam_on_without_norm_layers_is_refused():
+    prob = Problem()
+    oracle = sam_on(rho=1.0)
+    with pytest.raises(ValueError, match="normalisation"):
+        oracle.init(prob.ctx())
+
+
+# --------------------------------------------------------------------------- Fisher-SAM
+def test_fisher_sam_matches_closed_form():
+    prob = Problem()
+    rho, eta_f = 0.4, 2.0
+    w = prob.w.double().numpy()
+    g = prob.grad(w)
+    f = 1.0 + eta_f * g**2
+    e = rho * (g / f) / np.sqrt(np.sum(g**2 / f))
+    _, g_f, _, _ = run(fisher_sam(rho=rho, eta_f=eta_f), prob)
+    close(g_f, prob.grad(w + e))
+
+
+# --------------------------------------------------------------------------- FedLESAM
+def test_lesam_takes_one_pass_along_the_negative_previous_global_update():
+    prob = Problem()
+    rho = 0.5
+    u = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    points = record_points(prob.model)
+    oracle = lesam(rho=rho)
+    _, g, _, _ = run(oracle, prob, prob.ctx(broadcast={"prev_global_update": u}))
+    assert oracle.passes == 1
+    assert len(points) == 1
+    un = u.double().numpy()
+    point = prob.w.double().numpy() - rho * un / np.linalg.norm(un)
+    close(points[0], point)
+    close(g, prob.grad(point))
+
+
+@pytest.mark.parametrize("broadcast", [{}, {"prev_global_update": torch.zeros(5)}])
+def test_lesam_without_a_global_direction_is_the_plain_gradient(broadcast):
+    prob = Problem()
+    _, g, _, _ = run(lesam(rho=0.5), prob, prob.ctx(broadcast=broadcast))
+    _, g_plain = prob.model.loss_grad(prob.w, *prob.batch)
+    assert torch.equal(g, g_plain)
+
+
+# --------------------------------------------------------------------------- FedSMOO
+def test_fedsmoo_corrects_the_ascent_and_carries_its_dual_to_the_correction():
+    prob = Problem()
+    rho = 0.3
+    rng = np.random.default_rng(7)
+    mu0, s = rng.normal(size=5) * 0.1, rng.normal(size=5) * 0.1
+    pair = fedsmoo(rho=rho)
+    ctx = prob.ctx(
+        broadcast={FEDSMOO_S: torch.tensor(s, dtype=torch.float32)},
+        client_state={FEDSMOO_MU: torch.tensor(mu0, dtype=torch.float32)},
+    )
+    state = pair.oracle.init(ctx)
+    gen = stream(0, "client")
+    w = prob.w.clone()
+    w_np, mu = w.double().numpy(), mu0.copy()
+    for _ in range(2):
+        _, g, state, _ = pair.oracle.grad(w, prob.batch, state, gen, ctx)
+        g_hat = prob.grad(w_np) - (mu + s)
+        e = rho * g_hat / np.linalg.norm(g_hat)
+        mu = mu + e - s
+        close(g, prob.grad(w_np + e), rtol=1e-4)
+        w = w - 0.1 * g
+        w_np = w.double().numpy()
+    assert torch.equal(pair.correction.adjust(g, w, (), ctx), g)
+    new_state, extras = pair.correction.finish(w, 2, 0.1, pair.correction.init(ctx), ctx)
+    close(new_state[FEDSMOO_MU], mu, rtol=1e-4)
+    assert torch.equal(extras[FEDSMOO_MU], new_state[FEDSMOO_MU])
+
+
+# --------------------------------------------------------------------------- registry
+def test_registry_builds_every_oracle_with_its_pass_count():
+    expected = {"sgd": 1, "sam": 2, "asam": 2, "gam": 4, "sam_on": 2, "fisher_sam": 2, "lesam": 1}
+    params = {
+        "sgd": {},
+        "sam": {"rho": 0.05},
+        "asam": {"rho": 0.5, "eta": 0.01},
+        "gam": {"grad_rho": 0.03, "grad_norm_rho": 0.2, "beta0": 0.1, "beta1": 0.1, "gamma": 0.05},
+        "sam_on": {"rho": 1.0},
+        "fisher_sam": {"rho": 0.1, "eta_f": 1.0},
+        "lesam": {"rho": 0.5},
+    }
+    for name, passes in expected.items():
+        assert make_oracle(name, **params[name]).passes == passes
+    assert set(ORACLE_NAMES) == {*expected, "fedsmoo"}
+    assert fedsmoo(rho=0.1).oracle.passes == 2
+
+
+def test_registry_rejects_unknown_names_and_parameters():
+    with pytest.raises(ValueError, match="unknown oracle"):
+        make_oracle("adam")
+    with pytest.raises(ValueError, match="does not take"):
+        make_oracle("sam", rho=0.1, eta=0.2)
+    with pytest.raises(ValueError, match="companion"):
+        make_oracle("fedsmoo", rho=0.1)
+    with pytest.raises(ValueError, match="rho must be >= 0, got -0.1"):
+        make_oracle("sam", rho=-0.1)
+
+
+def test_zero_gradient_gives_no_perturbation_instead_of_nan():
+    prob = Problem()
+    prob.x = torch.zeros_like(prob.x)  # zero inputs and targets: ∇L is exactly 0
+    prob.y = torch.zeros_like(prob.y)
+    oracles = (sam(rho=0.5, eps=0.0), asam(rho=0.5, eps=0.0), fisher_sam(rho=0.5, eps=0.0))
+    for oracle in oracles:
+        points = record_points(prob.model)
+        _, g, _, _ = run(oracle, prob)
+        assert torch.equal(g, torch.zeros_like(g))
+        assert torch.equal(points[1], prob.w)

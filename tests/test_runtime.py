@@ -1,0 +1,156 @@
+"""Invariants of the runtime: serial == Ray (1, 2, 4 actors), resumed == uninterrupted,
+Ctrl-C leaves a valid checkpoint, the run folder holds what it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import fedflat
+from conftest import tiny_scenario
+from fedflat.runtime.checkpoint import load_latest
+
+
+def test_serial_run_folder(tmp_path):
+    res = fedflat.run(tiny_scenario(), out=tmp_path / "run")
+    d = res.run_dir
+    assert d == tmp_path / "run"
+    for name in ("scenario.yaml", "metrics.jsonl", "summary.json", "clients.json", "final_model.pt"):
+        assert (d / name).is_file(), name
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [0, 1, 2, 3]
+    for m in lines:
+        assert {"round", "train_loss", "clients", "wall_seconds"} <= set(m)
+        assert len(m["clients"]) == 4 and len(set(m["clients"])) == 4
+    assert "test_accuracy" in lines[1] and "test_loss" in lines[3] and "test_accuracy" not in lines[0]
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+    clients = json.loads((d / "clients.json").read_text())
+    sizes = [c["num_samples"] for c in clients["clients"]]
+    assert len(sizes) == 12 and sum(sum(c["class_counts"]) for c in clients["clients"]) == sum(sizes)
+    assert torch.equal(torch.load(d / "final_model.pt"), res.params)
+    assert res.params.ndim == 1
+
+
+def test_overrides_match_set_syntax(tmp_path):
+    a = fedflat.run(tiny_scenario(), overrides={"server.rounds": 2}, out=tmp_path / "a")
+    b = fedflat.run(tiny_scenario(), overrides=["server.rounds=2"], out=tmp_path / "b")
+    assert len(a.metrics) == 2 and torch.equal(a.params, b.params)
+
+
+def test_same_seed_same_model_other_seed_other_model(tmp_path):
+    a = fedflat.run(tiny_scenario(), out=tmp_path / "a")
+    b = fedflat.run(tiny_scenario(), out=tmp_path / "b")
+    c = fedflat.run(tiny_scenario(seed=4), out=tmp_path / "c")
+    assert torch.equal(a.params, b.params)
+    assert not torch.equal(a.params, c.params)
+
+
+def test_learning_happens(tmp_path):
+    res = fedflat.run(tiny_scenario(**{"server.rounds": 12, "eval.every": 1}), out=tmp_path / "r")
+    first, last = res.metrics[0]["test_loss"], res.metrics[-1]["test_loss"]
+    assert last < first
+
+
+def test_poisson_sampling_can_be_empty_and_is_not_resampled(tmp_path):
+    sc = tiny_scenario(**{"server.sampling": "poisson", "server.sampling_rate": 0.05,
+                          "server.rounds": 12})
+    res = fedflat.run(sc, out=tmp_path / "p")
+    sizes = [len(m["clients"]) for m in res.metrics]
+    assert 0 in sizes  # with q = 0.05 and 12 clients, P(empty) = 0.54 per round
+    assert len(set(sizes)) > 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("actors", [1, 2, 4])
+def test_ray_equals_serial(tmp_path, ray_session, actors):
+    sc = tiny_scenario(**{"server.rounds": 3, "server.optimizer": "fedavgm", "client.momentum": 0.5})
+    serial = fedflat.run(sc, out=tmp_path / "serial")
+    ray_sc = tiny_scenario(**{"server.rounds": 3, "server.optimizer": "fedavgm",
+                              "client.momentum": 0.5, "runtime.backend": "ray",
+                              "runtime.num_actors": actors})
+    on_ray = fedflat.run(ray_sc, out=tmp_path / f"ray{actors}")
+    assert torch.equal(serial.params, on_ray.params)
+    for a, b in zip(serial.metrics, on_ray.metrics, strict=True):
+        assert a["clients"] == b["clients"]
+        assert a["train_loss"] == b["train_loss"]
+    assert ray_session.is_initialized(), "the run must not shut down a Ray it did not start"
+
+
+# ---------------------------------------------------------------------------- kill and resume
+SLOW = {"server.rounds": 30, "client.local_epochs": 6, "data.synthetic.max_size": 400,
+        "eval.every": 5}
+
+
+def _write(tmp_path: Path, sc: dict) -> Path:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(sc))
+    return path
+
+
+def _start(path: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fedflat.cli", "run", str(path), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_rounds(out: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        mf = out / "metrics.jsonl"
+        if mf.exists() and len(mf.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended early: {proc.stderr.read()}")
+        time.sleep(0.005)
+    pytest.fail("run too slow")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    sc = tiny_scenario(**SLOW)
+    reference = fedflat.run(sc, out=tmp_path / "ref")
+    out = tmp_path / "killed"
+    proc = _start(_write(tmp_path, sc), out)
+    _wait_rounds(out, proc, 4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "running", "a killed run must not look complete"
+    ckpt = load_latest(out)
+    assert ckpt is not None and 0 < ckpt["next_round"] < 30
+    resumed = fedflat.resume(out)
+    assert torch.equal(resumed.params, reference.params)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == list(range(30))
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_checkpoint_and_interrupted_summary(tmp_path):
+    sc = tiny_scenario(**{**SLOW, "output.checkpoint_every": 100})
+    reference = fedflat.run(sc, out=tmp_path / "ref")
+    out = tmp_path / "int"
+    proc = _start(_write(tmp_path, sc), out)
+    _wait_rounds(out, proc, 3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    ckpt = load_latest(out)
+    assert ckpt is not None and ckpt["next_round"] == summary["rounds_completed"]
+    assert ckpt["next_round"] == len((out / "metrics.jsonl").read_text().splitlines())
+    resumed = fedflat.resume(out)
+    assert torch.equal(resumed.params, reference.params)
