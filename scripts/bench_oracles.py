@@ -2,7 +2,9 @@
 
 Usage:
     python scripts/bench_oracles.py [--batch 64] [--steps 10] [--repeats 5]
-                                    [--models cnn,cnn_gn,mlp] [--threads 1] [--device cpu]
+                                    [--min-block-s 0.3]
+                                    [--models cnn,cnn_gn,mlp] [--threads 1]
+                                    [--device cpu]
 
 For each model the oracles run interleaved, ``repeats`` times ``steps`` steps each, on
 the same batch; the per-step time of an oracle is its fastest block (robust to other
@@ -13,6 +15,7 @@ SAM ≤ 2.1× SGD, FedLESAM ≤ 1.15×, GAM ≈ its pass count (4).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 
@@ -59,37 +62,58 @@ def bench_model(name: str, args: argparse.Namespace) -> None:
     x = torch.randn(args.batch, 1, 28, 28, generator=gen).to(device)
     y = torch.randint(0, 62, (args.batch,), generator=gen).to(device)
     u = (0.01 * torch.randn(w0.numel(), generator=gen)).to(device)
-    ctx = UpdateContext(model=model, x_global=w0, round=1, client_id=0, num_samples=args.batch,
-                        broadcast={"prev_global_update": u})
+    ctx = UpdateContext(
+        model=model,
+        x_global=w0,
+        round=1,
+        client_id=0,
+        num_samples=args.batch,
+        broadcast={"prev_global_update": u},
+    )
     has_norm = any(s.module_type is torch.nn.GroupNorm for s in model.segments)
     table = oracles(has_norm)
     best = dict.fromkeys(table, float("inf"))
     grad_gen = stream(0, "client")
-    for rep in range(args.repeats + 1):  # repeat 0 is the warm-up
+
+    def block(oracle: Oracle, steps: int) -> float:
+        state = oracle.init(ctx)
+        w = w0.clone()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _, g, state, _ = oracle.grad(w, (x, y), state, grad_gen, ctx)
+            w = w - 0.01 * g
+        sync(device)
+        return (time.perf_counter() - t0) / steps
+
+    # Warm-up, then size the blocks so that an SGD block lasts >= min_block_s (short
+    # blocks of a small model are at the mercy of other processes' time slices).
+    for oracle in table.values():
+        block(oracle, 2)
+    sgd_s = block(table["sgd"], args.steps)
+    steps = max(args.steps, math.ceil(args.min_block_s / sgd_s))
+    for _ in range(args.repeats):
         for oname, oracle in table.items():
-            state = oracle.init(ctx)
-            w = w0.clone()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                _, g, state, _ = oracle.grad(w, (x, y), state, grad_gen, ctx)
-                w = w - 0.01 * g
-            sync(device)
-            dt = (time.perf_counter() - t0) / args.steps
-            if rep > 0:
-                best[oname] = min(best[oname], dt)
+            best[oname] = min(best[oname], block(oracle, steps))
     base = best["sgd"]
-    print(f"\n{name}: d={model.num_params}, batch={args.batch}, device={device}")
+    print(
+        f"\n{name}: d={model.num_params}, batch={args.batch}, "
+        f"steps/block={steps}, device={device}"
+    )
     print(f"{'oracle':<11}{'passes':>7}{'ms/step':>10}{'x SGD':>8}")
     for oname, oracle in table.items():
-        print(f"{oname:<11}{oracle.passes:>7}{1e3 * best[oname]:>10.2f}{best[oname] / base:>8.2f}")
+        ms, ratio = 1e3 * best[oname], best[oname] / base
+        print(f"{oname:<11}{oracle.passes:>7}{ms:>10.2f}{ratio:>8.2f}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--min-block-s", dest="min_block_s", type=float, default=0.3)
     p.add_argument("--models", default="cnn,cnn_gn,mlp")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")

@@ -59,7 +59,7 @@ def gaussian_exact_epsilon(sigma: float, delta: float) -> float:
     return optimize.brentq(gap, 0.0, 100.0)
 
 
-# ----------------------------------------------------------------- published test vectors
+# -------------------------------------------------------------- published test vectors
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,12 @@ def gaussian_exact_epsilon(sigma: float, delta: float) -> float:
     [(1.12, 14063, 2.92, 2.52), (0.6, 7032, 9.75, 8.77), (1.2, 2344, 1.20, 0.93)],
 )
 def test_tf_privacy_mnist_rows(sigma, steps, classic, balle):
-    kw = {"sampling_rate": MNIST_Q, "steps": steps, "noise_multiplier": sigma, "delta": 1e-5}
+    kw = {
+        "sampling_rate": MNIST_Q,
+        "steps": steps,
+        "noise_multiplier": sigma,
+        "delta": 1e-5,
+    }
     assert epsilon(**kw, conversion="classic") == pytest.approx(classic, abs=0.01)
     assert epsilon(**kw, conversion="balle") == pytest.approx(balle, abs=0.01)
 
@@ -88,22 +93,35 @@ def test_dp_sat_rows(q, sigma, steps, eps, target):
 
 def test_dp_fedsam_client_level():
     orders = np.arange(1.01, 100.0, 0.05)  # eps_computer.py's 1.01:0.05:100
-    kw = {"sampling_rate": 0.1, "noise_multiplier": 0.95, "delta": 5e-3, "orders": orders}
+    kw = {
+        "sampling_rate": 0.1,
+        "noise_multiplier": 0.95,
+        "delta": 5e-3,
+        "orders": orders,
+    }
     assert epsilon(steps=200, **kw) == pytest.approx(7.773, abs=1e-3)
     assert epsilon(steps=300, **kw) == pytest.approx(9.934, abs=1e-3)
 
 
-# ------------------------------------------------------------- accountants against each other
+# ------------------------------------------------------ accountants against each other
 
 
-@pytest.mark.parametrize(("sigma", "rdp_ref", "pld_ref"), [(1.1, 5.63, 5.19), (4.0, 1.036, 0.947)])
+@pytest.mark.parametrize(
+    ("sigma", "rdp_ref", "pld_ref"), [(1.1, 5.63, 5.19), (4.0, 1.036, 0.947)]
+)
 def test_prv_pld_agree_and_beat_rdp(sigma, rdp_ref, pld_ref):
-    kw = {"sampling_rate": 0.01, "steps": 10_000, "noise_multiplier": sigma, "delta": 1e-5}
+    kw = {
+        "sampling_rate": 0.01,
+        "steps": 10_000,
+        "noise_multiplier": sigma,
+        "delta": 1e-5,
+    }
     rdp, prv, pld = (epsilon(**kw, accountant=a) for a in ("rdp", "prv", "pld"))
     assert rdp == pytest.approx(rdp_ref, abs=0.01)
     assert pld == pytest.approx(pld_ref, abs=0.01)
     assert prv == pytest.approx(pld, rel=0.03)
-    assert prv < rdp and pld < rdp
+    assert prv < rdp
+    assert pld < rdp
 
 
 def test_cross_device_rdp_much_looser():
@@ -118,7 +136,12 @@ def test_cross_device_rdp_much_looser():
 def test_unsampled_gaussian_matches_closed_form(sigma, steps):
     # q = 1: T Gaussian steps with multiplier σ are one Gaussian step with σ/√T.
     exact = gaussian_exact_epsilon(sigma / math.sqrt(steps), 1e-5)
-    kw = {"sampling_rate": 1.0, "steps": steps, "noise_multiplier": sigma, "delta": 1e-5}
+    kw = {
+        "sampling_rate": 1.0,
+        "steps": steps,
+        "noise_multiplier": sigma,
+        "delta": 1e-5,
+    }
     pld = epsilon(**kw, accountant="pld")
     prv = epsilon(**kw, accountant="prv")
     rdp = epsilon(**kw, accountant="rdp")
@@ -138,8 +161,12 @@ def test_edge_cases(acc):
     assert epsilon(sampling_rate=0.0, noise_multiplier=1.0, **base) == 0.0
     assert epsilon(sampling_rate=0.1, noise_multiplier=0.0, **base) == math.inf
     assert epsilon(sampling_rate=0.0, noise_multiplier=0.0, **base) == 0.0
-    assert epsilon(sampling_rate=0.1, noise_multiplier=1.0, steps=0, delta=1e-5,
-                   accountant=acc) == 0.0  # fmt: skip
+    assert (
+        epsilon(
+            sampling_rate=0.1, noise_multiplier=1.0, steps=0, delta=1e-5, accountant=acc
+        )
+        == 0.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -166,7 +193,7 @@ def test_invalid_arguments_name_the_parameter(kwargs, name):
 def test_prv_falls_back_to_rdp_and_says_so(caplog):
     # A history whose PRV grid would need ~6e7 points (ε in the thousands).
     hist = [(0.3, 0.5, 1000)]
-    with caplog.at_level(logging.WARNING, logger="fedflat.privacy.accounting"):
+    with caplog.at_level(logging.DEBUG, logger="fedflat.privacy.accounting"):
         res = compute_epsilon(hist, delta=1e-5, accountant="prv")
     assert res.accountant == "rdp"
     assert "fell back" in res.note
@@ -174,22 +201,38 @@ def test_prv_falls_back_to_rdp_and_says_so(caplog):
     assert any("fell back" in r.getMessage() for r in caplog.records)
 
 
-# --------------------------------------------------------------------------- calibration
+# ------------------------------------------------------------------------- calibration
 
 
 @pytest.mark.parametrize("acc", ["rdp", "prv", "pld"])
 def test_calibration_round_trip(acc):
     q, steps, target, delta, rtol = 0.04, 750, 3.0, 1e-5, 1e-3
-    cal = calibrate(sampling_rate=q, steps=steps, epsilon=target, delta=delta,
-                    accountant=acc, rtol=rtol)  # fmt: skip
+    cal = calibrate(
+        sampling_rate=q,
+        steps=steps,
+        epsilon=target,
+        delta=delta,
+        accountant=acc,
+        rtol=rtol,
+    )
     assert cal.accountant == acc
-    eps_at = epsilon(sampling_rate=q, steps=steps, noise_multiplier=cal.noise_multiplier,
-                     delta=delta, accountant=acc)  # fmt: skip
+    eps_at = epsilon(
+        sampling_rate=q,
+        steps=steps,
+        noise_multiplier=cal.noise_multiplier,
+        delta=delta,
+        accountant=acc,
+    )
     assert eps_at == pytest.approx(cal.epsilon)
     assert eps_at <= target
     # Minimality: 2·rtol less noise already exceeds the target.
-    eps_below = epsilon(sampling_rate=q, steps=steps, delta=delta, accountant=acc,
-                        noise_multiplier=cal.noise_multiplier / (1 + 2 * rtol))  # fmt: skip
+    eps_below = epsilon(
+        sampling_rate=q,
+        steps=steps,
+        delta=delta,
+        accountant=acc,
+        noise_multiplier=cal.noise_multiplier / (1 + 2 * rtol),
+    )
     assert eps_below > target
     assert eps_at > 0.99 * target
 
@@ -215,10 +258,19 @@ def test_calibration_trivial_and_impossible():
     with pytest.raises(ValueError, match="pld"):
         noise_multiplier(sampling_rate=0.1, steps=10, epsilon=0.9 * floor, delta=1e-5)
     # ... which PLD can.
-    s = noise_multiplier(sampling_rate=0.1, steps=10, epsilon=0.9 * floor, delta=1e-5,
-                         accountant="pld")  # fmt: skip
-    assert epsilon(sampling_rate=0.1, steps=10, noise_multiplier=s, delta=1e-5,
-                   accountant="pld") <= 0.9 * floor  # fmt: skip
+    s = noise_multiplier(
+        sampling_rate=0.1, steps=10, epsilon=0.9 * floor, delta=1e-5, accountant="pld"
+    )
+    assert (
+        epsilon(
+            sampling_rate=0.1,
+            steps=10,
+            noise_multiplier=s,
+            delta=1e-5,
+            accountant="pld",
+        )
+        <= 0.9 * floor
+    )
 
 
 def test_disk_cache_round_trip(tmp_path, monkeypatch):
@@ -236,7 +288,8 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch):
     path.write_text("{not json")
     clear_memory_cache()
     third = calibrate(**kw)
-    assert third.evaluations > 0 and third.noise_multiplier == first.noise_multiplier
+    assert third.evaluations > 0
+    assert third.noise_multiplier == first.noise_multiplier
     assert json.loads(path.read_text())["entries"]
 
 
@@ -274,7 +327,7 @@ def test_adaptive_clip_noise_split():
         adaptive_clip_noise_split(noise_multiplier=1.0, count_noise=0.5)
 
 
-# ---------------------------------------------------------------------------- Accountant
+# -------------------------------------------------------------------------- Accountant
 
 
 def test_accountant_steps_merge_and_match_opacus():
@@ -315,7 +368,9 @@ def test_would_exceed_stops_before_budget():
         acc.step(2.0, 0.05)
         steps += 1
     assert acc.epsilon(delta) <= budget
-    after = epsilon(sampling_rate=0.05, steps=steps + 1, noise_multiplier=2.0, delta=delta)
+    after = epsilon(
+        sampling_rate=0.05, steps=steps + 1, noise_multiplier=2.0, delta=delta
+    )
     assert after > budget
     assert steps > 0
     with pytest.raises(ValueError, match="epsilon_budget"):
@@ -369,7 +424,7 @@ def test_epsilons_groups_identical_histories(monkeypatch):
         assert eps[i] == ref
 
 
-# ------------------------------------------------------------------------- PrivacyConfig
+# ----------------------------------------------------------------------- PrivacyConfig
 
 
 def _errors(data, **kw):
@@ -384,10 +439,17 @@ def test_privacy_config_defaults_and_valid():
     cfg = PrivacyConfig.model_validate(
         {
             "accountant": "pld",
-            "sample_level": {"enabled": True, "epsilon": 3.0, "expected_batch_size": 32},
-            "user_level": {"enabled": True, "noise_multiplier": 1.0,
-                           "adaptive_clipping": {"enabled": True}},
-        },  # fmt: skip
+            "sample_level": {
+                "enabled": True,
+                "epsilon": 3.0,
+                "expected_batch_size": 32,
+            },
+            "user_level": {
+                "enabled": True,
+                "noise_multiplier": 1.0,
+                "adaptive_clipping": {"enabled": True},
+            },
+        },
         context={"expected_clients_per_round": 100},
     )
     assert cfg.enabled
@@ -399,23 +461,48 @@ def test_privacy_config_defaults_and_valid():
 @pytest.mark.parametrize(
     ("data", "loc", "text"),
     [
-        ({"sample_level": {"enabled": True}}, ("sample_level", "epsilon"), "exactly one"),
-        ({"sample_level": {"epsilon": 1.0, "noise_multiplier": 1.0}},
-         ("sample_level", "epsilon"), "not both"),  # fmt: skip
+        (
+            {"sample_level": {"enabled": True}},
+            ("sample_level", "epsilon"),
+            "exactly one",
+        ),
+        (
+            {"sample_level": {"epsilon": 1.0, "noise_multiplier": 1.0}},
+            ("sample_level", "epsilon"),
+            "not both",
+        ),
         ({"user_level": {"enabled": True}}, ("user_level", "epsilon"), "exactly one"),
-        ({"sample_level": {"epsilon": 0.0}}, ("sample_level", "epsilon"), "greater than 0"),
+        (
+            {"sample_level": {"epsilon": 0.0}},
+            ("sample_level", "epsilon"),
+            "greater than 0",
+        ),
         ({"user_level": {"delta": 1.0}}, ("user_level", "delta"), "less than 1"),
         ({"sample_level": {"delta": 0.0}}, ("sample_level", "delta"), "greater than 0"),
         ({"sample_level": {"clip": 1.0}}, ("sample_level", "clip"), "Extra"),
-        ({"sample_level": {"expected_batch_size": 8, "sampling_rate": 0.1}},
-         ("sample_level", "sampling_rate"), "at most one"),  # fmt: skip
+        (
+            {"sample_level": {"expected_batch_size": 8, "sampling_rate": 0.1}},
+            ("sample_level", "sampling_rate"),
+            "at most one",
+        ),
         ({"accountant": "gdp"}, ("accountant",), ""),
         ({"accountant": "prv", "conversion": "classic"}, ("conversion",), "rdp"),
-        ({"user_level": {"enabled": True, "noise_multiplier": 1.0,
-                         "adaptive_clipping": {"enabled": True, "count_noise": 0.5}}},
-         ("user_level", "adaptive_clipping"), "2 * count_noise"),  # fmt: skip
-        ({"user_level": {"adaptive_clipping": {"target_quantile": 1.0}}},
-         ("user_level", "adaptive_clipping", "target_quantile"), "less than 1"),  # fmt: skip
+        (
+            {
+                "user_level": {
+                    "enabled": True,
+                    "noise_multiplier": 1.0,
+                    "adaptive_clipping": {"enabled": True, "count_noise": 0.5},
+                }
+            },
+            ("user_level", "adaptive_clipping"),
+            "2 * count_noise",
+        ),
+        (
+            {"user_level": {"adaptive_clipping": {"target_quantile": 1.0}}},
+            ("user_level", "adaptive_clipping", "target_quantile"),
+            "less than 1",
+        ),
     ],
 )
 def test_privacy_config_errors_name_the_key(data, loc, text):
@@ -424,8 +511,13 @@ def test_privacy_config_errors_name_the_key(data, loc, text):
 
 
 def test_privacy_config_default_count_noise_checked_with_context():
-    data = {"user_level": {"enabled": True, "noise_multiplier": 1.0,
-                           "adaptive_clipping": {"enabled": True}}}  # fmt: skip
+    data = {
+        "user_level": {
+            "enabled": True,
+            "noise_multiplier": 1.0,
+            "adaptive_clipping": {"enabled": True},
+        }
+    }
     errs = _errors(data, context={"expected_clients_per_round": 10})  # σ_b = 0.5 ≤ z/2
     assert any(loc == ("user_level", "adaptive_clipping") for loc, _ in errs)
     PrivacyConfig.model_validate(data, context={"expected_clients_per_round": 50})
@@ -442,13 +534,33 @@ def _parse(argv):
 
 
 def test_cli_epsilon_json(capsys):
-    args = _parse(["--sampling-rate", "0.04", "--steps", "750", "--delta", "1e-5",
-                   "--noise-multiplier", "1.8408203125", "--json"])  # fmt: skip
+    args = _parse(
+        [
+            "--sampling-rate",
+            "0.04",
+            "--steps",
+            "750",
+            "--delta",
+            "1e-5",
+            "--noise-multiplier",
+            "1.8408203125",
+            "--json",
+        ]
+    )
     assert args.func is run_privacy
     assert run_privacy(args) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("computed", "sampling_rate", "steps", "delta", "noise_multiplier",
-                "epsilon", "accountant", "accountant_used", "note"):  # fmt: skip
+    for key in (
+        "computed",
+        "sampling_rate",
+        "steps",
+        "delta",
+        "noise_multiplier",
+        "epsilon",
+        "accountant",
+        "accountant_used",
+        "note",
+    ):
         assert key in out
     assert out["computed"] == "epsilon"
     assert out["epsilon"] == pytest.approx(2.996, abs=1e-3)
@@ -456,26 +568,49 @@ def test_cli_epsilon_json(capsys):
 
 
 def test_cli_noise_multiplier_text_and_json(capsys):
-    argv = ["--sampling-rate", "0.04", "--steps", "750", "--delta", "1e-5", "--epsilon", "3"]
+    argv = [
+        "--sampling-rate",
+        "0.04",
+        "--steps",
+        "750",
+        "--delta",
+        "1e-5",
+        "--epsilon",
+        "3",
+    ]
     assert run_privacy(_parse(argv)) == 0
     assert "noise_multiplier" in capsys.readouterr().out
     assert run_privacy(_parse([*argv, "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["computed"] == "noise_multiplier"
-    assert out["epsilon"] <= 3.0 and out["target_epsilon"] == 3.0
+    assert out["epsilon"] <= 3.0
+    assert out["target_epsilon"] == 3.0
     assert 1.82 < out["noise_multiplier"] <= 1.8408203125
 
 
 def test_cli_errors_and_registration(capsys):
-    args = _parse(["--sampling-rate", "0.04", "--steps", "750", "--delta", "2",
-                   "--epsilon", "3"])  # fmt: skip
+    args = _parse(
+        ["--sampling-rate", "0.04", "--steps", "750", "--delta", "2", "--epsilon", "3"]
+    )
     assert run_privacy(args) == 2
     assert "delta" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # exactly one of --noise-multiplier / --epsilon
         _parse(["--sampling-rate", "0.1", "--steps", "5", "--delta", "1e-5"])
     with pytest.raises(SystemExit):
-        _parse(["--sampling-rate", "0.1", "--steps", "5", "--delta", "1e-5",
-                "--epsilon", "1", "--noise-multiplier", "1"])  # fmt: skip
+        _parse(
+            [
+                "--sampling-rate",
+                "0.1",
+                "--steps",
+                "5",
+                "--delta",
+                "1e-5",
+                "--epsilon",
+                "1",
+                "--noise-multiplier",
+                "1",
+            ]
+        )
     handlers = {}
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub, handlers)
@@ -483,7 +618,18 @@ def test_cli_errors_and_registration(capsys):
 
 
 def test_cli_infinite_epsilon_is_valid_json(capsys):
-    args = _parse(["--sampling-rate", "0.1", "--steps", "5", "--delta", "1e-5",
-                   "--noise-multiplier", "0", "--json"])  # fmt: skip
+    args = _parse(
+        [
+            "--sampling-rate",
+            "0.1",
+            "--steps",
+            "5",
+            "--delta",
+            "1e-5",
+            "--noise-multiplier",
+            "0",
+            "--json",
+        ]
+    )
     assert run_privacy(args) == 0
     assert json.loads(capsys.readouterr().out)["epsilon"] == "inf"

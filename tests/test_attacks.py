@@ -1,4 +1,4 @@
-"""Byzantine attacks: worked examples of ALGORITHMS.md §5.2, numpy statistics, invariants."""
+"""Attacks: ALGORITHMS.md §5.2 worked examples, numpy statistics, invariants."""
 
 from __future__ import annotations
 
@@ -46,7 +46,9 @@ def test_alie_z_undefined_cases() -> None:
 
 def _honest_byz(h: int, b: int, d: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
     rng = numpy_rng(0, "eval", key)
-    return torch.from_numpy(rng.normal(size=(h, d))), torch.from_numpy(rng.normal(size=(b, d)))
+    return torch.from_numpy(rng.normal(size=(h, d))), torch.from_numpy(
+        rng.normal(size=(b, d))
+    )
 
 
 def test_alie_is_mu_minus_z_sigma() -> None:
@@ -67,12 +69,17 @@ def test_ipm_is_minus_epsilon_honest_mean() -> None:
 
 def test_sign_flip_scaling_and_passive_kinds() -> None:
     honest, byz = _honest_byz(4, 2, 5, 3)
-    torch.testing.assert_close(attack_updates("sign_flip", honest, byz, n_total=6, params={}), -byz)
     torch.testing.assert_close(
-        attack_updates("scaling", honest, byz, n_total=6, params={"scale": 7.0}), 7.0 * byz
+        attack_updates("sign_flip", honest, byz, n_total=6, params={}), -byz
+    )
+    torch.testing.assert_close(
+        attack_updates("scaling", honest, byz, n_total=6, params={"scale": 7.0}),
+        7.0 * byz,
     )
     for kind in ("none", "label_flip"):
-        torch.testing.assert_close(attack_updates(kind, honest, byz, n_total=6, params={}), byz)
+        torch.testing.assert_close(
+            attack_updates(kind, honest, byz, n_total=6, params={}), byz
+        )
     with pytest.raises(ValueError, match="unknown attack kind"):
         attack_updates("gaussian", honest, byz, n_total=6, params={})
     with pytest.raises(ValueError, match="n_total"):
@@ -89,7 +96,8 @@ def test_flip_labels() -> None:
 
 def test_byzantine_ids() -> None:
     ids = byzantine_ids(25, 0.2, None, stream(0, "attack"))
-    assert len(ids) == 5 and all(0 <= i < 25 for i in ids)
+    assert len(ids) == 5
+    assert all(0 <= i < 25 for i in ids)
     assert byzantine_ids(25, 0.2, None, stream(0, "attack")) == ids  # same stream
     assert byzantine_ids(100, 0.29, None, numpy_rng(0, "attack")).__len__() == 29
     assert byzantine_ids(10, 0.0, None, None) == frozenset()
@@ -115,7 +123,9 @@ def test_attack_config_validation() -> None:
     with pytest.raises(ValidationError, match="no client is Byzantine"):
         AttackConfig(kind="alie")
     assert check_attack(AttackConfig(kind="alie", ids=[1, 30]), 25) is not None
-    assert "attack.fraction" in (check_attack(AttackConfig(kind="alie", fraction=0.01), 25) or "")
+    assert "attack.fraction" in (
+        check_attack(AttackConfig(kind="alie", fraction=0.01), 25) or ""
+    )
     assert check_attack(AttackConfig(kind="alie", fraction=0.2), 25) is None
 
 
@@ -127,9 +137,14 @@ def _sgd() -> ServerStep:
 
 
 def _round(deltas: torch.Tensor, ids: list[int]) -> ServerRound:
-    return ServerRound(round=0, params=torch.zeros(deltas.shape[1], dtype=deltas.dtype),
-                       deltas=deltas, weights=torch.ones(deltas.shape[0], dtype=deltas.dtype),
-                       client_ids=ids, num_clients=40)
+    return ServerRound(
+        round=0,
+        params=torch.zeros(deltas.shape[1], dtype=deltas.dtype),
+        deltas=deltas,
+        weights=torch.ones(deltas.shape[0], dtype=deltas.dtype),
+        client_ids=ids,
+        num_clients=40,
+    )
 
 
 def test_attack_step_replaces_only_byzantine_rows_by_client_id() -> None:
@@ -137,7 +152,9 @@ def test_attack_step_replaces_only_byzantine_rows_by_client_id() -> None:
     x = torch.from_numpy(rng.normal(size=(6, 4)))
     x0 = x.clone()
     ids = [30, 2, 17, 5, 11, 8]
-    step = attack_step(frozenset({17, 8, 39}), AttackConfig(kind="sign_flip", ids=[17, 8, 39]))
+    step = attack_step(
+        frozenset({17, 8, 39}), AttackConfig(kind="sign_flip", ids=[17, 8, 39])
+    )
     rnd, _, m = step.apply(_round(x, ids), step.init(x[0]), stream(0, "server", 0))
     assert m["attack/num_byzantine"] == 2.0
     expected = x.clone()
@@ -156,19 +173,26 @@ def test_attack_step_composes_with_rules() -> None:
     byz = frozenset(range(20, 25))
     honest_mean = x[:20].mean(0)
     ipm = AttackConfig(kind="ipm", ids=sorted(byz), epsilon=100.0)
-    for rule, params, far in [("mean", {}, True), ("median", {}, False),
-                              ("krum", {"num_byzantine": 5}, False)]:
-        pipe = Pipeline([attack_step(byz, ipm), rule_step(rule, params, "uniform"), _sgd()])
+    for rule, params, far in [
+        ("mean", {}, True),
+        ("median", {}, False),
+        ("krum", {"num_byzantine": 5}, False),
+    ]:
+        pipe = Pipeline(
+            [attack_step(byz, ipm), rule_step(rule, params, "uniform"), _sgd()]
+        )
         rnd, _, m = pipe.apply(_round(x, ids), pipe.init(x[0]), stream(0, "server", 0))
         dist = float(torch.linalg.vector_norm(rnd.aggregate - honest_mean))
         assert (dist > 10.0) == far, (rule, dist)
         assert m["attack/num_byzantine"] == 5.0
     alie = AttackConfig(kind="alie", ids=sorted(byz))
-    pipe = Pipeline([attack_step(byz, alie), rule_step("median", {}, "uniform"), _sgd()])
+    pipe = Pipeline(
+        [attack_step(byz, alie), rule_step("median", {}, "uniform"), _sgd()]
+    )
     rnd, _, m = pipe.apply(_round(x, ids), pipe.init(x[0]), stream(0, "server", 0))
     assert m["attack/alie_z"] == pytest.approx(0.253, abs=1e-3)
-    # Independent numpy recomputation: 5 rows of mu - z sigma (z of n=25, f=5) replace the
-    # Byzantine rows, then the coordinate-wise median.
+    # Independent numpy recomputation: 5 rows of mu - z sigma (z of n=25, f=5) replace
+    # the Byzantine rows, then the coordinate-wise median.
     h = x[:20].numpy()
     sent = h.mean(0) - 0.2533471031357998 * h.std(0, ddof=1)
     expected = np.median(np.vstack([h, np.tile(sent, (5, 1))]), axis=0)
@@ -183,4 +207,5 @@ def test_attack_step_ignores_nan_honest_rows_and_label_flip_is_client_side() -> 
     torch.testing.assert_close(rnd.deltas[4], torch.full((3,), -0.1, dtype=F64))
     lf = attack_step(frozenset({4}), AttackConfig(kind="label_flip", ids=[4]))
     rnd, _, m = lf.apply(_round(x, [0, 1, 2, 3, 4]), (), stream(0, "server", 0))
-    assert rnd.deltas is x and m["attack/num_byzantine"] == 1.0
+    assert rnd.deltas is x
+    assert m["attack/num_byzantine"] == 1.0

@@ -59,10 +59,12 @@ def half_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def make_clients(seed: int = 0):
     rng = np.random.default_rng(seed)
     clients = []
-    for scale, shift in ((np.array([1.0, 0.3, 0.6]), 2.0), (np.array([0.4, 1.2, 0.5]), -1.0)):
+    setups = ((np.array([1.0, 0.3, 0.6]), 2.0), (np.array([0.4, 1.2, 0.5]), -1.0))
+    for scale, shift in setups:
         x = rng.normal(size=(40, D)) * scale
         y = x @ rng.normal(size=D) + shift + 0.1 * rng.normal(size=40)
-        clients.append((torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)))
+        as_t = torch.tensor
+        clients.append((as_t(x, dtype=torch.float32), as_t(y, dtype=torch.float32)))
     return clients
 
 
@@ -76,8 +78,10 @@ def closed_forms(clients, lr: float, steps: int):
     eye = np.eye(D)
     q = [np.linalg.matrix_power(eye - lr * a, steps) for a in mats]
     lhs = sum(eye - qi for qi in q)
-    x_fa = np.linalg.solve(lhs, sum((eye - qi) @ ai for qi, ai in zip(q, opts, strict=True)))
-    x_star = np.linalg.solve(sum(mats), sum(a @ ai for a, ai in zip(mats, opts, strict=True)))
+    rhs_fa = sum((eye - qi) @ ai for qi, ai in zip(q, opts, strict=True))
+    x_fa = np.linalg.solve(lhs, rhs_fa)
+    rhs_star = sum(a @ ai for a, ai in zip(mats, opts, strict=True))
+    x_star = np.linalg.solve(sum(mats), rhs_star)
     return x_fa, x_star
 
 
@@ -91,8 +95,13 @@ def mean_and_fedavg() -> ServerStep:
     return ServerStep(name="fedavg", init=lambda p: (), apply=apply)
 
 
-def simulate(corrections: list[Correction], server_steps: list[ServerStep], rounds: int,
-             lr: float = 0.1, steps: int = 10) -> np.ndarray:
+def simulate(
+    corrections: list[Correction],
+    server_steps: list[ServerStep],
+    rounds: int,
+    lr: float = 0.1,
+    steps: int = 10,
+) -> np.ndarray:
     """Hand-written client loop (oracle → corrections → SGD) and server pipeline."""
     clients = make_clients()
     model = FlatModel(nn.Linear(D, 1, bias=False))
@@ -107,8 +116,15 @@ def simulate(corrections: list[Correction], server_steps: list[ServerStep], roun
     for t in range(rounds):
         deltas, extras = [], []
         for i, batch in enumerate(clients):
-            ctx = UpdateContext(model=model, x_global=x, round=t, client_id=i,
-                                num_samples=40, broadcast=broadcast, client_state=states[i])
+            ctx = UpdateContext(
+                model=model,
+                x_global=x,
+                round=t,
+                client_id=i,
+                num_samples=40,
+                broadcast=broadcast,
+                client_state=states[i],
+            )
             ostate = oracle.init(ctx)
             cstates = [c.init(ctx) for c in corrections]
             w = x.clone()
@@ -126,8 +142,15 @@ def simulate(corrections: list[Correction], server_steps: list[ServerStep], roun
             deltas.append(w - x)
             extras.append(extra)
         stacked = {k: torch.stack([e[k] for e in extras]) for k in extras[0]}
-        rnd = ServerRound(round=t, params=x, deltas=torch.stack(deltas), weights=torch.ones(2),
-                          client_ids=[0, 1], num_clients=2, extras=stacked)
+        rnd = ServerRound(
+            round=t,
+            params=x,
+            deltas=torch.stack(deltas),
+            weights=torch.ones(2),
+            client_ids=[0, 1],
+            num_clients=2,
+            extras=stacked,
+        )
         rnd, pstate, _ = pipeline.apply(rnd, pstate, stream(0, "server", t))
         x, broadcast = rnd.new_params, rnd.broadcast
     return x.double().numpy()
@@ -139,23 +162,37 @@ def test_scaffold_removes_the_client_drift_of_fedavg():
     assert np.linalg.norm(x_fa - x_star) > 0.1  # FedAvg's drift is real here
     x_avg = simulate([], [], rounds=150, lr=lr, steps=steps)
     np.testing.assert_allclose(x_avg, x_fa, atol=1e-4)
-    x_scaffold = simulate([scaffold()], [scaffold_server()], rounds=150, lr=lr, steps=steps)
+    x_scaffold = simulate(
+        [scaffold()], [scaffold_server()], rounds=150, lr=lr, steps=steps
+    )
     np.testing.assert_allclose(x_scaffold, x_star, atol=1e-4)
 
 
 def test_feddyn_reaches_the_global_optimum():
     lr, steps, alpha = 0.1, 10, 0.5
     x_fa, x_star = closed_forms(make_clients(), lr, steps)
-    x_dyn = simulate([feddyn(alpha=alpha)], [feddyn_server(alpha=alpha)], rounds=300, lr=lr,
-                     steps=steps)
+    x_dyn = simulate(
+        [feddyn(alpha=alpha)],
+        [feddyn_server(alpha=alpha)],
+        rounds=300,
+        lr=lr,
+        steps=steps,
+    )
     np.testing.assert_allclose(x_dyn, x_star, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- unit facts
 def ctx_for(x, broadcast=None, client_state=None) -> UpdateContext:
     model = FlatModel(nn.Linear(2, 1, bias=False))
-    return UpdateContext(model=model, x_global=x, round=3, client_id=1, num_samples=5,
-                         broadcast=broadcast or {}, client_state=client_state or {})
+    return UpdateContext(
+        model=model,
+        x_global=x,
+        round=3,
+        client_id=1,
+        num_samples=5,
+        broadcast=broadcast or {},
+        client_state=client_state or {},
+    )
 
 
 def test_scaffold_adjust_and_option_two_update():
@@ -206,7 +243,8 @@ def test_mofedsam_mixes_in_the_normalised_previous_update():
     ctx = ctx_for(x, {"prev_global_update": u, PREV_STEPS_LR: torch.tensor([2.0])})
     corr = mofedsam(alpha=0.1)
     g = torch.tensor([1.0, 1.0])
-    torch.testing.assert_close(corr.adjust(g, x, corr.init(ctx), ctx), 0.1 * g - 0.9 * u / 2.0)
+    expected = 0.1 * g - 0.9 * u / 2.0
+    torch.testing.assert_close(corr.adjust(g, x, corr.init(ctx), ctx), expected)
     first = ctx_for(x)
     torch.testing.assert_close(corr.adjust(g, x, corr.init(first), first), 0.1 * g)
     _, extras = corr.finish(x, 8, 0.05, None, ctx)
@@ -217,8 +255,14 @@ def test_mofedsam_mixes_in_the_normalised_previous_update():
 
 
 def server_round(**kw) -> ServerRound:
-    base = dict(round=0, params=torch.tensor([1.0, 1.0]), deltas=torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
-                weights=torch.ones(2), client_ids=[4, 7], num_clients=10)
+    base = dict(
+        round=0,
+        params=torch.tensor([1.0, 1.0]),
+        deltas=torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+        weights=torch.ones(2),
+        client_ids=[4, 7],
+        num_clients=10,
+    )
     base.update(kw)
     return ServerRound(**base)
 
@@ -233,7 +277,8 @@ def test_scaffold_server_averages_over_the_population():
     assert torch.equal(out.broadcast[SCAFFOLD_C], c)
     assert out.new_params is None
     step_lr = scaffold_server(server_lr=0.5)
-    out, _, _ = step_lr.apply(rnd.with_(aggregate=torch.tensor([2.0, 4.0])), c0, stream(0, "server"))
+    with_agg = rnd.with_(aggregate=torch.tensor([2.0, 4.0]))
+    out, _, _ = step_lr.apply(with_agg, c0, stream(0, "server"))
     torch.testing.assert_close(out.new_params, torch.tensor([2.0, 3.0]))
     with pytest.raises(ValueError, match="scaffold_dc"):
         step.apply(server_round(), c0, stream(0, "server"))
@@ -246,14 +291,15 @@ def test_feddyn_server_dual_and_model():
     out, h, _ = step.apply(rnd, h0, stream(0, "server"))
     expected_h = -(0.5 / 10) * torch.tensor([1.0, 2.0])
     torch.testing.assert_close(h, expected_h)
-    torch.testing.assert_close(out.new_params, torch.tensor([1.5, 2.0]) - expected_h / 0.5)
+    expected_x = torch.tensor([1.5, 2.0]) - expected_h / 0.5
+    torch.testing.assert_close(out.new_params, expected_x)
 
 
 def test_fedsmoo_server_normalises_the_mean_dual():
     mu = torch.tensor([[3.0, 0.0], [1.0, 0.0]])
     step = fedsmoo_server(rho=0.2, eps=0.0)
-    out, s, _ = step.apply(server_round(extras={FEDSMOO_MU: mu}), step.init(torch.zeros(2)),
-                           stream(0, "server"))
+    rnd = server_round(extras={FEDSMOO_MU: mu})
+    out, s, _ = step.apply(rnd, step.init(torch.zeros(2)), stream(0, "server"))
     torch.testing.assert_close(s, torch.tensor([0.2, 0.0]))
     assert torch.equal(out.broadcast[FEDSMOO_S], s)
 
@@ -261,9 +307,12 @@ def test_fedsmoo_server_normalises_the_mean_dual():
 def test_prev_update_broadcast():
     step = prev_update_broadcast()
     kl = torch.tensor([[1.0], [3.0]])
-    rnd = server_round(new_params=torch.tensor([0.5, 3.0]), extras={MOFEDSAM_STEPS_LR: kl})
+    rnd = server_round(
+        new_params=torch.tensor([0.5, 3.0]), extras={MOFEDSAM_STEPS_LR: kl}
+    )
     out, _, _ = step.apply(rnd, (), stream(0, "server"))
-    torch.testing.assert_close(out.broadcast["prev_global_update"], torch.tensor([-0.5, 2.0]))
+    update = out.broadcast["prev_global_update"]
+    torch.testing.assert_close(update, torch.tensor([-0.5, 2.0]))
     torch.testing.assert_close(out.broadcast[PREV_STEPS_LR], torch.tensor([2.0]))
     with pytest.raises(ValueError, match="after the optimizer"):
         step.apply(server_round(), (), stream(0, "server"))
@@ -282,7 +331,10 @@ def test_every_preset_validates_and_builds():
             assert SwaConfig(**preset["swa"]).enabled
         assert built.passes >= 1, name
     assert OracleConfig(**PRESETS["fedlesam"]["oracle"]).name == "lesam"
-    assert len(build_local_rule(OracleConfig(name="fedsmoo"), CorrectionConfig(feddyn_alpha=0.1))[1]) == 2
+    smoo = build_local_rule(
+        OracleConfig(name="fedsmoo"), CorrectionConfig(feddyn_alpha=0.1)
+    )
+    assert len(smoo[1]) == 2
 
 
 def test_configs_reject_unknown_keys_and_bad_values():
@@ -295,3 +347,41 @@ def test_configs_reject_unknown_keys_and_bad_values():
     with pytest.raises(ValidationError):
         SwaConfig(start=1.5)
     assert isinstance(SwaConfig(start=7500).start, int)
+
+
+def test_stateful_corrections_survive_the_client_loop_next_to_fedprox():
+    # Through the real client loop: every stateful correction's new client state must
+    # reach the result although fedprox returns a copy of the old state.
+    from fedflat.client.optim import sgd
+    from fedflat.client.update import LocalRule, LocalSchedule, client_update
+
+    oracle, corrections = build_local_rule(
+        OracleConfig(name="sam", rho=0.05),
+        CorrectionConfig(prox_mu=0.1, scaffold=True, feddyn_alpha=0.1),
+    )
+    rule = LocalRule(
+        oracle=oracle,
+        corrections=corrections,
+        optimizer=sgd(momentum=0.0, weight_decay=0.0),
+        schedule=LocalSchedule(batch_size=10, epochs=1),
+    )
+    x, y = make_clients()[0]
+    model = FlatModel(nn.Linear(D, 1, bias=False))
+    model.loss_fn = half_mse
+    old = {SCAFFOLD_CI: torch.ones(D), FEDDYN_GRAD: torch.ones(D), "other": torch.ones(1)}
+    ctx = UpdateContext(
+        model=model,
+        x_global=torch.zeros(D),
+        round=0,
+        client_id=0,
+        num_samples=len(y),
+        client_state=old,
+    )
+    res = client_update(rule, ctx, x, y, lr=0.05, gen=stream(0, "client", 0, 0))
+    assert res.steps == 4
+    y_final = res.delta  # x_global = 0
+    expected_ci = old[SCAFFOLD_CI] - y_final / (4 * 0.05)  # c = 0
+    torch.testing.assert_close(res.client_state[SCAFFOLD_CI], expected_ci)
+    torch.testing.assert_close(res.client_state[FEDDYN_GRAD], old[FEDDYN_GRAD] - 0.1 * y_final)
+    assert torch.equal(res.client_state["other"], old["other"])
+    torch.testing.assert_close(res.extras[SCAFFOLD_DC], expected_ci - old[SCAFFOLD_CI])

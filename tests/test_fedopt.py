@@ -34,7 +34,7 @@ def run_steps(step, first_round: int = 0):
 
 
 def hand(kind: str, lr, b1, b2, tau, bias, v0):
-    """Reddi et al. Algorithm 2 written out with numpy (Keras bias correction if asked)."""
+    """Reddi et al. Algorithm 2 in numpy (Keras bias correction if asked)."""
     x, m, v = X0.copy(), np.zeros(4), np.full(4, v0)
     for t, d in enumerate(AGGREGATES, start=1):
         m = b1 * m + (1 - b1) * d
@@ -55,8 +55,10 @@ def hand(kind: str, lr, b1, b2, tau, bias, v0):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fedadam_matches_hand_computation(bias):
-    got, state = run_steps(fedadam(lr=0.3, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction=bias))
-    np.testing.assert_allclose(got, hand("adam", 0.3, 0.9, 0.99, 1e-3, bias, 0.0), rtol=1e-12)
+    step = fedadam(lr=0.3, beta1=0.9, beta2=0.99, tau=1e-3, bias_correction=bias)
+    got, state = run_steps(step)
+    expected = hand("adam", 0.3, 0.9, 0.99, 1e-3, bias, 0.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
     assert state.count == 3
 
 
@@ -65,22 +67,32 @@ def test_fedyogi_matches_hand_computation(bias):
     step = fedyogi(lr=0.05, beta1=0.8, beta2=0.9, tau=1e-2, bias_correction=bias,
                    initial_accumulator=0.3)
     got, _ = run_steps(step)
-    np.testing.assert_allclose(got, hand("yogi", 0.05, 0.8, 0.9, 1e-2, bias, 0.3), rtol=1e-12)
+    expected = hand("yogi", 0.05, 0.8, 0.9, 1e-2, bias, 0.3)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_fedadagrad_matches_hand_computation(bias):
-    step = fedadagrad(lr=0.1, beta1=0.5, tau=1e-2, bias_correction=bias, initial_accumulator=0.1)
+    step = fedadagrad(
+        lr=0.1, beta1=0.5, tau=1e-2, bias_correction=bias, initial_accumulator=0.1
+    )
     got, _ = run_steps(step)
-    np.testing.assert_allclose(got, hand("adagrad", 0.1, 0.5, 0.0, 1e-2, bias, 0.1), rtol=1e-12)
+    expected = hand("adagrad", 0.1, 0.5, 0.0, 1e-2, bias, 0.1)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
 
 
 def test_first_fedadam_step_is_lr_times_sign_without_decay_memory():
     # With bias correction and τ → 0 Adam's first step is η·Δ/|Δ| (a classic Adam fact).
     one = fedadam(lr=0.01, tau=1e-12, bias_correction=True)
-    rnd = ServerRound(round=0, params=torch.zeros(2, dtype=torch.float64), deltas=torch.zeros(1, 2),
-                      weights=torch.ones(1), client_ids=[0], num_clients=1,
-                      aggregate=torch.tensor([3.0, -0.5], dtype=torch.float64))
+    rnd = ServerRound(
+        round=0,
+        params=torch.zeros(2, dtype=torch.float64),
+        deltas=torch.zeros(1, 2),
+        weights=torch.ones(1),
+        client_ids=[0],
+        num_clients=1,
+        aggregate=torch.tensor([3.0, -0.5], dtype=torch.float64),
+    )
     out, _, _ = one.apply(rnd, one.init(rnd.params), stream(0, "server"))
     np.testing.assert_allclose(out.new_params.numpy(), [0.01, -0.01], rtol=1e-9)
 
@@ -109,23 +121,35 @@ def test_fedopt_rejects_bad_hyperparameters_and_missing_aggregate():
 
 # --------------------------------------------------------------------------- SWA
 def test_swa_client_lr_decays_linearly_within_each_cycle():
-    lrs = [swa_client_lr(r, base_lr=0.1, swa_lr=0.0, start_round=8, cycle=4) for r in range(16)]
+    lrs = [
+        swa_client_lr(r, base_lr=0.1, swa_lr=0.0, start_round=8, cycle=4)
+        for r in range(16)
+    ]
     assert lrs[:8] == [0.1] * 8
     np.testing.assert_allclose(lrs[8:12], [0.075, 0.05, 0.025, 0.0])
     np.testing.assert_allclose(lrs[12:16], [0.075, 0.05, 0.025, 0.0])
 
 
 def test_swa_collection_rounds_for_both_conventions():
-    low = [r for r in range(20) if swa_collects(r, start_round=8, cycle=4, collect="lowest_lr")]
-    official = [r for r in range(20) if swa_collects(r, start_round=8, cycle=4, collect="official")]
+    def rounds(collect: str) -> list[int]:
+        return [
+            r
+            for r in range(20)
+            if swa_collects(r, start_round=8, cycle=4, collect=collect)
+        ]
+
+    low, official = rounds("lowest_lr"), rounds("official")
     assert low == [11, 15, 19]
     assert official == [8, 12, 16]
     # lowest_lr collects exactly the rounds trained at swa_lr
     for r in low:
-        assert swa_client_lr(r, base_lr=0.1, swa_lr=1e-4, start_round=8, cycle=4) == pytest.approx(1e-4)
+        lr = swa_client_lr(r, base_lr=0.1, swa_lr=1e-4, start_round=8, cycle=4)
+        assert lr == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize(("collect", "rounds"), [("lowest_lr", [5, 8]), ("official", [3, 6, 9])])
+@pytest.mark.parametrize(
+    ("collect", "rounds"), [("lowest_lr", [5, 8]), ("official", [3, 6, 9])]
+)
 def test_swa_step_averages_the_collected_global_models(collect, rounds):
     step = swa_step(start_round=3, cycle=3, collect=collect)
     state = step.init(torch.zeros(2))

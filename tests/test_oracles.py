@@ -2,8 +2,8 @@
 
 The quadratic is linear least squares through a real ``FlatModel``:
 ``L(w) = ½ mean((Xw − y)²) = ½ (w − a)ᵀ A (w − a) + const`` with ``A = XᵀX/n`` (X
-augmented by a column of ones when the layer has a bias). Its gradient ``A w − Xᵀy/n`` is
-computed independently in float64 numpy.
+augmented by a column of ones when the layer has a bias). Its gradient ``A w − Xᵀy/n``
+is computed independently in float64 numpy.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def half_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class Problem:
     """Linear least squares with its float64 closed forms."""
 
-    def __init__(self, d: int = 5, n: int = 32, bias: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, d: int = 5, n: int = 32, bias: bool = False, seed: int = 0
+    ) -> None:
         rng = np.random.default_rng(seed)
         self.x = torch.tensor(rng.normal(size=(n, d)), dtype=torch.float32)
         self.y = torch.tensor(rng.normal(size=n), dtype=torch.float32)
@@ -54,7 +56,8 @@ class Problem:
         self.xa = xa
         self.a_mat = xa.T @ xa / n
         self.b = xa.T @ self.y.double().numpy() / n
-        self.w = torch.tensor(rng.normal(size=self.model.num_params), dtype=torch.float32)
+        w = rng.normal(size=self.model.num_params)
+        self.w = torch.tensor(w, dtype=torch.float32)
 
     def grad(self, w: np.ndarray) -> np.ndarray:
         return self.a_mat @ w - self.b
@@ -69,7 +72,12 @@ class Problem:
 
     def ctx(self, **kw) -> UpdateContext:
         return UpdateContext(
-            model=self.model, x_global=self.w.clone(), round=0, client_id=0, num_samples=32, **kw
+            model=self.model,
+            x_global=self.w.clone(),
+            round=0,
+            client_id=0,
+            num_samples=32,
+            **kw,
         )
 
 
@@ -90,7 +98,8 @@ def run(oracle, prob: Problem, ctx: UpdateContext | None = None):
     ctx = ctx or prob.ctx()
     state = oracle.init(ctx)
     w_before = prob.w.clone()
-    loss, g, state, metrics = oracle.grad(prob.w, prob.batch, state, stream(0, "client"), ctx)
+    gen = stream(0, "client")
+    loss, g, state, metrics = oracle.grad(prob.w, prob.batch, state, gen, ctx)
     assert torch.equal(prob.w, w_before), "the oracle mutated w"
     return loss, g, state, metrics
 
@@ -113,7 +122,7 @@ def test_sam_matches_closed_form_on_quadratic():
     assert metrics["sam_loss_gap"] == pytest.approx(gap, rel=1e-3)
 
 
-def test_sam_weight_decay_in_perturbation_gives_gradient_of_l2_loss_at_perturbed_point():
+def test_sam_wd_in_perturbation_gives_gradient_of_l2_loss_at_perturbed_point():
     prob = Problem()
     rho, lam = 0.2, 0.1
     w = prob.w.double().numpy()
@@ -126,7 +135,9 @@ def test_sam_weight_decay_in_perturbation_gives_gradient_of_l2_loss_at_perturbed
 
 
 def small_bn_cnn() -> FlatModel:
-    module = build_model("cnn", (1, 8, 8), 3, channels=(2, 4), hidden=(8,), norm="batch")
+    module = build_model(
+        "cnn", (1, 8, 8), 3, channels=(2, 4), hidden=(8,), norm="batch"
+    )
     model = FlatModel(module)
     model.module.train()
     return model
@@ -134,15 +145,20 @@ def small_bn_cnn() -> FlatModel:
 
 def cnn_batch(seed: int = 0, n: int = 6):
     gen = stream(seed, "data")
-    return torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    x = torch.randn(n, 1, 8, 8, generator=gen)
+    return x, torch.randint(0, 3, (n,), generator=gen)
 
 
 def test_sam_with_rho_zero_equals_plain_sgd_exactly():
     model_a, model_b = small_bn_cnn(), small_bn_cnn()
     w0 = model_a.init_params(stream(0, "init"))
     model_b.set_buffers(model_a.get_buffers())
-    ctx_a = UpdateContext(model=model_a, x_global=w0, round=0, client_id=0, num_samples=6)
-    ctx_b = UpdateContext(model=model_b, x_global=w0, round=0, client_id=0, num_samples=6)
+    ctx_a = UpdateContext(
+        model=model_a, x_global=w0, round=0, client_id=0, num_samples=6
+    )
+    ctx_b = UpdateContext(
+        model=model_b, x_global=w0, round=0, client_id=0, num_samples=6
+    )
     o_sam, o_sgd = sam(rho=0.0), plain()
     s_sam, s_sgd = o_sam.init(ctx_a), o_sgd.init(ctx_b)
     wa, wb = w0.clone(), w0.clone()
@@ -375,19 +391,34 @@ def test_fedsmoo_corrects_the_ascent_and_carries_its_dual_to_the_correction():
         w = w - 0.1 * g
         w_np = w.double().numpy()
     assert torch.equal(pair.correction.adjust(g, w, (), ctx), g)
-    new_state, extras = pair.correction.finish(w, 2, 0.1, pair.correction.init(ctx), ctx)
+    cstate = pair.correction.init(ctx)
+    new_state, extras = pair.correction.finish(w, 2, 0.1, cstate, ctx)
     close(new_state[FEDSMOO_MU], mu, rtol=1e-4)
     assert torch.equal(extras[FEDSMOO_MU], new_state[FEDSMOO_MU])
 
 
 # --------------------------------------------------------------------------- registry
 def test_registry_builds_every_oracle_with_its_pass_count():
-    expected = {"sgd": 1, "sam": 2, "asam": 2, "gam": 4, "sam_on": 2, "fisher_sam": 2, "lesam": 1}
+    expected = {
+        "sgd": 1,
+        "sam": 2,
+        "asam": 2,
+        "gam": 4,
+        "sam_on": 2,
+        "fisher_sam": 2,
+        "lesam": 1,
+    }
     params = {
         "sgd": {},
         "sam": {"rho": 0.05},
         "asam": {"rho": 0.5, "eta": 0.01},
-        "gam": {"grad_rho": 0.03, "grad_norm_rho": 0.2, "beta0": 0.1, "beta1": 0.1, "gamma": 0.05},
+        "gam": {
+            "grad_rho": 0.03,
+            "grad_norm_rho": 0.2,
+            "beta0": 0.1,
+            "beta1": 0.1,
+            "gamma": 0.05,
+        },
         "sam_on": {"rho": 1.0},
         "fisher_sam": {"rho": 0.1, "eta_f": 1.0},
         "lesam": {"rho": 0.5},
@@ -413,7 +444,11 @@ def test_zero_gradient_gives_no_perturbation_instead_of_nan():
     prob = Problem()
     prob.x = torch.zeros_like(prob.x)  # zero inputs and targets: ∇L is exactly 0
     prob.y = torch.zeros_like(prob.y)
-    oracles = (sam(rho=0.5, eps=0.0), asam(rho=0.5, eps=0.0), fisher_sam(rho=0.5, eps=0.0))
+    oracles = (
+        sam(rho=0.5, eps=0.0),
+        asam(rho=0.5, eps=0.0),
+        fisher_sam(rho=0.5, eps=0.0),
+    )
     for oracle in oracles:
         points = record_points(prob.model)
         _, g, _, _ = run(oracle, prob)

@@ -1,4 +1,4 @@
-"""Aggregation rules: checked against numpy/scipy computations, closed forms, invariants."""
+"""Aggregation rules against numpy/scipy computations, closed forms and invariants."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _params(rule: str, f: int = 1) -> dict:
     return {"num_byzantine": f} if rule in ("krum", "multi_krum", "bulyan") else {}
 
 
-# --------------------------------------------------------------------- median / trimmed
+# -------------------- median / trimmed
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10])
@@ -55,7 +55,9 @@ def test_median_matches_numpy(n: int) -> None:
 
 def test_median_with_ties_matches_numpy() -> None:
     x = torch.from_numpy(numpy_rng(0, "eval", 1).integers(0, 3, size=(8, 500))).to(F64)
-    np.testing.assert_array_equal(aggregate(x, "median").numpy(), np.median(x.numpy(), 0))
+    np.testing.assert_array_equal(
+        aggregate(x, "median").numpy(), np.median(x.numpy(), 0)
+    )
 
 
 @pytest.mark.parametrize("n", [5, 6])
@@ -68,6 +70,25 @@ def test_weighted_median_equals_median_of_repeated_rows(n: int) -> None:
     expected = np.median(np.repeat(x, w, axis=0), axis=0)
     got = aggregate(torch.from_numpy(x), "median", torch.from_numpy(w).to(F64))
     np.testing.assert_allclose(got.numpy(), expected)
+
+
+def test_blockwise_statistics_cover_every_coordinate() -> None:
+    # d spans several coordinate blocks and ends in a partial one.
+    rng = numpy_rng(0, "eval", 25)
+    d = 3 * 8192 + 5
+    x, w = rng.normal(size=(6, d)), np.array([1.0, 2.0, 0.0, 3.0, 1.0, 1.0])
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    np.testing.assert_allclose(aggregate(xt, "median").numpy(), np.median(x, 0))
+    np.testing.assert_allclose(
+        aggregate(xt, "median", wt).numpy(),
+        np.median(np.repeat(x, [1, 2, 0, 3, 1, 1], 0), 0),
+    )
+    np.testing.assert_allclose(
+        aggregate(xt, "trimmed_mean", trim_ratio=0.2).numpy(),
+        stats.trim_mean(x, 0.2, axis=0),
+        rtol=1e-12,
+        atol=1e-14,
+    )
 
 
 def test_weighted_median_minimises_weighted_l1() -> None:
@@ -84,7 +105,9 @@ def test_weighted_median_minimises_weighted_l1() -> None:
     np.testing.assert_allclose(cost(m), best, rtol=1e-12)
 
 
-@pytest.mark.parametrize(("n", "beta"), [(10, 0.1), (10, 0.2), (11, 0.25), (7, 0.0), (20, 0.45)])
+@pytest.mark.parametrize(
+    ("n", "beta"), [(10, 0.1), (10, 0.2), (11, 0.25), (7, 0.0), (20, 0.45)]
+)
 def test_trimmed_mean_matches_scipy(n: int, beta: float) -> None:
     x = _rand(n, 300, 30 + n)
     expected = stats.trim_mean(x.numpy(), beta, axis=0)
@@ -95,7 +118,9 @@ def test_trimmed_mean_matches_scipy(n: int, beta: float) -> None:
 def test_weighted_trimmed_mean_matches_loop() -> None:
     rng = numpy_rng(0, "eval", 40)
     x, w = rng.normal(size=(10, 50)), rng.uniform(0.5, 2.0, size=10)
-    got = aggregate(torch.from_numpy(x), "trimmed_mean", torch.from_numpy(w), trim_ratio=0.2)
+    got = aggregate(
+        torch.from_numpy(x), "trimmed_mean", torch.from_numpy(w), trim_ratio=0.2
+    )
     expected = []
     for j in range(50):  # plain per-coordinate reference
         order = np.argsort(x[:, j])[2:8]
@@ -103,15 +128,16 @@ def test_weighted_trimmed_mean_matches_loop() -> None:
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
 
 
-# --------------------------------------------------------------------- Krum family
+# -------------------- Krum family
 
 
 def test_pairwise_distances_match_scipy_and_are_nonnegative() -> None:
     x = _rand(12, 70, 50) + 1e3  # a large common offset invites cancellation
     x32 = x.to(torch.float32)
     d = pairwise_sq_dists(x32).numpy()
-    expected = cdist(x32.numpy().astype(np.float64), x32.numpy().astype(np.float64),
-                     "sqeuclidean")
+    expected = cdist(
+        x32.numpy().astype(np.float64), x32.numpy().astype(np.float64), "sqeuclidean"
+    )
     assert (d >= 0).all()
     np.testing.assert_allclose(d, expected, rtol=1e-6)
     assert np.all(np.diag(d) == 0)
@@ -126,7 +152,9 @@ def test_krum_selects_the_centre_of_the_cluster() -> None:
     attackers = torch.full((2, d), 50.0, dtype=F64)
     x = torch.cat([honest, attackers])
     assert int(krum_select(x, num_byzantine=2)[0]) == 4
-    torch.testing.assert_close(aggregate(x, "krum", num_byzantine=2), torch.zeros(d, dtype=F64))
+    torch.testing.assert_close(
+        aggregate(x, "krum", num_byzantine=2), torch.zeros(d, dtype=F64)
+    )
 
 
 def test_krum_scores_match_bruteforce_definition() -> None:
@@ -155,10 +183,13 @@ def test_multi_krum_is_mean_of_best_m() -> None:
     # Default m = n - f; with far attackers that is exactly the honest mean.
     honest = torch.from_numpy(x[:9])
     xa = torch.cat([honest, torch.full((3, 40), 1e4, dtype=F64)])
-    torch.testing.assert_close(aggregate(xa, "multi_krum", num_byzantine=3), honest.mean(0))
+    torch.testing.assert_close(
+        aggregate(xa, "multi_krum", num_byzantine=3), honest.mean(0)
+    )
     # m = 1 is Krum.
     torch.testing.assert_close(
-        multi_krum(xa, num_byzantine=3, num_selected=1), aggregate(xa, "krum", num_byzantine=3)
+        multi_krum(xa, num_byzantine=3, num_selected=1),
+        aggregate(xa, "krum", num_byzantine=3),
     )
 
 
@@ -171,10 +202,52 @@ def test_bulyan_ignores_far_attackers_and_trims_around_median() -> None:
     # Independent check of step 2 given step 1: the selection is 7 honest rows; every
     # output coordinate is the mean of the 3 selected values closest to their median,
     # so it lies within the honest range.
-    assert np.all(out <= honest.max(0)) and np.all(out >= honest.min(0))
+    assert np.all(out <= honest.max(0))
+    assert np.all(out >= honest.min(0))
 
 
-@pytest.mark.parametrize(("rule", "factor"), [("krum", 2), ("multi_krum", 2), ("bulyan", 4)])
+def _bulyan_reference(x: np.ndarray, f: int, w: np.ndarray | None = None) -> np.ndarray:
+    """Plain-loop Bulyan straight from the definition (El Mhamdi et al. 2018)."""
+    n = len(x)
+    remaining = list(range(n))
+    selected = []
+    for _ in range(n - 2 * f):
+        r = len(remaining)
+        k = min(max(r - f - 2, 1), r - 1)
+        scores = []
+        for i in remaining:
+            dist = sorted(np.sum((x[i] - x[j]) ** 2) for j in remaining if j != i)
+            scores.append(sum(dist[:k]))
+        winner = remaining[int(np.argmin(scores))]
+        selected.append(winner)
+        remaining.remove(winner)
+    s = x[selected]
+    beta = len(selected) - 2 * f
+    out = np.empty(x.shape[1])
+    for j in range(x.shape[1]):
+        med = np.median(s[:, j])
+        closest = np.argsort(np.abs(s[:, j] - med), kind="stable")[:beta]
+        ws = np.ones(n) if w is None else w
+        out[j] = np.sum(ws[selected][closest] * s[closest, j]) / np.sum(
+            ws[selected][closest]
+        )
+    return out
+
+
+@pytest.mark.parametrize(("n", "f"), [(11, 2), (16, 3), (7, 1)])
+def test_bulyan_matches_reference_loop(n: int, f: int) -> None:
+    rng = numpy_rng(0, "eval", 85 + n)
+    x = rng.normal(size=(n, 25)) * rng.uniform(0.2, 4.0, size=(n, 1))
+    got = bulyan(torch.from_numpy(x), num_byzantine=f).numpy()
+    np.testing.assert_allclose(got, _bulyan_reference(x, f), rtol=1e-12)
+    w = rng.uniform(0.5, 3.0, size=n)
+    got = bulyan(torch.from_numpy(x), torch.from_numpy(w), num_byzantine=f).numpy()
+    np.testing.assert_allclose(got, _bulyan_reference(x, f, w), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("rule", "factor"), [("krum", 2), ("multi_krum", 2), ("bulyan", 4)]
+)
 def test_n_conditions_raise(rule: str, factor: int) -> None:
     f = 2
     ok = _rand(factor * f + 3, 5, 90)
@@ -191,7 +264,7 @@ def test_n_condition_counts_buckets() -> None:
         aggregate(x, "krum", gen=gen, num_byzantine=3, bucket_size=2)
 
 
-# --------------------------------------------------------------------- geometric median
+# -------------------- geometric median
 
 
 def test_geometric_median_matches_scipy_minimiser() -> None:
@@ -204,10 +277,15 @@ def test_geometric_median_matches_scipy_minimiser() -> None:
     def objective(z: np.ndarray) -> float:
         return float(np.sum(alpha * np.linalg.norm(x - z, axis=1)))
 
-    ref = optimize.minimize(objective, x.mean(0), method="Nelder-Mead",
-                            options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000})
-    got = geometric_median(torch.from_numpy(x), torch.from_numpy(w), nu=1e-10,
-                           max_iters=500, tol=0.0).numpy()
+    ref = optimize.minimize(
+        objective,
+        x.mean(0),
+        method="Nelder-Mead",
+        options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000},
+    )
+    got = geometric_median(
+        torch.from_numpy(x), torch.from_numpy(w), nu=1e-10, max_iters=500, tol=0.0
+    ).numpy()
     assert objective(got) <= ref.fun + 1e-9
     np.testing.assert_allclose(got, ref.x, atol=1e-4)
     # The official 4 iterations already get within 1 % of the optimal objective here.
@@ -219,16 +297,25 @@ def test_geometric_median_reports_iterations_and_stops_on_tol() -> None:
     # Symmetric points: the mean is the geometric median, so the first iteration does
     # not change the objective (1.0) and the relative-decrease test stops there.
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=F64)
-    z, _, m = apply_rule(x, None, rule="geometric_median", params={}, state={}, gen=None)
-    assert m["agg/gm_iters"] == 1.0 and m["agg/gm_objective"] == pytest.approx(1.0)
+    z, _, m = apply_rule(
+        x, None, rule="geometric_median", params={}, state={}, gen=None
+    )
+    assert m["agg/gm_iters"] == 1.0
+    assert m["agg/gm_objective"] == pytest.approx(1.0)
     torch.testing.assert_close(z, torch.zeros(2, dtype=F64))
     y = _rand(9, 3, 101)
-    _, _, m = apply_rule(y, None, rule="geometric_median",
-                         params={"tol": 0.0, "max_iters": 7, "init": "zero"}, state={}, gen=None)
+    _, _, m = apply_rule(
+        y,
+        None,
+        rule="geometric_median",
+        params={"tol": 0.0, "max_iters": 7, "init": "zero"},
+        state={},
+        gen=None,
+    )
     assert m["agg/gm_iters"] == 7.0
 
 
-# --------------------------------------------------------------------- centered clipping
+# -------------------- centered clipping
 
 
 def test_centered_clipping_fixed_point_stays() -> None:
@@ -238,8 +325,14 @@ def test_centered_clipping_fixed_point_stays() -> None:
     offsets = torch.tensor([[3.0, 0, 0], [0, 0.2, 0.1], [0, 4.0, -4.0]], dtype=F64)
     x = torch.cat([v + offsets, v - offsets])
     for tau in (0.5, 1.0, 100.0):
-        out, st, _ = apply_rule(x, None, rule="centered_clipping",
-                                params={"tau": tau, "iters": 5}, state={"v": v}, gen=None)
+        out, st, _ = apply_rule(
+            x,
+            None,
+            rule="centered_clipping",
+            params={"tau": tau, "iters": 5},
+            state={"v": v},
+            gen=None,
+        )
         torch.testing.assert_close(out, v)
         torch.testing.assert_close(st["v"], v)
 
@@ -247,13 +340,25 @@ def test_centered_clipping_fixed_point_stays() -> None:
 def test_centered_clipping_infinite_tau_is_mean_and_state_carries() -> None:
     x = _rand(8, 6, 110)
     w = torch.arange(1.0, 9.0, dtype=F64)
-    out, st, _ = apply_rule(x, w, rule="centered_clipping",
-                            params={"tau": math.inf, "iters": 1}, state={}, gen=None)
+    out, st, _ = apply_rule(
+        x,
+        w,
+        rule="centered_clipping",
+        params={"tau": math.inf, "iters": 1},
+        state={},
+        gen=None,
+    )
     torch.testing.assert_close(out, (w[:, None] * x).sum(0) / w.sum())
     # Next round starts from the stored v: one step of radius tau moves at most tau.
     y = x + 100.0
-    out2, _, _ = apply_rule(y, None, rule="centered_clipping",
-                            params={"tau": 1.0, "iters": 1}, state=st, gen=None)
+    out2, _, _ = apply_rule(
+        y,
+        None,
+        rule="centered_clipping",
+        params={"tau": 1.0, "iters": 1},
+        state=st,
+        gen=None,
+    )
     assert float(torch.linalg.vector_norm(out2 - st["v"])) <= 1.0 + 1e-12
 
 
@@ -264,7 +369,7 @@ def test_centered_clipping_one_step_closed_form() -> None:
     torch.testing.assert_close(out, torch.tensor([0.55, 0.4], dtype=F64))
 
 
-# --------------------------------------------------------------------- breakdown
+# -------------------- breakdown
 
 
 ROBUST = [
@@ -296,14 +401,16 @@ def test_breakdown_robust_rules_stay_bounded(rule: str, params: dict) -> None:
     assert np.linalg.norm(bad - honest_mean) > 1e5
 
 
-# --------------------------------------------------------------------- bucketing
+# -------------------- bucketing
 
 
 @pytest.mark.parametrize("rule", RULES)
 def test_bucketing_keeps_identical_updates(rule: str) -> None:
     row = torch.linspace(-1.0, 1.0, 9, dtype=F64)
     x = row.expand(23, -1).clone()
-    out = aggregate(x, rule, gen=stream(0, "server", 2), bucket_size=2, **_params(rule, 2))
+    out = aggregate(
+        x, rule, gen=stream(0, "server", 2), bucket_size=2, **_params(rule, 2)
+    )
     torch.testing.assert_close(out, row)
 
 
@@ -312,7 +419,8 @@ def test_bucketing_then_weighted_mean_is_weighted_mean() -> None:
     w = torch.arange(1.0, 12.0, dtype=F64)
     means, bw = bucket_means(x, w, bucket_size=3, gen=stream(0, "server", 3))
     assert means.shape == (4, 7)
-    assert bw is not None and float(bw.sum()) == float(w.sum())
+    assert bw is not None
+    assert float(bw.sum()) == float(w.sum())
     torch.testing.assert_close(
         aggregate(x, "mean", w, gen=stream(0, "server", 3), bucket_size=3),
         (w[:, None] * x).sum(0) / w.sum(),
@@ -330,7 +438,7 @@ def test_bucketing_uses_the_generator() -> None:
         aggregate(x, "median", bucket_size=2)
 
 
-# --------------------------------------------------------------------- sanitize / params
+# -------------------- sanitize / params
 
 
 def test_sanitize_drops_nan_and_inf_rows() -> None:
@@ -338,7 +446,8 @@ def test_sanitize_drops_nan_and_inf_rows() -> None:
     x[1, 2] = math.nan
     x[3, 0] = -math.inf
     mask, rejected = sanitize(x, 3)
-    assert mask.tolist() == [True, False, True, False, True] and rejected == 2
+    assert mask.tolist() == [True, False, True, False, True]
+    assert rejected == 2
     with pytest.raises(ValueError, match=r"\[n, 4\]"):
         sanitize(x, 4)
 
@@ -357,7 +466,7 @@ def test_parameters_are_checked() -> None:
         aggregate(x, "mean", torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0]))
 
 
-# --------------------------------------------------------------------- server step
+# -------------------- server step
 
 
 def _optimizer_step() -> ServerStep:
@@ -369,9 +478,14 @@ def _optimizer_step() -> ServerStep:
 
 
 def _round(deltas: torch.Tensor, weights: torch.Tensor, t: int = 0) -> ServerRound:
-    return ServerRound(round=t, params=torch.zeros(deltas.shape[1], dtype=deltas.dtype),
-                       deltas=deltas, weights=weights,
-                       client_ids=list(range(10, 10 + deltas.shape[0])), num_clients=50)
+    return ServerRound(
+        round=t,
+        params=torch.zeros(deltas.shape[1], dtype=deltas.dtype),
+        deltas=deltas,
+        weights=weights,
+        client_ids=list(range(10, 10 + deltas.shape[0])),
+        num_clients=50,
+    )
 
 
 def test_rule_step_weights_sanitises_and_reports() -> None:
@@ -383,10 +497,12 @@ def test_rule_step_weights_sanitises_and_reports() -> None:
         ("uniform", (x[0] + x[1] + x[3]) / 3),
     ]:
         pipe = Pipeline([rule_step("mean", {}, weighting), _optimizer_step()])
-        rnd, _, m = pipe.apply(_round(x, w), pipe.init(torch.zeros(3, dtype=F64)),
-                               stream(0, "server", 0))
+        rnd, _, m = pipe.apply(
+            _round(x, w), pipe.init(torch.zeros(3, dtype=F64)), stream(0, "server", 0)
+        )
         torch.testing.assert_close(rnd.aggregate, expected)
-        assert m["agg/num_rejected"] == 1.0 and m["agg/num_inputs"] == 3.0
+        assert m["agg/num_rejected"] == 1.0
+        assert m["agg/num_inputs"] == 3.0
 
 
 def test_rule_step_krum_reports_client_and_cc_keeps_state() -> None:
@@ -395,9 +511,11 @@ def test_rule_step_krum_reports_client_and_cc_keeps_state() -> None:
     honest = torch.cat([e[:2], -e[:2], torch.zeros(1, 6), e[2:4], -e[2:3]])
     x = torch.cat([honest, torch.full((2, 6), 50.0, dtype=F64)])
     step = rule_step("krum", {"num_byzantine": 2})
-    rnd, _, m = step.apply(_round(x, torch.ones(10, dtype=F64)), step.init(x[0]),
-                           stream(0, "server", 0))
-    assert m["agg/selected_client"] == 14.0 and m["agg/selected_index"] == 4.0
+    rnd, _, m = step.apply(
+        _round(x, torch.ones(10, dtype=F64)), step.init(x[0]), stream(0, "server", 0)
+    )
+    assert m["agg/selected_client"] == 14.0
+    assert m["agg/selected_index"] == 4.0
     torch.testing.assert_close(rnd.aggregate, torch.zeros(6, dtype=F64))
 
     cc = rule_step("centered_clipping", {"tau": 0.5, "iters": 1}, "uniform")
@@ -405,20 +523,26 @@ def test_rule_step_krum_reports_client_and_cc_keeps_state() -> None:
     torch.testing.assert_close(st["v"], torch.zeros(2, dtype=F64))
     y = torch.full((4, 2), 3.0, dtype=F64)
     for t in range(3):
-        rnd, st, _ = cc.apply(_round(y, torch.ones(4, dtype=F64), t), st, stream(0, "server", t))
+        rnd, st, _ = cc.apply(
+            _round(y, torch.ones(4, dtype=F64), t), st, stream(0, "server", t)
+        )
         # Each round moves v by exactly tau towards the common point.
-        torch.testing.assert_close(float(torch.linalg.vector_norm(st["v"])), 0.5 * (t + 1))
+        torch.testing.assert_close(
+            float(torch.linalg.vector_norm(st["v"])), 0.5 * (t + 1)
+        )
 
 
 def test_rule_step_all_rows_rejected_gives_zero() -> None:
     x = torch.full((3, 4), math.nan, dtype=F64)
     step = rule_step("median", {})
-    rnd, _, m = step.apply(_round(x, torch.ones(3, dtype=F64)), {}, stream(0, "server", 0))
+    rnd, _, m = step.apply(
+        _round(x, torch.ones(3, dtype=F64)), {}, stream(0, "server", 0)
+    )
     torch.testing.assert_close(rnd.aggregate, torch.zeros(4, dtype=F64))
     assert m["agg/num_rejected"] == 3.0
 
 
-# --------------------------------------------------------------------- scenario block
+# -------------------- scenario block
 
 
 def test_config_names_match_rules_and_defaults_are_spec() -> None:
@@ -429,8 +553,13 @@ def test_config_names_match_rules_and_defaults_are_spec() -> None:
     for name, field in AggregationConfig.model_fields.items():
         assert field.description, name
     gm = AggregationConfig(rule="geometric_median", bucket_size=2)
-    assert gm.rule_params() == {"nu": 1e-5, "max_iters": 4, "tol": 1e-6, "init": "mean",
-                                "bucket_size": 2}
+    assert gm.rule_params() == {
+        "nu": 1e-5,
+        "max_iters": 4,
+        "tol": 1e-6,
+        "init": "mean",
+        "bucket_size": 2,
+    }
     with pytest.raises(ValueError, match="extra"):
         AggregationConfig(rule="median", trim=0.1)
     with pytest.raises(ValueError, match="num_byzantine is required"):
@@ -438,17 +567,36 @@ def test_config_names_match_rules_and_defaults_are_spec() -> None:
 
 
 def test_check_aggregation_reports_n_conditions() -> None:
-    assert check_aggregation(AggregationConfig(rule="bulyan", num_byzantine=5), 23) is None
+    assert (
+        check_aggregation(AggregationConfig(rule="bulyan", num_byzantine=5), 23) is None
+    )
     msg = check_aggregation(AggregationConfig(rule="bulyan", num_byzantine=5), 22)
-    assert msg is not None and "server.aggregation.num_byzantine" in msg and "23" in msg
-    assert check_aggregation(AggregationConfig(rule="krum", num_byzantine=5), 13) is None
-    assert check_aggregation(AggregationConfig(rule="krum", num_byzantine=5), 12) is not None
-    # Bucketing: 25 clients in buckets of 2 = 13 inputs -> krum with f = 5 fits, f = 6 not.
-    assert check_aggregation(
-        AggregationConfig(rule="krum", num_byzantine=5, bucket_size=2), 25) is None
-    msg = check_aggregation(AggregationConfig(rule="krum", num_byzantine=6, bucket_size=2), 25)
-    assert msg is not None and "13 buckets" in msg
+    assert msg is not None
+    assert "server.aggregation.num_byzantine" in msg
+    assert "23" in msg
+    assert (
+        check_aggregation(AggregationConfig(rule="krum", num_byzantine=5), 13) is None
+    )
+    assert (
+        check_aggregation(AggregationConfig(rule="krum", num_byzantine=5), 12)
+        is not None
+    )
+    # Bucketing: 25 clients in buckets of 2 = 13 inputs -> krum with f = 5 fits, f = 6
+    # not.
+    assert (
+        check_aggregation(
+            AggregationConfig(rule="krum", num_byzantine=5, bucket_size=2), 25
+        )
+        is None
+    )
     msg = check_aggregation(
-        AggregationConfig(rule="multi_krum", num_byzantine=1, num_selected=9), 8)
-    assert msg is not None and "server.aggregation.num_selected" in msg
+        AggregationConfig(rule="krum", num_byzantine=6, bucket_size=2), 25
+    )
+    assert msg is not None
+    assert "13 buckets" in msg
+    msg = check_aggregation(
+        AggregationConfig(rule="multi_krum", num_byzantine=1, num_selected=9), 8
+    )
+    assert msg is not None
+    assert "server.aggregation.num_selected" in msg
     assert check_aggregation(AggregationConfig(rule="median"), 1) is None

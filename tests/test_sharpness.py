@@ -54,13 +54,15 @@ def test_hvp_accumulates_unequal_batches_like_the_full_data():
     batches = [(xt[:7], yt[:7]), (xt[7:20], yt[7:20]), (xt[20:], yt[20:])]
     v = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
     got = hvp(model, w, batches, v)
-    np.testing.assert_allclose(got.double().numpy(), h @ v.double().numpy(), rtol=1e-5, atol=1e-5)
+    expected = h @ v.double().numpy()
+    np.testing.assert_allclose(got.double().numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lambda_max_within_one_percent_of_the_true_top_eigenvalue():
     s = np.array([9.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2])
     model, w, xt, yt, h = regression(designed_x(64, s, seed=2))
-    res = lambda_max(model, w, [(xt[:40], yt[:40]), (xt[40:], yt[40:])], gen=stream(0, "eval"))
+    batches = [(xt[:40], yt[:40]), (xt[40:], yt[40:])]
+    res = lambda_max(model, w, batches, gen=stream(0, "eval"))
     true = np.linalg.eigvalsh(h)[-1]
     assert res.value == pytest.approx(true, rel=0.01)
     assert 1 < res.iterations <= 100
@@ -80,13 +82,16 @@ def test_lambda_max_reports_the_sign_of_dominant_negative_curvature():
 def test_hessian_trace_within_five_percent():
     rng = np.random.default_rng(4)
     # Mostly axis-aligned columns of different scales: a diagonally dominant XᵀX.
-    x = rng.normal(size=(200, 10)) * np.linspace(0.5, 3.0, 10) + 0.2 * rng.normal(size=(200, 1))
+    x = rng.normal(size=(200, 10)) * np.linspace(0.5, 3.0, 10)
+    x = x + 0.2 * rng.normal(size=(200, 1))
     model, w, xt, yt, h = regression(x, bias=True)
-    res = hessian_trace(model, w, [(xt, yt)], gen=stream(2, "eval"), max_iter=100, tol=0.0)
+    res = hessian_trace(
+        model, w, [(xt, yt)], gen=stream(2, "eval"), max_iter=100, tol=0.0
+    )
     true = np.trace(h)
     assert res.samples == 100
     assert res.mean == pytest.approx(true, rel=0.05)
-    # Var(vᵀHv) = 2 Σ_{i≠j} H_ij² for Rademacher v: the reported std error must match it.
+    # Var(vᵀHv) = 2 Σ_{i≠j} H_ij² for Rademacher v: the reported std error matches it.
     off = h - np.diag(np.diag(h))
     assert res.std_error == pytest.approx(np.sqrt(2 * np.sum(off**2) / 100), rel=0.35)
 
@@ -102,7 +107,10 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian():
 
 
 def test_metrics_use_eval_mode_and_leave_batchnorm_statistics_alone():
-    model = FlatModel(build_model("cnn", (1, 8, 8), 3, channels=(2, 4), hidden=(8,), norm="batch"))
+    module = build_model(
+        "cnn", (1, 8, 8), 3, channels=(2, 4), hidden=(8,), norm="batch"
+    )
+    model = FlatModel(module)
     model.module.train()
     w = model.init_params(stream(0, "init"))
     x = torch.randn(5, 1, 8, 8, generator=stream(0, "data"))

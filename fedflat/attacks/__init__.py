@@ -1,4 +1,4 @@
-"""Byzantine clients: sign flip, label flip, scaling, ALIE and IPM (ALGORITHMS.md §5.2)."""
+"""Byzantine clients: sign flip, label flip, scaling, ALIE, IPM (ALGORITHMS.md §5.2)."""
 
 from fedflat.attacks.byzantine import (
     ATTACKS,

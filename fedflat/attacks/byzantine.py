@@ -49,7 +49,11 @@ def byzantine_ids(
     Raises:
         ValueError: bad N, fraction or ids, or a draw without a generator.
     """
-    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+    if (
+        isinstance(num_clients, bool)
+        or not isinstance(num_clients, int)
+        or num_clients < 1
+    ):
         raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
     if ids is not None:
         out = [int(i) for i in ids]
@@ -66,7 +70,9 @@ def byzantine_ids(
     if k == 0:
         return frozenset()
     if isinstance(gen_or_rng, torch.Generator):
-        perm = torch.randperm(num_clients, generator=gen_or_rng, device=gen_or_rng.device)
+        perm = torch.randperm(
+            num_clients, generator=gen_or_rng, device=gen_or_rng.device
+        )
         return frozenset(int(i) for i in perm[:k].tolist())
     if isinstance(gen_or_rng, np.random.Generator):
         return frozenset(int(i) for i in gen_or_rng.permutation(num_clients)[:k])
@@ -89,7 +95,11 @@ def flip_labels(y: Tensor, num_classes: int) -> Tensor:
     References:
         epfml/byzantine-robust-noniid-optimizer ``codes/attacks/labelflipping.py``.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < 1
+    ):
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise ValueError(
@@ -150,7 +160,7 @@ def _reference_rows(honest: Tensor, byzantine: Tensor, need: int) -> Tensor:
 
 
 def round_alie_z(n_total: int, num_byz: int, params: Mapping[str, Any]) -> float:
-    """z used by ALIE in a round with ``num_byz`` Byzantine of ``n_total`` inputs.
+    """The ALIE z of a round with ``num_byz`` Byzantine of ``n_total`` inputs.
 
     A round in which the Byzantine clients already hold a majority (possible with client
     sampling) has no finite z under the epfml/paper rules; it then uses the z of the
@@ -203,10 +213,14 @@ def attack_updates(
     """
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack kind {kind!r}; known: {list(ATTACKS)}")
-    if honest.dim() != 2 or byzantine.dim() != 2 or honest.shape[1] != byzantine.shape[1]:
+    if (
+        honest.dim() != 2
+        or byzantine.dim() != 2
+        or honest.shape[1] != byzantine.shape[1]
+    ):
         raise ValueError(
-            f"honest and byzantine must be [h, d] and [b, d], got {tuple(honest.shape)} "
-            f"and {tuple(byzantine.shape)}"
+            "honest and byzantine must be [h, d] and [b, d], got "
+            f"{tuple(honest.shape)} and {tuple(byzantine.shape)}"
         )
     b = byzantine.shape[0]
     if n_total < honest.shape[0] + b:
@@ -222,7 +236,9 @@ def attack_updates(
     if kind == "alie":
         ref = _reference_rows(honest, byzantine, 2)
         mu = ref.mean(dim=0)
-        sigma = ref.std(dim=0, correction=1) if ref.shape[0] >= 2 else torch.zeros_like(mu)
+        sigma = (
+            ref.std(dim=0, correction=1) if ref.shape[0] >= 2 else torch.zeros_like(mu)
+        )
         z = round_alie_z(n_total, b, params)
         return (mu - z * sigma).expand(b, -1).clone()
     # ipm
@@ -243,8 +259,9 @@ def attack_step(byz: frozenset[int], cfg: AttackConfig) -> ServerStep:
         cfg: the attack block.
 
     Returns:
-        A ``ServerStep`` named ``"attack"`` (stateless). Metrics: ``attack/num_byzantine``
-        (Byzantine participants this round), and ``attack/alie_z`` for ALIE.
+        A ``ServerStep`` named ``"attack"`` (stateless). Metrics:
+        ``attack/num_byzantine`` (Byzantine participants this round), and
+        ``attack/alie_z`` for ALIE.
     """
     byz = frozenset(int(i) for i in byz)
     params = cfg.model_dump()

@@ -46,7 +46,8 @@ def fedprox(*, mu: float) -> Correction:
     return Correction(init=lambda ctx: (), adjust=adjust, finish=finish)
 
 
-# Names of the vectors the corrections below read/write (broadcast, client state, uplink).
+# Names of the vectors the corrections below read and write (broadcast, client state,
+# uplink extras).
 SCAFFOLD_C = "scaffold_c"  # server control variate c (broadcast)
 SCAFFOLD_CI = "scaffold_ci"  # client control variate c_i (client state)
 SCAFFOLD_DC = "scaffold_dc"  # Δc_i = c_i⁺ − c_i (uplink extra)
@@ -67,11 +68,11 @@ def _like(ctx: UpdateContext, store: dict[str, Tensor], name: str) -> Tensor | N
 def scaffold() -> Correction:
     """SCAFFOLD, option II (Karimireddy et al., ICML 2020), client side.
 
-    Every step uses ``g + c − c_i``; ``c`` comes from ``ctx.broadcast["scaffold_c"]`` and
-    ``c_i`` from ``ctx.client_state["scaffold_ci"]`` (zeros when absent, i.e. in the first
-    round / at a client's first participation). At the end, with K the steps actually
-    taken and η the learning rate used, ``c_i⁺ = c_i − c + (x − y)/(K η)``; ``finish``
-    returns client state ``{"scaffold_ci": c_i⁺}`` and the uplink extra
+    Every step uses ``g + c − c_i``; ``c`` comes from ``ctx.broadcast["scaffold_c"]``
+    and ``c_i`` from ``ctx.client_state["scaffold_ci"]`` (zeros when absent, i.e. in the
+    first round / at a client's first participation). At the end, with K the steps
+    actually taken and η the learning rate used, ``c_i⁺ = c_i − c + (x − y)/(K η)``;
+    ``finish`` returns client state ``{"scaffold_ci": c_i⁺}`` and the uplink extra
     ``{"scaffold_dc": c_i⁺ − c_i}``. A client that took no step keeps ``c_i``
     (``Δc_i = 0``). Pair with ``fedflat.server.corrections.scaffold_server``.
 
@@ -91,7 +92,9 @@ def scaffold() -> Correction:
         diff = state[2]
         return g if diff is None else g + diff
 
-    def finish(y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext):
+    def finish(
+        y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         c, ci, _ = state
         ci_old = ci if ci is not None else torch.zeros_like(ctx.x_global)
         if steps <= 0 or lr <= 0:
@@ -124,16 +127,22 @@ def feddyn(*, alpha: float) -> Correction:
     if not alpha > 0:
         raise ValueError(f"feddyn alpha must be > 0, got {alpha}")
 
-    def adjust(g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext) -> Tensor:
+    def adjust(
+        g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext
+    ) -> Tensor:
         out = torch.add(g, w - ctx.x_global, alpha=alpha)
         return out if state is None else out.sub_(state)
 
-    def finish(y: Tensor, steps: int, lr: float, state: Tensor | None, ctx: UpdateContext):
+    def finish(
+        y: Tensor, steps: int, lr: float, state: Tensor | None, ctx: UpdateContext
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         gi = state if state is not None else torch.zeros_like(ctx.x_global)
         return {FEDDYN_GRAD: gi - alpha * (y - ctx.x_global)}, {}
 
     return Correction(
-        init=lambda ctx: _like(ctx, ctx.client_state, FEDDYN_GRAD), adjust=adjust, finish=finish
+        init=lambda ctx: _like(ctx, ctx.client_state, FEDDYN_GRAD),
+        adjust=adjust,
+        finish=finish,
     )
 
 
@@ -142,12 +151,12 @@ def mofedsam(*, alpha: float) -> Correction:
 
     Every step uses ``α g + (1 − α) m`` with the momentum
     ``m = −u / (K η)_prev``: ``u = ctx.broadcast["prev_global_update"]`` (x_t − x_{t−1})
-    and ``(K η)_prev = ctx.broadcast["prev_steps_lr"]``, the mean over the previous round's
-    clients of local steps × learning rate. Both are broadcast by
-    ``fedflat.server.corrections.prev_update_broadcast``; this correction uplinks its own
-    ``K η`` as the extra ``"mofedsam_steps_lr"`` (shape [1]) for that purpose. ``m = 0``
-    while no previous update exists (round 0), as in the reference. Put it *first* among
-    the corrections so that α scales the oracle's (SAM) gradient only.
+    and ``(K η)_prev = ctx.broadcast["prev_steps_lr"]``, the mean over the previous
+    round's clients of local steps × learning rate. Both are broadcast by
+    ``fedflat.server.corrections.prev_update_broadcast``; this correction uplinks its
+    own ``K η`` as the extra ``"mofedsam_steps_lr"`` (shape [1]) for that purpose.
+    ``m = 0`` while no previous update exists (round 0), as in the reference. Put it
+    *first* among the corrections so that α scales the oracle's (SAM) gradient only.
 
     FL-Simulator normalises by the previous round's lr and K = E·n_0/b of client 0; the
     mean K·η of the participants is the same when clients are alike. With a server lr
@@ -170,20 +179,24 @@ def mofedsam(*, alpha: float) -> Correction:
         steps_lr = ctx.broadcast.get(PREV_STEPS_LR)
         if steps_lr is None:
             raise ValueError(
-                "mofedsam: the broadcast has 'prev_global_update' but no 'prev_steps_lr'; "
-                "the server pipeline needs prev_update_broadcast() and every client the "
-                "mofedsam correction"
+                "mofedsam: the broadcast has 'prev_global_update' but no "
+                "'prev_steps_lr'; the server pipeline needs prev_update_broadcast() "
+                "and every client the mofedsam correction"
             )
         kl = float(steps_lr.reshape(-1)[0])
         if not kl > 0:
             return None
         return u * (-(1.0 - alpha) / kl)
 
-    def adjust(g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext) -> Tensor:
+    def adjust(
+        g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext
+    ) -> Tensor:
         out = g * alpha
         return out if state is None else out.add_(state)
 
-    def finish(y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext):
+    def finish(
+        y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         kl = torch.tensor([float(steps) * float(lr)], dtype=ctx.x_global.dtype)
         return {}, {MOFEDSAM_STEPS_LR: kl.to(ctx.x_global.device)}
 

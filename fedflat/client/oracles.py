@@ -3,19 +3,20 @@
 Every oracle here follows the ``Oracle`` contract of ``fedflat.client.oracle``:
 ``grad(w, batch, state, gen, ctx) -> (loss, gradient, state, metrics)``. The flat
 parameters ``w`` are never mutated: a perturbed point is a *new* tensor ``w + ε`` handed
-to ``FlatModel.loss_grad``, so "restoring" ``w`` is exact (no subtraction of ε, no fp drift).
-The returned gradient is a *replacement* gradient: weight decay and momentum are added by
-the base optimizer afterwards (§1.1), so the perturbation is built from the raw loss
-gradient unless ``wd_in_perturbation`` is asked for (SAM only).
+to ``FlatModel.loss_grad``, so "restoring" ``w`` is exact (no subtraction of ε, no fp
+drift). The returned gradient is a *replacement* gradient: weight decay and momentum are
+added by the base optimizer afterwards (§1.1), so the perturbation is built from the raw
+loss gradient unless ``wd_in_perturbation`` is asked for (SAM only).
 
-BatchNorm (§1.2): running statistics come from pass 1 only. After pass 1 the oracle takes
-a copy of all module buffers (float running mean/var *and* the integer
-``num_batches_tracked`` counters) and writes it back after the last pass, so whatever the
-later passes at perturbed points did to the buffers is undone. This is only done when the
-module is in train mode and has buffers (in eval mode BN does not update its statistics).
+BatchNorm (§1.2): running statistics come from pass 1 only. After pass 1 the oracle
+takes a copy of all module buffers (float running mean/var *and* the integer
+``num_batches_tracked`` counters) and writes it back after the last pass, so whatever
+the later passes at perturbed points did to the buffers is undone. This is only done
+when the module is in train mode and has buffers (in eval mode BN does not update its
+statistics).
 
-Pass counts (``Oracle.passes``): sgd 1, sam 2, asam 2, fisher_sam 2, sam_on 2, fedsmoo 2,
-gam 4, lesam 1.
+Pass counts (``Oracle.passes``): sgd 1, sam 2, asam 2, fisher_sam 2, sam_on 2,
+fedsmoo 2, gam 4, lesam 1.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fedflat.models.flat import NORM_TYPES, FlatModel, Segment
 
 # Names of the vectors these oracles read from the server broadcast / client state.
 FEDSMOO_S = "fedsmoo_s"  # FedSMOO global perturbation s, set by fedsmoo_server()
-FEDSMOO_MU = "fedsmoo_mu"  # FedSMOO client perturbation dual mu_i (client state + uplink)
+FEDSMOO_MU = "fedsmoo_mu"  # FedSMOO client dual mu_i (client state and uplink extra)
 
 SegmentSelector = Callable[[Segment], bool]
 
@@ -44,7 +45,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 def is_norm_segment(seg: Segment) -> bool:
-    """Default SAM-ON selector: parameters owned by a normalisation layer (by module type).
+    """Default SAM-ON selector: parameters owned by a normalisation layer (by type).
 
     Module types are ``fedflat.models.flat.NORM_TYPES`` (BatchNorm1d/2d, GroupNorm,
     LayerNorm, InstanceNorm2d), so a layer named e.g. ``bn1`` but of another type is not
@@ -72,16 +73,15 @@ def _restore_buffers(model: FlatModel, snap: list[Tensor] | None) -> None:
             b.copy_(s)
 
 
-def _scaled(v: Tensor, scale: float, norm: Tensor, eps: float) -> Tensor:
-    """``scale * v / (norm + eps)``, and exactly zero when ``norm + eps`` is zero.
+def _factor(scale: float, norm: Tensor, eps: float) -> float:
+    """``scale / (norm + eps)``, and exactly 0 when ``norm + eps`` is zero.
 
     A zero gradient gives no perturbation instead of NaN (eps may be 0 for parity with
-    the JAX reference, which divides by the exact norm).
+    the JAX reference, which divides by the exact norm). Returned as a Python float so
+    that ``w + factor·v`` is one fused ``torch.add(w, v, alpha=factor)``.
     """
-    denom = norm + eps
-    tiny = torch.finfo(denom.dtype).tiny
-    factor = torch.where(denom > 0, scale / denom.clamp_min(tiny), torch.zeros_like(denom))
-    return v * factor
+    denom = float(norm) + eps
+    return scale / denom if denom > 0 else 0.0
 
 
 def _loss_gap(loss_p: Tensor, loss: Tensor) -> float:
@@ -102,11 +102,11 @@ def sam(
     Args:
         rho: radius ρ of the L2 neighbourhood (≥ 0; 0 gives the plain gradient exactly).
         eps: ξ added to the norm (davda54/sam 1e-12; FL-Simulator 1e-7; JAX 0).
-        wd_in_perturbation: build ε from ``g + λw`` (the JAX reference puts ½λ‖w‖² in the
-            loss). The returned gradient is then ``∇L(w+ε) + λε`` so that, after the base
-            optimizer adds ``λw``, the step uses ``∇[L + ½λ‖·‖²](w + ε)`` exactly.
-        weight_decay: λ used when ``wd_in_perturbation``; must equal the base optimizer's
-            weight decay for the identity above to hold.
+        wd_in_perturbation: build ε from ``g + λw`` (the JAX reference puts ½λ‖w‖² in
+            the loss). The returned gradient is then ``∇L(w+ε) + λε`` so that, after the
+            base optimizer adds ``λw``, the step uses ``∇[L + ½λ‖·‖²](w + ε)`` exactly.
+        weight_decay: λ used when ``wd_in_perturbation``; must equal the base
+            optimizer's weight decay for the identity above to hold.
 
     Returns:
         An ``Oracle`` with ``passes=2``. Metrics: ``sam_loss_gap`` = L(w+ε) − L(w).
@@ -130,11 +130,11 @@ def sam(
         loss, g = model.loss_grad(w, *batch)
         snap = _snapshot_buffers(model)
         d = g.add(w, alpha=weight_decay) if use_wd else g
-        e = _scaled(d, rho, d.norm(), eps)
-        loss_p, g_p = model.loss_grad(w + e, *batch)
+        f = _factor(rho, d.norm(), eps)  # ε = f·d
+        loss_p, g_p = model.loss_grad(torch.add(w, d, alpha=f), *batch)
         _restore_buffers(model, snap)
         if use_wd:
-            g_p = g_p.add(e, alpha=weight_decay)
+            g_p = g_p.add(d, alpha=f * weight_decay)  # + λε
         return loss, g_p, state, {"sam_loss_gap": _loss_gap(loss_p, loss)}
 
     return Oracle(init=lambda ctx: (), grad=grad, passes=2)
@@ -154,8 +154,8 @@ def asam(
         ``official`` (SamsungLabs/ASAM, debcaldarola/fedsam): ``T = |w| + η`` on tensors
         whose *name* contains ``"weight"`` (this includes norm-layer weights), ``T = 1``
         elsewhere (biases); eps 1e-16.
-        ``davda54`` (davda54/sam ``adaptive=True``, FL-Simulator, DP-FedSAM): ``T = |w|``
-        on all tensors, no η; eps 1e-12. ``eta`` must then be 0.
+        ``davda54`` (davda54/sam ``adaptive=True``, FL-Simulator, DP-FedSAM):
+        ``T = |w|`` on all tensors, no η; eps 1e-12. ``eta`` must then be 0.
 
     Args:
         rho: ρ (≥ 0). ASAM's ρ is typically ~10× SAM's (FedASAM CIFAR-10: 0.7).
@@ -185,18 +185,23 @@ def asam(
     def init(ctx: UpdateContext) -> Tensor | None:
         if variant == "davda54":
             return None
-        return ctx.model.mask(lambda s: "weight" in s.name)
+        # Stored inverted: True where T = 1 (tensors whose name lacks "weight").
+        return ~ctx.model.mask(lambda s: "weight" in s.name)
 
     def grad(
-        w: Tensor, batch: Batch, state: Tensor | None, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: Tensor | None,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, Any, Metrics]:
         model = ctx.model
         loss, g = model.loss_grad(w, *batch)
         snap = _snapshot_buffers(model)
-        t = w.abs() if state is None else torch.where(state, w.abs() + eta, 1.0)
+        t = w.abs() if state is None else w.abs().add_(eta).masked_fill_(state, 1.0)
         u = t * g
-        e = _scaled(t * u, rho, u.norm(), guard)
-        loss_p, g_p = model.loss_grad(w + e, *batch)
+        f = _factor(rho, u.norm(), guard)  # ε = f·T·u
+        loss_p, g_p = model.loss_grad(torch.add(w, t.mul_(u), alpha=f), *batch)
         _restore_buffers(model, snap)
         return loss, g_p, state, {"sam_loss_gap": _loss_gap(loss_p, loss)}
 
@@ -219,7 +224,8 @@ def gam(
     ``g0 = ∇L(w)``; ``g1 = ∇L(w + ρ_t ĝ0)``; ``e12 = ρ'_t (g1−g0)/‖g1−g0‖``;
     ``g2 = ∇L(w + e12)``; ``g3 = ∇L(w + e12 + ρ_t ĝ2)``; ``p = g0 + |β2| g2``;
     ``d = β1 g1 + β3 g3``; returns ``d − γ (p − cos(p,d)‖p‖ d/‖d‖)`` (p minus its
-    projection on d, computed through the cosine with ``eps`` guards as the released code).
+    projection on d, computed through the cosine with ``eps`` guards as the released
+    code).
 
     Args:
         grad_rho: ρ_t, SAM radius of passes 2 and 4 (≥ 0).
@@ -250,18 +256,22 @@ def gam(
         model = ctx.model
         loss, g0 = model.loss_grad(w, *batch)
         snap = _snapshot_buffers(model)
-        loss1, g1 = model.loss_grad(w + _scaled(g0, grad_rho, g0.norm(), eps), *batch)
+        f0 = _factor(grad_rho, g0.norm(), eps)
+        loss1, g1 = model.loss_grad(torch.add(w, g0, alpha=f0), *batch)
         r = g1 - g0
-        w12 = w + _scaled(r, grad_norm_rho, r.norm(), eps)
+        w12 = torch.add(w, r, alpha=_factor(grad_norm_rho, r.norm(), eps))
         _, g2 = model.loss_grad(w12, *batch)
-        _, g3 = model.loss_grad(w12 + _scaled(g2, grad_rho, g2.norm(), eps), *batch)
+        f2 = _factor(grad_rho, g2.norm(), eps)
+        _, g3 = model.loss_grad(w12.add_(g2, alpha=f2), *batch)  # w12 is ours to reuse
         _restore_buffers(model, snap)
         p = g0.add(g2, alpha=abs(beta2))
-        d = torch.add(g1 * beta1, g3, alpha=beta3)
-        p_norm, d_norm = p.norm(), d.norm()
-        cosine = torch.dot(p, d) / (d_norm * p_norm + eps)
-        vertical = p - d * (cosine * p_norm / (d_norm + eps))
-        return loss, d.sub_(vertical, alpha=gamma), state, {"sam_loss_gap": _loss_gap(loss1, loss)}
+        d = g3.mul_(beta3).add_(g1, alpha=beta1)  # β1 g1 + β3 g3 (g3 is ours to reuse)
+        p_norm, d_norm = float(p.norm()), float(d.norm())
+        cosine = float(torch.dot(p, d)) / (d_norm * p_norm + eps)
+        k = cosine * p_norm / (d_norm + eps)
+        # d − γ (p − k d) = (1 + γk) d − γ p
+        out = d.mul_(1.0 + gamma * k).sub_(p, alpha=gamma)
+        return loss, out, state, {"sam_loss_gap": _loss_gap(loss1, loss)}
 
     return Oracle(init=lambda ctx: (), grad=grad, passes=4)
 
@@ -286,9 +296,9 @@ def sam_on(
     The selected coordinates S come from ``FlatModel.segments`` through ``select``
     (default ``is_norm_segment``: by module type). Pass 1 takes the full gradient ``g``;
     ε is zero outside S and, on S, ``ρ g_S/‖g_S‖`` (SAM-ON) or ``ρ T² g_S/‖T g_S‖``
-    (ASAM-ON, ``T = |w| + η`` on tensors whose name contains ``"weight"``, also on biases
-    if ``normalize_bias``). Norms are over S only. Pass 2 returns the gradient w.r.t.
-    *all* parameters at ``w + ε``.
+    (ASAM-ON, ``T = |w| + η`` on tensors whose name contains ``"weight"``, also on
+    biases if ``normalize_bias``). Norms are over S only. Pass 2 returns the gradient
+    w.r.t. *all* parameters at ``w + ε``.
 
     Args:
         rho: ρ ≥ 0 (larger than full SAM's is typical; the SAM-ON example uses 10 with
@@ -300,8 +310,8 @@ def sam_on(
         eps: denominator guard (released code: 1e-16).
 
     Returns:
-        An ``Oracle`` with ``passes=2``. ``init`` raises ``ValueError`` when the model has
-        no selected parameters (the method would silently be SGD at twice the cost).
+        An ``Oracle`` with ``passes=2``. ``init`` raises ``ValueError`` when the model
+        has no selected parameters (the method would silently be SGD at twice the cost).
 
     References:
         Müller et al., Normalization Layers Are All That Sharpness-Aware Minimization
@@ -329,18 +339,22 @@ def sam_on(
         return _SamOnState(idx=idx, scaled=scaled)
 
     def grad(
-        w: Tensor, batch: Batch, state: _SamOnState, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: _SamOnState,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, Any, Metrics]:
         model = ctx.model
         loss, g = model.loss_grad(w, *batch)
         snap = _snapshot_buffers(model)
         g_s = g[state.idx]
         if state.scaled is None:
-            e_s = _scaled(g_s, rho, g_s.norm(), eps)
+            e_s = g_s * _factor(rho, g_s.norm(), eps)
         else:
             t = torch.where(state.scaled, w[state.idx].abs() + eta, 1.0)
             u = t * g_s
-            e_s = _scaled(t * u, rho, u.norm(), eps)
+            e_s = t.mul_(u).mul_(_factor(rho, u.norm(), eps))
         loss_p, g_p = model.loss_grad(w.index_add(0, state.idx, e_s), *batch)
         _restore_buffers(model, snap)
         return loss, g_p, state, {"sam_loss_gap": _loss_gap(loss_p, loss)}
@@ -348,9 +362,9 @@ def sam_on(
     return Oracle(init=init, grad=grad, passes=2)
 
 
-# ----------------------------------------------------------------------------- Fisher-SAM
+# ------------------------------------------------------------------------- Fisher-SAM
 def fisher_sam(*, rho: float, eta_f: float = 1.0, eps: float = 1e-12) -> Oracle:
-    """Fisher-SAM: ellipsoidal ball under the diagonal empirical Fisher ``f = 1 + η_f g²``.
+    """Fisher-SAM: ellipsoidal ball under the diagonal empirical Fisher ``1 + η_f g²``.
 
     ``ε = ρ (g/f) / sqrt(Σ g²/f)``, then the gradient at ``w + ε`` (two passes).
 
@@ -376,9 +390,9 @@ def fisher_sam(*, rho: float, eta_f: float = 1.0, eps: float = 1e-12) -> Oracle:
         model = ctx.model
         loss, g = model.loss_grad(w, *batch)
         snap = _snapshot_buffers(model)
-        g_over_f = g / (1.0 + eta_f * g.square())
-        e = _scaled(g_over_f, rho, torch.dot(g, g_over_f).sqrt(), eps)
-        loss_p, g_p = model.loss_grad(w + e, *batch)
+        g_over_f = g / g.square().mul_(eta_f).add_(1.0)
+        f = _factor(rho, torch.dot(g, g_over_f).sqrt(), eps)
+        loss_p, g_p = model.loss_grad(torch.add(w, g_over_f, alpha=f), *batch)
         _restore_buffers(model, snap)
         return loss, g_p, state, {"sam_loss_gap": _loss_gap(loss_p, loss)}
 
@@ -387,12 +401,13 @@ def fisher_sam(*, rho: float, eta_f: float = 1.0, eps: float = 1e-12) -> Oracle:
 
 # ----------------------------------------------------------------------------- FedLESAM
 def lesam(*, rho: float, eps: float = 1e-12) -> Oracle:
-    """FedLESAM: one pass at ``w + ε`` with ε along the estimated *global* ascent direction.
+    """FedLESAM: one pass at ``w + ε``, ε along the estimated *global* ascent direction.
 
     ``u = ctx.broadcast["prev_global_update"]`` is ``x_t − x_{t−1}`` (set by
     ``fedflat.server.corrections.prev_update_broadcast``), so ``−u = x_{t−1} − x_t`` and
-    ``ε = ρ (−u)/‖u‖`` (a global L2 norm, not the released code's sum of per-tensor norms).
-    ε is fixed for the whole client update and zero when ``u`` is missing (round 0) or zero.
+    ``ε = ρ (−u)/‖u‖`` (a global L2 norm, not the released code's sum of per-tensor
+    norms). ε is fixed for the whole client update and zero when ``u`` is missing
+    (round 0) or zero.
 
     Note: the returned ``loss`` is the mini-batch loss at the perturbed point ``w + ε``
     (the only pass taken; an extra forward at ``w`` would cost ~1/3 pass). BatchNorm
@@ -418,13 +433,15 @@ def lesam(*, rho: float, eps: float = 1e-12) -> Oracle:
         if u is None or rho == 0:
             return None
         u = u.to(device=ctx.x_global.device, dtype=ctx.x_global.dtype)
-        norm = u.norm()
-        if not bool(norm > 0):
-            return None
-        return _scaled(-u, rho, norm, eps)
+        f = _factor(rho, u.norm(), eps)
+        return None if f == 0.0 else u * -f
 
     def grad(
-        w: Tensor, batch: Batch, state: Tensor | None, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: Tensor | None,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, Any, Metrics]:
         point = w if state is None else w + state
         loss, g = ctx.model.loss_grad(point, *batch)
@@ -457,10 +474,10 @@ def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
     ``feddyn_server`` + ``fedsmoo_server``.
 
     An ``Oracle`` has no end-of-update hook, so the final ``μ_i`` is handed to the
-    companion ``correction`` (whose ``adjust`` is the identity) through a holder shared by
-    the two closures and keyed by ``(ctx.round, ctx.client_id)``; its ``finish`` returns
-    client state and uplink extras ``{"fedsmoo_mu": μ_i}``. Both pieces must come from the
-    same ``fedsmoo()`` call and be used in the same client update.
+    companion ``correction`` (whose ``adjust`` is the identity) through a holder shared
+    by the two closures and keyed by ``(ctx.round, ctx.client_id)``; its ``finish``
+    returns client state and uplink extras ``{"fedsmoo_mu": μ_i}``. Both pieces must
+    come from the same ``fedsmoo()`` call and be used in the same client update.
 
     Args:
         rho: ρ ≥ 0 (FL-Simulator reference: 0.1).
@@ -486,24 +503,30 @@ def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
 
     def init(ctx: UpdateContext) -> _SmooState:
         state = _SmooState(
-            mu=_start(ctx, FEDSMOO_MU, ctx.client_state), s=_start(ctx, FEDSMOO_S, ctx.broadcast)
+            mu=_start(ctx, FEDSMOO_MU, ctx.client_state),
+            s=_start(ctx, FEDSMOO_S, ctx.broadcast),
         )
         latest[(ctx.round, ctx.client_id)] = state.mu
         return state
 
     def grad(
-        w: Tensor, batch: Batch, state: _SmooState, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: _SmooState,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, Any, Metrics]:
         model = ctx.model
         loss, g = model.loss_grad(w, *batch)
         snap = _snapshot_buffers(model)
-        g_hat = g - (state.mu + state.s)
-        e = _scaled(g_hat, rho, g_hat.norm(), eps)
-        mu = state.mu + (e - state.s)
+        g_hat = g - state.mu - state.s
+        e = g_hat.mul_(_factor(rho, g_hat.norm(), eps))
+        mu = state.mu + e - state.s
         loss_p, g_p = model.loss_grad(w + e, *batch)
         _restore_buffers(model, snap)
         latest[(ctx.round, ctx.client_id)] = mu
-        return loss, g_p, _SmooState(mu=mu, s=state.s), {"sam_loss_gap": _loss_gap(loss_p, loss)}
+        metrics = {"sam_loss_gap": _loss_gap(loss_p, loss)}
+        return loss, g_p, _SmooState(mu=mu, s=state.s), metrics
 
     def finish(
         y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext
@@ -556,6 +579,7 @@ def make_oracle(name: str, **params: Any) -> Oracle:
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(
-            f"oracle {name!r} does not take {unknown}; it takes {sorted(accepted) or 'nothing'}"
+            f"oracle {name!r} does not take {unknown}; "
+            f"it takes {sorted(accepted) or 'nothing'}"
         )
     return factory(**params)

@@ -2,8 +2,8 @@
 
 All metrics evaluate the model with its module in **eval mode** (BatchNorm uses running
 statistics and does not update them, dropout off); the previous mode is restored. The
-loss is the model's ``loss_fn`` (the training criterion without regularisers). For a list
-of batches, HVPs are accumulated as ``Σ_B |B| H_B v / Σ_B |B|`` (PyHessian's
+loss is the model's ``loss_fn`` (the training criterion without regularisers). For a
+list of batches, HVPs are accumulated as ``Σ_B |B| H_B v / Σ_B |B|`` (PyHessian's
 ``dataloader_hv_product``). Randomness (start vectors, probes, subset order) comes only
 from the generator passed in.
 """
@@ -31,6 +31,11 @@ def _eval_mode(model: FlatModel) -> Iterator[None]:
         yield
     finally:
         model.module.train(was_training)
+
+
+def _rel_change(new: float, old: float) -> float:
+    """PyHessian's stopping quantity ``|new − old| / (|old| + 1e-6)``."""
+    return abs(new - old) / (abs(old) + 1e-6)
 
 
 def _check_batches(batches: Sequence[Batch]) -> int:
@@ -66,7 +71,9 @@ def _hvp_operator(
         out = torch.zeros_like(w0)
         for i, (x, y) in enumerate(batches):
             wr, g = cache[i] if cache is not None else first_order(x, y)
-            (hv,) = torch.autograd.grad(g, wr, grad_outputs=v, retain_graph=cache is not None)
+            (hv,) = torch.autograd.grad(
+                g, wr, grad_outputs=v, retain_graph=cache is not None
+            )
             out.add_(hv, alpha=len(y) / total)
         return out
 
@@ -94,8 +101,11 @@ def hvp(model: FlatModel, w: Tensor, batches: Sequence[Batch], v: Tensor) -> Ten
 
 
 class EigenResult(NamedTuple):
-    """value: λ of largest magnitude (with its sign); iterations: HVPs used; vector: unit
-    eigenvector estimate."""
+    """Result of ``lambda_max``.
+
+    value: λ of largest magnitude (with its sign); iterations: HVPs used; vector: unit
+    eigenvector estimate.
+    """
 
     value: float
     iterations: int
@@ -112,7 +122,7 @@ def lambda_max(
     tol: float = 1e-3,
     cache_graph: bool = True,
 ) -> EigenResult:
-    """Top Hessian eigenvalue by power iteration (ALGORITHMS.md §7.1, PyHessian defaults).
+    """Top Hessian eigenvalue by power iteration (ALGORITHMS.md §7.1, PyHessian).
 
     ``v ~ N(0, I)`` from ``gen``, normalised; each iteration ``λ = ⟨Hv, v⟩``,
     ``v ← Hv/‖Hv‖``; stop when ``|λ − λ_prev|/(|λ_prev| + 1e-6) < tol``. Power iteration
@@ -124,7 +134,8 @@ def lambda_max(
         gen: generator of the start vector.
         max_iter: at most this many HVPs (≥ 1).
         tol: relative-change stopping tolerance (≥ 0).
-        cache_graph: keep the first-order graphs between iterations (faster, more memory).
+        cache_graph: keep the first-order graphs between iterations (faster, more
+            memory).
 
     Returns:
         ``EigenResult(value, iterations, vector)``.
@@ -146,14 +157,18 @@ def lambda_max(
             if not bool(norm > 0):  # v in the null space: H v = 0 exactly
                 break
             v = hv / norm
-            if lam_prev is not None and abs(lam - lam_prev) / (abs(lam_prev) + 1e-6) < tol:
+            if lam_prev is not None and _rel_change(lam, lam_prev) < tol:
                 break
             lam_prev = lam
         return EigenResult(value=lam, iterations=it, vector=v.detach())
 
 
 class TraceResult(NamedTuple):
-    """mean: Hutchinson estimate of tr(H); std_error: std of the samples / √n; samples: n."""
+    """Result of ``hessian_trace``.
+
+    mean: Hutchinson estimate of tr(H); std_error: std of the samples / √n;
+    samples: number of probes n.
+    """
 
     mean: float
     std_error: float
@@ -172,9 +187,9 @@ def hessian_trace(
 ) -> TraceResult:
     """Hessian trace by Hutchinson's estimator with Rademacher probes (§7.2).
 
-    ``E[vᵀHv] = tr(H)`` for ``v`` with independent ±1 entries (drawn from ``gen``). Stops
-    when the running mean changes by less than ``tol`` relatively (PyHessian's rule) or
-    after ``max_iter`` probes; ``tol=0`` always uses ``max_iter`` probes.
+    ``E[vᵀHv] = tr(H)`` for ``v`` with independent ±1 entries (drawn from ``gen``).
+    Stops when the running mean changes by less than ``tol`` relatively (PyHessian's
+    rule) or after ``max_iter`` probes; ``tol=0`` always uses ``max_iter`` probes.
 
     Returns:
         ``TraceResult(mean, std_error, samples)``; std_error is 0 for one sample.
@@ -196,7 +211,7 @@ def hessian_trace(
             v = (v * 2 - 1).to(w)
             samples.append(float(torch.dot(op(v), v)))
             mean = sum(samples) / len(samples)
-            if prev_mean is not None and abs(mean - prev_mean) / (abs(prev_mean) + 1e-6) < tol:
+            if prev_mean is not None and _rel_change(mean, prev_mean) < tol:
                 break
             prev_mean = mean
     n = len(samples)
@@ -229,7 +244,9 @@ def m_sharpness(
     gen: torch.Generator | None = None,
     eps: float = 1e-12,
 ) -> MSharpness:
-    """SAM's m-sharpness ``S_m = (1/n) Σ_s max_{‖ε‖≤ρ} Σ_{i∈s} [ℓ_i(w+ε) − ℓ_i(w)]`` (§7.3).
+    """SAM's m-sharpness (§7.3).
+
+    ``S_m = (1/n) Σ_s max_{‖ε‖≤ρ} Σ_{i∈s} [ℓ_i(w+ε) − ℓ_i(w)]``.
 
     The data are split into consecutive subsets of ``m`` examples (after a permutation
     drawn from ``gen`` when given; a last smaller subset is kept, with its own size as
@@ -268,9 +285,9 @@ def m_sharpness(
     n = len(y)
     if n == 0:
         raise ValueError("m_sharpness needs a non-empty data set")
-    order = (
-        torch.randperm(n, generator=gen, device=gen.device).to(y.device) if gen is not None else None
-    )
+    order = None
+    if gen is not None:
+        order = torch.randperm(n, generator=gen, device=gen.device).to(y.device)
     w0 = w.detach()
     total = 0.0
     subsets = 0

@@ -90,7 +90,9 @@ class Accountant:
             hist.append(segment)
         return hist
 
-    def step(self, noise_multiplier: float, sampling_rate: float, steps: int = 1) -> None:
+    def step(
+        self, noise_multiplier: float, sampling_rate: float, steps: int = 1
+    ) -> None:
         """Record ``steps`` steps of the subsampled Gaussian mechanism.
 
         Args:
@@ -101,7 +103,9 @@ class Accountant:
         Raises:
             ValueError: on an invalid argument (the history is left unchanged).
         """
-        self.history = self._extended(_check_segment(noise_multiplier, sampling_rate, steps))
+        self.history = self._extended(
+            _check_segment(noise_multiplier, sampling_rate, steps)
+        )
 
     def privacy_spent(self, delta: float) -> EpsilonResult:
         """ε so far at ``delta``, with the accountant used and any note."""
@@ -188,7 +192,9 @@ class Accountant:
             )
         history = state_dict["history"]
         if not isinstance(history, Sequence) or isinstance(history, str):
-            raise ValueError(f"accountant state_dict 'history' must be a list, got {history!r}")
+            raise ValueError(
+                f"accountant state_dict 'history' must be a list, got {history!r}"
+            )
         segments: list[Segment] = []
         for i, seg in enumerate(history):
             if not isinstance(seg, Sequence) or len(seg) != 3:

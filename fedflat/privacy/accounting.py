@@ -68,6 +68,8 @@ PLD_DISCRETIZATION = 1e-4  # dp-accounting's default value_discretization_interv
 CACHE_FORMAT = 1
 MAX_CACHE_ENTRIES = 4096
 
+_FALLBACK_WARNED: list[bool] = []  # non-empty once a PRV fallback has been logged
+
 # One run-length segment of a history: (noise multiplier σ, sampling rate q, steps T).
 Segment = tuple[float, float, int]
 
@@ -127,7 +129,9 @@ def _check_accountant(
         raise ValueError(f"orders apply to accountant='rdp' only, got {accountant!r}")
     out = tuple(float(a) for a in orders)
     if not out or not all(math.isfinite(a) and a > 1.0 for a in out):
-        raise ValueError(f"orders must be a non-empty list of finite α > 1, got {orders}")
+        raise ValueError(
+            f"orders must be a non-empty list of finite α > 1, got {orders}"
+        )
     return out
 
 
@@ -138,10 +142,14 @@ def _check_delta(delta: float) -> float:
     return delta
 
 
-def _check_segment(noise_multiplier: float, sampling_rate: float, steps: int) -> Segment:
+def _check_segment(
+    noise_multiplier: float, sampling_rate: float, steps: int
+) -> Segment:
     sigma, q = float(noise_multiplier), float(sampling_rate)
     if not (sigma >= 0.0 and math.isfinite(sigma)):
-        raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
+        raise ValueError(
+            f"noise_multiplier must be finite and >= 0, got {noise_multiplier}"
+        )
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"sampling_rate must be in [0, 1], got {sampling_rate}")
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
@@ -154,7 +162,9 @@ def _normalize_history(history: Sequence[Sequence[float]]) -> tuple[Segment, ...
     out: list[Segment] = []
     for i, seg in enumerate(history):
         if len(seg) != 3:
-            raise ValueError(f"history[{i}] must be (noise_multiplier, q, steps), got {seg}")
+            raise ValueError(
+                f"history[{i}] must be (noise_multiplier, q, steps), got {seg}"
+            )
         sigma, q, steps = _check_segment(seg[0], seg[1], seg[2])  # type: ignore[arg-type]
         if q == 0.0 or steps == 0:
             continue  # an example that is never sampled leaks nothing
@@ -165,7 +175,7 @@ def _normalize_history(history: Sequence[Sequence[float]]) -> tuple[Segment, ...
     return tuple(out)
 
 
-# ------------------------------------------------------------------------------ ε of a history
+# ---------------------------------------------------------------------- ε of a history
 
 
 def _rdp_epsilon(
@@ -197,7 +207,9 @@ def _rdp_to_dp(
         # Opacus warns when the best α is at the grid edge; we report that in the note.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            eps, best = opacus_rdp.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+            eps, best = opacus_rdp.get_privacy_spent(
+                orders=list(orders), rdp=rdp, delta=delta
+            )
         eps, best = float(eps), float(best)
     else:
         # Classic conversion (Mironov 2017, Prop. 3), as TF-Privacy's tutorials report ε.
@@ -246,7 +258,9 @@ def _prv_epsilon(history: tuple[Segment, ...], delta: float) -> EpsilonResult:
                 )
             else:
                 eps = float(
-                    acc.get_epsilon(delta, eps_error=PRV_EPS_ERROR, delta_error=delta_error)
+                    acc.get_epsilon(
+                        delta, eps_error=PRV_EPS_ERROR, delta_error=delta_error
+                    )
                 )
                 if math.isfinite(eps) and eps >= 0.0:
                     return EpsilonResult(eps, "prv", None)
@@ -257,7 +271,11 @@ def _prv_epsilon(history: tuple[Segment, ...], delta: float) -> EpsilonResult:
     note = f"{reason}; fell back to the RDP accountant (an upper bound, looser)"
     if rdp.note:
         note += f"; {rdp.note}"
-    logger.warning("privacy accounting: %s", note)
+    # Warn once per process; a run re-accounts every round and would repeat it.
+    level = logging.DEBUG if _FALLBACK_WARNED else logging.WARNING
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED.append(True)
+    logger.log(level, "privacy accounting: %s", note)
     return EpsilonResult(rdp.epsilon, "rdp", note)
 
 
@@ -326,7 +344,9 @@ def compute_epsilon(
     """
     orders_t = _check_accountant(accountant, conversion, orders)
     delta = _check_delta(delta)
-    result = _epsilon_cached(_normalize_history(history), delta, accountant, conversion, orders_t)
+    result = _epsilon_cached(
+        _normalize_history(history), delta, accountant, conversion, orders_t
+    )
     if result.note and result.accountant == accountant:
         logger.info("privacy accounting: %s", result.note)
     return result
@@ -393,7 +413,7 @@ def rdp_epsilon_floor(
     return _rdp_to_dp(np.zeros(len(orders_t)), orders_t, delta, conversion).epsilon
 
 
-# ------------------------------------------------------------------------------- calibration
+# ------------------------------------------------------------------------- calibration
 
 
 def _search_sigma(
@@ -494,7 +514,9 @@ def _lib_versions() -> dict[str, str]:
 
 
 def _cache_key(**kwargs: object) -> str:
-    return json.dumps({**kwargs, "libs": _lib_versions(), "format": CACHE_FORMAT}, sort_keys=True)
+    return json.dumps(
+        {**kwargs, "libs": _lib_versions(), "format": CACHE_FORMAT}, sort_keys=True
+    )
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, object]]:
@@ -561,19 +583,29 @@ def _calibrate_cached(
     use_disk: bool,
 ) -> Calibration:
     key = _cache_key(
-        q=q, steps=steps, epsilon=target, delta=delta, accountant=accountant,
-        conversion=conversion, orders=orders, rtol=rtol,
-    )  # fmt: skip
+        q=q,
+        steps=steps,
+        epsilon=target,
+        delta=delta,
+        accountant=accountant,
+        conversion=conversion,
+        orders=orders,
+        rtol=rtol,
+    )
     if use_disk:
         hit = _cached_calibration(key)
         if hit is not None:
             return hit
 
     def eps_of(sigma: float) -> EpsilonResult:
-        return _epsilon_cached(((sigma, q, steps),), delta, accountant, conversion, orders)
+        return _epsilon_cached(
+            ((sigma, q, steps),), delta, accountant, conversion, orders
+        )
 
     sigma, res, count, notes = _search_sigma(eps_of, target, rtol)
-    cal = Calibration(sigma, res.epsilon, res.accountant, "; ".join(notes) or None, count)
+    cal = Calibration(
+        sigma, res.epsilon, res.accountant, "; ".join(notes) or None, count
+    )
     if use_disk:
         _write_cache_entry(key, cal._asdict())
     return cal
@@ -633,7 +665,15 @@ def calibrate(
                 "'prv', or larger orders"
             )
     cal = _calibrate_cached(
-        q, steps, target, delta, accountant, conversion, orders_t, float(rtol), bool(use_cache)
+        q,
+        steps,
+        target,
+        delta,
+        accountant,
+        conversion,
+        orders_t,
+        float(rtol),
+        bool(use_cache),
     )
     if cal.note:
         logger.info("noise calibration: %s", cal.note)
@@ -680,7 +720,7 @@ def clear_memory_cache() -> None:
     _calibrate_cached.cache_clear()
 
 
-# ------------------------------------------------------------------ adaptive clipping budget
+# ------------------------------------------------------------ adaptive clipping budget
 
 
 def adaptive_clip_noise_split(*, noise_multiplier: float, count_noise: float) -> float:
@@ -704,7 +744,9 @@ def adaptive_clip_noise_split(*, noise_multiplier: float, count_noise: float) ->
     """
     z, sb = float(noise_multiplier), float(count_noise)
     if not (z > 0.0 and math.isfinite(z)):
-        raise ValueError(f"noise_multiplier must be finite and > 0, got {noise_multiplier}")
+        raise ValueError(
+            f"noise_multiplier must be finite and > 0, got {noise_multiplier}"
+        )
     if not z < 2.0 * sb:
         raise ValueError(
             f"adaptive clipping needs noise_multiplier < 2*count_noise; got "

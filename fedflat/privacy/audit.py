@@ -33,7 +33,12 @@ from torch import Tensor
 from fedflat.privacy.accounting import AccountantName, epsilon
 
 Fault = Literal["noise_off", "noise_scaled", "clipping_off", "sample_every_step"]
-FAULTS: tuple[str, ...] = ("noise_off", "noise_scaled", "clipping_off", "sample_every_step")
+FAULTS: tuple[str, ...] = (
+    "noise_off",
+    "noise_scaled",
+    "clipping_off",
+    "sample_every_step",
+)
 _GRID_POINTS = 256  # ε grid on which P(ε) < α is scanned before the final bisection
 
 
@@ -112,7 +117,9 @@ def epsilon_lower_bound_from_counts(
 
     def bound(e: float) -> float:
         return float(
-            _p_value_bound(np.array([e]), num_canaries=m, guesses=r, correct=v, delta=delta)[0]
+            _p_value_bound(
+                np.array([e]), num_canaries=m, guesses=r, correct=v, delta=delta
+            )[0]
         )
 
     if bound(0.0) >= alpha:
@@ -214,7 +221,9 @@ def epsilon_lower_bound_multi(
         raise ValueError("choices must list at least one (k_plus, k_minus) pair")
     a = alpha / len(choices)
     return max(
-        epsilon_lower_bound(scores, included, k_plus=kp, k_minus=km, delta=delta, alpha=a)
+        epsilon_lower_bound(
+            scores, included, k_plus=kp, k_minus=km, delta=delta, alpha=a
+        )
         for kp, km in choices
     )
 
@@ -237,7 +246,11 @@ def canary_scores(released: Tensor | np.ndarray) -> np.ndarray:
     Returns:
         float64 [m]: the sum over steps.
     """
-    x = released.detach().cpu().numpy() if isinstance(released, Tensor) else np.asarray(released)
+    x = (
+        released.detach().cpu().numpy()
+        if isinstance(released, Tensor)
+        else np.asarray(released)
+    )
     if x.ndim == 1:
         return x.astype(np.float64)
     if x.ndim != 2:
@@ -274,7 +287,9 @@ def audit_released(
     lb = epsilon_lower_bound_from_counts(
         num_canaries=len(scores), guesses=r, correct=v, delta=delta, alpha=alpha
     )
-    return AuditResult(lb, float(claimed_epsilon), lb > claimed_epsilon, len(scores), r, v)
+    return AuditResult(
+        lb, float(claimed_epsilon), lb > claimed_epsilon, len(scores), r, v
+    )
 
 
 def simulate_gaussian_sum(
@@ -338,11 +353,15 @@ def simulate_gaussian_sum(
     elif fault == "noise_scaled":
         sigma = noise_multiplier * noise_scale
     q = 1.0 if fault == "sample_every_step" else sampling_rate
-    contribution = canary_norm if fault == "clipping_off" else min(canary_norm, clip_norm)
+    contribution = (
+        canary_norm if fault == "clipping_off" else min(canary_norm, clip_norm)
+    )
 
     inc = torch.as_tensor(np.asarray(included, dtype=bool))
     m = inc.shape[0]
-    sampled = torch.rand(steps, m, generator=generator, dtype=torch.float64) < q  # [T, m]
+    sampled = (
+        torch.rand(steps, m, generator=generator, dtype=torch.float64) < q
+    )  # [T, m]
     signal = (sampled & inc[None, :]).to(torch.float64) * contribution
     noise = torch.randn(steps, m, generator=generator, dtype=torch.float64)
     return signal + (sigma * clip_norm) * noise

@@ -50,41 +50,41 @@ _KEY = "server.aggregation"
 
 
 class AggregationConfig(BaseModel):
-    """``server.aggregation``: the rule that turns the round's client deltas into one."""
+    """``server.aggregation``: the rule that turns the client deltas into one."""
 
     model_config = ConfigDict(extra="forbid")
 
     rule: RuleName = Field(
         "mean",
         description=(
-            "Aggregation rule over the stacked client deltas: mean | median (coordinate-"
-            "wise) | trimmed_mean | krum | multi_krum | bulyan | geometric_median (RFA) | "
-            "centered_clipping (ALGORITHMS.md §5.1)."
+            "Aggregation rule over the stacked client deltas: mean | median "
+            "(coordinate-wise) | trimmed_mean | krum | multi_krum | bulyan | "
+            "geometric_median (RFA) | centered_clipping (ALGORITHMS.md §5.1)."
         ),
     )
     weighting: Literal["samples", "uniform"] = Field(
         "samples",
         description=(
-            "Client weights the rule uses: 'samples' = number of local training samples "
-            "n_i (weighted mean / weighted median / RFA alpha_i ∝ n_i), 'uniform' = every "
-            "client counts once. Krum's selection ignores weights."
+            "Client weights the rule uses: 'samples' = number of local training "
+            "samples n_i (weighted mean / weighted median / RFA alpha_i ∝ n_i), "
+            "'uniform' = every client counts once. Krum's selection ignores weights."
         ),
     )
     num_byzantine: int | None = Field(
         None,
         ge=0,
         description=(
-            "Assumed number f of Byzantine inputs per aggregation (count, not fraction); "
-            "required by krum, multi_krum and bulyan. With bucketing it stays f while n "
-            "becomes the number of buckets (as in the reference code)."
+            "Assumed number f of Byzantine inputs per aggregation (count, not "
+            "fraction); required by krum, multi_krum and bulyan. With bucketing it "
+            "stays f while n becomes the number of buckets (as in the reference code)."
         ),
     )
     num_selected: int | None = Field(
         None,
         ge=1,
         description=(
-            "multi_krum: number m of lowest-score inputs averaged (count). Default n - f; "
-            "m = 1 is Krum."
+            "multi_krum: number m of lowest-score inputs averaged (count). Default n - "
+            "f; m = 1 is Krum."
         ),
     )
     trim_ratio: float = Field(
@@ -100,8 +100,8 @@ class AggregationConfig(BaseModel):
         1e-5,
         gt=0.0,
         description=(
-            "geometric_median: smoothing nu of the Weiszfeld weights "
-            "alpha_i / max(nu, ||z - x_i||), in the units of the deltas (RFA official: 1e-5)."
+            "geometric_median: smoothing nu of the Weiszfeld weights alpha_i / max(nu, "
+            "||z - x_i||), in the units of the deltas (RFA official: 1e-5)."
         ),
     )
     max_iters: int = Field(
@@ -113,8 +113,9 @@ class AggregationConfig(BaseModel):
         1e-6,
         ge=0.0,
         description=(
-            "geometric_median: stop when the objective sum_i alpha_i ||z - x_i|| decreases "
-            "by less than tol times its value (relative; RFA official: 1e-6)."
+            "geometric_median: stop when the objective sum_i alpha_i ||z - x_i|| "
+            "decreases by less than tol times its value (relative; RFA official: "
+            "1e-6)."
         ),
     )
     init: Literal["mean", "zero"] = Field(
@@ -128,26 +129,26 @@ class AggregationConfig(BaseModel):
         10.0,
         gt=0.0,
         description=(
-            "centered_clipping: clipping radius tau around the previous aggregate, in the "
-            "units of the deltas (L2 norm). 10 in the bucketing paper, 100 in the CC "
-            "paper's CIFAR-10 runs; .inf disables clipping."
+            "centered_clipping: clipping radius tau around the previous aggregate, in "
+            "the units of the deltas (L2 norm). 10 in the bucketing paper, 100 in the "
+            "CC paper's CIFAR-10 runs; .inf disables clipping."
         ),
     )
     iters: int = Field(
         3,
         ge=1,
         description=(
-            "centered_clipping: clipping iterations L per aggregation (3 in the bucketing "
-            "paper, 1 in the CC paper's CIFAR-10 runs)."
+            "centered_clipping: clipping iterations L per aggregation (3 in the "
+            "bucketing paper, 1 in the CC paper's CIFAR-10 runs)."
         ),
     )
     bucket_size: int | None = Field(
         None,
         ge=1,
         description=(
-            "Bucketing (Karimireddy, He, Jaggi 2022): randomly permute the deltas, average "
-            "buckets of at most bucket_size, and apply the rule to the bucket means. null = "
-            "off; 2 in the paper."
+            "Bucketing (Karimireddy, He, Jaggi 2022): randomly permute the deltas, "
+            "average buckets of at most bucket_size, and apply the rule to the bucket "
+            "means. null = off; 2 in the paper."
         ),
     )
 
@@ -161,7 +162,7 @@ class AggregationConfig(BaseModel):
         return self
 
     def rule_params(self) -> dict[str, Any]:
-        """The parameters the chosen rule reads, plus ``bucket_size`` (for apply_rule)."""
+        """The chosen rule's parameters plus ``bucket_size`` (for ``apply_rule``)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in RULE_PARAMETERS[self.rule]}
         out["bucket_size"] = self.bucket_size
         return out
@@ -178,15 +179,16 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
     """Check that the rule's condition on the number of inputs n can hold.
 
     Krum and Multi-Krum need n >= 2f + 3, Bulyan n >= 4f + 3 (ALGORITHMS.md §5.1); with
-    bucketing n is the number of buckets ceil(clients_per_round / bucket_size). Multi-Krum
-    also needs num_selected <= n.
+    bucketing n is the number of buckets ceil(clients_per_round / bucket_size).
+    Multi-Krum also needs num_selected <= n.
 
     Args:
         cfg: the aggregation block.
         clients_per_round: number of client deltas the server receives each round.
 
     Returns:
-        An error message naming the offending key, or None if the configuration can work.
+        An error message naming the offending key, or None if the configuration can
+        work.
     """
     n = num_rule_inputs(clients_per_round, cfg.bucket_size)
     where = (
@@ -202,9 +204,9 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
         factor = 4 if cfg.rule == "bulyan" else 2
         if n < factor * f + 3:
             return (
-                f"{_KEY}.num_byzantine: rule {cfg.rule!r} needs n >= {factor}f+3 inputs per "
-                f"aggregation, i.e. n >= {factor * f + 3} for num_byzantine={f}, but the "
-                f"server gets n = {where}; "
+                f"{_KEY}.num_byzantine: rule {cfg.rule!r} needs n >= {factor}f+3 "
+                f"inputs per aggregation, i.e. n >= {factor * f + 3} for "
+                f"num_byzantine={f}, but the server gets n = {where}; "
                 + (
                     f"lower num_byzantine to at most {(n - 3) // factor} or "
                     if n >= 3
@@ -213,9 +215,14 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
                 + "raise clients_per_round"
                 + ("" if cfg.bucket_size is None else " or lower bucket_size")
             )
-        if cfg.rule == "multi_krum" and cfg.num_selected is not None and cfg.num_selected > n:
+        if (
+            cfg.rule == "multi_krum"
+            and cfg.num_selected is not None
+            and cfg.num_selected > n
+        ):
             return (
-                f"{_KEY}.num_selected: multi_krum averages num_selected={cfg.num_selected} "
-                f"inputs but the server gets only n = {where}"
+                f"{_KEY}.num_selected: multi_krum averages "
+                f"num_selected={cfg.num_selected} inputs but the server gets only "
+                f"n = {where}"
             )
     return None

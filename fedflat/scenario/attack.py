@@ -29,10 +29,10 @@ class AttackConfig(BaseModel):
     kind: AttackKind = Field(
         "none",
         description=(
-            "none | sign_flip (send -delta) | label_flip (train on labels C-1-y) | scaling "
-            "(send scale*delta) | alie (mu - z*sigma of the honest deltas, Baruch et al. "
-            "2019) | ipm (-epsilon * honest mean, Xie et al. 2019). alie and ipm are "
-            "omniscient: they see the honest deltas of the round."
+            "none | sign_flip (send -delta) | label_flip (train on labels C-1-y) | "
+            "scaling (send scale*delta) | alie (mu - z*sigma of the honest deltas, "
+            "Baruch et al. 2019) | ipm (-epsilon * honest mean, Xie et al. 2019). alie "
+            "and ipm are omniscient: they see the honest deltas of the round."
         ),
     )
     fraction: float = Field(
@@ -47,31 +47,38 @@ class AttackConfig(BaseModel):
     )
     ids: list[int] | None = Field(
         None,
-        description="Explicit Byzantine client ids (0-based), fixed for the run. Exclusive "
-        "with fraction.",
+        description=(
+            "Explicit Byzantine client ids (0-based), fixed for the run. Exclusive "
+            "with fraction."
+        ),
     )
     scale: float = Field(
         10.0,
-        description="scaling: factor the Byzantine clients multiply their honest delta by.",
+        description="scaling: factor the Byzantine clients multiply their delta by.",
     )
     z_rule: Literal["epfml", "paper", "fixed"] = Field(
         "epfml",
         description=(
-            "alie: how z is chosen from n (inputs of the round) and f (Byzantine inputs "
-            "of the round), s = floor(n/2 + 1) - f: 'epfml' z = Phi^-1((n-f-s)/(n-f)) (the "
-            "reference code), 'paper' z = Phi^-1((n-s)/n), 'fixed' uses z."
+            "alie: how z is chosen from n (inputs of the round) and f (Byzantine "
+            "inputs of the round), s = floor(n/2 + 1) - f: 'epfml' z = "
+            "Phi^-1((n-f-s)/(n-f)) (the reference code), 'paper' z = Phi^-1((n-s)/n), "
+            "'fixed' uses z."
         ),
     )
     z: float = Field(
         1.5,
-        description="alie with z_rule 'fixed': number of standard deviations (the authors' "
-        "code default is 1.5).",
+        description=(
+            "alie with z_rule 'fixed': number of standard deviations (the authors' "
+            "code default is 1.5)."
+        ),
     )
     epsilon: float = Field(
         0.1,
         gt=0.0,
-        description="ipm: Byzantine clients send -epsilon times the honest mean (0.1 in the "
-        "reference code; large values, e.g. 100, target median-type rules).",
+        description=(
+            "ipm: Byzantine clients send -epsilon times the honest mean (0.1 in the "
+            "reference code; large values, e.g. 100, target median-type rules)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -85,7 +92,8 @@ class AttackConfig(BaseModel):
                 )
         if self.kind != "none" and self.fraction == 0 and not self.ids:
             raise ValueError(
-                f"kind is {self.kind!r} but no client is Byzantine: set fraction > 0 or ids"
+                f"kind is {self.kind!r} but no client is Byzantine: set fraction > 0 "
+                "or ids"
             )
         return self
 

@@ -26,7 +26,9 @@ from fedflat.server.fedopt import fedadagrad, fedadam, fedyogi
 from fedflat.server.pipeline import ServerStep
 from fedflat.server.swa import swa_start_round, swa_step
 
-OracleName = Literal["sgd", "sam", "asam", "gam", "sam_on", "fisher_sam", "lesam", "fedsmoo"]
+OracleName = Literal[
+    "sgd", "sam", "asam", "gam", "sam_on", "fisher_sam", "lesam", "fedsmoo"
+]
 
 
 class OracleConfig(BaseModel):
@@ -36,48 +38,61 @@ class OracleConfig(BaseModel):
 
     name: OracleName = Field(
         "sgd",
-        description="Gradient oracle: sgd (plain gradient, 1 pass), sam, asam, fisher_sam, "
-        "sam_on, fedsmoo (2 passes), gam (4 passes), lesam (1 pass). Default sgd.",
+        description="Gradient oracle: sgd (plain gradient, 1 pass), sam, asam, "
+        "fisher_sam, sam_on, fedsmoo (2 passes), gam (4 passes), lesam (1 pass). "
+        "Default sgd.",
     )
     rho: float = Field(
         0.05,
         ge=0,
         description="Perturbation radius ρ of sam/asam/sam_on/fisher_sam/lesam/fedsmoo "
-        "(fisher_sam: γ). Default 0.05 (SAM's CIFAR default); ASAM typically ~10× larger.",
+        "(fisher_sam: γ). Default 0.05 (SAM's CIFAR default); ASAM's is typically "
+        "~10× larger.",
     )
     eta: float = Field(
         0.0,
         ge=0,
-        description="ASAM / ASAM-ON element-wise offset η_a in T = |w| + η_a. Default 0 "
-        "(official example); FedASAM uses 0.2. Must be 0 with variant davda54.",
+        description="ASAM / ASAM-ON element-wise offset η_a in T = |w| + η_a. "
+        "Default 0 (official example); FedASAM uses 0.2. Must be 0 with variant "
+        "davda54.",
     )
     variant: Literal["official", "davda54"] = Field(
         "official",
-        description="ASAM variant: official (T only on tensors named *weight*, with η_a) or "
-        "davda54 (T = |w| on all tensors, no η_a). Default official.",
+        description="ASAM variant: official (T only on tensors named *weight*, with "
+        "η_a) or davda54 (T = |w| on all tensors, no η_a). Default official.",
     )
     wd_in_perturbation: bool = Field(
         False,
         description="SAM only: build ε from g + λw (λ = the client optimizer's weight "
         "decay), as the JAX reference does. Default false (PyTorch repos).",
     )
-    grad_rho: float = Field(0.03, ge=0, description="GAM ρ_t (SAM radius). Default 0.03.")
+    grad_rho: float = Field(
+        0.03, ge=0, description="GAM ρ_t (SAM radius). Default 0.03."
+    )
     grad_norm_rho: float = Field(
         0.2, ge=0, description="GAM ρ'_t (gradient-norm ascent radius). Default 0.2."
     )
-    beta0: float = Field(0.1, ge=0, le=1, description="GAM β0 (β2 = 1 − β0). Default 0.1.")
-    beta1: float = Field(0.1, ge=0, le=1, description="GAM β1 (β3 = 1 − β1). Default 0.1.")
+    beta0: float = Field(
+        0.1, ge=0, le=1, description="GAM β0 (β2 = 1 − β0). Default 0.1."
+    )
+    beta1: float = Field(
+        0.1, ge=0, le=1, description="GAM β1 (β3 = 1 − β1). Default 0.1."
+    )
     gamma: float = Field(
-        0.05, ge=0, description="GAM γ, weight of the orthogonal correction. Default 0.05."
+        0.05,
+        ge=0,
+        description="GAM γ, weight of the orthogonal correction. Default 0.05.",
     )
     eta_f: float = Field(
         1.0, ge=0, description="Fisher-SAM η_f in f = 1 + η_f g². Default 1.0."
     )
     adaptive: bool = Field(
-        False, description="SAM-ON: use the ASAM-ON operator T = |w| + η_a. Default false."
+        False,
+        description="SAM-ON: use the ASAM-ON operator T = |w| + η_a. Default false.",
     )
     normalize_bias: bool = Field(
-        False, description="SAM-ON adaptive: apply T to bias tensors too. Default false."
+        False,
+        description="SAM-ON adaptive: apply T to bias tensors too. Default false.",
     )
 
 
@@ -92,20 +107,21 @@ class CorrectionConfig(BaseModel):
         description="FedProx μ (adds μ(y − x)); null = off. Typical 0.001–1.",
     )
     scaffold: bool = Field(
-        False, description="SCAFFOLD option II control variates (g + c − c_i). Default off."
+        False,
+        description="SCAFFOLD option II control variates (g + c − c_i). Default off.",
     )
     feddyn_alpha: float | None = Field(
         None,
         gt=0,
-        description="FedDyn α (g − g_i + α(y − x), server x = mean(y) − h/α); null = off. "
-        "FL-Simulator uses 0.1.",
+        description="FedDyn α (g − g_i + α(y − x), server x = mean(y) − h/α); "
+        "null = off. FL-Simulator uses 0.1.",
     )
     mofedsam_alpha: float | None = Field(
         None,
         gt=0,
         le=1,
-        description="MoFedSAM α: step direction α g + (1 − α)(−Δ_prev/(Kη)); null = off. "
-        "FL-Simulator uses 0.05 or 0.1.",
+        description="MoFedSAM α: step direction α g + (1 − α)(−Δ_prev/(Kη)); "
+        "null = off. FL-Simulator uses 0.05 or 0.1.",
     )
 
 
@@ -117,8 +133,8 @@ class SwaConfig(BaseModel):
     enabled: bool = Field(False, description="Turn server SWA on. Default off.")
     start: float | int = Field(
         0.75,
-        description="Start of the SWA phase: a float in [0, 1] is a fraction of the rounds, "
-        "an int a 0-based round index. Default 0.75.",
+        description="Start of the SWA phase: a float in [0, 1] is a fraction of the "
+        "rounds, an int a 0-based round index. Default 0.75.",
     )
     cycle: int = Field(10, ge=1, description="Cycle length c in rounds. Default 10.")
     swa_lr: float = Field(
@@ -126,8 +142,8 @@ class SwaConfig(BaseModel):
     )
     collect: Literal["lowest_lr", "official"] = Field(
         "lowest_lr",
-        description="Which round of a cycle is averaged: lowest_lr ((r+1) mod c == 0) or "
-        "official ((r − start) mod c == 0, the reference code). Default lowest_lr.",
+        description="Which round of a cycle is averaged: lowest_lr ((r+1) mod c == 0) "
+        "or official ((r − start) mod c == 0, the reference code). Default lowest_lr.",
     )
 
     @field_validator("start")
@@ -141,17 +157,19 @@ class SwaConfig(BaseModel):
 
 
 class FedOptConfig(BaseModel):
-    """Hyperparameters of FedAdam / FedYogi / FedAdagrad (§3.5); the server lr is separate."""
+    """Hyperparameters of FedAdam / FedYogi / FedAdagrad (§3.5); server lr apart."""
 
     model_config = ConfigDict(extra="forbid")
 
-    beta1: float = Field(0.9, ge=0, lt=1, description="First-moment decay β1. Default 0.9.")
+    beta1: float = Field(
+        0.9, ge=0, lt=1, description="First-moment decay β1. Default 0.9."
+    )
     beta2: float = Field(
         0.99,
         ge=0,
         lt=1,
-        description="Second-moment decay β2 (Adam, Yogi). Default 0.99 (paper text; the "
-        "released code used 0.999).",
+        description="Second-moment decay β2 (Adam, Yogi). Default 0.99 (paper text; "
+        "the released code used 0.999).",
     )
     tau: float = Field(1e-3, gt=0, description="Adaptivity τ. Default 1e-3.")
     bias_correction: bool = Field(
@@ -178,10 +196,12 @@ _ORACLE_PARAMS: dict[str, tuple[str, ...]] = {
 def build_local_rule(
     oracle: OracleConfig, correction: CorrectionConfig, *, weight_decay: float = 0.0
 ) -> tuple[Oracle, tuple[Correction, ...]]:
-    """The client's oracle and its corrections, in the order the client loop applies them.
+    """The client's oracle and its corrections, in the order the loop applies them.
 
-    Order: mofedsam (scales the oracle's gradient by α, so it must come first), the
-    FedSMOO state carrier, scaffold, feddyn, fedprox.
+    Order: mofedsam (scales the oracle's gradient by α, so it comes first), fedprox, the
+    FedSMOO state carrier, scaffold, feddyn. fedprox comes before the stateful ones
+    because its ``finish`` returns a copy of the whole old client state, which would
+    undo their updates under ``client_update``'s ``state.update(...)`` merge.
 
     Args:
         oracle: the oracle block.
@@ -192,11 +212,15 @@ def build_local_rule(
     corrections: list[Correction] = []
     if correction.mofedsam_alpha is not None:
         corrections.append(mofedsam(alpha=correction.mofedsam_alpha))
+    if correction.prox_mu is not None:
+        corrections.append(fedprox(mu=correction.prox_mu))
     if oracle.name == "fedsmoo":
         pair = fedsmoo(rho=oracle.rho)
-        built, corrections = pair.oracle, [*corrections, pair.correction]
+        built = pair.oracle
+        corrections.append(pair.correction)
     else:
-        params: dict[str, Any] = {k: getattr(oracle, k) for k in _ORACLE_PARAMS[oracle.name]}
+        names = _ORACLE_PARAMS[oracle.name]
+        params: dict[str, Any] = {k: getattr(oracle, k) for k in names}
         if oracle.name == "sam":
             params["weight_decay"] = weight_decay
         built = make_oracle(oracle.name, **params)
@@ -204,8 +228,6 @@ def build_local_rule(
         corrections.append(scaffold())
     if correction.feddyn_alpha is not None:
         corrections.append(feddyn(alpha=correction.feddyn_alpha))
-    if correction.prox_mu is not None:
-        corrections.append(fedprox(mu=correction.prox_mu))
     return built, tuple(corrections)
 
 
@@ -220,7 +242,9 @@ def build_server_corrections(
     """
     steps: list[ServerStep] = []
     if correction.feddyn_alpha is not None:
-        steps.append(feddyn_server(alpha=correction.feddyn_alpha, num_clients=num_clients))
+        steps.append(
+            feddyn_server(alpha=correction.feddyn_alpha, num_clients=num_clients)
+        )
     if correction.scaffold:
         steps.append(scaffold_server(num_clients=num_clients))
     if oracle.name == "fedsmoo":
@@ -231,7 +255,7 @@ def build_server_corrections(
 
 
 def build_fedopt(name: str, *, lr: float, config: FedOptConfig) -> ServerStep:
-    """FedAdam / FedYogi / FedAdagrad server step from its block (name without "fed" ok)."""
+    """FedAdam / FedYogi / FedAdagrad step from its block (``adam`` = ``fedadam``)."""
     key = name if name.startswith("fed") else f"fed{name}"
     common = {
         "lr": lr,
@@ -246,7 +270,10 @@ def build_fedopt(name: str, *, lr: float, config: FedOptConfig) -> ServerStep:
         return fedyogi(beta2=config.beta2, **common)
     if key == "fedadagrad":
         return fedadagrad(**common)
-    raise ValueError(f"unknown adaptive server optimizer {name!r}; known: fedadam, fedyogi, fedadagrad")
+    raise ValueError(
+        f"unknown adaptive server optimizer {name!r}; known: fedadam, fedyogi, "
+        "fedadagrad"
+    )
 
 
 def build_swa(config: SwaConfig, *, num_rounds: int) -> ServerStep | None:
@@ -276,7 +303,11 @@ _FEDAVG: dict[str, Any] = {"optimizer": "fedavg", "lr": 1.0}
 # settings (client lr, batch size, rounds) are not part of a method preset.
 PRESETS: dict[str, dict[str, Any]] = {
     # Caldarola et al. ECCV 2022, CIFAR-10 scripts: FedSAM ρ = 0.1, FedAvg server.
-    "fedsam": {"oracle": {"name": "sam", "rho": 0.1}, "correction": {}, "server": dict(_FEDAVG)},
+    "fedsam": {
+        "oracle": {"name": "sam", "rho": 0.1},
+        "correction": {},
+        "server": dict(_FEDAVG),
+    },
     # FedASAM ρ = 0.7, η_a = 0.2 (official ASAM variant).
     "fedasam": {
         "oracle": {"name": "asam", "rho": 0.7, "eta": 0.2, "variant": "official"},
@@ -315,10 +346,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "server": dict(_FEDAVG),
     },
     # FedLESAM example command: ρ = 0.5.
-    "fedlesam": {"oracle": {"name": "lesam", "rho": 0.5}, "correction": {}, "server": dict(_FEDAVG)},
-    "scaffold": {"oracle": {"name": "sgd"}, "correction": {"scaffold": True}, "server": dict(_FEDAVG)},
+    "fedlesam": {
+        "oracle": {"name": "lesam", "rho": 0.5},
+        "correction": {},
+        "server": dict(_FEDAVG),
+    },
+    "scaffold": {
+        "oracle": {"name": "sgd"},
+        "correction": {"scaffold": True},
+        "server": dict(_FEDAVG),
+    },
     # FedProx μ = 0.01 (FL-Simulator CIFAR; the FedProx synthetic runs use μ = 1).
-    "fedprox": {"oracle": {"name": "sgd"}, "correction": {"prox_mu": 0.01}, "server": dict(_FEDAVG)},
+    "fedprox": {
+        "oracle": {"name": "sgd"},
+        "correction": {"prox_mu": 0.01},
+        "server": dict(_FEDAVG),
+    },
     # FedDyn α = 0.1 (FL-Simulator).
     "feddyn": {
         "oracle": {"name": "sgd"},
@@ -349,6 +392,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fedadagrad": {
         "oracle": {"name": "sgd"},
         "correction": {},
-        "server": {"optimizer": "fedadagrad", "lr": 0.1, "fedopt": {"beta1": 0.9, "tau": 1e-2}},
+        "server": {
+            "optimizer": "fedadagrad",
+            "lr": 0.1,
+            "fedopt": {"beta1": 0.9, "tau": 1e-2},
+        },
     },
 }

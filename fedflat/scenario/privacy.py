@@ -40,7 +40,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-def _exactly_one_noise_spec(epsilon: float | None, info: ValidationInfo) -> float | None:
+def _exactly_one_noise_spec(
+    epsilon: float | None, info: ValidationInfo
+) -> float | None:
     """Field validator body for ``epsilon``: exactly one of noise_multiplier / epsilon."""
     noise_multiplier = info.data.get("noise_multiplier")
     if "noise_multiplier" not in info.data:
@@ -51,7 +53,9 @@ def _exactly_one_noise_spec(epsilon: float | None, info: ValidationInfo) -> floa
             f"(got noise_multiplier={noise_multiplier}, epsilon={epsilon})"
         )
     if info.data.get("enabled") and noise_multiplier is None and epsilon is None:
-        raise ValueError("enabled: true needs exactly one of noise_multiplier or epsilon")
+        raise ValueError(
+            "enabled: true needs exactly one of noise_multiplier or epsilon"
+        )
     return epsilon
 
 
@@ -131,7 +135,8 @@ class AdaptiveClipping(_Strict):
     """Quantile-based adaptive clip norm (Andrew et al. 2021; ALGORITHMS.md §4.4)."""
 
     enabled: bool = Field(
-        False, description="Track the target quantile of update norms instead of a fixed clip."
+        False,
+        description="Track the target quantile of update norms instead of a fixed clip.",
     )
     target_quantile: float = Field(
         0.5,
@@ -140,7 +145,9 @@ class AdaptiveClipping(_Strict):
         description="γ: fraction of client updates that should be unclipped (0.5 = median).",
     )
     clip_lr: float = Field(
-        0.2, gt=0, description="η_C: learning rate of the clip update C ← C·exp(−η_C(b̄ − γ))."
+        0.2,
+        gt=0,
+        description="η_C: learning rate of the clip update C ← C·exp(−η_C(b̄ − γ)).",
     )
     count_noise: float | None = Field(
         None,
@@ -151,7 +158,9 @@ class AdaptiveClipping(_Strict):
         ),
     )
     initial_clip: float = Field(
-        0.1, gt=0, description="C_0: clip norm of the first round (L2, model-update units)."
+        0.1,
+        gt=0,
+        description="C_0: clip norm of the first round (L2, model-update units).",
     )
     update: Literal["geometric", "arithmetic"] = Field(
         "geometric",
@@ -207,7 +216,8 @@ class UserLevelPrivacy(_Strict):
         ),
     )
     adaptive_clipping: AdaptiveClipping = Field(
-        default_factory=AdaptiveClipping, description="Quantile-based adaptive clipping."
+        default_factory=AdaptiveClipping,
+        description="Quantile-based adaptive clipping.",
     )
 
     _epsilon_xor_noise = field_validator("epsilon")(_exactly_one_noise_spec)

@@ -46,23 +46,25 @@ def _population(rnd: ServerRound, num_clients: int | None, who: str) -> int:
 
 
 def _extra(rnd: ServerRound, key: str, who: str, producer: str) -> Tensor | None:
-    """The stacked extra ``key`` or None when nobody took part; raise if it is missing."""
+    """The stacked extra ``key`` (None if nobody took part); raise if it is missing."""
     x = rnd.extras.get(key)
     if x is None and rnd.deltas.shape[0] > 0:
         raise ValueError(
-            f"{who} needs the uplink extra {key!r}; the clients must run the {producer} "
-            "correction"
+            f"{who} needs the uplink extra {key!r}; the clients must run the "
+            f"{producer} correction"
         )
     return x
 
 
-def scaffold_server(*, num_clients: int | None = None, server_lr: float | None = None) -> ServerStep:
+def scaffold_server(
+    *, num_clients: int | None = None, server_lr: float | None = None
+) -> ServerStep:
     """SCAFFOLD server: ``c ← c + (1/N) Σ_{S_t} Δc_i``, broadcast as ``"scaffold_c"``.
 
     Args:
         num_clients: N, the *total* number of clients; None = ``round.num_clients``.
-        server_lr: None to leave the model step to the optimizer (FedAvg); a float η_g to
-            also set ``new_params = params + η_g · aggregate`` (this step is then the
+        server_lr: None to leave the model step to the optimizer (FedAvg); a float η_g
+            to also set ``new_params = params + η_g · aggregate`` (this step is then the
             optimizer; do not chain FedAvg as well).
 
     Returns:
@@ -87,19 +89,22 @@ def scaffold_server(*, num_clients: int | None = None, server_lr: float | None =
         changes: dict[str, Any] = {"broadcast": {**rnd.broadcast, SCAFFOLD_C: c}}
         if server_lr is not None:
             if rnd.aggregate is None:
-                raise ValueError("scaffold_server with server_lr needs an aggregate (put it after the rule)")
+                raise ValueError(
+                    "scaffold_server with server_lr needs an aggregate (put it after "
+                    "the rule)"
+                )
             changes["new_params"] = rnd.params + server_lr * rnd.aggregate
         return rnd.with_(**changes), c, {"scaffold_c_norm": float(c.norm())}
 
-    return ServerStep(name="scaffold", init=lambda params: torch.zeros_like(params), apply=apply)
+    return ServerStep(name="scaffold", init=torch.zeros_like, apply=apply)
 
 
 def feddyn_server(*, alpha: float, num_clients: int | None = None) -> ServerStep:
     """FedDyn server: ``h ← h − (α/N) Σ_{S_t} Δ_i``; ``x ← mean(y_i) − h/α``.
 
-    ``mean(y_i)`` is taken as ``round.new_params`` (the optimizer step ran before: FedAvg
-    with ``server_lr = 1`` gives ``x + Δ̄``), or ``params + aggregate`` when no optimizer
-    ran. The mean's weights are the rule's (the paper: uniform over S_t).
+    ``mean(y_i)`` is taken as ``round.new_params`` (the optimizer step ran before:
+    FedAvg with ``server_lr = 1`` gives ``x + Δ̄``), or ``params + aggregate`` when no
+    optimizer ran. The mean's weights are the rule's (the paper: uniform over S_t).
 
     Args:
         alpha: α > 0, the same as the clients' ``feddyn(alpha=...)``.
@@ -128,14 +133,19 @@ def feddyn_server(*, alpha: float, num_clients: int | None = None) -> ServerStep
         elif rnd.aggregate is not None:
             base = rnd.params + rnd.aggregate
         else:
-            raise ValueError("feddyn_server needs an aggregate or new_params (put it after the rule)")
-        return rnd.with_(new_params=base - h / alpha), h, {"feddyn_h_norm": float(h.norm())}
+            raise ValueError(
+                "feddyn_server needs an aggregate or new_params (put it after the rule)"
+            )
+        metrics = {"feddyn_h_norm": float(h.norm())}
+        return rnd.with_(new_params=base - h / alpha), h, metrics
 
-    return ServerStep(name="feddyn", init=lambda params: torch.zeros_like(params), apply=apply)
+    return ServerStep(name="feddyn", init=torch.zeros_like, apply=apply)
 
 
 def fedsmoo_server(*, rho: float, eps: float = 1e-7) -> ServerStep:
-    """FedSMOO server: ``s = ρ · mean_{S_t}(μ_i) / ‖mean_{S_t}(μ_i)‖``, broadcast as ``fedsmoo_s``.
+    """FedSMOO server: ``s = ρ · mean(μ_i) / ‖mean(μ_i)‖`` over S_t, broadcast.
+
+    ``s`` goes to the clients as ``round.broadcast["fedsmoo_s"]``.
 
     This is the simplified s-update of the reference code (it drops the ŝ_{i,K} term).
     The model update is FedDyn's: chain ``feddyn_server`` as well.
@@ -162,14 +172,17 @@ def fedsmoo_server(*, rho: float, eps: float = 1e-7) -> ServerStep:
         mu = _extra(rnd, FEDSMOO_MU, "fedsmoo_server", "fedsmoo()")
         if mu is not None and mu.shape[0] > 0:
             mean = mu.to(s).mean(0)
-            s = mean * (rho / (float(mean.norm()) + eps)) if rho > 0 else torch.zeros_like(s)
+            denom = float(mean.norm()) + eps
+            s = mean * (rho / denom) if rho > 0 and denom > 0 else torch.zeros_like(s)
         return rnd.with_(broadcast={**rnd.broadcast, FEDSMOO_S: s}), s, {}
 
-    return ServerStep(name="fedsmoo", init=lambda params: torch.zeros_like(params), apply=apply)
+    return ServerStep(name="fedsmoo", init=torch.zeros_like, apply=apply)
 
 
 def prev_update_broadcast() -> ServerStep:
-    """Broadcast this round's global update ``new_params − params`` as ``prev_global_update``.
+    """Broadcast this round's global update ``new_params − params``.
+
+    The key is ``"prev_global_update"``.
 
     Used by FedLESAM (perturbation direction) and MoFedSAM (client momentum). When the
     clients uplink ``mofedsam_steps_lr`` (the mofedsam correction), the mean over the
@@ -184,7 +197,8 @@ def prev_update_broadcast() -> ServerStep:
     ) -> tuple[ServerRound, Any, Metrics]:
         if rnd.new_params is None:
             raise ValueError(
-                "prev_update_broadcast needs new_params: put it after the optimizer step"
+                "prev_update_broadcast needs new_params: put it after the optimizer "
+                "step"
             )
         out = {**rnd.broadcast, PREV_GLOBAL_UPDATE: rnd.new_params - rnd.params}
         kl = rnd.extras.get(MOFEDSAM_STEPS_LR)

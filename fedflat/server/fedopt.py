@@ -35,7 +35,9 @@ class FedOptState(NamedTuple):
     v: Tensor
 
 
-def _check(name: str, lr: float, beta1: float, beta2: float, tau: float, acc: float) -> None:
+def _check(
+    name: str, lr: float, beta1: float, beta2: float, tau: float, acc: float
+) -> None:
     if not lr > 0:
         raise ValueError(f"{name} lr must be > 0, got {lr}")
     if not 0 <= beta1 < 1:
@@ -72,7 +74,9 @@ def _fedopt(
         rnd: ServerRound, state: FedOptState, gen: torch.Generator
     ) -> tuple[ServerRound, FedOptState, Metrics]:
         if rnd.aggregate is None:
-            raise ValueError(f"{name} needs an aggregate: put it after the aggregation rule")
+            raise ValueError(
+                f"{name} needs an aggregate: put it after the aggregation rule"
+            )
         delta = rnd.aggregate.to(state.m)
         count = state.count + 1
         m = torch.lerp(state.m, delta, 1.0 - beta1)  # β1 m + (1 − β1) Δ̄
@@ -109,7 +113,8 @@ def fedadam(
     """FedAdam server step.
 
     Args:
-        lr: server learning rate η_g > 0 (Flower default 0.1; Reddi et al. best CIFAR-100 1.0).
+        lr: server learning rate η_g > 0 (Flower default 0.1; Reddi et al. best
+            CIFAR-100 1.0).
         beta1: β1 in [0, 1).
         beta2: β2 in [0, 1) (paper text 0.99; released code Keras 0.999).
         tau: adaptivity τ > 0 (recommended start 1e-3).

@@ -1,13 +1,15 @@
-"""Aggregation rules over a stacked ``[n, d]`` matrix of client updates (ALGORITHMS.md §5.1).
+"""Aggregation rules over a stacked ``[n, d]`` update matrix (ALGORITHMS.md §5.1).
 
-Every rule is vectorised over the coordinates: per-coordinate statistics use one
-``kthvalue``/``sort`` along the client axis, distances use one Gram matrix. Python loops
-run only over iterations (Weiszfeld, centered clipping, Bulyan's n - 2f Krum rounds) or
-over column blocks of the Gram accumulation, never over coordinates.
+Every rule is vectorised over the coordinates: per-coordinate statistics use
+``kthvalue``/``sort``/``topk`` along the client axis, distances come from one Gram
+matrix. Python loops run only over iterations (Weiszfeld, centered clipping, Bulyan's
+n - 2f Krum rounds) and over large column blocks (8192 coordinates for the
+per-coordinate statistics, 65536 for the Gram accumulation) that bound temporary memory
+on the CPU, never over single coordinates.
 
 Rules never draw random numbers themselves; bucketing permutes the inputs with the
-``torch.Generator`` it is handed. Centered clipping keeps its previous output in the rule
-state (``{"v": tensor}``); the other rules are stateless.
+``torch.Generator`` it is handed. Centered clipping keeps its previous output in the
+rule state (``{"v": tensor}``); the other rules are stateless.
 
 Two entry points:
 
@@ -41,11 +43,14 @@ WEIGHTINGS: tuple[str, ...] = ("samples", "uniform")
 # Columns per block when accumulating the float64 Gram matrix: bounds the temporary
 # float64 copy to n * 65536 * 8 bytes (52 MB for n = 100).
 _GRAM_BLOCK = 1 << 16
+# Coordinates per block of the per-coordinate statistics (median, trimmed mean, Bulyan):
+# a [8192, n] block of float32 plus its sort indices stays within a few MB of cache.
+_COORD_BLOCK = 1 << 13
 
 RuleState = dict[str, Tensor]
 
 
-# ----------------------------------------------------------------------------- checks
+# -------------------- checks
 
 
 def _default(name: str) -> Any:
@@ -58,11 +63,19 @@ def _require_int(name: str, value: Any, low: int) -> int:
     return value
 
 
-def _require_float(name: str, value: Any, *, low: float, strict: bool, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+def _require_float(
+    name: str, value: Any, *, low: float, strict: bool, high: float | None = None
+) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or math.isnan(value)
+    ):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if (strict and value <= low) or (not strict and value < low):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+        raise ValueError(
+            f"{name} must be {'>' if strict else '>='} {low}, got {value!r}"
+        )
     if high is not None and value >= high:
         raise ValueError(f"{name} must be < {high}, got {value!r}")
     return float(value)
@@ -73,15 +86,16 @@ def resolve_params(rule: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
     Args:
         rule: one of ``RULES``.
-        params: the rule's parameters (names as in ``server.aggregation``) and optionally
-            ``bucket_size``. Parameters of other rules are refused.
+        params: the rule's parameters (names as in ``server.aggregation``) and
+            optionally ``bucket_size``. Parameters of other rules are refused.
 
     Returns:
         A new dict with every parameter of the rule plus ``bucket_size``.
 
     Raises:
-        ValueError: unknown rule, unknown parameter, missing ``num_byzantine`` or a value
-            out of range (the message names the parameter, the bound and the value).
+        ValueError: unknown rule, unknown parameter, missing ``num_byzantine`` or a
+            value out of range (the message names the parameter, the bound and the
+            value).
     """
     if rule not in RULE_PARAMETERS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {list(RULES)}")
@@ -95,12 +109,16 @@ def resolve_params(rule: str, params: Mapping[str, Any]) -> dict[str, Any]:
     p.update(params)
     if rule in NEEDS_NUM_BYZANTINE:
         if p["num_byzantine"] is None:
-            raise ValueError(f"rule {rule!r} needs num_byzantine (the assumed f), got None")
+            raise ValueError(
+                f"rule {rule!r} needs num_byzantine (the assumed f), got None"
+            )
         _require_int("num_byzantine", p["num_byzantine"], 0)
     if p.get("num_selected") is not None:
         _require_int("num_selected", p["num_selected"], 1)
     if "trim_ratio" in p:
-        p["trim_ratio"] = _require_float("trim_ratio", p["trim_ratio"], low=0.0, strict=False, high=0.5)
+        p["trim_ratio"] = _require_float(
+            "trim_ratio", p["trim_ratio"], low=0.0, strict=False, high=0.5
+        )
     if "nu" in p:
         p["nu"] = _require_float("nu", p["nu"], low=0.0, strict=True)
         _require_int("max_iters", p["max_iters"], 1)
@@ -132,16 +150,22 @@ def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
         return None
     w = torch.as_tensor(weights).to(torch.float64).reshape(-1)
     if w.numel() != n:
-        raise ValueError(f"weights must have one entry per update (n = {n}), got {w.numel()}")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
+        raise ValueError(
+            f"weights must have one entry per update (n = {n}), got {w.numel()}"
+        )
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        raise ValueError(
+            f"weights must be finite and >= 0, got {w[bad][:5].tolist()} at rows "
+            f"{bad.nonzero()[:5, 0].tolist()}"
+        )
     if float(w.sum()) <= 0.0:
         raise ValueError("weights must have a positive sum, got all zeros")
     return w
 
 
 def _alpha(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
-    """Normalised weights alpha (sum 1) in float64 on ``like``'s device; uniform if None."""
+    """Normalised weights (sum 1), float64 on ``like``'s device; uniform if None."""
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64, device=like.device)
     w = weights.to(device=like.device, dtype=torch.float64)
@@ -165,12 +189,14 @@ def sanitize(updates: Tensor, d: int) -> tuple[Tensor, int]:
         ValueError: ``updates`` is not [n, d].
     """
     if updates.dim() != 2 or updates.shape[1] != d:
-        raise ValueError(f"updates must have shape [n, {d}], got {tuple(updates.shape)}")
+        raise ValueError(
+            f"updates must have shape [n, {d}], got {tuple(updates.shape)}"
+        )
     mask = torch.isfinite(updates).all(dim=1)
     return mask, int(updates.shape[0] - int(mask.sum()))
 
 
-# ----------------------------------------------------------------------------- rules
+# -------------------- rules
 
 
 def mean(x: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -194,18 +220,59 @@ def mean(x: Tensor, weights: Tensor | None = None) -> Tensor:
     return _alpha(w, x.shape[0], x).to(x.dtype) @ x
 
 
-def _lower_upper_median(x: Tensor) -> Tensor:
-    """Unweighted coordinate-wise median; for even n the mean of the two middle values."""
-    n = x.shape[0]
+def _by_blocks(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """Apply a per-coordinate statistic to column blocks of x, transposed.
+
+    ``fn`` maps a [C, n] block (one row per coordinate, clients along dim 1) to [C]. The
+    blocks bound the temporaries (sort indices are int64, twice the size of float32
+    values) and keep each selection within cache; every block is one vectorised call.
+    On a GPU the whole matrix is one block.
+    """
+    d = x.shape[1]
+    block = d if x.device.type != "cpu" else _COORD_BLOCK
+    if block >= d:
+        return fn(x.T.contiguous())
+    out = torch.empty(d, dtype=x.dtype, device=x.device)
+    for start in range(0, d, block):
+        out[start : start + block] = fn(x[:, start : start + block].T.contiguous())
+    return out
+
+
+def _median_rows(b: Tensor) -> Tensor:
+    """Per row of a [C, n] block: the median, for even n the mean of the two middles."""
+    n = b.shape[1]
     if n % 2 == 1:
-        return torch.kthvalue(x, (n + 1) // 2, dim=0).values
-    lo = torch.kthvalue(x, n // 2, dim=0).values
+        return torch.kthvalue(b, (n + 1) // 2, dim=1).values
+    lo = torch.kthvalue(b, n // 2, dim=1, keepdim=True).values
     # The upper middle value is lo itself when lo fills rank n/2 + 1 (ties), otherwise
     # the smallest value above lo: one masked min instead of a second selection.
-    at_most = x <= lo
-    above = x.masked_fill(at_most, math.inf).amin(dim=0)
-    hi = torch.where(at_most.sum(dim=0) > n // 2, lo, above)
-    return (lo + hi) * 0.5
+    at_most = b <= lo
+    above = b.masked_fill(at_most, math.inf).amin(dim=1)
+    lo = lo[:, 0]
+    return (lo + torch.where(at_most.sum(dim=1) > n // 2, lo, above)) * 0.5
+
+
+def _weighted_median_rows(b: Tensor, alpha: Tensor) -> Tensor:
+    """Per row of a [C, n] block: the weighted median, normalised weights alpha > 0."""
+    n = b.shape[1]
+    vals, idx = torch.sort(b, dim=1)
+    cum = alpha[idx].cumsum(dim=1)  # [C, n], increasing along dim 1
+    # Slack for the rounding of a float cumulative sum, so that exact halves (uniform
+    # weights, even n) are recognised as ties.
+    slack = 4 * n * torch.finfo(b.dtype).eps
+    k = (cum < 0.5 - slack).sum(dim=1, keepdim=True).clamp(max=n - 1)  # [C, 1]
+    lower = vals.gather(1, k)
+    tie = cum.gather(1, k) <= 0.5 + slack
+    upper = vals.gather(1, (k + 1).clamp(max=n - 1))
+    return torch.where(tie, (lower + upper) * 0.5, lower)[:, 0]
+
+
+def _weighted_rows_mean(vals: Tensor, wk: Tensor) -> Tensor:
+    """Per row: sum(wk * vals) / sum(wk); rows whose weights are all 0 take the mean."""
+    den = wk.sum(dim=1)
+    num = (wk * vals).sum(dim=1)
+    tiny = torch.finfo(vals.dtype).tiny
+    return torch.where(den > 0, num / den.clamp_min(tiny), vals.mean(dim=1))
 
 
 def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -213,10 +280,10 @@ def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
 
     Unweighted: per coordinate the middle value, for even n the mean of the two middle
     values (as epfml ``coordinatewise_median.py`` and ``numpy.median``). Weighted: per
-    coordinate the smallest value whose cumulative normalised weight reaches 1/2; when it
-    reaches exactly 1/2 the mean of that value and the next one, so integer weights give
-    the median of the rows repeated w_i times and uniform weights give the unweighted
-    median. Rows of weight zero are ignored.
+    coordinate the smallest value whose cumulative normalised weight reaches 1/2; when
+    it reaches exactly 1/2 the mean of that value and the next one, so integer weights
+    give the median of the rows repeated w_i times and uniform weights give the
+    unweighted median. Rows of weight zero are ignored.
 
     Args:
         x: [n, d] updates.
@@ -226,38 +293,31 @@ def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
         [d] aggregate.
 
     References:
-        Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Towards
-        Optimal Statistical Rates", ICML 2018.
+        Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
+        Towards Optimal Statistical Rates", ICML 2018.
     """
     x = _check_updates(x)
     w = _check_weights(weights, x.shape[0])
     if w is None:
-        return _lower_upper_median(x)
+        return _by_blocks(x, _median_rows)
     alpha = _alpha(w, x.shape[0], x)
     keep = alpha > 0
     if not bool(keep.all()):
         x, alpha = x[keep], alpha[keep]
-    n = x.shape[0]
-    vals, idx = torch.sort(x, dim=0)
-    cum = alpha.to(x.dtype)[idx].cumsum(dim=0)  # [n, d], increasing along dim 0
-    # Slack for the rounding of a float cumulative sum, so that exact halves (uniform
-    # weights, even n) are recognised as ties.
-    slack = 4 * n * torch.finfo(x.dtype).eps
-    k = (cum < 0.5 - slack).sum(dim=0, keepdim=True).clamp(max=n - 1)  # [1, d]
-    lower = vals.gather(0, k)
-    tie = cum.gather(0, k) <= 0.5 + slack
-    upper = vals.gather(0, (k + 1).clamp(max=n - 1))
-    return torch.where(tie, (lower + upper) * 0.5, lower)[0]
+    a = alpha.to(x.dtype)
+    return _by_blocks(x, lambda b: _weighted_median_rows(b, a))
 
 
-def trimmed_mean(x: Tensor, weights: Tensor | None = None, *, trim_ratio: float) -> Tensor:
+def trimmed_mean(
+    x: Tensor, weights: Tensor | None = None, *, trim_ratio: float
+) -> Tensor:
     """Coordinate-wise trimmed mean.
 
     Per coordinate drop the b = floor(trim_ratio * n) largest and b smallest values and
-    average the n - 2b others (weighted by the rows' weights if given; a coordinate whose
-    kept rows all have weight zero falls back to their plain mean). The kept values are
-    selected from a sort, not obtained by subtracting the trimmed ones from the total, so
-    huge trimmed values cannot cost precision.
+    average the n - 2b others (weighted by the rows' weights if given; a coordinate
+    whose kept rows all have weight zero falls back to their plain mean). The kept
+    values are selected from a sort, not obtained by subtracting the trimmed ones from
+    the total, so huge trimmed values cannot cost precision.
 
     Args:
         x: [n, d] updates.
@@ -272,20 +332,25 @@ def trimmed_mean(x: Tensor, weights: Tensor | None = None, *, trim_ratio: float)
     """
     x = _check_updates(x)
     w = _check_weights(weights, x.shape[0])
-    trim_ratio = _require_float("trim_ratio", trim_ratio, low=0.0, strict=False, high=0.5)
+    trim_ratio = _require_float(
+        "trim_ratio", trim_ratio, low=0.0, strict=False, high=0.5
+    )
     n = x.shape[0]
     # 1e-9 guards floor() against products such as 0.29 * 100 = 28.999999999999996.
-    b = math.floor(trim_ratio * n + 1e-9)
-    if b == 0:
+    k = math.floor(trim_ratio * n + 1e-9)
+    if k == 0:
         return mean(x, w)
     if w is None:
-        return torch.sort(x, dim=0).values[b : n - b].mean(dim=0)
-    vals, idx = torch.sort(x, dim=0)
-    vals, idx = vals[b : n - b], idx[b : n - b]
-    wk = _alpha(w, n, x).to(x.dtype)[idx]  # [n - 2b, d]
-    den = wk.sum(dim=0)
-    num = (wk * vals).sum(dim=0)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), vals.mean(0))
+        return _by_blocks(
+            x, lambda b: torch.sort(b, dim=1).values[:, k : n - k].mean(1)
+        )
+    a = _alpha(w, n, x).to(x.dtype)
+
+    def rows(b: Tensor) -> Tensor:
+        vals, idx = torch.sort(b, dim=1)
+        return _weighted_rows_mean(vals[:, k : n - k], a[idx[:, k : n - k]])
+
+    return _by_blocks(x, rows)
 
 
 def pairwise_sq_dists(x: Tensor) -> Tensor:
@@ -317,8 +382,8 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
 def _require_n(rule: str, n: int, f: int, factor: int) -> None:
     if n < factor * f + 3:
         raise ValueError(
-            f"{rule} needs n >= {factor}*num_byzantine+3 = {factor * f + 3} inputs, got "
-            f"n={n} with num_byzantine={f}"
+            f"{rule} needs n >= {factor}*num_byzantine+3 = {factor * f + 3} inputs, "
+            f"got n={n} with num_byzantine={f}"
         )
 
 
@@ -344,7 +409,7 @@ def krum_scores(dists: Tensor, *, num_byzantine: int) -> Tensor:
 
 
 def krum_select(x: Tensor, *, num_byzantine: int, num_selected: int = 1) -> Tensor:
-    """Indices of the ``num_selected`` lowest Krum scores, best first (ties: lower index).
+    """Indices of the ``num_selected`` lowest Krum scores, best first (ties: low index).
 
     Args:
         x: [n, d] updates.
@@ -392,7 +457,7 @@ def krum(x: Tensor, *, num_byzantine: int) -> Tensor:
 
 
 def _mean_of(x: Tensor, alpha: Tensor | None) -> Tensor:
-    """Weighted mean of rows with a given (unnormalised) alpha; uniform if its sum is 0."""
+    """Mean of rows weighted by an unnormalised alpha; uniform if its sum is 0."""
     if alpha is None or float(alpha.sum()) <= 0.0:
         return x.mean(dim=0)
     return (alpha / alpha.sum()).to(x.dtype) @ x
@@ -462,7 +527,7 @@ def bulyan_select(x: Tensor, *, num_byzantine: int) -> Tensor:
         r = idx.numel()
         sub = dists[idx][:, idx]
         sub.fill_diagonal_(math.inf)
-        k = 1
+        k = min(max(r - f - 2, 1), r - 1)
         if k > 0:
             scores = sub.topk(k, dim=1, largest=False).values.sum(dim=1)
             winner = idx[torch.argmin(scores)]
@@ -498,15 +563,22 @@ def bulyan(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
     s = x[sel]  # [theta, d]
     theta = s.shape[0]
     beta = theta - 2 * num_byzantine
-    med = _lower_upper_median(s)
-    keep = (s - med).abs().topk(beta, dim=0, largest=False).indices  # [beta, d]
-    vals = s.gather(0, keep)
-    if w is None:
-        return vals.mean(dim=0)
-    wk = _alpha(w, x.shape[0], x).to(x.dtype)[sel][keep]  # [beta, d]
-    den = wk.sum(dim=0)
-    num = (wk * vals).sum(dim=0)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(x.dtype).tiny), vals.mean(0))
+    a = None if w is None else _alpha(w, x.shape[0], x).to(x.dtype)[sel]
+
+    def rows(b: Tensor) -> Tensor:  # b: [C, theta]
+        dist = (b - _median_rows(b)[:, None]).abs()
+        if beta <= theta - beta:  # select the beta closest values
+            keep = dist.topk(beta, dim=1, largest=False).indices
+            vals = b.gather(1, keep)
+            return vals.mean(1) if a is None else _weighted_rows_mean(vals, a[keep])
+        # Otherwise mark the 2f farthest as dropped (a smaller selection) and average
+        # the rest through a mask: kept values are summed, nothing is subtracted.
+        drop = dist.topk(theta - beta, dim=1).indices
+        kept = torch.ones_like(b, dtype=torch.bool).scatter_(1, drop, False)
+        wk = kept.to(b.dtype) if a is None else kept * a[None, :]
+        return _weighted_rows_mean(b, wk)
+
+    return _by_blocks(s, rows)
 
 
 def _dists_to(x: Tensor, z: Tensor) -> Tensor:
@@ -524,7 +596,8 @@ def _weiszfeld(
     dist = _dists_to(x, z)
     obj = float((alpha * dist).sum())
     iters = 0
-    for iters in range(1, max_iters + 1):
+    while iters < max_iters:
+        iters += 1
         beta = alpha / dist.clamp_min(nu)
         z = (beta / beta.sum()).to(x.dtype) @ x
         dist = _dists_to(x, z)
@@ -548,10 +621,11 @@ def geometric_median(
     """Geometric median by smoothed Weiszfeld iterations (RFA).
 
     Approximately minimises sum_i alpha_i ||z - x_i|| with alpha_i = w_i / sum_j w_j:
-    beta_i = alpha_i / max(nu, ||z - x_i||), z <- sum_i beta_i x_i / sum_i beta_i, at most
-    ``max_iters`` times, stopping once the objective decreases by less than ``tol`` times
-    its value. Defaults are the official RFA ones (weighted-mean start, nu = 1e-5, 4
-    iterations, tol = 1e-6); the epfml variant is init="zero", nu=0.1, max_iters=8 or 3.
+    beta_i = alpha_i / max(nu, ||z - x_i||), z <- sum_i beta_i x_i / sum_i beta_i, at
+    most ``max_iters`` times, stopping once the objective decreases by less than ``tol``
+    times its value. Defaults are the official RFA ones (weighted-mean start, nu = 1e-5,
+    4 iterations, tol = 1e-6); the epfml variant is init="zero", nu=0.1, max_iters=8 or
+    3.
 
     Args:
         x: [n, d] updates.
@@ -566,7 +640,8 @@ def geometric_median(
 
     References:
         Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning", IEEE
-        Trans. Signal Processing 2022 (code: krishnap25/RFA ``geometric_median_update``).
+        Trans. Signal Processing 2022 (code: krishnap25/RFA
+        ``geometric_median_update``).
     """
     x = _check_updates(x)
     w = _check_weights(weights, x.shape[0])
@@ -574,7 +649,11 @@ def geometric_median(
         "geometric_median", {"nu": nu, "max_iters": max_iters, "tol": tol, "init": init}
     )
     z, _, _ = _weiszfeld(
-        x, _alpha(w, x.shape[0], x), nu=p["nu"], max_iters=p["max_iters"], tol=p["tol"],
+        x,
+        _alpha(w, x.shape[0], x),
+        nu=p["nu"],
+        max_iters=p["max_iters"],
+        tol=p["tol"],
         init=p["init"],
     )
     return z
@@ -583,7 +662,7 @@ def geometric_median(
 def _clip_iterations(
     x: Tensor, alpha: Tensor, v: Tensor, *, tau: float, iters: int
 ) -> tuple[Tensor, float]:
-    """Centered-clipping iterations; returns (v, fraction of inputs clipped at the end)."""
+    """Centered-clipping iterations; returns (v, fraction clipped in the last one)."""
     frac = 0.0
     for _ in range(iters):
         dist = _dists_to(x, v)
@@ -615,7 +694,7 @@ def centered_clipping(
         x: [n, d] updates.
         weights: optional [n] non-negative weights.
         center: [d] starting point v, default zeros.
-        tau: clipping radius > 0 (``math.inf`` gives the mean after one iteration from 0).
+        tau: clipping radius > 0 (``math.inf``: one iteration from 0 gives the mean).
         iters: iterations L >= 1.
 
     Returns:
@@ -654,10 +733,10 @@ def bucket_means(
 ) -> tuple[Tensor, Tensor | None]:
     """Bucketing: permute the rows, split into ceil(n/s) buckets, average each bucket.
 
-    Buckets are consecutive runs of ``bucket_size`` rows of a random permutation (the last
-    may be smaller). With weights, each bucket is the weighted mean of its rows (uniform
-    if all its weights are 0) and carries the sum of their weights, so bucketing followed
-    by the weighted mean is the weighted mean.
+    Buckets are consecutive runs of ``bucket_size`` rows of a random permutation (the
+    last may be smaller). With weights, each bucket is the weighted mean of its rows
+    (uniform if all its weights are 0) and carries the sum of their weights, so
+    bucketing followed by the weighted mean is the weighted mean.
 
     Args:
         x: [n, d] updates.
@@ -679,13 +758,19 @@ def bucket_means(
     w = _check_weights(weights, x.shape[0])
     s = _require_int("bucket_size", bucket_size, 1)
     if gen is None:
-        raise ValueError("bucketing needs a torch.Generator for its permutation, got None")
+        raise ValueError(
+            "bucketing needs a torch.Generator for its permutation, got None"
+        )
     n = x.shape[0]
     nb = math.ceil(n / s)
     perm = torch.randperm(n, generator=gen, device=gen.device).to(x.device)
     bucket_of = torch.empty(n, dtype=torch.long, device=x.device)
     bucket_of[perm] = torch.arange(n, device=x.device) // s
-    raw = torch.ones(n, dtype=torch.float64, device=x.device) if w is None else w.to(x.device)
+    raw = (
+        torch.ones(n, dtype=torch.float64, device=x.device)
+        if w is None
+        else w.to(x.device)
+    )
     member = torch.zeros(nb, n, dtype=torch.float64, device=x.device)
     member[bucket_of, torch.arange(n, device=x.device)] = 1.0
     mat = member * raw[None, :]
@@ -697,57 +782,74 @@ def bucket_means(
     return means, (None if w is None else totals)
 
 
-# ----------------------------------------------------------------------------- dispatch
+# -------------------- dispatch
 
-_RuleFn = Callable[
-    [Tensor, Tensor | None, dict[str, Any], RuleState], tuple[Tensor, RuleState, Metrics]
-]
+_RuleOut = tuple[Tensor, RuleState, Metrics]
+_RuleFn = Callable[[Tensor, Tensor | None, dict[str, Any], RuleState], _RuleOut]
 
 
-def _r_mean(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_mean(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
     return mean(x, w), dict(st), {}
 
 
-def _r_median(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_median(
+    x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState
+) -> _RuleOut:
     return median(x, w), dict(st), {}
 
 
-def _r_trimmed(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_trimmed(
+    x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState
+) -> _RuleOut:
     b = math.floor(p["trim_ratio"] * x.shape[0] + 1e-9)
     agg = trimmed_mean(x, w, trim_ratio=p["trim_ratio"])
     return agg, dict(st), {"agg/num_trimmed": float(b)}
 
 
-def _r_krum(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_krum(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
     idx = int(krum_select(x, num_byzantine=p["num_byzantine"])[0])
     return x[idx].clone(), dict(st), {"agg/selected_index": float(idx)}
 
 
-def _r_multi_krum(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_multi_krum(
+    x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState
+) -> _RuleOut:
     f = p["num_byzantine"]
     m = x.shape[0] - f if p["num_selected"] is None else p["num_selected"]
     agg = multi_krum(x, w, num_byzantine=f, num_selected=m)
     return agg, dict(st), {"agg/num_selected": float(m)}
 
 
-def _r_bulyan(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_bulyan(
+    x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState
+) -> _RuleOut:
     f = p["num_byzantine"]
     agg = bulyan(x, w, num_byzantine=f)
     theta = x.shape[0] - 2 * f
-    return agg, dict(st), {"agg/num_selected": float(theta), "agg/num_averaged": float(theta - 2 * f)}
+    return (
+        agg,
+        dict(st),
+        {"agg/num_selected": float(theta), "agg/num_averaged": float(theta - 2 * f)},
+    )
 
 
-def _r_gm(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_gm(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
     z, iters, obj = _weiszfeld(
-        x, _alpha(w, x.shape[0], x), nu=p["nu"], max_iters=p["max_iters"], tol=p["tol"],
+        x,
+        _alpha(w, x.shape[0], x),
+        nu=p["nu"],
+        max_iters=p["max_iters"],
+        tol=p["tol"],
         init=p["init"],
     )
     return z, dict(st), {"agg/gm_iters": float(iters), "agg/gm_objective": obj}
 
 
-def _r_cc(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState):
+def _r_cc(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
     v0 = _center(st.get("v"), x)
-    v, frac = _clip_iterations(x, _alpha(w, x.shape[0], x), v0, tau=p["tau"], iters=p["iters"])
+    v, frac = _clip_iterations(
+        x, _alpha(w, x.shape[0], x), v0, tau=p["tau"], iters=p["iters"]
+    )
     shift = float(torch.linalg.vector_norm((v - v0).to(torch.float64)))
     new_state = {**st, "v": v.clone()}
     return v, new_state, {"agg/cc_frac_clipped": frac, "agg/cc_shift": shift}
@@ -780,8 +882,9 @@ def apply_rule(
         updates: [n, d] updates (already sanitised: every entry finite).
         weights: optional [n] non-negative weights (None = uniform).
         rule: one of ``RULES``.
-        params: the rule's parameters (``server.aggregation`` names; missing ones take the
-            scenario defaults) and optionally ``bucket_size`` to wrap the rule in bucketing.
+        params: the rule's parameters (``server.aggregation`` names; missing ones take
+            the scenario defaults) and optionally ``bucket_size`` to wrap the rule in
+            bucketing.
         state: the rule state returned by the previous call (``{}`` or None at first).
         gen: generator for bucketing's permutation (unused otherwise).
 
@@ -789,12 +892,13 @@ def apply_rule(
         (aggregate [d], new state, metrics). Metrics: ``agg/num_buckets`` (bucketing),
         ``agg/selected_index`` (krum; an index into the rows, or into the buckets),
         ``agg/num_selected``, ``agg/num_averaged``, ``agg/num_trimmed``,
-        ``agg/gm_iters``, ``agg/gm_objective``, ``agg/cc_frac_clipped``, ``agg/cc_shift``.
+        ``agg/gm_iters``, ``agg/gm_objective``, ``agg/cc_frac_clipped``,
+        ``agg/cc_shift``.
 
     Raises:
         ValueError: bad rule/parameters/inputs, or too few inputs for the rule's
-            condition (krum/multi_krum n >= 2f+3, bulyan n >= 4f+3; n = number of buckets
-            with bucketing).
+            condition (krum/multi_krum n >= 2f+3, bulyan n >= 4f+3; n = number of
+            buckets with bucketing).
     """
     p = resolve_params(rule, params)
     x = _check_updates(updates)
@@ -831,11 +935,13 @@ def aggregate(
     Returns:
         [d] aggregate.
     """
-    agg, _, _ = apply_rule(updates, weights, rule=rule, params=params, state=state, gen=gen)
+    agg, _, _ = apply_rule(
+        updates, weights, rule=rule, params=params, state=state, gen=gen
+    )
     return agg
 
 
-# ----------------------------------------------------------------------------- server step
+# -------------------- server step
 
 
 def rule_step(
@@ -844,9 +950,9 @@ def rule_step(
     """Server step that aggregates ``round.deltas`` into ``round.aggregate``.
 
     Rows with NaN/Inf are dropped first (``sanitize``); the rule then sees the remaining
-    rows with weights ``round.weights`` ("samples") or none ("uniform"). The step state is
-    the rule state (centered clipping's v, zeros at the start). If every row is rejected
-    the aggregate is the zero vector (the round changes nothing) and
+    rows with weights ``round.weights`` ("samples") or none ("uniform"). The step state
+    is the rule state (centered clipping's v, zeros at the start). If every row is
+    rejected the aggregate is the zero vector (the round changes nothing) and
     ``agg/num_rejected`` says so.
 
     Args:
@@ -865,7 +971,9 @@ def rule_step(
     """
     resolved = resolve_params(rule, params)
     if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}")
+        raise ValueError(
+            f"weighting must be one of {list(WEIGHTINGS)}, got {weighting!r}"
+        )
 
     def init(global_params: Tensor) -> RuleState:
         if rule == "centered_clipping":
@@ -889,11 +997,17 @@ def rule_step(
         w = None
         if weighting == "samples":
             w = rnd.weights[mask.to(rnd.weights.device)]
-        agg, new_state, m = apply_rule(x, w, rule=rule, params=resolved, state=state, gen=gen)
+        agg, new_state, m = apply_rule(
+            x, w, rule=rule, params=resolved, state=state, gen=gen
+        )
         metrics.update(m)
         if "agg/selected_index" in m and resolved["bucket_size"] is None:
-            valid_ids = [c for c, ok in zip(rnd.client_ids, mask.tolist(), strict=True) if ok]
-            metrics["agg/selected_client"] = float(valid_ids[int(m["agg/selected_index"])])
+            valid_ids = [
+                c for c, ok in zip(rnd.client_ids, mask.tolist(), strict=True) if ok
+            ]
+            metrics["agg/selected_client"] = float(
+                valid_ids[int(m["agg/selected_index"])]
+            )
         return rnd.with_(aggregate=agg), new_state, metrics
 
     return ServerStep(name="aggregate", init=init, apply=apply)

@@ -1,19 +1,20 @@
 """Server-side stochastic weight averaging of the global models (ALGORITHMS.md §3.6).
 
 From round ``start_round`` on, the client learning rate cycles linearly within each
-``cycle``-round cycle from near the base lr down to ``swa_lr`` (``swa_client_lr``) and the
-server averages one global model per cycle into ``x_SWA`` (``swa_step``), which is then
-what gets evaluated (``round.eval_params``).
+``cycle``-round cycle from near the base lr down to ``swa_lr`` (``swa_client_lr``) and
+the server averages one global model per cycle into ``x_SWA`` (``swa_step``), which is
+then what gets evaluated (``round.eval_params``).
 
 Collection conventions (``collect``):
-    ``lowest_lr`` (default): after round r when ``r ≥ start`` and ``(r + 1) mod c == 0``,
-        i.e. the round that trained at ``swa_lr``, the low end of the cycle (SWA's rule).
+    ``lowest_lr`` (default): after round r when ``r ≥ start`` and
+        ``(r + 1) mod c == 0``, i.e. the round that trained at ``swa_lr``, the low end
+        of the cycle (SWA's rule).
     ``official``: after round r when ``r ≥ start`` and ``(r − start) mod c == 0``, the
         debcaldarola/fedsam test, which fires after the round with the *largest* lr of a
         new cycle (kept for parity).
 
-Only the flat parameters are averaged. BatchNorm running statistics are not part of them:
-re-estimate them for ``x_SWA`` before evaluating, or use GroupNorm.
+Only the flat parameters are averaged. BatchNorm running statistics are not part of
+them: re-estimate them for ``x_SWA`` before evaluating, or use GroupNorm.
 """
 
 from __future__ import annotations
@@ -50,15 +51,21 @@ def swa_start_round(start: float | int, num_rounds: int) -> int:
         ValueError: negative start, or a float above 1.
     """
     if isinstance(start, bool) or start < 0:
-        raise ValueError(f"swa start must be a fraction in [0, 1] or a round >= 0, got {start}")
+        raise ValueError(
+            f"swa start must be a fraction in [0, 1] or a round >= 0, got {start}"
+        )
     if isinstance(start, float):
         if start > 1:
-            raise ValueError(f"swa start given as a float must be a fraction <= 1, got {start}")
+            raise ValueError(
+                f"swa start given as a float must be a fraction <= 1, got {start}"
+            )
         return int(start * num_rounds)
     return int(start)
 
 
-def swa_collects(round_: int, *, start_round: int, cycle: int, collect: str = "lowest_lr") -> bool:
+def swa_collects(
+    round_: int, *, start_round: int, cycle: int, collect: str = "lowest_lr"
+) -> bool:
     """Whether the global model after round ``round_`` (0-based) enters the average."""
     _check(start_round, cycle)
     if collect not in COLLECT_MODES:
@@ -101,8 +108,9 @@ def swa_step(*, start_round: int, cycle: int, collect: str = "lowest_lr") -> Ser
 
     References:
         Caldarola, Caputo, Ciccone, Improving Generalization in Federated Learning by
-        Seeking Flat Minima, ECCV 2022, https://arxiv.org/abs/2203.11834; Izmailov et al.,
-        Averaging Weights Leads to Wider Optima, UAI 2018, https://arxiv.org/abs/1803.05407.
+        Seeking Flat Minima, ECCV 2022, https://arxiv.org/abs/2203.11834; Izmailov et
+        al., Averaging Weights Leads to Wider Optima, UAI 2018,
+        https://arxiv.org/abs/1803.05407.
     """
     _check(start_round, cycle)
     if collect not in COLLECT_MODES:
@@ -112,15 +120,21 @@ def swa_step(*, start_round: int, cycle: int, collect: str = "lowest_lr") -> Ser
         rnd: ServerRound, state: SwaState, gen: torch.Generator
     ) -> tuple[ServerRound, SwaState, Metrics]:
         if rnd.new_params is None:
-            raise ValueError("swa_step needs new_params: put it after the optimizer step")
+            raise ValueError(
+                "swa_step needs new_params: put it after the optimizer step"
+            )
         x_swa, n = state
-        if swa_collects(rnd.round, start_round=start_round, cycle=cycle, collect=collect):
+        if swa_collects(
+            rnd.round, start_round=start_round, cycle=cycle, collect=collect
+        ):
             x_swa = torch.lerp(x_swa, rnd.new_params.to(x_swa), 1.0 / (n + 1))
             n += 1
         if n == 0:
             return rnd, SwaState(x_swa, n), {}
-        return rnd.with_(eval_params=x_swa), SwaState(x_swa, n), {"swa_models": float(n)}
+        metrics = {"swa_models": float(n)}
+        return rnd.with_(eval_params=x_swa), SwaState(x_swa, n), metrics
 
-    return ServerStep(
-        name="swa", init=lambda params: SwaState(torch.zeros_like(params), 0), apply=apply
-    )
+    def init(params: Tensor) -> SwaState:
+        return SwaState(torch.zeros_like(params), 0)
+
+    return ServerStep(name="swa", init=init, apply=apply)
