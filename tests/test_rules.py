@@ -540,6 +540,13 @@ def test_rule_step_all_rows_rejected_gives_zero() -> None:
     )
     torch.testing.assert_close(rnd.aggregate, torch.zeros(4, dtype=F64))
     assert m["agg/num_rejected"] == 3.0
+    # An empty cohort (Poisson sampling) aggregates to zero as well.
+    empty = torch.zeros(0, 4, dtype=F64)
+    rnd, _, m = step.apply(
+        _round(empty, torch.ones(0, dtype=F64)), {}, stream(0, "server", 0)
+    )
+    torch.testing.assert_close(rnd.aggregate, torch.zeros(4, dtype=F64))
+    assert m["agg/num_inputs"] == 0.0
 
 
 # -------------------- scenario block

@@ -58,5 +58,22 @@ def markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+START, END = "<!-- scenario-reference:start -->", "<!-- scenario-reference:end -->"
+
+
+def write_into(path: str) -> None:
+    """Replace the text between the reference markers of ``path`` with a fresh table."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    a, b = text.index(START) + len(START), text.index(END)
+    Path(path).write_text(text[:a] + "\n" + markdown() + text[b:])
+
+
 if __name__ == "__main__":
-    print(markdown(), end="")
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--write":
+        write_into(sys.argv[2])
+    else:
+        print(markdown(), end="")
