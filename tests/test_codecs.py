@@ -331,7 +331,7 @@ def test_codec_from_config():
         ({"codec": "top_k"}, "exactly one of k or ratio"),
         ({"codec": "top_k", "k": 3, "ratio": 0.1}, "exactly one of k or ratio"),
         ({"codec": "sign", "k": 3}, "k applies"),
-        ({"codec": "top_k", "k": 3, "unbiased": True}, "unbiased applies"),
+        ({"codec": "top_k", "k": 3, "unbiased": False}, "unbiased applies"),
         ({"codec": "top_k", "k": 3, "index_encoding": "seed"}, "seed"),
         ({"codec": "top_k", "ratio": 0.0}, "greater than 0"),
         ({"codec": "fp32", "bits": 8}, "Extra inputs"),

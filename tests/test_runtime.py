@@ -154,3 +154,37 @@ def test_ctrl_c_leaves_checkpoint_and_interrupted_summary(tmp_path):
     assert ckpt["next_round"] == len((out / "metrics.jsonl").read_text().splitlines())
     resumed = fedflat.resume(out)
     assert torch.equal(resumed.params, reference.params)
+
+
+# ---------------------------------------------------------------------------- per-client state
+def _rewind(run_dir: Path, to_round: int) -> None:
+    """Make a finished run folder look as if it had been killed after ``to_round`` rounds."""
+    for p in (run_dir / "checkpoints").iterdir():
+        if int(p.stem.split("_")[1]) > to_round:
+            p.unlink()
+    (run_dir / "final_model.pt").unlink()
+
+
+@pytest.mark.parametrize("method", ["scaffold", "fedsmoo", "fedlesam", "fedsam_swa"])
+def test_stateful_methods_resume_exactly(tmp_path, method):
+    sc = tiny_scenario(method=method, **{"server.rounds": 6, "output.keep_checkpoints": 10,
+                                         "server.swa.start": 2, "server.swa.cycle": 2}
+                       if method == "fedsam_swa" else {"server.rounds": 6,
+                                                       "output.keep_checkpoints": 10})
+    reference = fedflat.run(sc, out=tmp_path / "ref")
+    again = fedflat.run(sc, out=tmp_path / "again")
+    _rewind(again.run_dir, 3)
+    resumed = fedflat.resume(again.run_dir)
+    assert torch.equal(resumed.params, reference.params)
+    assert [m.get("test_accuracy") for m in resumed.metrics] == \
+        [m.get("test_accuracy") for m in reference.metrics]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_scaffold_state_on_ray_equals_serial(tmp_path, ray_session):
+    sc = tiny_scenario(method="scaffold", **{"server.rounds": 5, "data.num_clients": 6})
+    serial = fedflat.run(sc, out=tmp_path / "s")
+    on_ray = fedflat.run({**sc, "runtime": {"backend": "ray", "num_actors": 2, "threads": 1}},
+                         out=tmp_path / "r")
+    assert torch.equal(serial.params, on_ray.params)

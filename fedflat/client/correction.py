@@ -41,7 +41,7 @@ def fedprox(*, mu: float) -> Correction:
         return g.add(w - ctx.x_global, alpha=mu)
 
     def finish(y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext):
-        return dict(ctx.client_state), {}
+        return {}, {}  # FedProx keeps no client state
 
     return Correction(init=lambda ctx: (), adjust=adjust, finish=finish)
 

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedflat.client.correction import Correction
+from fedflat.attacks.byzantine import attack_step, byzantine_ids
 from fedflat.client.optim import LocalOptimizer, adam, sgd
-from fedflat.client.oracle import Oracle, plain
 from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.data import partition as part
 from fedflat.data.datasets import Dataset, load_dataset
@@ -21,10 +20,13 @@ from fedflat.errors import DataError
 from fedflat.models.flat import FlatModel
 from fedflat.models.zoo import build_model
 from fedflat.rng import numpy_rng, stream
+from fedflat.scenario.local_rule import build_fedopt, build_server_corrections, build_swa
+from fedflat.scenario.local_rule import build_local_rule as local_rule_parts
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt
 from fedflat.server.pipeline import Pipeline, ServerStep
 from fedflat.server.rules import rule_step
+from fedflat.server.swa import swa_client_lr, swa_start_round
 
 
 @dataclass
@@ -103,12 +105,12 @@ def initial_params(sc: Scenario, model: FlatModel) -> torch.Tensor:
     return model.init_params(stream(sc.seed, "init"))
 
 
-def build_oracle(sc: Scenario) -> Oracle:
-    return plain()
-
-
-def build_corrections(sc: Scenario) -> list[Correction]:
-    return []
+def byzantine_clients(sc: Scenario, num_clients: int) -> frozenset[int]:
+    """The run's Byzantine client ids (fixed for the run, drawn from the "attack" stream)."""
+    a = sc.attack
+    if a.kind == "none":
+        return frozenset()
+    return byzantine_ids(num_clients, a.fraction, a.ids, stream(sc.seed, "attack"))
 
 
 def build_optimizer(sc: Scenario) -> LocalOptimizer:
@@ -126,21 +128,41 @@ def build_local_rule(sc: Scenario) -> LocalRule:
         steps=c.local_steps,
         grad_clip=c.grad_clip,
     )
-    return LocalRule(oracle=build_oracle(sc), corrections=build_corrections(sc),
-                     optimizer=build_optimizer(sc), schedule=schedule)
+    oracle, corrections = local_rule_parts(c.oracle, c.correction, weight_decay=c.weight_decay)
+    return LocalRule(oracle=oracle, corrections=corrections, optimizer=build_optimizer(sc),
+                     schedule=schedule)
 
 
 def client_lr(sc: Scenario, round_: int) -> float:
-    """The local learning rate of round ``round_``."""
-    return sc.client.lr * sc.client.lr_decay**round_
+    """The local learning rate of round ``round_`` (decay, then SWA's cyclic schedule)."""
+    lr = sc.client.lr * sc.client.lr_decay**round_
+    swa = sc.server.swa
+    if swa.enabled:
+        lr = swa_client_lr(round_, base_lr=lr, swa_lr=swa.swa_lr,
+                           start_round=swa_start_round(swa.start, sc.server.rounds),
+                           cycle=swa.cycle)
+    return lr
 
 
-def build_pipeline(sc: Scenario) -> Pipeline:
-    """The server pipeline: rule -> server optimizer."""
+def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
+    """The server pipeline, in order: attack (replaces Byzantine rows) -> rule -> server
+    optimizer -> corrections' server steps (FedDyn, SCAFFOLD, FedSMOO, broadcasts) -> SWA."""
     s = sc.server
-    steps: list[ServerStep] = [rule_step("mean", {}, weighting=s.weighting)]
+    steps: list[ServerStep] = []
+    byz = byzantine_clients(sc, num_clients)
+    if byz and sc.attack.kind != "label_flip":  # label flipping happens in the client's data
+        steps.append(attack_step(byz, sc.attack))
+    agg = s.aggregation
+    steps.append(rule_step(agg.rule, agg.rule_params(), weighting=agg.weighting))
     if s.optimizer == "fedavgm":
         steps.append(server_opt.fedavgm(lr=s.lr, momentum=s.momentum))
+    elif s.optimizer in ("fedadam", "fedyogi", "fedadagrad"):
+        steps.append(build_fedopt(s.optimizer, lr=s.lr, config=s.fedopt))
     else:
         steps.append(server_opt.fedavg(lr=s.lr))
+    steps.extend(build_server_corrections(sc.client.oracle, sc.client.correction,
+                                          num_clients=num_clients))
+    swa = build_swa(s.swa, num_rounds=s.rounds)
+    if swa is not None:
+        steps.append(swa)
     return Pipeline(steps)

@@ -11,10 +11,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fedflat.client.update import ClientResult
+from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
 from fedflat.runtime.worker import ClientJob, RoundPayload
@@ -32,7 +34,7 @@ class ServerCore:
         self.sc = scenario
         self.num_clients = fed.num_clients
         self.model = build_flat_model(scenario, fed.dataset)
-        self.pipeline = build_pipeline(scenario)
+        self.pipeline = build_pipeline(scenario, fed.num_clients)
         self.params = params.clone()
         self.eval_params: Tensor | None = None
         self.pipeline_state = self.pipeline.init(self.params)
@@ -76,8 +78,12 @@ class ServerCore:
         else:
             rec["train_loss"] = float("nan")  # an empty Poisson cohort: the model stays put
         ev = self.sc.eval
-        if (round_ + 1) % ev.every == 0 or round_ + 1 == self.sc.server.rounds:
+        last = round_ + 1 == self.sc.server.rounds
+        if (round_ + 1) % ev.every == 0 or last:
             rec.update(self.evaluate())
+        sh = ev.sharpness
+        if (sh.lambda_max or sh.trace or sh.m_sharpness) and ((round_ + 1) % sh.every == 0 or last):
+            rec.update(self.sharpness(round_))
         return rec
 
     # ------------------------------------------------------------------ evaluation
@@ -87,10 +93,14 @@ class ServerCore:
         if ev.split in ("test", "both"):
             sets["test"] = (ds.x_test, ds.y_test)
         if ev.split in ("train", "both"):
-            import numpy as np
-
             ix = torch.as_tensor(np.concatenate(fed.client_indices)) if fed.client_indices else None
             sets["train"] = (ds.x_train[ix], ds.y_train[ix])
+        sh = ev.sharpness
+        pool = np.concatenate(fed.client_indices)
+        keep = numpy_rng(self.sc.seed, "eval", 1).choice(len(pool), min(sh.num_samples, len(pool)),
+                                                          replace=False)
+        pick = torch.as_tensor(pool[np.sort(keep)])
+        self._sharp_set = (ds.x_train[pick], ds.y_train[pick])
         if ev.max_samples is not None:
             for name, (x, y) in list(sets.items()):
                 if len(y) > ev.max_samples:
@@ -107,6 +117,30 @@ class ServerCore:
             loss_sum, correct, n = self.model.evaluate(w, x, y)
             out[f"{name}_loss"] = loss_sum / max(n, 1)
             out[f"{name}_accuracy"] = correct / max(n, 1)
+        return out
+
+    def sharpness(self, round_: int) -> dict[str, float]:
+        """Sharpness of the evaluated global model on a fixed training subset (§7)."""
+        sh = self.sc.eval.sharpness
+        w = self.eval_params if self.eval_params is not None else self.params
+        x, y = self._sharp_set
+        batches = [(x[i : i + sh.batch_size], y[i : i + sh.batch_size])
+                   for i in range(0, len(y), sh.batch_size)]
+        out: dict[str, float] = {}
+        if sh.lambda_max:
+            res = lambda_max(self.model, w, batches, gen=stream(self.sc.seed, "eval", 1, round_),
+                             max_iter=sh.max_iter, tol=sh.tol)
+            out["lambda_max"] = res.value
+            out["lambda_max_iterations"] = float(res.iterations)
+        if sh.trace:
+            tr = hessian_trace(self.model, w, batches, gen=stream(self.sc.seed, "eval", 2, round_),
+                               max_iter=sh.max_iter, tol=sh.tol)
+            out["hessian_trace"] = tr.mean
+            out["hessian_trace_stderr"] = tr.std_error
+        if sh.m_sharpness:
+            ms = m_sharpness(self.model, w, (x, y), m=sh.m, rho=sh.rho, k=sh.ascent_steps,
+                             gen=stream(self.sc.seed, "eval", 3, round_))
+            out["m_sharpness"] = float(ms.value)
         return out
 
     # ------------------------------------------------------------------ checkpoints

@@ -16,7 +16,13 @@ from torch import Tensor
 from fedflat.client.oracle import UpdateContext
 from fedflat.client.update import ClientResult, client_update
 from fedflat.rng import stream
-from fedflat.runtime.build import FederatedData, build_flat_model, build_local_rule
+from fedflat.attacks.byzantine import flip_labels
+from fedflat.runtime.build import (
+    FederatedData,
+    build_flat_model,
+    build_local_rule,
+    byzantine_clients,
+)
 from fedflat.scenario.schema import Scenario
 
 
@@ -55,6 +61,10 @@ class ClientWorker:
         self.model = build_flat_model(scenario, ds, self.device)
         self.model.module.train()
         self.rule = build_local_rule(scenario)
+        # Label-flipping Byzantine clients train honestly on flipped labels (§5.2).
+        self.flipped = byzantine_clients(scenario, fed.num_clients) \
+            if scenario.attack.kind == "label_flip" else frozenset()
+        self.num_classes = ds.num_classes
 
     def run(self, payload: RoundPayload, jobs: Sequence[ClientJob],
             states: Sequence[dict[str, Tensor]]) -> list[ClientResult]:
@@ -70,7 +80,10 @@ class ClientWorker:
                 client_state={k: v.to(self.device) for k, v in state.items()},
             )
             gen = stream(self.sc.seed, "client", job.round, job.client_id, device=self.device)
-            res = client_update(self.rule, ctx, self.x[ix], self.y[ix], job.lr, gen,
+            y = self.y[ix]
+            if job.client_id in self.flipped:
+                y = flip_labels(y, self.num_classes)
+            res = client_update(self.rule, ctx, self.x[ix], y, job.lr, gen,
                                 max_steps=job.max_steps)
             if self.device.type != "cpu":
                 res.delta = res.delta.cpu()

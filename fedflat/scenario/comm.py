@@ -87,12 +87,15 @@ class CodecConfig(BaseModel):
                 f"got k={self.k}, ratio={self.ratio}"
             )
         if not sparse:
+            # Judged by value, not by "was it written": a resolved scenario spells out
+            # every default, and must load again.
+            defaults = type(self).model_fields
             for name in ("k", "ratio", "index_encoding"):
-                if name in self.model_fields_set:
+                if getattr(self, name) != defaults[name].default:
                     raise ValueError(
                         f"{name} applies to top_k / random_k only, not {self.codec}"
                     )
-        if self.codec != "random_k" and "unbiased" in self.model_fields_set:
+        if self.codec != "random_k" and self.unbiased != type(self).model_fields["unbiased"].default:
             raise ValueError(
                 f"unbiased applies to codec random_k only, not {self.codec}"
             )

@@ -166,6 +166,7 @@ def load_scenario(
         parse_override(o) for o in (overrides or []))
     for key, value in items:
         _apply_override(data, key, value, overridden)
+    _expand_method(data, file, lines, overridden)
     data_section = data.get("data")
     if isinstance(data_section, dict) and data_section.get("data_dir") is None and os.environ.get("FEDFLAT_DATA"):
         data_section["data_dir"] = os.environ["FEDFLAT_DATA"]
@@ -191,6 +192,43 @@ def load_scenario(
         key, msg = problems[0]
         raise _error_at(file, lines, overridden, _split(key), msg)
     return LoadedScenario(scenario=scenario, file=file, lines=lines, overridden=overridden)
+
+
+def _merge_defaults(defaults: dict[str, Any], user: Any) -> Any:
+    """``user`` on top of ``defaults`` (user keys win, nested blocks merge)."""
+    if not isinstance(user, dict):
+        return user if user is not None else _deepcopy(defaults)
+    out = _deepcopy(defaults)
+    for k, v in user.items():
+        out[k] = _merge_defaults(out[k], v) if isinstance(out.get(k), dict) else v
+    return out
+
+
+def _expand_method(data: dict[str, Any], file: str, lines: dict[Path_, int],
+                   overridden: set[Path_]) -> None:
+    """Fill the blocks a named method preset implies; keys the user set win."""
+    name = data.get("method")
+    if name is None:
+        return
+    from fedflat.scenario.local_rule import PRESETS
+
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _error_at(file, lines, overridden, ("method",),
+                        f"unknown method {name!r}{hint}; known: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    client = data.setdefault("client", {})
+    server = data.setdefault("server", {})
+    if not isinstance(client, dict) or not isinstance(server, dict):
+        return  # the schema reports the wrong type
+    client["oracle"] = _merge_defaults(preset.get("oracle", {}), client.get("oracle"))
+    client["correction"] = _merge_defaults(preset.get("correction", {}), client.get("correction"))
+    for key, value in preset.get("server", {}).items():
+        server[key] = _merge_defaults(value, server.get(key)) if isinstance(value, dict) \
+            else server.get(key, value)
+    if "swa" in preset:
+        server["swa"] = _merge_defaults(preset["swa"], server.get("swa"))
 
 
 def _deepcopy(obj: Any) -> Any:

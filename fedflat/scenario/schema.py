@@ -11,6 +11,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
+from fedflat.scenario.attack import AttackConfig, check_attack
+from fedflat.scenario.comm import CommConfig
+from fedflat.scenario.local_rule import CorrectionConfig, FedOptConfig, OracleConfig, SwaConfig
+from fedflat.scenario.system import SystemConfig
+
 
 class Section(BaseModel):
     """Base of every scenario block: unknown keys are errors, values are checked strictly."""
@@ -81,6 +87,8 @@ class ClientConfig(Section):
     local_steps: int | None = Field(None, ge=1, description="Local steps K per round (overrides local_epochs).")
     batch_size: int = Field(10, ge=1, description="Local mini-batch size b.")
     grad_clip: float | None = Field(None, gt=0, description="Optional global-norm clip of the local gradient (FL-Simulator uses 10).")
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
+    correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
 
 
 class ServerConfig(Section):
@@ -90,10 +98,13 @@ class ServerConfig(Section):
         "uniform", description="'uniform' = m clients without replacement; 'poisson' = each client independently "
         "with rate q (cohort size varies, may be empty; required for user-level DP accounting).")
     sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson rate q; default clients_per_round / num_clients.")
-    optimizer: Literal["fedavg", "fedavgm"] = Field("fedavg", description="Server optimizer on the aggregate.")
+    optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="Server optimizer on the aggregate (a negative pseudo-gradient), ALGORITHMS.md §3.5.")
     lr: float = Field(1.0, gt=0, description="Server learning rate η_g.")
     momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum β.")
-    weighting: Literal["samples", "uniform"] = Field("samples", description="Aggregation weights: n_i (FedAvg) or uniform 1/m.")
+    fedopt: FedOptConfig = Field(default_factory=FedOptConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    swa: SwaConfig = Field(default_factory=SwaConfig)
 
 
 class RuntimeConfig(Section):
@@ -105,10 +116,25 @@ class RuntimeConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch threads in the serial backend / driver (None = torch default).")
 
 
+class SharpnessConfig(Section):
+    lambda_max: bool = Field(False, description="Log the top Hessian eigenvalue of the global model (power iteration with HVPs, §7.1).")
+    trace: bool = Field(False, description="Log the Hessian trace (Hutchinson, §7.2) and its standard error.")
+    m_sharpness: bool = Field(False, description="Log SAM's m-sharpness (§7.3) with subsets of size m.")
+    every: int = Field(10, ge=1, description="Compute the selected sharpness metrics every this many rounds (and after the last).")
+    num_samples: int = Field(512, ge=1, description="Fixed evaluation subset of the pooled training data (samples).")
+    batch_size: int = Field(256, ge=1, description="Batch size for Hessian-vector products.")
+    max_iter: int = Field(100, ge=1, description="Power-iteration / Hutchinson iterations at most.")
+    tol: float = Field(1e-3, gt=0, description="Relative tolerance to stop early.")
+    rho: float = Field(0.05, gt=0, description="m-sharpness radius ρ.")
+    m: int = Field(32, ge=1, description="m-sharpness subset size m.")
+    ascent_steps: int = Field(1, ge=1, description="m-sharpness ascent steps k (1 = SAM's first-order ε).")
+
+
 class EvalConfig(Section):
     every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds (and after the last).")
     split: Literal["test", "train", "both"] = Field("test", description="Which pooled split to evaluate.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many samples (a fixed subset).")
+    sharpness: SharpnessConfig = Field(default_factory=SharpnessConfig)
 
 
 class OutputConfig(Section):
@@ -124,6 +150,9 @@ class Scenario(Section):
     name: str = Field("scenario", description="Run name (folder runs/<name>/...).")
     description: str = Field("", description="Free text.")
     seed: int = Field(0, ge=0, description="Root seed: every random stream derives from (seed, purpose, round, client).")
+    method: str | None = Field(None, description="Named method preset (fedsam, fedasam, fedsam_swa, fedasam_swa, mofedsam, fedgamma, "
+                               "fedsmoo, fedlesam, scaffold, fedprox, feddyn, fedadam, fedyogi, fedadagrad): fills "
+                               "client.oracle, client.correction, server.optimizer/lr/fedopt and server.swa; keys you set win.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
@@ -131,6 +160,9 @@ class Scenario(Section):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
+    system: SystemConfig = Field(default_factory=SystemConfig)
 
 
 
@@ -147,6 +179,11 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
         errors.append(("data.partition.method",
                        f"dataset {sc.data.dataset!r} has no natural clients; choose iid, dirichlet_per_class, "
                        "dirichlet_per_client, shards or quantity_skew"))
+    for check in (check_aggregation(sc.server.aggregation, sc.server.clients_per_round),
+                  check_attack(sc.attack, n)):
+        if check:  # messages start with the full key path
+            key, _, msg = check.partition(": ")
+            errors.append((key, msg))
     if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
         errors.append(("data.partition.method", "synthetic data is generated per device: use method 'natural'"))
     return errors

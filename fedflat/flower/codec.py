@@ -1,0 +1,219 @@
+"""fedflat's round objects <-> Flower ``RecordDict`` (the content of a Flower ``Message``).
+
+A train instruction carries one client's job: the round payload (flat global parameters and
+the server broadcast), the client's persistent state (SCAFFOLD control variates, error
+feedback, ...), the job's round, client id, learning rate and step cap, and the resolved
+scenario so that the node builds the same model and local rule as the server. A reply
+carries the ``ClientResult``: the flat delta, the updated client state, the extras for the
+server pipeline and the scalar fields.
+
+Tensors travel in ``ArrayRecord`` s (numpy ``.npy`` bytes: float32 and every other numpy
+dtype round-trip bit for bit), scalars in ``ConfigRecord`` / ``MetricRecord`` s. The
+functions here are pure and never touch a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from torch import Tensor
+
+from fedflat.client.update import ClientResult
+from fedflat.runtime.worker import ClientJob, RoundPayload
+
+# Record names inside the RecordDict of a train instruction / reply. Part of the wire
+# format: a SuperNode and a SuperLink running different fedflat versions must agree.
+PARAMS = "fedflat.params"
+BROADCAST = "fedflat.broadcast"
+STATE = "fedflat.state"
+JOB = "fedflat.job"
+SCENARIO = "fedflat.scenario"
+DELTA = "fedflat.delta"
+EXTRAS = "fedflat.extras"
+RESULT = "fedflat.result"
+METRICS = "fedflat.metrics"
+NODE = "fedflat.node"
+
+WIRE_VERSION = 1
+
+
+class CodecError(ValueError):
+    """A message that does not hold what fedflat expects (wrong app, version or peer)."""
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """Everything a node needs for one client update, decoded from a message."""
+
+    payload: RoundPayload
+    job: ClientJob
+    state: dict[str, Tensor]
+    scenario_yaml: str
+    scenario_sha256: str
+
+
+def scenario_digest(scenario_yaml: str) -> str:
+    """SHA-256 of the resolved scenario text: the cache key of a node's worker."""
+    return hashlib.sha256(scenario_yaml.encode()).hexdigest()
+
+
+def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    """Pack named tensors into an ArrayRecord (order kept, CPU copies, bits kept).
+
+    Raises:
+        CodecError: a dtype numpy cannot hold (bfloat16), named with its key.
+    """
+    rec = ArrayRecord()
+    for key, t in tensors.items():
+        if t.dtype == torch.bfloat16:
+            raise CodecError(f"tensor {key!r} has dtype bfloat16, which Flower's ArrayRecord "
+                             "(numpy .npy bytes) cannot carry; cast it to float32 first")
+        rec[key] = Array(t.detach().cpu().contiguous().numpy())
+    return rec
+
+
+def record_to_tensors(rec: ArrayRecord) -> dict[str, Tensor]:
+    """Unpack an ArrayRecord into named CPU tensors (inverse of ``tensors_to_record``)."""
+    return {key: torch.from_numpy(arr.numpy()) for key, arr in rec.items()}
+
+
+def encode_instruction(payload: RoundPayload, job: ClientJob, state: Mapping[str, Tensor],
+                       scenario_yaml: str, scenario_sha256: str | None = None) -> RecordDict:
+    """The content of a train instruction for one client.
+
+    Args:
+        payload: the round's global parameters and broadcast.
+        job: the client's job (its round must equal the payload's).
+        state: the client's persistent state, ``{}`` before its first round.
+        scenario_yaml: the resolved scenario text (``dump_scenario``).
+        scenario_sha256: its digest, if already computed.
+
+    Raises:
+        CodecError: job and payload of different rounds, or an unsupported dtype.
+    """
+    if job.round != payload.round:
+        raise CodecError(f"job round {job.round} differs from payload round {payload.round}")
+    cfg: dict[str, int | float | str] = {
+        "wire_version": WIRE_VERSION, "round": job.round, "client_id": job.client_id,
+        "lr": float(job.lr),
+    }
+    if job.max_steps is not None:  # ConfigRecord has no None: an absent key means no cap
+        cfg["max_steps"] = int(job.max_steps)
+    sha = scenario_sha256 or scenario_digest(scenario_yaml)
+    return RecordDict({
+        PARAMS: tensors_to_record({"params": payload.params}),
+        BROADCAST: tensors_to_record(payload.broadcast),
+        STATE: tensors_to_record(state),
+        JOB: ConfigRecord(cfg),
+        SCENARIO: ConfigRecord({"yaml": scenario_yaml, "sha256": sha}),
+    })
+
+
+def decode_instruction(content: RecordDict) -> TrainInstruction:
+    """Inverse of ``encode_instruction``.
+
+    Raises:
+        CodecError: a missing record or key, a wire-version mismatch, or a scenario whose
+            digest does not match its text.
+    """
+    _require(content, (PARAMS, BROADCAST, STATE, JOB, SCENARIO), "train instruction")
+    cfg = content.config_records[JOB]
+    version = cfg.get("wire_version")
+    if version != WIRE_VERSION:
+        raise CodecError(f"wire version {version} from the server, this node speaks "
+                         f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
+    params = record_to_tensors(content.array_records[PARAMS])
+    if "params" not in params:
+        raise CodecError(f"record {PARAMS!r} lacks 'params'")
+    round_ = int(cfg["round"])  # type: ignore[arg-type]
+    max_steps = cfg.get("max_steps")
+    job = ClientJob(round=round_, client_id=int(cfg["client_id"]),  # type: ignore[arg-type]
+                    lr=float(cfg["lr"]),  # type: ignore[arg-type]
+                    max_steps=None if max_steps is None else int(max_steps))  # type: ignore[arg-type]
+    payload = RoundPayload(round=round_, params=params["params"],
+                           broadcast=record_to_tensors(content.array_records[BROADCAST]))
+    scen = content.config_records[SCENARIO]
+    text, sha = str(scen["yaml"]), str(scen["sha256"])
+    if scenario_digest(text) != sha:
+        raise CodecError("the scenario text does not match its SHA-256 digest")
+    return TrainInstruction(payload=payload, job=job,
+                            state=record_to_tensors(content.array_records[STATE]),
+                            scenario_yaml=text, scenario_sha256=sha)
+
+
+def encode_result(res: ClientResult) -> RecordDict:
+    """The content of a train reply.
+
+    ``train_loss`` may be NaN (a client whose every batch was empty); it travels as a
+    float64 NaN and comes back as NaN.
+    """
+    scalars: dict[str, int | float] = {
+        "client_id": int(res.client_id), "num_samples": int(res.num_samples),
+        "train_loss": float(res.train_loss), "steps": int(res.steps),
+    }
+    return RecordDict({
+        DELTA: tensors_to_record({"delta": res.delta}),
+        STATE: tensors_to_record(res.client_state),
+        EXTRAS: tensors_to_record(res.extras),
+        RESULT: MetricRecord(scalars),
+        METRICS: MetricRecord({k: float(v) for k, v in res.metrics.items()}),
+    })
+
+
+def decode_result(content: RecordDict) -> ClientResult:
+    """Inverse of ``encode_result``.
+
+    Raises:
+        CodecError: a missing record or key.
+    """
+    _require(content, (DELTA, STATE, EXTRAS, RESULT, METRICS), "train reply")
+    delta = record_to_tensors(content.array_records[DELTA])
+    if "delta" not in delta:
+        raise CodecError(f"record {DELTA!r} lacks 'delta'")
+    s = content.metric_records[RESULT]
+    missing = {"client_id", "num_samples", "train_loss", "steps"} - set(s)
+    if missing:
+        raise CodecError(f"record {RESULT!r} lacks {sorted(missing)}")
+    loss = float(s["train_loss"])  # type: ignore[arg-type]
+    return ClientResult(
+        client_id=int(s["client_id"]),  # type: ignore[arg-type]
+        delta=delta["delta"],
+        num_samples=int(s["num_samples"]),  # type: ignore[arg-type]
+        train_loss=loss if not math.isnan(loss) else float("nan"),
+        steps=int(s["steps"]),  # type: ignore[arg-type]
+        client_state=record_to_tensors(content.array_records[STATE]),
+        extras=record_to_tensors(content.array_records[EXTRAS]),
+        metrics={k: float(v) for k, v in content.metric_records[METRICS].items()},  # type: ignore[arg-type]
+    )
+
+
+def encode_node_info(partition_id: int | None, num_samples: int | None = None) -> RecordDict:
+    """A node's answer to the server's query: which client it holds (-1: none)."""
+    info: dict[str, int] = {"wire_version": WIRE_VERSION,
+                            "partition_id": -1 if partition_id is None else int(partition_id)}
+    if num_samples is not None:
+        info["num_samples"] = int(num_samples)
+    return RecordDict({NODE: ConfigRecord(info)})
+
+
+def decode_node_info(content: RecordDict) -> int | None:
+    """The partition id in a node's query reply (None: the node holds no client)."""
+    _require(content, (NODE,), "node query reply")
+    info = content.config_records[NODE]
+    if info.get("wire_version") != WIRE_VERSION:
+        raise CodecError(f"node speaks wire version {info.get('wire_version')}, the server "
+                         f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
+    pid = int(info["partition_id"])  # type: ignore[arg-type]
+    return None if pid < 0 else pid
+
+
+def _require(content: RecordDict, names: tuple[str, ...], what: str) -> None:
+    missing = [n for n in names if n not in content]
+    if missing:
+        raise CodecError(f"{what} lacks records {missing}: is the peer a fedflat app of the "
+                         "same version?")
