@@ -4,15 +4,16 @@ Usage:
     python scripts/bench_rules.py                       # n=100, d=10^6, 1 thread
     python scripts/bench_rules.py --threads 2 --repeats 5
 
-Prints seconds per call (median of the repeats) for each rule, unweighted, and for the
-rules whose weighted path differs (median, trimmed mean) also weighted. Target on a CPU
-core: < 1 s per call for every rule except the pairwise-distance ones (krum, multi_krum,
-bulyan), which build one float64 Gram matrix.
+Prints seconds per call (median and min of the repeats) for each rule, unweighted, and
+for the rules whose weighted path differs (median, trimmed mean) also weighted. Target on
+a CPU core: < 1 s per call for every rule except the pairwise-distance ones (krum,
+multi_krum, bulyan), which build one float64 Gram matrix.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from typing import Any
@@ -65,7 +66,10 @@ def main() -> None:
         f"n={args.n} d={args.d} float32, threads={torch.get_num_threads()}, "
         f"torch {torch.__version__}, median of {args.repeats} calls (1 warm-up)"
     )
-    print(f"{'rule':34s} {'s/call':>8s}")
+    print(
+        f"load average before: {os.getloadavg()[0]:.2f} (other processes skew timings)"
+    )
+    print(f"{'rule':34s} {'median s':>9s} {'min s':>7s}")
     for label, rule, params, weighted in _cases(args.f):
         w = weights if weighted else None
         times = []
@@ -78,7 +82,9 @@ def main() -> None:
                 times.append(elapsed)
             if not bool(torch.isfinite(agg).all()):
                 raise RuntimeError(f"{label}: non-finite aggregate")
-        print(f"{label:34s} {statistics.median(times):8.3f}", flush=True)
+        print(
+            f"{label:34s} {statistics.median(times):9.3f} {min(times):7.3f}", flush=True
+        )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,13 @@ def run_report(args: argparse.Namespace) -> int:
     """
     # Imported here so that ``fedflat --help`` does not pay for matplotlib.
     from fedflat.report.plots import draw_plots
-    from fedflat.report.tables import aggregate_seeds, comparison_table, expand_run_dirs, load_run, seed_table
+    from fedflat.report.tables import (
+        aggregate_seeds,
+        comparison_table,
+        expand_run_dirs,
+        load_run,
+        seed_table,
+    )
 
     dirs = expand_run_dirs(args.run_dirs)
     if not dirs:

@@ -70,7 +70,9 @@ def _column(metrics: Sequence[dict[str, Any]], key: str) -> np.ndarray:
     return out
 
 
-def _cumulative(metrics: Sequence[dict[str, Any]], total_key: str, round_key: str) -> np.ndarray | None:
+def _cumulative(
+    metrics: Sequence[dict[str, Any]], total_key: str, round_key: str
+) -> np.ndarray | None:
     """Cumulative bytes of one direction: the ``*_total`` key, else the running sum of
     the per-round key (a round without it adds 0); None if neither is recorded."""
     total = _column(metrics, total_key)
@@ -125,7 +127,13 @@ _BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1.0))
 _TIME_UNITS = (("h", 3600.0), ("min", 60.0), ("s", 1.0))
 
 
-def _draw(spec: PlotSpec, series: list[tuple[str, np.ndarray, np.ndarray]], title: str | None, path: Path) -> None:
+def _draw(
+    spec: PlotSpec,
+    series: list[tuple[str, np.ndarray, np.ndarray]],
+    title: str | None,
+    path: Path,
+) -> None:
+    """Draw one figure (one line per (label, x, y)) and save it as PNG."""
     fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -156,7 +164,8 @@ def _draw(spec: PlotSpec, series: list[tuple[str, np.ndarray, np.ndarray]], titl
     ax.grid(True, alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize="small", loc="best")
-    fig.tight_layout()
+    # Fixed margins: tight_layout would measure every tick label and cost ~40 % of the time.
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91 if title else 0.96)
     fig.savefig(path, format="png")
 
 

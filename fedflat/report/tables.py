@@ -252,7 +252,8 @@ def accuracies(record: RunRecord) -> tuple[float | None, float | None]:
     accs = [x for x in (_num(m.get("test_accuracy")) for m in record.metrics) if x is not None]
     if accs:
         return accs[-1], max(accs)
-    return _num(record.summary.get("final_test_accuracy")), _num(record.summary.get("best_test_accuracy"))
+    s = record.summary
+    return _num(s.get("final_test_accuracy")), _num(s.get("best_test_accuracy"))
 
 
 def run_labels(records: Sequence[RunRecord]) -> list[str]:
@@ -327,7 +328,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def _render(header: list[str], rows: list[list[str]], *, markdown: bool, right: set[int]) -> str:
     """Aligned plain text, or a GitHub-flavoured Markdown table."""
-    widths = [max(len(h), *(len(r[j]) for r in rows)) if rows else len(h) for j, h in enumerate(header)]
+    widths = [max([len(h), *(len(r[j]) for r in rows)]) for j, h in enumerate(header)]
 
     def cell(j: int, text: str) -> str:
         return text.rjust(widths[j]) if j in right else text.ljust(widths[j])
@@ -370,7 +371,11 @@ def comparison_table(records: Sequence[RunRecord], *, markdown: bool = False) ->
         ("test loss", "final_test_loss", ".4f"),
         ("wall s", "wall_seconds", ".1f"),
     ]
-    optional = [("sim s", "sim_seconds", ".1f"), ("bytes", "total_bytes", "bytes"), ("ε", "epsilon", ".3g")]
+    optional = [
+        ("sim s", "sim_seconds", ".1f"),
+        ("bytes", "total_bytes", "bytes"),
+        ("ε", "epsilon", ".3g"),
+    ]
     columns += [c for c in optional if any(r[c[1]] is not None for r in rows)]
     cells: list[list[str]] = []
     for label, row in zip(labels, rows, strict=True):
@@ -454,9 +459,11 @@ def aggregate_seeds(
         bm, bs = _mean_std(bests, ddof)
         name = members[0].name
         name_count[name] = name_count.get(name, 0) + 1
-        out.append(SeedGroup(label=name, records=tuple(members), seeds=tuple(_seed(r) for r in members),
-                             final_accuracies=tuple(finals), final_mean=fm, final_std=fs,
-                             best_mean=bm, best_std=bs, ddof=ddof))
+        out.append(SeedGroup(
+            label=name, records=tuple(members), seeds=tuple(_seed(r) for r in members),
+            final_accuracies=tuple(finals), final_mean=fm, final_std=fs,
+            best_mean=bm, best_std=bs, ddof=ddof,
+        ))
     # Same name, different configuration: number them so the table tells them apart.
     seen: dict[str, int] = {}
     for i, g in enumerate(out):
@@ -481,5 +488,5 @@ def seed_table(groups: Sequence[SeedGroup], *, markdown: bool = False) -> str:
 
     rows = [[g.label, str(len(g.records)), ",".join(str(s) for s in g.seeds),
              pm(g.final_mean, g.final_std), pm(g.best_mean, g.best_std)] for g in groups]
-    return _render(["scenario", "runs", "seeds", "final acc (mean ± std)", "best acc (mean ± std)"],
-                   rows, markdown=markdown, right={1, 3, 4})
+    header = ["scenario", "runs", "seeds", "final acc (mean ± std)", "best acc (mean ± std)"]
+    return _render(header, rows, markdown=markdown, right={1, 3, 4})

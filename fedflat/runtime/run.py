@@ -29,6 +29,7 @@ from fedflat.runtime.backends import make_backend
 from fedflat.runtime.build import FederatedData, build_data, build_flat_model, client_lr, initial_params
 from fedflat.runtime.checkpoint import load_latest, save_checkpoint
 from fedflat.runtime.sampling import sample_cohort
+from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
 from fedflat.scenario.schema import Scenario
@@ -103,6 +104,7 @@ class Runner:
         self.next_round = 0
         self.elapsed_before = 0.0
         self._between_rounds = True
+        self.base_dir = Path(loaded.file).parent if Path(loaded.file).is_file() else None
 
     # ------------------------------------------------------------------ files
     def write_static_files(self) -> None:
@@ -140,7 +142,9 @@ class Runner:
     # ------------------------------------------------------------------ loop
     def execute(self, backend_state: dict[str, Any] | None = None) -> RunResult:
         sc = self.sc
-        params0 = initial_params(sc, build_flat_model(sc, self.fed.dataset))
+        model = build_flat_model(sc, self.fed.dataset)
+        params0 = initial_params(sc, model)
+        self.num_params = model.num_params
         backend = make_backend(sc, self.fed, params0)
         self._t0 = time.perf_counter()
         status = "failed"
@@ -196,6 +200,7 @@ class Runner:
         show = sc.output.progress if sc.output.progress is not None else sys.stderr.isatty()
         bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
                    desc=sc.name, unit="round", dynamic_ncols=True)
+        timeline = Timeline(sc, self.fed, self.num_params, self.base_dir)
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the loop
         try:
             for t in range(self.next_round, sc.server.rounds):
@@ -203,12 +208,28 @@ class Runner:
                     raise KeyboardInterrupt
                 self._between_rounds = False
                 t_start = time.perf_counter()
+                eligible = timeline.eligible(t)
                 cohort = sample_cohort(sc.seed, t, self.fed.num_clients, method=sc.server.sampling,
                                        clients_per_round=sc.server.clients_per_round,
-                                       sampling_rate=sc.server.sampling_rate)
+                                       sampling_rate=sc.server.sampling_rate, eligible=eligible)
+                timing = timeline.simulate(t, cohort)
                 lr = client_lr(sc, t)
-                jobs = [ClientJob(round=t, client_id=c, lr=lr) for c in cohort]
+                jobs = [ClientJob(round=t, client_id=int(c), lr=lr,
+                                  max_steps=int(k) if k < p else None)
+                        for c, ok, k, p in zip(timing.client_ids, timing.completed,
+                                               timing.steps_done, timing.planned_steps, strict=True)
+                        if ok]
                 rec = backend.round(t, jobs)
+                prev = self.metrics[-1] if self.metrics else {}
+                rec["participants"] = [int(c) for c in cohort]
+                rec["dropped"] = [int(c) for c in timing.client_ids[timing.dropped]]
+                rec["late"] = [int(c) for c in timing.client_ids[timing.late]]
+                rec["unavailable"] = int((~eligible).sum())
+                rec["bytes_down"] = int(rec.pop("bytes_down_per_client", 0)) * len(cohort)
+                rec["bytes_up_total"] = int(prev.get("bytes_up_total", 0)) + int(rec.get("bytes_up", 0))
+                rec["bytes_down_total"] = int(prev.get("bytes_down_total", 0)) + rec["bytes_down"]
+                rec["round_sim_seconds"] = float(timing.duration_s)
+                rec["sim_seconds"] = float(prev.get("sim_seconds", 0.0)) + float(timing.duration_s)
                 rec["round_seconds"] = time.perf_counter() - t_start
                 rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
                 self.metrics.append(rec)

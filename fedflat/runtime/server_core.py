@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fedflat.client.update import ClientResult
+from fedflat.comm.codecs import HEADER_NBYTES, codec_from_config, transmit
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
@@ -39,12 +40,24 @@ class ServerCore:
         self.eval_params: Tensor | None = None
         self.pipeline_state = self.pipeline.init(self.params)
         self.client_states: dict[int, dict[str, Tensor]] = {}
+        self.downlink = codec_from_config(scenario.comm.downlink)
+        self.down_residual: Tensor | None = None
+        self._down_nbytes = 0
         self.broadcast: dict[str, Tensor] = {}
         self._eval_sets = self._make_eval_sets(fed)
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, round_: int) -> RoundPayload:
-        return RoundPayload(round=round_, params=self.params, broadcast=dict(self.broadcast))
+        """The round's payload; a lossy downlink codec sends the decoded model (clients
+        compute their deltas from it; the server applies them to its exact model)."""
+        gen = stream(self.sc.seed, "codec", round_, self.num_clients)  # id N = the server
+        tx = transmit(self.downlink, self.params, self.down_residual, gen)
+        if tx.residual is not None:
+            self.down_residual = tx.residual
+        extra = sum(HEADER_NBYTES + 4 * v.numel() for v in self.broadcast.values())
+        self._down_nbytes = tx.nbytes + extra
+        params = self.params if self.sc.comm.downlink.codec == "fp32" else tx.decoded
+        return RoundPayload(round=round_, params=params, broadcast=dict(self.broadcast))
 
     def states_for(self, client_ids: Sequence[int]) -> list[dict[str, Tensor]]:
         return [self.client_states.get(c, {}) for c in client_ids]
@@ -52,7 +65,8 @@ class ServerCore:
     def end_round(self, round_: int, jobs: Sequence[ClientJob],
                   results: Sequence[ClientResult]) -> dict[str, Any]:
         """Aggregate the round's results (given in job order), evaluate when due."""
-        rec: dict[str, Any] = {"round": round_, "clients": [j.client_id for j in jobs]}
+        rec: dict[str, Any] = {"round": round_, "clients": [j.client_id for j in jobs],
+                               "bytes_down_per_client": self._down_nbytes}
         if results:
             for r in results:
                 self.client_states[r.client_id] = r.client_state
@@ -75,6 +89,11 @@ class ServerCore:
             rec["update_norm"] = float(rnd.aggregate.norm()) if rnd.aggregate is not None else 0.0
             rec["local_steps_mean"] = sum(r.steps for r in results) / len(results)
             rec.update(metrics)
+            rec["bytes_up"] = int(sum(r.metrics.get("bytes_up", 0.0) for r in results))
+            keys = sorted({k for r in results for k in r.metrics} - {"bytes_up"})
+            for k in keys:  # per-client metrics of the oracle (sam_loss_gap, frac_clipped, ...)
+                vals = [r.metrics[k] for r in results if k in r.metrics]
+                rec[f"client/{k}"] = sum(vals) / len(vals)
         else:
             rec["train_loss"] = float("nan")  # an empty Poisson cohort: the model stays put
         ev = self.sc.eval
@@ -147,7 +166,7 @@ class ServerCore:
     def state_dict(self) -> dict[str, Any]:
         return {"params": self.params, "eval_params": self.eval_params,
                 "pipeline_state": self.pipeline_state, "client_states": self.client_states,
-                "broadcast": self.broadcast}
+                "broadcast": self.broadcast, "down_residual": self.down_residual}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"} - set(state)
@@ -160,3 +179,4 @@ class ServerCore:
         self.pipeline_state = state["pipeline_state"]
         self.client_states = state["client_states"]
         self.broadcast = state["broadcast"]
+        self.down_residual = state.get("down_residual")

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 
 from fedflat.client.oracle import UpdateContext
+from fedflat.comm.codecs import HEADER_NBYTES as FP32_HEADER
+from fedflat.comm.codecs import codec_from_config, transmit
 from fedflat.client.update import ClientResult, client_update
 from fedflat.rng import stream
 from fedflat.attacks.byzantine import flip_labels
@@ -24,6 +26,9 @@ from fedflat.runtime.build import (
     byzantine_clients,
 )
 from fedflat.scenario.schema import Scenario
+
+
+EF_KEY = "ef_residual"  # client state key of the uplink error-feedback residual
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class ClientWorker:
         self.model = build_flat_model(scenario, ds, self.device)
         self.model.module.train()
         self.rule = build_local_rule(scenario)
+        self.uplink = codec_from_config(scenario.comm.uplink)
         # Label-flipping Byzantine clients train honestly on flipped labels (§5.2).
         self.flipped = byzantine_clients(scenario, fed.num_clients) \
             if scenario.attack.kind == "label_flip" else frozenset()
@@ -85,9 +91,21 @@ class ClientWorker:
                 y = flip_labels(y, self.num_classes)
             res = client_update(self.rule, ctx, self.x[ix], y, job.lr, gen,
                                 max_steps=job.max_steps)
+            self._uplink(res, job, state)
             if self.device.type != "cpu":
                 res.delta = res.delta.cpu()
                 res.client_state = {k: v.cpu() for k, v in res.client_state.items()}
                 res.extras = {k: v.cpu() for k, v in res.extras.items()}
             out.append(res)
         return out
+
+    def _uplink(self, res: ClientResult, job: ClientJob, state: dict[str, Tensor]) -> None:
+        """Send the delta through the uplink codec: the server sees the decoded vector;
+        error-feedback residuals stay with the client (in its persistent state)."""
+        gen = stream(self.sc.seed, "codec", job.round, job.client_id, device=self.device)
+        tx = transmit(self.uplink, res.delta, state.get(EF_KEY), gen)
+        res.delta = tx.decoded
+        if tx.residual is not None:
+            res.client_state[EF_KEY] = tx.residual
+        extra_bytes = sum(FP32_HEADER + 4 * v.numel() for v in res.extras.values())
+        res.metrics["bytes_up"] = float(tx.nbytes + extra_bytes)

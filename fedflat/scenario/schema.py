@@ -184,6 +184,10 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
         if check:  # messages start with the full key path
             key, _, msg = check.partition(": ")
             errors.append((key, msg))
+    if sc.system.asynchronous is not None:
+        errors.append(("system.asynchronous",
+                       "buffered asynchronous rounds are modelled in fedflat.comm.asynchronous but the "
+                       "runtime does not drive them yet; remove this block to run synchronous rounds"))
     if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
         errors.append(("data.partition.method", "synthetic data is generated per device: use method 'natural'"))
     return errors
