@@ -88,6 +88,15 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction, dict[str, Handle
         regs.append(privacy_register)
     except ImportError:
         pass
+    from fedflat.report.cli import register as report_register
+
+    regs.append(report_register)
+    try:  # needs the optional flwr package: pip install -e '.[flower]'
+        from fedflat.flower.cli import register as flower_register
+
+        regs.append(flower_register)
+    except ImportError:
+        pass
     return regs
 
 

@@ -4,10 +4,10 @@ Usage:
     python scripts/bench_rules.py                       # n=100, d=10^6, 1 thread
     python scripts/bench_rules.py --threads 2 --repeats 5
 
-Prints seconds per call (median and min of the repeats) for each rule, unweighted, and
-for the rules whose weighted path differs (median, trimmed mean) also weighted. Target on
-a CPU core: < 1 s per call for every rule except the pairwise-distance ones (krum,
-multi_krum, bulyan), which build one float64 Gram matrix.
+Prints seconds per call (median and min of the repeats) for each rule, unweighted,
+and for the rules whose weighted path differs (median, trimmed mean) also weighted.
+Target on a CPU core: < 1 s per call for every rule except the pairwise-distance ones
+(krum, multi_krum, bulyan), which build one float64 Gram matrix.
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100, help="number of updates (rows)")
     ap.add_argument("--d", type=int, default=1_000_000, help="parameters per update")
-    ap.add_argument("--f", type=int, default=10, help="num_byzantine for Krum/Bulyan")
+    ap.add_argument(
+        "--f", type=int, default=None, help="num_byzantine (default min(10, (n-3)//4))"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per rule")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    f = min(10, (args.n - 3) // 4) if args.f is None else args.f
 
     gen = stream(0, "eval", 0)
     x = torch.randn(args.n, args.d, generator=gen, dtype=torch.float32)
@@ -70,7 +73,7 @@ def main() -> None:
         f"load average before: {os.getloadavg()[0]:.2f} (other processes skew timings)"
     )
     print(f"{'rule':34s} {'median s':>9s} {'min s':>7s}")
-    for label, rule, params, weighted in _cases(args.f):
+    for label, rule, params, weighted in _cases(f):
         w = weights if weighted else None
         times = []
         for i in range(args.repeats + 1):

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,9 +169,19 @@ class Runner:
                 if status == "completed":
                     torch.save(params, self.run_dir / "final_model.pt")
                 summary = self.write_summary(status, **extra)
+                self._plots()
             finally:
                 backend.close()
         return RunResult(params=params, metrics=self.metrics, run_dir=self.run_dir, summary=summary)
+
+    def _plots(self) -> None:
+        """The run's own plots (plots/*.png); plotting never fails a run."""
+        try:
+            from fedflat.report.plots import plot_run
+
+            plot_run(self.run_dir)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"could not draw the run's plots: {exc}", stacklevel=2)
 
     def _checkpoint(self, backend: Any) -> None:
         state = {"server": backend.state_dict(), "metrics": self.metrics,

@@ -1,0 +1,405 @@
+"""fedflat's Flower ServerApp: fedflat's own server loop over a Flower ``Grid``.
+
+The ServerApp does not use a Flower strategy. Its main function
+
+1. loads the scenario (the resolved YAML text from the run config, or the prepared one of
+   ``fedflat flower simulate``), builds the data (for evaluation) and a ``ServerCore``;
+2. asks every node which partition it holds (a ``query`` message) and maps client id ->
+   node id, waiting until every client of the scenario has a node;
+3. runs fedflat's driver loop (``Runner`` of :mod:`fedflat.runtime.run`: seeded cohorts from
+   ``sample_cohort``, metrics.jsonl, checkpoints, summary.json) with a backend whose round
+   sends each sampled client's job, with its per-client state, to that client's node and
+   feeds the replies, in job order, to ``ServerCore.end_round``.
+
+Because the cohorts, the client generators and the server pipeline are fedflat's, a Flower
+run produces the same model as the serial backend for the same scenario and seed.
+
+Run-config keys (``[tool.flwr.app.config]`` of the generated app, or ``flwr run
+--run-config``): ``scenario`` (resolved YAML text, required), ``set`` (overrides,
+``"server.rounds=5; seed=1"``), ``out-dir`` (run folder; "" = ``output.dir``/name/stamp),
+``reply-timeout`` (seconds a round waits for replies; 0 = forever), ``node-timeout``
+(seconds to wait for all clients' nodes), ``on-failure`` ("abort" or "drop"), ``secagg``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedflat.client.update import ClientResult
+from fedflat.errors import FedflatError, ScenarioError
+from fedflat.flower import codec
+from fedflat.runtime.build import FederatedData, build_flat_model, initial_params
+from fedflat.runtime.run import Runner, RunResult, _load_data, _new_run_dir
+from fedflat.runtime.server_core import ServerCore
+from fedflat.runtime.worker import ClientJob
+from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
+
+log = logging.getLogger("fedflat.flower")
+
+FailurePolicy = Literal["abort", "drop"]
+
+
+class FlowerRunError(FedflatError):
+    """A Flower run that cannot go on: missing nodes, failed replies, refused features."""
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """One sampled client whose reply did not come back usable."""
+
+    round: int
+    client_id: int
+    node_id: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"round {self.round}, client {self.client_id} (node {self.node_id}): {self.reason}"
+
+
+@dataclass
+class ServerSettings:
+    """What the ServerApp runs and how it treats the network.
+
+    Attributes:
+        scenario_yaml: the scenario text; None = ``run_config['scenario']``.
+        overrides: ``key.path=value`` overrides applied on top.
+        out: run folder; None = ``<output.dir>/<name>/<stamp>``.
+        prepared: an already loaded scenario and its data (simulate builds them once,
+            before the engine starts, so input errors surface before Ray does).
+        reply_timeout_s: how long a round waits for its replies; None = forever.
+        node_timeout_s: how long to wait until every client of the scenario has a node.
+        poll_s: interval between pulls of replies.
+        on_failure: "abort" (the run fails, naming each failed client) or "drop" (the
+            round aggregates the replies that came back; failures go into metrics.jsonl).
+        secagg: SecAgg+ requested (refused: see ``check_supported``).
+        result: filled with the RunResult when the run ends (simulate reads it).
+    """
+
+    scenario_yaml: str | None = None
+    overrides: Sequence[str] = ()
+    out: str | Path | None = None
+    prepared: tuple[LoadedScenario, FederatedData] | None = None
+    reply_timeout_s: float | None = None
+    node_timeout_s: float = 300.0
+    poll_s: float = 0.05
+    on_failure: FailurePolicy = "abort"
+    secagg: bool = False
+    result: dict[str, RunResult] = field(default_factory=dict)
+
+
+def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
+    """ServerSettings from a Flower run config (see the module docstring for the keys).
+
+    Raises:
+        FlowerRunError: no ``scenario`` key, or a value of the wrong kind.
+    """
+    text = run_config.get("scenario")
+    if not isinstance(text, str) or not text.strip():
+        raise FlowerRunError("the run config has no 'scenario' (the resolved scenario YAML); "
+                             "generate the app with 'fedflat flower app SCENARIO DIR'")
+    raw_set = str(run_config.get("set", "") or "")
+    overrides = [s.strip() for s in raw_set.replace("\n", ";").split(";") if s.strip()]
+    policy = str(run_config.get("on-failure", "abort"))
+    if policy not in ("abort", "drop"):
+        raise FlowerRunError(f"run config on-failure must be 'abort' or 'drop', got {policy!r}")
+    reply = float(run_config.get("reply-timeout", 0.0))  # type: ignore[arg-type]
+    out = str(run_config.get("out-dir", "") or "")
+    return ServerSettings(
+        scenario_yaml=text, overrides=overrides, out=out or None,
+        reply_timeout_s=reply if reply > 0 else None,
+        node_timeout_s=float(run_config.get("node-timeout", 300.0)),  # type: ignore[arg-type]
+        poll_s=float(run_config.get("poll-interval", 0.2)),  # type: ignore[arg-type]
+        on_failure=policy,  # type: ignore[arg-type]
+        secagg=bool(run_config.get("secagg", False)),
+    )
+
+
+def check_supported(loaded: LoadedScenario, settings: ServerSettings) -> None:
+    """Refuse what the Flower backend cannot run, naming the key.
+
+    Per-client state (SCAFFOLD control variates, error-feedback residuals) is supported:
+    it travels to the node in the train message and back in the reply.
+
+    Raises:
+        ScenarioError: SecAgg+ requested (not implemented: fedflat's server pipeline needs
+            the individual deltas, which secure aggregation hides by design).
+    """
+    if settings.secagg:
+        raise ScenarioError(
+            "SecAgg+ is not supported by fedflat's Flower backend: Flower's SecAgg+ exists only "
+            "in the legacy strategy workflow (SecAggPlusWorkflow + secaggplus_mod), which "
+            "aggregates the masked sum inside Flower, whereas fedflat's server pipeline "
+            "(rules, clipping, per-client state) needs each client's delta; run without "
+            "secagg", file="run config", key="flower.secagg")
+
+
+def prepare(settings: ServerSettings) -> tuple[LoadedScenario, FederatedData]:
+    """The loaded scenario and its federated data (built here unless prepared)."""
+    if settings.prepared is not None:
+        return settings.prepared
+    if settings.scenario_yaml is None:
+        raise FlowerRunError("no scenario given")
+    try:
+        data = yaml.safe_load(settings.scenario_yaml)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"YAML syntax error: {exc}", file="run config scenario") from None
+    loaded = load_scenario(data if isinstance(data, dict) else {}, list(settings.overrides))
+    return loaded, _load_data(loaded)
+
+
+# ---------------------------------------------------------------------- messaging
+def send_and_receive(grid: Grid, messages: Sequence[Message], *, timeout_s: float | None,
+                     poll_s: float) -> list[Message]:
+    """Push ``messages``, then pull replies until all came or ``timeout_s`` passed.
+
+    Flower's own ``Grid.send_and_receive`` sleeps 3 s between pulls on a deployed
+    SuperLink; this loop polls every ``poll_s`` instead.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(poll_s)
+    return replies
+
+
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float, poll_s: float) -> dict[int, int]:
+    """Map each client id 0..num_clients-1 to the node whose partition-id equals it.
+
+    Nodes are asked once each (a ``query`` message) as they register; the call returns as
+    soon as every client has a node.
+
+    Raises:
+        FlowerRunError: after ``timeout_s``, naming the missing client ids, the nodes that
+            hold the same partition, and the nodes whose query failed.
+    """
+    deadline = time.monotonic() + timeout_s
+    partition_of: dict[int, int | None] = {}
+    failed: dict[int, str] = {}
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in partition_of and n not in failed]
+        if new:
+            msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                    for n in new]
+            left = max(1.0, deadline - time.monotonic())
+            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s):
+                node = r.metadata.src_node_id
+                if r.has_error():
+                    failed[node] = f"error {r.error.code}: {r.error.reason}"
+                    continue
+                try:
+                    partition_of[node] = codec.decode_node_info(r.content)
+                except (codec.CodecError, KeyError, ValueError) as exc:
+                    failed[node] = str(exc)
+            for n in new:
+                if n not in partition_of and n not in failed:
+                    failed[n] = "no reply to the partition query"
+        holders: dict[int, list[int]] = {}
+        for node, pid in partition_of.items():
+            if pid is not None:
+                holders.setdefault(pid, []).append(node)
+        dupes = {pid: nodes for pid, nodes in holders.items() if len(nodes) > 1}
+        if dupes:
+            raise FlowerRunError("several nodes hold the same partition-id: " + "; ".join(
+                f"partition {pid} on nodes {nodes}" for pid, nodes in sorted(dupes.items())))
+        missing = [c for c in range(num_clients) if c not in holders]
+        if not missing:
+            extra = sorted(pid for pid in holders if pid >= num_clients)
+            if extra:
+                log.warning("nodes hold partitions %s beyond data.num_clients = %d; they are "
+                            "never sampled", extra, num_clients)
+            return {c: holders[c][0] for c in range(num_clients)}
+        if time.monotonic() >= deadline:
+            parts = [f"{len(partition_of)} node(s) answered; no node holds client(s) "
+                     f"{_ranges(missing)} of data.num_clients = {num_clients}"]
+            if failed:
+                parts.append("failed queries: " + "; ".join(
+                    f"node {n}: {why}" for n, why in sorted(failed.items())))
+            raise FlowerRunError(f"after waiting {timeout_s:.0f} s for the nodes: "
+                                 + ". ".join(parts) + ". Start one SuperNode per client with "
+                                 "--node-config \"partition-id=K\".")
+        time.sleep(max(poll_s, 0.1))
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+# ---------------------------------------------------------------------- backend
+class FlowerGridBackend:
+    """A fedflat Backend whose clients are Flower nodes; the server state is a ServerCore.
+
+    Satisfies :class:`fedflat.runtime.backends.Backend`, so fedflat's ``Runner`` drives it.
+    """
+
+    def __init__(self, grid: Grid, core: ServerCore, node_of: Mapping[int, int],
+                 scenario_yaml: str, settings: ServerSettings) -> None:
+        self.grid = grid
+        self.core = core
+        self.node_of = dict(node_of)
+        self.scenario_yaml = scenario_yaml
+        self.scenario_sha = codec.scenario_digest(scenario_yaml)
+        self.settings = settings
+        self.failures: list[ClientFailure] = []
+
+    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]:
+        jobs = list(jobs)
+        if not jobs:
+            return self.core.end_round(round_, jobs, [])
+        payload = self.core.begin_round(round_)
+        states = self.core.states_for([j.client_id for j in jobs])
+        messages = []
+        for job, state in zip(jobs, states, strict=True):
+            content = codec.encode_instruction(payload, job, state, self.scenario_yaml,
+                                               self.scenario_sha)
+            messages.append(Message(content, dst_node_id=self.node_of[job.client_id],
+                                    message_type=MessageType.TRAIN, group_id=str(round_)))
+        replies = send_and_receive(self.grid, messages, timeout_s=self.settings.reply_timeout_s,
+                                   poll_s=self.settings.poll_s)
+        results, failures = self._collect(round_, jobs, replies)
+        if failures:
+            for f in failures:
+                log.error("failed reply: %s", f)
+            self.failures.extend(failures)
+            if self.settings.on_failure == "abort":
+                raise FlowerRunError(f"{len(failures)} of {len(jobs)} clients failed in round "
+                                     f"{round_}: " + "; ".join(str(f) for f in failures))
+        rec = self.core.end_round(round_, jobs, results)
+        if failures:
+            rec["failed_clients"] = [f.client_id for f in failures]
+            rec["failures"] = [f.reason for f in failures]
+        return rec
+
+    def _collect(self, round_: int, jobs: Sequence[ClientJob],
+                 replies: Iterable[Message]) -> tuple[list[ClientResult], list[ClientFailure]]:
+        """Replies in job order; every job without a usable reply becomes a failure."""
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        results, failures = [], []
+        timeout = self.settings.reply_timeout_s
+        for job in jobs:
+            node = self.node_of[job.client_id]
+            r = by_node.get(node)
+            reason = None
+            if r is None:
+                reason = f"no reply within {timeout:.0f} s" if timeout else "no reply"
+            elif r.has_error():
+                reason = f"Flower error {r.error.code}: {(r.error.reason or '').strip()}"
+            else:
+                try:
+                    res = codec.decode_result(r.content)
+                except (codec.CodecError, KeyError, ValueError) as exc:
+                    reason = f"unreadable reply: {exc}"
+                else:
+                    if res.client_id != job.client_id:
+                        reason = f"reply is for client {res.client_id}"
+                    elif res.delta.shape != self.core.params.shape:
+                        reason = (f"delta of shape {tuple(res.delta.shape)}, expected "
+                                  f"{tuple(self.core.params.shape)}")
+                    else:
+                        results.append(res)
+            if reason is not None:
+                failures.append(ClientFailure(round_, job.client_id, node, reason))
+        return results, failures
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state)
+
+    def final_params(self) -> torch.Tensor:
+        return self.core.params
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------- main
+def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
+    """The ServerApp's main: fedflat's driver loop with Flower nodes as clients.
+
+    Writes the same run folder as ``fedflat run`` (scenario.yaml, clients.json,
+    metrics.jsonl, checkpoints/, final_model.pt, summary.json with ``backend: flower``).
+
+    Raises:
+        ScenarioError: an invalid or unsupported scenario (nothing is written then).
+        FlowerRunError: missing nodes, or failed replies under ``on_failure = "abort"``
+            (summary.json then says ``status: failed`` and why).
+    """
+    loaded, fed = prepare(settings)
+    check_supported(loaded, settings)
+    sc = loaded.scenario
+    run_dir = _new_run_dir(sc, settings.out)
+    runner = Runner(loaded, run_dir, fed)
+    runner.write_static_files()
+    runner.write_summary("running", backend="flower")
+    core = ServerCore(sc, fed, initial_params(sc, build_flat_model(sc, fed.dataset)),
+                      threads=sc.runtime.threads)
+    scenario_yaml = dump_scenario(sc)
+    extra: dict[str, Any] = {"backend": "flower"}
+    status = "failed"
+    runner._t0 = time.perf_counter()
+    backend: FlowerGridBackend | None = None
+    try:
+        node_of = discover_nodes(grid, fed.num_clients, timeout_s=settings.node_timeout_s,
+                                 poll_s=settings.poll_s)
+        extra["node_discovery_seconds"] = time.perf_counter() - runner._t0
+        backend = FlowerGridBackend(grid, core, node_of, scenario_yaml, settings)
+        runner._rewrite_metrics()
+        status = runner._loop(backend)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except BaseException as exc:
+        extra["error"] = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        if backend is not None and backend.failures:
+            extra["failed_replies"] = [str(f) for f in backend.failures]
+        if status == "completed":
+            torch.save(core.params, run_dir / "final_model.pt")
+        summary = runner.write_summary(status, **extra)
+        settings.result["run"] = RunResult(params=core.params, metrics=runner.metrics,
+                                           run_dir=run_dir, summary=summary)
+    return settings.result["run"]
+
+
+def make_server_app(settings: ServerSettings | None = None) -> ServerApp:
+    """A ServerApp running fedflat's server loop.
+
+    Args:
+        settings: fixed settings (simulate); None = read them from the run config.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, settings or settings_from_run_config(context.run_config))
+
+    return server_app
+
+
+# The component `flwr run` loads on the SuperLink ([tool.flwr.app.components] serverapp).
+app = make_server_app()

@@ -1,0 +1,45 @@
+"""FedAvg on Synthetic(1,1) with the FedProx protocol lands in the band of ALGORITHMS.md §9.2.
+
+Reference (independent numpy re-run, 30 devices, MCLR, SGD lr 0.01, b=10, E=20, 10 devices per
+round, 200 rounds, weighted averaging): final test accuracy 83.3 % and 86.6 % on two seeds
+(mean 84.9 %); seed-to-seed spread is large because every seed draws a new data set.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+import fedflat
+
+SEEDS = [0, 1, 2, 3, 4]
+
+
+def protocol(seed: int) -> dict:
+    return {
+        "name": "fedprox_synthetic_1_1", "seed": seed,
+        "data": {"dataset": "synthetic", "num_clients": 30,
+                 "synthetic": {"alpha": 1.0, "beta": 1.0, "prior_scale": "std"}},
+        "model": {"name": "logistic"},
+        "client": {"lr": 0.01, "batch_size": 10, "local_epochs": 20},
+        "server": {"rounds": 200, "clients_per_round": 10, "sampling": "uniform"},
+        "runtime": {"backend": "ray", "num_actors": 2, "num_cpus": 1, "threads": 1},
+        "eval": {"every": 200},
+        "output": {"checkpoint_every": 0, "progress": False},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(1500)
+def test_fedavg_synthetic_1_1_accuracy_band(tmp_path, ray_session):
+    accs = []
+    for seed in SEEDS:
+        res = fedflat.run(protocol(seed), out=tmp_path / f"seed{seed}")
+        accs.append(res.summary["final_test_accuracy"])
+    mean = statistics.mean(accs)
+    print(f"FedAvg Synthetic(1,1) final accuracy per seed: {[round(a, 4) for a in accs]}, mean {mean:.4f}")
+    # §9.2: 83.3 / 86.6 (mean 84.9); allow for the large seed-to-seed spread of fresh data sets.
+    assert 0.78 <= mean <= 0.92
+    assert all(0.65 <= a <= 0.97 for a in accs)
