@@ -18,6 +18,7 @@ from fedflat.scenario.aggregation import (
     RuleName,
     check_aggregation,
 )
+from fedflat.server import rules
 from fedflat.server.pipeline import Pipeline, ServerRound, ServerStep
 from fedflat.server.rules import (
     RULES,
@@ -44,16 +45,26 @@ def _params(rule: str, f: int = 1) -> dict:
     return {"num_byzantine": f} if rule in ("krum", "multi_krum", "bulyan") else {}
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def sort_backend(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Run a test through both sorting paths (numpy on the CPU, else torch.sort)."""
+    if request.param == "torch":
+        monkeypatch.setattr(rules, "_numpy_sortable", lambda b: False)
+    return str(request.param)
+
+
 # -------------------- median / trimmed
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 10])
-def test_median_matches_numpy(n: int) -> None:
+def test_median_matches_numpy(n: int, sort_backend: str) -> None:
     x = _rand(n, 300, n)
     np.testing.assert_allclose(aggregate(x, "median").numpy(), np.median(x.numpy(), 0))
 
 
-def test_median_with_ties_matches_numpy() -> None:
+def test_median_with_ties_matches_numpy(sort_backend: str) -> None:
     x = torch.from_numpy(numpy_rng(0, "eval", 1).integers(0, 3, size=(8, 500))).to(F64)
     np.testing.assert_array_equal(
         aggregate(x, "median").numpy(), np.median(x.numpy(), 0)
@@ -61,7 +72,9 @@ def test_median_with_ties_matches_numpy() -> None:
 
 
 @pytest.mark.parametrize("n", [5, 6])
-def test_weighted_median_equals_median_of_repeated_rows(n: int) -> None:
+def test_weighted_median_equals_median_of_repeated_rows(
+    n: int, sort_backend: str
+) -> None:
     # Integer weights = each row repeated w_i times; zero weight = row absent.
     rng = numpy_rng(0, "eval", 10 + n)
     x = rng.normal(size=(n, 400))
@@ -72,10 +85,10 @@ def test_weighted_median_equals_median_of_repeated_rows(n: int) -> None:
     np.testing.assert_allclose(got.numpy(), expected)
 
 
-def test_blockwise_statistics_cover_every_coordinate() -> None:
+def test_blockwise_statistics_cover_every_coordinate(sort_backend: str) -> None:
     # d spans several coordinate blocks and ends in a partial one.
     rng = numpy_rng(0, "eval", 25)
-    d = 3 * 8192 + 5
+    d = 2 * 16384 + 5
     x, w = rng.normal(size=(6, d)), np.array([1.0, 2.0, 0.0, 3.0, 1.0, 1.0])
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
     np.testing.assert_allclose(aggregate(xt, "median").numpy(), np.median(x, 0))
@@ -108,14 +121,14 @@ def test_weighted_median_minimises_weighted_l1() -> None:
 @pytest.mark.parametrize(
     ("n", "beta"), [(10, 0.1), (10, 0.2), (11, 0.25), (7, 0.0), (20, 0.45)]
 )
-def test_trimmed_mean_matches_scipy(n: int, beta: float) -> None:
+def test_trimmed_mean_matches_scipy(n: int, beta: float, sort_backend: str) -> None:
     x = _rand(n, 300, 30 + n)
     expected = stats.trim_mean(x.numpy(), beta, axis=0)
     got = aggregate(x, "trimmed_mean", trim_ratio=beta)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-14)
 
 
-def test_weighted_trimmed_mean_matches_loop() -> None:
+def test_weighted_trimmed_mean_matches_loop(sort_backend: str) -> None:
     rng = numpy_rng(0, "eval", 40)
     x, w = rng.normal(size=(10, 50)), rng.uniform(0.5, 2.0, size=10)
     got = aggregate(
@@ -235,7 +248,7 @@ def _bulyan_reference(x: np.ndarray, f: int, w: np.ndarray | None = None) -> np.
 
 
 @pytest.mark.parametrize(("n", "f"), [(11, 2), (16, 3), (7, 1)])
-def test_bulyan_matches_reference_loop(n: int, f: int) -> None:
+def test_bulyan_matches_reference_loop(n: int, f: int, sort_backend: str) -> None:
     rng = numpy_rng(0, "eval", 85 + n)
     x = rng.normal(size=(n, 25)) * rng.uniform(0.2, 4.0, size=(n, 1))
     got = bulyan(torch.from_numpy(x), num_byzantine=f).numpy()

@@ -84,13 +84,17 @@ def node_partition(ctx: Context) -> int | None:
     return pid
 
 
-def load_local_data(path: str | Path, client_id: int) -> FederatedData:
+def load_local_data(path: str | Path, client_id: int, num_clients: int) -> FederatedData:
     """A node's own samples as a FederatedData in which only ``client_id`` holds data.
+
+    The other ``num_clients - 1`` clients are empty, so that everything indexed by client id
+    (the Byzantine set of a label-flip attack, say) is the same as on the server.
 
     Args:
         path: a ``.pt`` file (``torch.save({"x": ..., "y": ..., "num_classes": C})``) or an
             ``.npz`` file with arrays ``x``, ``y`` and ``num_classes``.
         client_id: the client id the server addresses this node by.
+        num_clients: ``data.num_clients`` of the scenario.
 
     Raises:
         FlowerClientError: a missing or malformed file.
@@ -117,8 +121,11 @@ def load_local_data(path: str | Path, client_id: int) -> FederatedData:
     ds = Dataset(name=f"local:{p.name}", x_train=x, y_train=y, x_test=x[:0], y_test=y[:0],
                  num_classes=num_classes, in_shape=tuple(x.shape[1:]), train_groups=None,
                  test_groups=None)
-    empty = np.zeros(0, dtype=np.int64)
-    indices = [empty] * client_id + [np.arange(len(y), dtype=np.int64)]
+    if not 0 <= client_id < num_clients:
+        raise FlowerClientError(f"{PARTITION_KEY} = {client_id} is outside the scenario's "
+                                f"data.num_clients = {num_clients}")
+    indices = [np.zeros(0, dtype=np.int64)] * num_clients
+    indices[client_id] = np.arange(len(y), dtype=np.int64)
     return FederatedData(ds, indices)
 
 
@@ -146,7 +153,10 @@ def get_worker(instr: codec.TrainInstruction, ctx: Context, settings: ClientSett
                 device = str(device_raw)
             else:
                 device = "cuda" if sc.runtime.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-            fed = load_local_data(str(data_path), instr.job.client_id) if data_path else build_data(sc)
+            if data_path:
+                fed = load_local_data(str(data_path), instr.job.client_id, sc.data.num_clients)
+            else:
+                fed = build_data(sc)
             worker = ClientWorker(sc, fed, device=device, threads=threads)
             _WORKERS[key] = worker
     return worker

@@ -355,8 +355,9 @@ def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
     runner = Runner(loaded, run_dir, fed)
     runner.write_static_files()
     runner.write_summary("running", backend="flower")
-    core = ServerCore(sc, fed, initial_params(sc, build_flat_model(sc, fed.dataset)),
-                      threads=sc.runtime.threads)
+    model = build_flat_model(sc, fed.dataset)
+    core = ServerCore(sc, fed, initial_params(sc, model), threads=sc.runtime.threads)
+    runner.num_params = model.num_params  # what Runner.execute sets before its loop
     scenario_yaml = dump_scenario(sc)
     extra: dict[str, Any] = {"backend": "flower"}
     status = "failed"
@@ -381,6 +382,7 @@ def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
         if status == "completed":
             torch.save(core.params, run_dir / "final_model.pt")
         summary = runner.write_summary(status, **extra)
+        runner._plots()
         settings.result["run"] = RunResult(params=core.params, metrics=runner.metrics,
                                            run_dir=run_dir, summary=summary)
     return settings.result["run"]

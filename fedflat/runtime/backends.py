@@ -22,7 +22,8 @@ from fedflat.scenario.schema import Scenario
 
 
 class Backend(Protocol):
-    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]: ...
+    def round(self, round_: int, jobs: Sequence[ClientJob],
+              keep_versions: Sequence[int] | None = None) -> dict[str, Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def final_params(self) -> torch.Tensor: ...
@@ -36,11 +37,12 @@ class SerialBackend:
         self.worker = ClientWorker(sc, fed, threads=sc.runtime.threads)
         self.core = ServerCore(sc, fed, params)
 
-    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]:
-        payload = self.core.begin_round(round_)
+    def round(self, round_: int, jobs: Sequence[ClientJob],
+              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
+        payload = self.core.begin_round(round_, _versions(jobs))
         states = self.core.states_for([j.client_id for j in jobs])
         results = self.worker.run(payload, jobs, states)
-        return self.core.end_round(round_, jobs, results)
+        return self.core.end_round(round_, jobs, results, keep_versions)
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict()
@@ -53,6 +55,10 @@ class SerialBackend:
 
     def close(self) -> None:
         pass
+
+
+def _versions(jobs: Sequence[ClientJob]) -> list[int]:
+    return sorted({j.version for j in jobs if j.version is not None})
 
 
 def balance_chunks(jobs: Sequence[ClientJob], sizes: Sequence[int], k: int) -> list[list[int]]:
@@ -76,17 +82,18 @@ class _ServerActor:
     def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor, threads: int) -> None:
         self.core = ServerCore(sc, fed, params, threads=threads)
 
-    def begin(self, round_: int, chunk_ids: list[list[int]]) -> tuple[Any, ...]:
-        payload = self.core.begin_round(round_)
+    def begin(self, round_: int, chunk_ids: list[list[int]], versions: list[int]) -> tuple[Any, ...]:
+        payload = self.core.begin_round(round_, versions)
         return (payload, *[self.core.states_for(ids) for ids in chunk_ids])
 
     def end(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]],
-            *chunk_results: list[ClientResult]) -> dict[str, Any]:
+            keep_versions: list[int] | None, *chunk_results: list[ClientResult]) -> dict[str, Any]:
         results: list[ClientResult | None] = [None] * len(jobs)
         for positions, res in zip(chunks, chunk_results, strict=True):
             for pos, r in zip(positions, res, strict=True):
                 results[pos] = r
-        return self.core.end_round(round_, jobs, [r for r in results if r is not None])
+        return self.core.end_round(round_, jobs, [r for r in results if r is not None],
+                                   keep_versions)
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict()
@@ -136,20 +143,24 @@ class RayBackend:
         self.sizes = fed.client_sizes().tolist()
         ray.get(self.server.params.remote())  # surface construction errors now
 
-    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]:
+    def round(self, round_: int, jobs: Sequence[ClientJob],
+              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
         ray = self.ray
         jobs = list(jobs)
+        keep = list(keep_versions) if keep_versions is not None else None
         chunks = balance_chunks(jobs, self.sizes, len(self.actors))
         if not chunks:
-            return ray.get(self.server.end.remote(round_, jobs, []))
+            self.server.begin.options(num_returns=1).remote(round_, [], [])
+            return ray.get(self.server.end.remote(round_, jobs, [], keep))
         chunk_ids = [[jobs[i].client_id for i in c] for c in chunks]
-        refs = self.server.begin.options(num_returns=1 + len(chunks)).remote(round_, chunk_ids)
+        refs = self.server.begin.options(num_returns=1 + len(chunks)).remote(
+            round_, chunk_ids, _versions(jobs))
         payload_ref, state_refs = refs[0], refs[1:]
         result_refs = [
             actor.run.remote(payload_ref, sref, [jobs[i] for i in c])
             for actor, sref, c in zip(self.actors, state_refs, chunks, strict=False)
         ]
-        return ray.get(self.server.end.remote(round_, jobs, chunks, *result_refs))
+        return ray.get(self.server.end.remote(round_, jobs, chunks, keep, *result_refs))
 
     def state_dict(self) -> dict[str, Any]:
         return self.ray.get(self.server.state_dict.remote())

@@ -7,6 +7,7 @@ update and the server pipeline are identical wherever they run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from fedflat.scenario.local_rule import build_fedopt, build_server_corrections, 
 from fedflat.scenario.local_rule import build_local_rule as local_rule_parts
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt
-from fedflat.server.pipeline import Pipeline, ServerStep
+from fedflat.server.pipeline import Pipeline, ServerRound, ServerStep
 from fedflat.server.rules import rule_step
 from fedflat.server.swa import swa_client_lr, swa_start_round
 
@@ -144,6 +145,21 @@ def client_lr(sc: Scenario, round_: int) -> float:
     return lr
 
 
+def buffer_scale(buffer_size: int) -> ServerStep:
+    """FedBuff (Nguyen et al. 2022, Alg. 1): the step is Σ w_i Δ_i / K, not a weighted mean.
+
+    Placed after a weighted rule whose weights are the staleness weights w_i, it rescales
+    the mean Σ w_i Δ_i / Σ w_i by Σ w_i / K.
+    """
+
+    def apply(rnd: ServerRound, state: Any, gen: torch.Generator):
+        assert rnd.aggregate is not None  # noqa: S101 - placed after the rule
+        scale = float(rnd.weights.sum()) / buffer_size
+        return rnd.with_(aggregate=rnd.aggregate * scale), state, {"async/weight_sum": scale * buffer_size}
+
+    return ServerStep("buffer_scale", init=lambda p: (), apply=apply)
+
+
 def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
     """The server pipeline, in order: attack (replaces Byzantine rows) -> rule -> server
     optimizer -> corrections' server steps (FedDyn, SCAFFOLD, FedSMOO, broadcasts) -> SWA."""
@@ -154,6 +170,8 @@ def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
         steps.append(attack_step(byz, sc.attack))
     agg = s.aggregation
     steps.append(rule_step(agg.rule, agg.rule_params(), weighting=agg.weighting))
+    if sc.system.asynchronous is not None:
+        steps.append(buffer_scale(sc.system.asynchronous.buffer_size))
     if s.optimizer == "fedavgm":
         steps.append(server_opt.fedavgm(lr=s.lr, momentum=s.momentum))
     elif s.optimizer in ("fedadam", "fedyogi", "fedadagrad"):

@@ -30,6 +30,15 @@ from fedflat.runtime.backends import make_backend
 from fedflat.runtime.build import FederatedData, build_data, build_flat_model, client_lr, initial_params
 from fedflat.runtime.checkpoint import load_latest, save_checkpoint
 from fedflat.runtime.sampling import sample_cohort
+from fedflat.comm.asynchronous import (
+    AsyncState,
+    next_buffer,
+    scheduler_from_config,
+    staleness_weights,
+    start,
+    versions_in_use,
+)
+from fedflat.rng import numpy_rng
 from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
@@ -105,6 +114,7 @@ class Runner:
         self.next_round = 0
         self.elapsed_before = 0.0
         self._between_rounds = True
+        self.async_state: AsyncState | None = None
         self.base_dir = Path(loaded.file).parent if Path(loaded.file).is_file() else None
 
     # ------------------------------------------------------------------ files
@@ -185,6 +195,7 @@ class Runner:
 
     def _checkpoint(self, backend: Any) -> None:
         state = {"server": backend.state_dict(), "metrics": self.metrics,
+                 "async_state": self.async_state.to_dict() if self.async_state else None,
                  "wall_seconds": self.elapsed_before + time.perf_counter() - self._t0}
         save_checkpoint(self.run_dir, self.next_round, state, self.sc.output.keep_checkpoints)
 
@@ -212,6 +223,10 @@ class Runner:
         bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
                    desc=sc.name, unit="round", dynamic_ncols=True)
         timeline = Timeline(sc, self.fed, self.num_params, self.base_dir)
+        sched = None
+        if sc.system.asynchronous is not None:
+            sched = scheduler_from_config(sc.system)
+            self.job_times = timeline.job_times()
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the loop
         try:
             for t in range(self.next_round, sc.server.rounds):
@@ -219,28 +234,10 @@ class Runner:
                     raise KeyboardInterrupt
                 self._between_rounds = False
                 t_start = time.perf_counter()
-                eligible = timeline.eligible(t)
-                cohort = sample_cohort(sc.seed, t, self.fed.num_clients, method=sc.server.sampling,
-                                       clients_per_round=sc.server.clients_per_round,
-                                       sampling_rate=sc.server.sampling_rate, eligible=eligible)
-                timing = timeline.simulate(t, cohort)
-                lr = client_lr(sc, t)
-                jobs = [ClientJob(round=t, client_id=int(c), lr=lr,
-                                  max_steps=int(k) if k < p else None)
-                        for c, ok, k, p in zip(timing.client_ids, timing.completed,
-                                               timing.steps_done, timing.planned_steps, strict=True)
-                        if ok]
-                rec = backend.round(t, jobs)
-                prev = self.metrics[-1] if self.metrics else {}
-                rec["participants"] = [int(c) for c in cohort]
-                rec["dropped"] = [int(c) for c in timing.client_ids[timing.dropped]]
-                rec["late"] = [int(c) for c in timing.client_ids[timing.late]]
-                rec["unavailable"] = int((~eligible).sum())
-                rec["bytes_down"] = int(rec.pop("bytes_down_per_client", 0)) * len(cohort)
-                rec["bytes_up_total"] = int(prev.get("bytes_up_total", 0)) + int(rec.get("bytes_up", 0))
-                rec["bytes_down_total"] = int(prev.get("bytes_down_total", 0)) + rec["bytes_down"]
-                rec["round_sim_seconds"] = float(timing.duration_s)
-                rec["sim_seconds"] = float(prev.get("sim_seconds", 0.0)) + float(timing.duration_s)
+                if sched is not None:
+                    rec = self._async_round(backend, timeline, sched, t)
+                else:
+                    rec = self._sync_round(backend, timeline, t)
                 rec["round_seconds"] = time.perf_counter() - t_start
                 rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
                 self.metrics.append(rec)
@@ -258,6 +255,57 @@ class Runner:
             metrics_file.close()
             bar.close()
         return "completed"
+
+    def _sync_round(self, backend: Any, timeline: Timeline, t: int) -> dict[str, Any]:
+        """One synchronous round: eligible clients, cohort, stragglers, clock, bytes."""
+        sc = self.sc
+        eligible = timeline.eligible(t)
+        cohort = sample_cohort(sc.seed, t, self.fed.num_clients, method=sc.server.sampling,
+                               clients_per_round=sc.server.clients_per_round,
+                               sampling_rate=sc.server.sampling_rate, eligible=eligible)
+        timing = timeline.simulate(t, cohort)
+        lr = client_lr(sc, t)
+        jobs = [ClientJob(round=t, client_id=int(c), lr=lr,
+                          max_steps=int(k) if k < p else None)
+                for c, ok, k, p in zip(timing.client_ids, timing.completed,
+                                       timing.steps_done, timing.planned_steps, strict=True)
+                if ok]
+        rec = backend.round(t, jobs)
+        prev = self.metrics[-1] if self.metrics else {}
+        rec["participants"] = [int(c) for c in cohort]
+        rec["dropped"] = [int(c) for c in timing.client_ids[timing.dropped]]
+        rec["late"] = [int(c) for c in timing.client_ids[timing.late]]
+        rec["unavailable"] = int((~eligible).sum())
+        rec["bytes_down"] = int(rec.pop("bytes_down_per_client", 0)) * len(cohort)
+        rec["bytes_up_total"] = int(prev.get("bytes_up_total", 0)) + int(rec.get("bytes_up", 0))
+        rec["bytes_down_total"] = int(prev.get("bytes_down_total", 0)) + rec["bytes_down"]
+        rec["round_sim_seconds"] = float(timing.duration_s)
+        rec["sim_seconds"] = float(prev.get("sim_seconds", 0.0)) + float(timing.duration_s)
+        return rec
+
+    def _async_round(self, backend: Any, timeline: Timeline, sched: Any, t: int) -> dict[str, Any]:
+        """One server step of buffered asynchronous aggregation (FedBuff) on the clock."""
+        sc = self.sc
+        if self.async_state is None:
+            self.async_state = start(sched, self.fed.num_clients, self.job_times,
+                                     numpy_rng(sc.seed, "system", 0))
+        done, state = next_buffer(sched, self.async_state, self.job_times,
+                                  numpy_rng(sc.seed, "system", self.async_state.version + 1))
+        weights = staleness_weights(sched, [j.staleness for j in done])
+        lr = client_lr(sc, t)
+        jobs = [ClientJob(round=j.seq, client_id=j.client_id, lr=lr, version=j.start_version,
+                          weight=float(w)) for j, w in zip(done, weights, strict=True)]
+        rec = backend.round(t, jobs, keep_versions=sorted(versions_in_use(state)))
+        self.async_state = state
+        prev = self.metrics[-1] if self.metrics else {}
+        rec["staleness"] = [int(j.staleness) for j in done]
+        rec["bytes_down"] = int(rec.pop("bytes_down_per_client", 0)) * len(jobs)
+        rec["bytes_up_total"] = int(prev.get("bytes_up_total", 0)) + int(rec.get("bytes_up", 0))
+        rec["bytes_down_total"] = int(prev.get("bytes_down_total", 0)) + rec["bytes_down"]
+        rec["sim_seconds"] = float(state.time_s)
+        rec["round_sim_seconds"] = float(state.time_s) - float(prev.get("sim_seconds", 0.0))
+        rec["dropped_total"] = int(state.dropped_total)
+        return rec
 
 
 def run(
@@ -302,6 +350,8 @@ def resume(run_dir: str | Path) -> RunResult:
         runner.metrics = list(ckpt["metrics"])
         runner.elapsed_before = float(ckpt.get("wall_seconds", 0.0))
         state = ckpt["server"]
+        if ckpt.get("async_state") is not None:
+            runner.async_state = AsyncState.from_dict(ckpt["async_state"])
     if runner.next_round >= loaded.scenario.server.rounds and (run_dir / "final_model.pt").exists():
         params = torch.load(run_dir / "final_model.pt")
         summary = json.loads((run_dir / "summary.json").read_text())

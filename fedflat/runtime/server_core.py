@@ -40,6 +40,7 @@ class ServerCore:
         self.eval_params: Tensor | None = None
         self.pipeline_state = self.pipeline.init(self.params)
         self.client_states: dict[int, dict[str, Tensor]] = {}
+        self.versions: dict[int, Tensor] = {0: self.params}  # asynchronous mode
         self.downlink = codec_from_config(scenario.comm.downlink)
         self.down_residual: Tensor | None = None
         self._down_nbytes = 0
@@ -47,7 +48,7 @@ class ServerCore:
         self._eval_sets = self._make_eval_sets(fed)
 
     # ------------------------------------------------------------------ rounds
-    def begin_round(self, round_: int) -> RoundPayload:
+    def begin_round(self, round_: int, versions: Sequence[int] = ()) -> RoundPayload:
         """The round's payload; a lossy downlink codec sends the decoded model (clients
         compute their deltas from it; the server applies them to its exact model)."""
         gen = stream(self.sc.seed, "codec", round_, self.num_clients)  # id N = the server
@@ -57,21 +58,33 @@ class ServerCore:
         extra = sum(HEADER_NBYTES + 4 * v.numel() for v in self.broadcast.values())
         self._down_nbytes = tx.nbytes + extra
         params = self.params if self.sc.comm.downlink.codec == "fp32" else tx.decoded
-        return RoundPayload(round=round_, params=params, broadcast=dict(self.broadcast))
+        old = {v: self.versions[v] for v in versions}
+        if self.sc.comm.downlink.codec != "fp32":  # stale versions travel through the codec too
+            old = {v: transmit(self.downlink, x, None, stream(self.sc.seed, "codec", round_,
+                                                            self.num_clients + 1 + v)).decoded
+                   for v, x in old.items()}
+        return RoundPayload(round=round_, params=params, broadcast=dict(self.broadcast),
+                            versions=old)
 
     def states_for(self, client_ids: Sequence[int]) -> list[dict[str, Tensor]]:
         return [self.client_states.get(c, {}) for c in client_ids]
 
     def end_round(self, round_: int, jobs: Sequence[ClientJob],
-                  results: Sequence[ClientResult]) -> dict[str, Any]:
-        """Aggregate the round's results (given in job order), evaluate when due."""
+                  results: Sequence[ClientResult],
+                  keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
+        """Aggregate the round's results (given in job order), evaluate when due.
+
+        In asynchronous mode ``keep_versions`` lists the model versions that clients in
+        flight still train from; the new model becomes version ``round_ + 1``.
+        """
         rec: dict[str, Any] = {"round": round_, "clients": [j.client_id for j in jobs],
                                "bytes_down_per_client": self._down_nbytes}
         if results:
             for r in results:
                 self.client_states[r.client_id] = r.client_state
             deltas = torch.stack([r.delta for r in results])
-            weights = torch.tensor([float(r.num_samples) for r in results])
+            weights = torch.tensor([float(j.weight) if j.weight is not None else float(r.num_samples)
+                                    for j, r in zip(jobs, results, strict=True)])
             extras = {k: torch.stack([r.extras[k] for r in results]) for k in results[0].extras}
             rnd = ServerRound(round=round_, params=self.params, deltas=deltas, weights=weights,
                               client_ids=[r.client_id for r in results],
@@ -96,6 +109,10 @@ class ServerCore:
                 rec[f"client/{k}"] = sum(vals) / len(vals)
         else:
             rec["train_loss"] = float("nan")  # an empty Poisson cohort: the model stays put
+        if keep_versions is not None:
+            self.versions[round_ + 1] = self.params
+            self.versions = {v: x for v, x in self.versions.items()
+                             if v in set(keep_versions) | {round_ + 1}}
         ev = self.sc.eval
         last = round_ + 1 == self.sc.server.rounds
         if (round_ + 1) % ev.every == 0 or last:
@@ -166,7 +183,8 @@ class ServerCore:
     def state_dict(self) -> dict[str, Any]:
         return {"params": self.params, "eval_params": self.eval_params,
                 "pipeline_state": self.pipeline_state, "client_states": self.client_states,
-                "broadcast": self.broadcast, "down_residual": self.down_residual}
+                "broadcast": self.broadcast, "down_residual": self.down_residual,
+                "versions": self.versions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"} - set(state)
@@ -180,3 +198,4 @@ class ServerCore:
         self.client_states = state["client_states"]
         self.broadcast = state["broadcast"]
         self.down_residual = state.get("down_residual")
+        self.versions = state.get("versions", {0: self.params})

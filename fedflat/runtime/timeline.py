@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from fedflat.comm.codecs import codec_from_config
-from fedflat.comm.system import RoundTiming, available, client_profiles, simulate_round
+from fedflat.comm.system import (
+    RoundTiming,
+    available,
+    client_profiles,
+    job_times,
+    simulate_round,
+)
 from fedflat.rng import numpy_rng
 from fedflat.runtime.build import FederatedData, build_local_rule
 from fedflat.scenario.schema import Scenario
@@ -46,6 +52,15 @@ class Timeline:
         rng.random(len(self.sizes))  # the draws of eligible(): keep streams aligned
         return simulate_round(ids, samples, self.bytes_down, self.bytes_up, self.profiles, self.cfg,
                               rng, work_steps=steps, local_epochs=self.schedule.epochs)
+
+    def job_times(self) -> np.ndarray:
+        """[N] seconds of one job of each client (asynchronous mode: no deadline)."""
+        steps = np.array([self.schedule.num_steps(int(n)) for n in self.sizes], dtype=np.int64)
+        samples = steps * self.schedule.batch_size
+        if self.schedule.steps is None and self.schedule.batching == "shuffle":
+            samples = (self.schedule.epochs or 1) * self.sizes
+        return job_times(self.profiles, np.arange(len(self.sizes)), samples, self.bytes_down,
+                         self.bytes_up)
 
     def _rng(self, round_: int) -> np.random.Generator:
         return numpy_rng(self.sc.seed, "system", round_)

@@ -8,7 +8,7 @@ call; it never imports Ray or Flower.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,6 +39,8 @@ class ClientJob:
     client_id: int
     lr: float
     max_steps: int | None = None
+    version: int | None = None  # asynchronous mode: the model version the client starts from
+    weight: float | None = None  # aggregation weight instead of n_i (staleness weight)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class RoundPayload:
     round: int
     params: Tensor
     broadcast: dict[str, Tensor]
+    versions: dict[int, Tensor] = field(default_factory=dict)  # asynchronous mode only
 
 
 class ClientWorker:
@@ -75,11 +78,13 @@ class ClientWorker:
     def run(self, payload: RoundPayload, jobs: Sequence[ClientJob],
             states: Sequence[dict[str, Tensor]]) -> list[ClientResult]:
         """Run ``jobs`` in order from the payload's global model; results in job order."""
-        params = payload.params.to(self.device)
+        versions = {v: t.to(self.device) for v, t in payload.versions.items()}
+        latest = payload.params.to(self.device)
         broadcast = {k: v.to(self.device) for k, v in payload.broadcast.items()}
         out = []
         for job, state in zip(jobs, states, strict=True):
             ix = self.index[job.client_id]
+            params = latest if job.version is None else versions[job.version]
             ctx = UpdateContext(
                 model=self.model, x_global=params, round=job.round, client_id=job.client_id,
                 num_samples=len(ix), broadcast=broadcast,

@@ -185,9 +185,11 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             key, _, msg = check.partition(": ")
             errors.append((key, msg))
     if sc.system.asynchronous is not None:
-        errors.append(("system.asynchronous",
-                       "buffered asynchronous rounds are modelled in fedflat.comm.asynchronous but the "
-                       "runtime does not drive them yet; remove this block to run synchronous rounds"))
+        if sc.system.asynchronous.buffer_size > n:
+            errors.append(("system.asynchronous.buffer_size", f"buffer_size exceeds data.num_clients = {n}"))
+        if sc.comm.downlink.error_feedback:
+            errors.append(("comm.downlink.error_feedback",
+                           "downlink error feedback needs one model per round; not available in asynchronous mode"))
     if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
         errors.append(("data.partition.method", "synthetic data is generated per device: use method 'natural'"))
     return errors
