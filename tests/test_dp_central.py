@@ -29,9 +29,9 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_round(deltas: torch.Tensor, weights=None, num_clients: int = 100) -> ServerRound:
+def make_round(deltas, weights=None, num_clients: int = 100) -> ServerRound:
     m, d = deltas.shape
-    w = torch.ones(m) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    w = torch.ones(m) if weights is None else torch.as_tensor(weights).float()
     return ServerRound(round=0, params=torch.zeros(d), deltas=deltas, weights=w,
                        client_ids=list(range(m)), num_clients=num_clients)
 
@@ -71,7 +71,7 @@ def test_clip_updates_bounds_norms_keeps_directions_and_zeroes_nonfinite():
     assert m["dp/update_norm_mean"] == pytest.approx(np.mean(norms), rel=1e-5)
 
 
-# ----------------------------------------------------------------------------- DP-FedAvg
+# --------------------------------------------------------------------------- DP-FedAvg
 def test_unweighted_sum_over_expected_clients_without_noise():
     x = rows([0.3, 0.7, 1.0])
     step = gaussian_sum_noise(noise_multiplier=0.0, clip_norm=1.0, expected_clients=5)
@@ -172,7 +172,7 @@ def test_adaptive_clip_converges_to_target_quantile(gamma):
 
 def test_adaptive_clip_arithmetic_update_also_tracks_quantile():
     hist, _ = _adaptive_run(0.5, rounds=400, c0=1.0, update="arithmetic")
-    # arithmetic steps are η_C(b̄ − γ) ≤ 0.1 per round: 400 rounds are enough from 1 to 5
+    # arithmetic steps are η_C(b̄ − γ) ≤ 0.1 per round: 400 rounds go from 1 to 5
     assert abs(hist[-100:].mean() - 5.0) < 0.5
 
 
@@ -183,7 +183,8 @@ def test_adaptive_geometric_step_and_centred_bits_exact_without_count_noise():
     out, state, m = run_step(step, make_round(x))
     # b̄ = (Σ(b − ½))/m + ½ = (3·½ − 3·½)/8 + ½ = 0.5 with the expected m = 8
     assert m["dp/unclipped_frac"] == pytest.approx(0.5)
-    assert float(state["clip_norm"]) == pytest.approx(2.0 * math.exp(-0.2 * (0.5 - 0.3)))
+    expected_clip = 2.0 * math.exp(-0.2 * (0.5 - 0.3))
+    assert float(state["clip_norm"]) == pytest.approx(expected_clip)
     xs = x.double().numpy()
     clipped = xs * np.minimum(1.0, 2.0 / np.linalg.norm(xs, axis=1))[:, None]
     np.testing.assert_allclose(out.aggregate.numpy(), clipped.sum(0) / 8, rtol=1e-5)
@@ -198,7 +199,8 @@ def test_adaptive_noise_split_std():
     z, m, d, c = 1.0, 100, 20000, 0.5
     sigma_b = m / 20
     step = adaptive_clipping(initial_clip=c, target_quantile=0.5, clip_lr=0.2,
-                             count_noise=sigma_b, noise_multiplier=z, expected_clients=m)
+                             count_noise=sigma_b, noise_multiplier=z,
+                             expected_clients=m)
     out, _, metrics = run_step(step, make_round(torch.zeros(3, d)), seed=4)
     z_delta = (z**-2 - (2 * sigma_b) ** -2) ** -0.5  # Andrew et al. 2021, §4.4
     assert metrics["dp/update_noise_multiplier"] == pytest.approx(z_delta)
@@ -217,7 +219,7 @@ def test_adaptive_state_survives_torch_save():
     assert float(loaded["clip_norm"]) == float(state["clip_norm"])
 
 
-# ----------------------------------------------------------------------------- DP-FedSAM
+# --------------------------------------------------------------------------- DP-FedSAM
 def test_local_noise_per_client_std_and_mean_std():
     m, d, c, sigma = 10, 4000, 0.5, 0.95
     step = local_noise(clip_norm=c, noise_multiplier=sigma, clients_per_round=m)
@@ -234,7 +236,8 @@ def test_local_noise_clips_globally_or_per_tensor():
     x = torch.randn(4, d, generator=gen(5)) * 3.0
     glob = local_noise(clip_norm=1.0, noise_multiplier=0.0, clients_per_round=4)
     out, _, m = run_step(glob, make_round(x))
-    assert torch.all(out.deltas.norm(dim=1) <= 1.0 + 1e-5) and m["dp/frac_clipped"] == 1.0
+    assert torch.all(out.deltas.norm(dim=1) <= 1.0 + 1e-5)
+    assert m["dp/frac_clipped"] == 1.0
     per = local_noise(clip_norm=1.0, noise_multiplier=0.0, clients_per_round=4,
                       clip_scope="per_tensor", segments=model.segments)
     out, _, _ = run_step(per, make_round(x))

@@ -1,9 +1,10 @@
 """Example-level DP oracles (fedflat.privacy.mechanisms) against independent facts.
 
 Per-example gradients of softmax regression have the closed form (p − e_y) xᵀ, computed
-here in float64 numpy; a GroupNorm CNN is checked against a Python loop of single-example
-autograd. Noise is checked statistically (χ² interval on the sample variance), sampling
-by a binomial test on ``batch_indices``.
+here in float64 numpy; a GroupNorm CNN is checked against a Python loop of
+single-example autograd, and both clipping modes against Opacus 1.6. Noise is checked
+statistically (χ² interval on the sample variance), sampling by a binomial test on
+``batch_indices``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class Softmax:
     def __init__(self, d: int = 6, k: int = 3, b: int = 12, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
         self.model = FlatModel(nn.Linear(d, k))
-        self.w = torch.tensor(rng.normal(size=self.model.num_params), dtype=torch.float32)
+        w = rng.normal(size=self.model.num_params)
+        self.w = torch.tensor(w, dtype=torch.float32)
         self.x = torch.tensor(rng.normal(size=(b, d)) * 2.0, dtype=torch.float32)
         self.y = torch.tensor(rng.integers(0, k, size=b))
         self.d, self.k = d, k
@@ -83,11 +85,13 @@ def flat_pe(model: FlatModel, w: torch.Tensor, x: torch.Tensor, y: torch.Tensor)
     return torch.cat([grads[s.name].reshape(b, -1) for s in model.segments], 1), losses
 
 
-# ----------------------------------------------------------------------------- gradients
+# --------------------------------------------------------------------------- gradients
 def test_per_example_grads_match_closed_form():
     p = Softmax()
     g, _ = flat_pe(p.model, p.w, p.x, p.y)
-    np.testing.assert_allclose(g.double().numpy(), p.per_example(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        g.double().numpy(), p.per_example(), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_per_example_grads_match_single_example_loop_on_groupnorm_cnn():
@@ -106,7 +110,8 @@ def test_per_example_grads_match_single_example_loop_on_groupnorm_cnn():
 def test_no_noise_no_clip_equals_mean_gradient():
     model = FlatModel(build_model("mlp", (10,), 3, hidden=(8,)))
     w = model.init_params(gen(0))
-    x, y = torch.randn(16, 10, generator=gen(1)), torch.randint(0, 3, (16,), generator=gen(2))
+    x = torch.randn(16, 10, generator=gen(1))
+    y = torch.randint(0, 3, (16,), generator=gen(2))
     o = dp_sgd(clip_norm=math.inf, noise_multiplier=0.0, expected_batch_size=16)
     c = ctx_for(model, w)
     loss, g, _, m = o.grad(w, (x, y), o.init(c), gen(), c)
@@ -121,7 +126,8 @@ def test_clipped_sum_matches_numpy_and_divides_by_expected_size(clip):
     p = Softmax(b=12)
     ref = p.per_example()
     norms = np.linalg.norm(ref, axis=1)
-    expected = (ref * np.minimum(1.0, clip / norms)[:, None]).sum(0) / 20.0  # L = 20 ≠ 12
+    # divided by L = 20, not by the 12 examples present
+    expected = (ref * np.minimum(1.0, clip / norms)[:, None]).sum(0) / 20.0
     o = dp_sgd(clip_norm=clip, noise_multiplier=0.0, expected_batch_size=20)
     c = ctx_for(p.model, p.w)
     _, g, _, m = o.grad(p.w, (p.x, p.y), o.init(c), gen(), c)
@@ -168,12 +174,13 @@ def test_zero_gradient_examples_are_safe():
     w = torch.zeros(model.num_params)
     x = torch.zeros(3, 4)
     y = torch.tensor([0, 1, 0])
-    # Hand-build a loss with zero gradient: constant logits and a loss independent of them.
+    # A loss with zero gradient everywhere: it ignores the logits.
     model.loss_fn = lambda out, target: (out * 0.0).sum()
     o = dp_sgd(clip_norm=1.0, noise_multiplier=0.0, expected_batch_size=3)
     c = ctx_for(model, w)
     _, g, _, m = o.grad(w, (x, y), o.init(c), gen(), c)
-    assert torch.all(g == 0) and m["dp_grad_norm"] == 0.0 and m["dp_frac_clipped"] == 0.0
+    assert torch.all(g == 0)
+    assert m["dp_grad_norm"] == 0.0 and m["dp_frac_clipped"] == 0.0
 
 
 # ----------------------------------------------------------------------------- noise
@@ -225,10 +232,13 @@ def test_empty_batch_gives_pure_noise_over_expected_size():
 def test_client_update_with_poisson_batches_and_empty_steps():
     model = FlatModel(build_model("logistic", (5,), 3))
     w0 = model.init_params(gen(0))
-    x, y = torch.randn(30, 5, generator=gen(1)), torch.randint(0, 3, (30,), generator=gen(2))
+    x = torch.randn(30, 5, generator=gen(1))
+    y = torch.randint(0, 3, (30,), generator=gen(2))
     # q = 1/30: about 36 % of the 40 steps draw an empty batch.
     rule = LocalRule(
-        oracle=dp_sat(rho=0.05, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1),
+        oracle=dp_sat(
+            rho=0.05, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=1
+        ),
         corrections=(), optimizer=sgd(momentum=0.9),
         schedule=LocalSchedule(batch_size=1, steps=40, batching="poisson"),
     )
@@ -281,7 +291,8 @@ def test_batchnorm_is_refused_with_groupnorm_hint():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"clip_norm": 0.0, "noise_multiplier": 1.0, "expected_batch_size": 4}, "clip_norm"),
+        ({"clip_norm": 0.0, "noise_multiplier": 1.0, "expected_batch_size": 4},
+         "clip_norm"),
         ({"clip_norm": 1.0, "noise_multiplier": -1.0, "expected_batch_size": 4},
          "noise_multiplier"),
         ({"clip_norm": math.inf, "noise_multiplier": 1.0, "expected_batch_size": 4},
@@ -289,7 +300,8 @@ def test_batchnorm_is_refused_with_groupnorm_hint():
         ({"clip_norm": 1.0, "noise_multiplier": 1.0}, "expected_batch_size"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "expected_batch_size": 0},
          "expected_batch_size"),
-        ({"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling_rate": 1.5}, "sampling_rate"),
+        ({"clip_norm": 1.0, "noise_multiplier": 1.0, "sampling_rate": 1.5},
+         "sampling_rate"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "expected_batch_size": 4,
           "layer_split": "bad"}, "layer_split"),
     ],
@@ -301,7 +313,7 @@ def test_factory_checks_name_the_parameter(kwargs, name):
         dp_sat(rho=-0.1, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
 
 
-# ----------------------------------------------------------------------------- DP-SAT / SAM
+# ------------------------------------------------------------------------ DP-SAT / SAM
 def _run(o, model, w, batch, state, seed, c):
     return o.grad(w, batch, state, gen(seed), c)
 
@@ -320,7 +332,8 @@ def test_dp_sat_first_step_is_dp_sgd_then_perturbs_along_previous_release():
     batch1 = (p.x[:6], p.y[:6])
     _, g1, _, m1 = _run(sat, p.model, w1, batch1, st, 6, c)
     eps = rho * r0.double() / r0.double().norm()
-    _, r1, _, _ = _run(base, p.model, (w1.double() + eps).float(), batch1, base.init(c), 6, c)
+    wp = (w1.double() + eps).float()
+    _, r1, _, _ = _run(base, p.model, wp, batch1, base.init(c), 6, c)
     torch.testing.assert_close(g1, r1, rtol=1e-5, atol=1e-6)
     assert m1["dp_sat_perturbation"] == rho
 
@@ -354,7 +367,8 @@ def test_dp_sam_without_noise_is_sam_on_the_clipped_mean():
     p2 = Softmax(b=10)
     p2.w = (p.w.double() + torch.tensor(rho * gbar / np.linalg.norm(gbar))).float()
     ref2 = p2.per_example()
-    expected = (ref2 * np.minimum(1.0, clip / np.linalg.norm(ref2, axis=1))[:, None]).mean(0)
+    scale2 = np.minimum(1.0, clip / np.linalg.norm(ref2, axis=1))
+    expected = (ref2 * scale2[:, None]).mean(0)
     np.testing.assert_allclose(g.double().numpy(), expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss, p.model.loss_grad(p.w, p.x, p.y)[0])
 
@@ -379,7 +393,9 @@ def test_dp_sam_noise_is_two_independent_draws():
     model.loss_fn = lambda out, target: (out * 0.0).sum()
     w = torch.zeros(model.num_params)
     sigma, clip, big_l = 2.0, 0.5, 4
-    o = dp_sam(rho=0.1, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=big_l)
+    o = dp_sam(
+        rho=0.1, clip_norm=clip, noise_multiplier=sigma, expected_batch_size=big_l
+    )
     c = ctx_for(model, w)
     batch = (torch.zeros(4, 30), torch.zeros(4, dtype=torch.long))
     g_used, g_ref = gen(9), gen(9)
@@ -391,7 +407,7 @@ def test_dp_sam_noise_is_two_independent_draws():
     assert torch.equal(g_used.get_state(), g_ref.get_state())
 
 
-# ----------------------------------------------------------------------------- vs Opacus
+# --------------------------------------------------------------------------- vs Opacus
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("per_layer", [False, True])
 def test_matches_opacus_privatised_gradient_without_noise(per_layer):
@@ -403,14 +419,15 @@ def test_matches_opacus_privatised_gradient_without_noise(per_layer):
     x = torch.randn(12, 1, 8, 8, generator=gen(2))
     y = torch.randint(0, 4, (12,), generator=gen(3))
     clip, big_l = 0.05, 16  # small clip so that most examples are clipped
-    module = build_model("cnn", (1, 8, 8), 4, channels=(4, 8), hidden=(16,), norm="group",
-                         groups=2)
+    module = build_model("cnn", (1, 8, 8), 4, channels=(4, 8), hidden=(16,),
+                         norm="group", groups=2)
     with torch.no_grad():
         for name, prm in module.named_parameters():
             prm.copy_(model.unflatten(w)[name])
     gsm = opacus.GradSampleModule(module)
     bounds = layer_clip_norms(model.segments, clip) if per_layer else clip
-    opt = opacus.optimizers.DPPerLayerOptimizer if per_layer else opacus.optimizers.DPOptimizer
+    optimizers = opacus.optimizers
+    opt = optimizers.DPPerLayerOptimizer if per_layer else optimizers.DPOptimizer
     dpo = opt(torch.optim.SGD(gsm.parameters(), lr=0.1), noise_multiplier=0.0,
               max_grad_norm=bounds, expected_batch_size=big_l)
     nn.functional.cross_entropy(gsm(x), y).backward()
@@ -422,3 +439,11 @@ def test_matches_opacus_privatised_gradient_without_noise(per_layer):
     _, g, _, m = o.grad(w, (x, y), o.init(c), gen(), c)
     torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-7)
     assert m["dp_frac_clipped"] > 0.5
+
+
+def test_dp_oracle_attributes_survive_cloudpickle():
+    cloudpickle = pytest.importorskip("cloudpickle")
+    o = dp_sam(rho=0.1, clip_norm=1.0, noise_multiplier=1.3, expected_batch_size=4)
+    back = cloudpickle.loads(cloudpickle.dumps(o))
+    assert isinstance(back, DPOracle) and releases_per_step(back) == 2
+    assert back.accounting_noise_multiplier == pytest.approx(1.3 / math.sqrt(2))

@@ -39,13 +39,18 @@ class LocalSchedule:
     steps: int | None = None
     batching: str = "shuffle"
     grad_clip: float | None = None
+    sampling_rate: float | None = None  # poisson: fixed q instead of batch_size / n
+
+    def rate(self, n: int) -> float:
+        """Poisson sampling rate q of a client with n examples."""
+        return self.sampling_rate if self.sampling_rate is not None else min(1.0, self.batch_size / n)
 
     def num_steps(self, n: int) -> int:
         if self.steps is not None:
             return self.steps
         assert self.epochs is not None  # noqa: S101 - guaranteed by the scenario schema
         per_epoch = math.ceil(n / self.batch_size) if self.batching == "shuffle" else max(
-            1, round(n / self.batch_size))
+            1, round(1.0 / self.rate(n)))
         return self.epochs * per_epoch
 
 
@@ -81,7 +86,7 @@ def batch_indices(
     if max_steps is not None:
         total = min(total, max_steps)
     if schedule.batching == "poisson":
-        q = min(1.0, schedule.batch_size / n)
+        q = schedule.rate(n)
         for _ in range(total):
             yield torch.nonzero(torch.rand(n, generator=gen) < q).squeeze(1)
         return

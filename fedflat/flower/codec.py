@@ -1,7 +1,7 @@
 """fedflat's round objects <-> Flower ``RecordDict`` (the content of a Flower ``Message``).
 
-A train instruction carries one client's job: the round payload (flat global parameters and
-the server broadcast), the client's persistent state (SCAFFOLD control variates, error
+A train instruction carries one client's job: the round payload (flat global parameters, or
+in asynchronous mode the model version the client starts from, and the server broadcast), the client's persistent state (SCAFFOLD control variates, error
 feedback, ...), the job's round, client id, learning rate and step cap, and the resolved
 scenario so that the node builds the same model and local rule as the server. A reply
 carries the ``ClientResult``: the flat delta, the updated client state, the extras for the
@@ -88,25 +88,34 @@ def encode_instruction(payload: RoundPayload, job: ClientJob, state: Mapping[str
 
     Args:
         payload: the round's global parameters and broadcast.
-        job: the client's job (its round must equal the payload's).
+        job: the client's job. In asynchronous mode (``job.version`` set) the message
+            carries that model version as the parameters, not the latest model.
         state: the client's persistent state, ``{}`` before its first round.
         scenario_yaml: the resolved scenario text (``dump_scenario``).
         scenario_sha256: its digest, if already computed.
 
     Raises:
-        CodecError: job and payload of different rounds, or an unsupported dtype.
+        CodecError: a job whose model version the payload lacks, or an unsupported dtype.
     """
-    if job.round != payload.round:
-        raise CodecError(f"job round {job.round} differs from payload round {payload.round}")
     cfg: dict[str, int | float | str] = {
-        "wire_version": WIRE_VERSION, "round": job.round, "client_id": job.client_id,
-        "lr": float(job.lr),
+        "wire_version": WIRE_VERSION, "round": payload.round, "job_round": job.round,
+        "client_id": job.client_id, "lr": float(job.lr),
     }
-    if job.max_steps is not None:  # ConfigRecord has no None: an absent key means no cap
+    # ConfigRecord has no None: an absent key means None.
+    if job.max_steps is not None:
         cfg["max_steps"] = int(job.max_steps)
+    if job.weight is not None:
+        cfg["weight"] = float(job.weight)
+    params = payload.params
+    if job.version is not None:  # asynchronous mode: only the model this client starts from
+        if job.version not in payload.versions:
+            raise CodecError(f"job of client {job.client_id} starts from model version "
+                             f"{job.version}, which the payload lacks")
+        cfg["version"] = int(job.version)
+        params = payload.versions[job.version]
     sha = scenario_sha256 or scenario_digest(scenario_yaml)
     return RecordDict({
-        PARAMS: tensors_to_record({"params": payload.params}),
+        PARAMS: tensors_to_record({"params": params}),
         BROADCAST: tensors_to_record(payload.broadcast),
         STATE: tensors_to_record(state),
         JOB: ConfigRecord(cfg),
@@ -130,13 +139,16 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     params = record_to_tensors(content.array_records[PARAMS])
     if "params" not in params:
         raise CodecError(f"record {PARAMS!r} lacks 'params'")
-    round_ = int(cfg["round"])  # type: ignore[arg-type]
-    max_steps = cfg.get("max_steps")
-    job = ClientJob(round=round_, client_id=int(cfg["client_id"]),  # type: ignore[arg-type]
+    max_steps, weight, version = cfg.get("max_steps"), cfg.get("weight"), cfg.get("version")
+    job = ClientJob(round=int(cfg["job_round"]), client_id=int(cfg["client_id"]),  # type: ignore[arg-type]
                     lr=float(cfg["lr"]),  # type: ignore[arg-type]
-                    max_steps=None if max_steps is None else int(max_steps))  # type: ignore[arg-type]
-    payload = RoundPayload(round=round_, params=params["params"],
-                           broadcast=record_to_tensors(content.array_records[BROADCAST]))
+                    max_steps=None if max_steps is None else int(max_steps),  # type: ignore[arg-type]
+                    version=None if version is None else int(version),  # type: ignore[arg-type]
+                    weight=None if weight is None else float(weight))  # type: ignore[arg-type]
+    x = params["params"]
+    payload = RoundPayload(round=int(cfg["round"]), params=x,  # type: ignore[arg-type]
+                           broadcast=record_to_tensors(content.array_records[BROADCAST]),
+                           versions={} if job.version is None else {job.version: x})
     scen = content.config_records[SCENARIO]
     text, sha = str(scen["yaml"]), str(scen["sha256"])
     if scenario_digest(text) != sha:

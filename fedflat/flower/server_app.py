@@ -23,9 +23,13 @@ Run-config keys (``[tool.flwr.app.config]`` of the generated app, or ``flwr run
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
+import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,11 +42,13 @@ from flwr.serverapp import Grid, ServerApp
 from fedflat.client.update import ClientResult
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.flower import codec
-from fedflat.runtime.build import FederatedData, build_flat_model, initial_params
+from fedflat.runtime import run as run_module
+from fedflat.runtime.build import FederatedData
 from fedflat.runtime.run import Runner, RunResult, _load_data, _new_run_dir
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
+from fedflat.scenario.schema import Scenario
 
 log = logging.getLogger("fedflat.flower")
 
@@ -159,19 +165,24 @@ def prepare(settings: ServerSettings) -> tuple[LoadedScenario, FederatedData]:
 
 # ---------------------------------------------------------------------- messaging
 def send_and_receive(grid: Grid, messages: Sequence[Message], *, timeout_s: float | None,
-                     poll_s: float) -> list[Message]:
+                     poll_s: float) -> dict[str, Message]:
     """Push ``messages``, then pull replies until all came or ``timeout_s`` passed.
 
     Flower's own ``Grid.send_and_receive`` sleeps 3 s between pulls on a deployed
     SuperLink; this loop polls every ``poll_s`` instead.
+
+    Returns:
+        The replies keyed by the id of the message they answer (the grid writes that id
+        into ``message.metadata.message_id`` when it pushes); a message the SuperLink did
+        not accept, or that was not answered in time, has no entry.
     """
-    pending = set(grid.push_messages(messages))
+    pending = {i for i in grid.push_messages(messages) if i}
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    replies: list[Message] = []
+    replies: dict[str, Message] = {}
     while pending:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        for m in grid.pull_messages(pending):
+            replies[m.metadata.reply_to_message_id] = m
+            pending.discard(m.metadata.reply_to_message_id)
         if not pending or (deadline is not None and time.monotonic() >= deadline):
             break
         time.sleep(poll_s)
@@ -197,7 +208,7 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float, poll_s: fl
             msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                     for n in new]
             left = max(1.0, deadline - time.monotonic())
-            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s):
+            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s).values():
                 node = r.metadata.src_node_id
                 if r.has_error():
                     failed[node] = f"error {r.error.code}: {r.error.reason}"
@@ -252,33 +263,51 @@ class FlowerGridBackend:
     """A fedflat Backend whose clients are Flower nodes; the server state is a ServerCore.
 
     Satisfies :class:`fedflat.runtime.backends.Backend`, so fedflat's ``Runner`` drives it.
+    The nodes are discovered at the first round (inside the Runner's loop, so a missing
+    node fails the run with a summary.json that says why).
     """
 
-    def __init__(self, grid: Grid, core: ServerCore, node_of: Mapping[int, int],
-                 scenario_yaml: str, settings: ServerSettings) -> None:
+    def __init__(self, grid: Grid, core: ServerCore, scenario_yaml: str,
+                 settings: ServerSettings, node_of: Mapping[int, int] | None = None) -> None:
         self.grid = grid
         self.core = core
-        self.node_of = dict(node_of)
+        self.node_of = dict(node_of) if node_of is not None else None
         self.scenario_yaml = scenario_yaml
         self.scenario_sha = codec.scenario_digest(scenario_yaml)
         self.settings = settings
         self.failures: list[ClientFailure] = []
+        self.discovery_seconds = 0.0
 
-    def round(self, round_: int, jobs: Sequence[ClientJob]) -> dict[str, Any]:
+    def connect(self) -> dict[int, int]:
+        """Client id -> node id, discovered once (see ``discover_nodes``)."""
+        if self.node_of is None:
+            t = time.perf_counter()
+            self.node_of = discover_nodes(self.grid, self.core.num_clients,
+                                          timeout_s=self.settings.node_timeout_s,
+                                          poll_s=self.settings.poll_s)
+            self.discovery_seconds = time.perf_counter() - t
+        return self.node_of
+
+    def round(self, round_: int, jobs: Sequence[ClientJob],
+              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
         jobs = list(jobs)
+        node_of = self.connect()
         if not jobs:
-            return self.core.end_round(round_, jobs, [])
-        payload = self.core.begin_round(round_)
+            return self.core.end_round(round_, jobs, [], keep_versions)
+        payload = self.core.begin_round(
+            round_, sorted({j.version for j in jobs if j.version is not None}))
         states = self.core.states_for([j.client_id for j in jobs])
         messages = []
         for job, state in zip(jobs, states, strict=True):
             content = codec.encode_instruction(payload, job, state, self.scenario_yaml,
                                                self.scenario_sha)
-            messages.append(Message(content, dst_node_id=self.node_of[job.client_id],
+            messages.append(Message(content, dst_node_id=node_of[job.client_id],
                                     message_type=MessageType.TRAIN, group_id=str(round_)))
         replies = send_and_receive(self.grid, messages, timeout_s=self.settings.reply_timeout_s,
                                    poll_s=self.settings.poll_s)
-        results, failures = self._collect(round_, jobs, replies)
+        # A client may appear twice in an asynchronous buffer: match replies by message.
+        ordered = [replies.get(m.metadata.message_id) for m in messages]
+        ok_jobs, results, failures = self._collect(round_, jobs, ordered)
         if failures:
             for f in failures:
                 log.error("failed reply: %s", f)
@@ -286,21 +315,21 @@ class FlowerGridBackend:
             if self.settings.on_failure == "abort":
                 raise FlowerRunError(f"{len(failures)} of {len(jobs)} clients failed in round "
                                      f"{round_}: " + "; ".join(str(f) for f in failures))
-        rec = self.core.end_round(round_, jobs, results)
+        rec = self.core.end_round(round_, ok_jobs, results, keep_versions)
         if failures:
             rec["failed_clients"] = [f.client_id for f in failures]
             rec["failures"] = [f.reason for f in failures]
         return rec
 
-    def _collect(self, round_: int, jobs: Sequence[ClientJob],
-                 replies: Iterable[Message]) -> tuple[list[ClientResult], list[ClientFailure]]:
-        """Replies in job order; every job without a usable reply becomes a failure."""
-        by_node = {r.metadata.src_node_id: r for r in replies}
-        results, failures = [], []
+    def _collect(self, round_: int, jobs: Sequence[ClientJob], replies: Sequence[Message | None]
+                 ) -> tuple[list[ClientJob], list[ClientResult], list[ClientFailure]]:
+        """The answered jobs and their results in job order (``replies[i]`` answers
+        ``jobs[i]``); every job without a usable reply becomes a failure."""
+        ok_jobs, results, failures = [], [], []
         timeout = self.settings.reply_timeout_s
-        for job in jobs:
-            node = self.node_of[job.client_id]
-            r = by_node.get(node)
+        node_of = self.connect()
+        for job, r in zip(jobs, replies, strict=True):
+            node = node_of[job.client_id]
             reason = None
             if r is None:
                 reason = f"no reply within {timeout:.0f} s" if timeout else "no reply"
@@ -318,10 +347,11 @@ class FlowerGridBackend:
                         reason = (f"delta of shape {tuple(res.delta.shape)}, expected "
                                   f"{tuple(self.core.params.shape)}")
                     else:
+                        ok_jobs.append(job)
                         results.append(res)
             if reason is not None:
                 failures.append(ClientFailure(round_, job.client_id, node, reason))
-        return results, failures
+        return ok_jobs, results, failures
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict()
@@ -340,8 +370,10 @@ class FlowerGridBackend:
 def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
     """The ServerApp's main: fedflat's driver loop with Flower nodes as clients.
 
-    Writes the same run folder as ``fedflat run`` (scenario.yaml, clients.json,
-    metrics.jsonl, checkpoints/, final_model.pt, summary.json with ``backend: flower``).
+    Runs ``Runner.execute`` of :mod:`fedflat.runtime.run` with a ``FlowerGridBackend`` in
+    place of the serial/Ray backend, so the run folder is the one ``fedflat run`` writes
+    (scenario.yaml, clients.json, metrics.jsonl, checkpoints/, final_model.pt, plots,
+    summary.json); summary.json also says ``backend: flower`` and lists failed replies.
 
     Raises:
         ScenarioError: an invalid or unsupported scenario (nothing is written then).
@@ -350,42 +382,58 @@ def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
     """
     loaded, fed = prepare(settings)
     check_supported(loaded, settings)
-    sc = loaded.scenario
-    run_dir = _new_run_dir(sc, settings.out)
+    run_dir = _new_run_dir(loaded.scenario, settings.out)
     runner = Runner(loaded, run_dir, fed)
     runner.write_static_files()
     runner.write_summary("running", backend="flower")
-    model = build_flat_model(sc, fed.dataset)
-    core = ServerCore(sc, fed, initial_params(sc, model), threads=sc.runtime.threads)
-    runner.num_params = model.num_params  # what Runner.execute sets before its loop
-    scenario_yaml = dump_scenario(sc)
-    extra: dict[str, Any] = {"backend": "flower"}
-    status = "failed"
-    runner._t0 = time.perf_counter()
-    backend: FlowerGridBackend | None = None
+    made: list[FlowerGridBackend] = []
+
+    def factory(sc: Scenario, fed_: FederatedData, params0: torch.Tensor) -> FlowerGridBackend:
+        # ``sc`` is the scenario the Runner hands its workers (privacy noise calibrated):
+        # the nodes get exactly that text.
+        core = ServerCore(sc, fed_, params0, threads=sc.runtime.threads)
+        made.append(FlowerGridBackend(grid, core, dump_scenario(sc), settings))
+        return made[0]
+
     try:
-        node_of = discover_nodes(grid, fed.num_clients, timeout_s=settings.node_timeout_s,
-                                 poll_s=settings.poll_s)
-        extra["node_discovery_seconds"] = time.perf_counter() - runner._t0
-        backend = FlowerGridBackend(grid, core, node_of, scenario_yaml, settings)
-        runner._rewrite_metrics()
-        status = runner._loop(backend)
-    except KeyboardInterrupt:
-        status = "interrupted"
-        raise
-    except BaseException as exc:
-        extra["error"] = f"{type(exc).__name__}: {exc}"
-        raise
+        result = execute_with_backend(runner, factory)
     finally:
-        if backend is not None and backend.failures:
-            extra["failed_replies"] = [str(f) for f in backend.failures]
-        if status == "completed":
-            torch.save(core.params, run_dir / "final_model.pt")
-        summary = runner.write_summary(status, **extra)
-        runner._plots()
-        settings.result["run"] = RunResult(params=core.params, metrics=runner.metrics,
-                                           run_dir=run_dir, summary=summary)
-    return settings.result["run"]
+        _annotate_summary(run_dir, made[0] if made else None)
+    result.summary = json.loads((run_dir / "summary.json").read_text())
+    settings.result["run"] = result
+    return result
+
+
+def execute_with_backend(runner: Runner, factory: Callable[..., Any]) -> RunResult:
+    """``runner.execute()`` with ``factory(sc, fed, params0)`` building the backend.
+
+    ``Runner.execute`` builds its backend with run.py's module-level ``make_backend``. When
+    it accepts a ``make_backend`` keyword that is used; otherwise the very same function is
+    called with ``make_backend`` rebound in a private copy of its globals: no module state
+    changes, and the loop, privacy planning, checkpoints and summary stay run.py's.
+    """
+    if "make_backend" in inspect.signature(Runner.execute).parameters:
+        return runner.execute(make_backend=factory)  # type: ignore[call-arg]
+    fn = Runner.execute
+    rebound = types.FunctionType(fn.__code__, {**vars(run_module), "make_backend": factory},
+                                 fn.__name__, fn.__defaults__, fn.__closure__)
+    return rebound(runner)  # type: ignore[no-any-return]
+
+
+def _annotate_summary(run_dir: Path, backend: FlowerGridBackend | None) -> None:
+    """Add the Flower facts to the summary.json the Runner wrote."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    summary["backend"] = "flower"
+    if backend is not None:
+        summary["node_discovery_seconds"] = backend.discovery_seconds
+        if backend.failures:
+            summary["failed_replies"] = [str(f) for f in backend.failures]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def make_server_app(settings: ServerSettings | None = None) -> ServerApp:

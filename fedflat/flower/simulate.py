@@ -9,6 +9,7 @@ seed (up to float reduction order when the thread counts differ).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -112,8 +113,10 @@ def simulate(
     except BaseException as exc:  # noqa: BLE001 - reported below with the run's own status
         error = exc
     result = settings.result.get("run")
-    if result is None or result.summary.get("status") != "completed":
-        why = (result.summary.get("error") if result is not None else None) or (
-            f"{type(error).__name__}: {error}" if error is not None else "the ServerApp did not finish")
+    if result is None:  # the ServerApp raised: summary.json says why, else the engine does
+        path = run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        why = summary.get("error") or (f"{type(error).__name__}: {error}" if error is not None
+                                       else "the ServerApp did not finish")
         raise FlowerRunError(f"Flower simulation failed: {why} (run folder {run_dir})")
     return result

@@ -6,18 +6,20 @@ Server steps (``fedflat.server.pipeline.ServerStep``) that make one round's aggr
 * Fixed clip (DP-FedAvg, McMahan et al. 2018, ALGORITHMS.md §4.3)::
 
       Pipeline([clip_updates(clip_norm=S),
-                gaussian_sum_noise(noise_multiplier=z, clip_norm=S, expected_clients=qN),
-                fedavg(lr=1.0)])          # or fedavgm / fedadam: any server optimizer
+                gaussian_sum_noise(noise_multiplier=z, clip_norm=S,
+                                   expected_clients=qN),
+                fedavg(lr=1.0)])    # or fedavgm / fedadam: any server optimizer
 
-  ``gaussian_sum_noise`` IS the aggregation step (it replaces ``rule_step``): the rules of
-  ``fedflat.server.rules`` normalise by the realised weights, while DP-FedAvg needs the
-  unweighted SUM over the fixed denominator qN (or the weighted sum over qW). It refuses
-  rows longer than S, so a missing ``clip_updates`` is caught.
+  ``gaussian_sum_noise`` IS the aggregation step (it replaces ``rule_step``): the rules
+  of ``fedflat.server.rules`` normalise by the realised weights, while DP-FedAvg needs
+  the unweighted SUM over the fixed denominator qN (or the weighted sum over qW). It
+  refuses rows longer than S, so a missing ``clip_updates`` is caught.
 
 * Adaptive clip (Andrew et al. 2021, §4.4)::
 
-      Pipeline([adaptive_clipping(initial_clip=0.1, target_quantile=0.5, clip_lr=0.2,
-                                  count_noise=m/20, noise_multiplier=z, expected_clients=m),
+      Pipeline([adaptive_clipping(initial_clip=0.1, target_quantile=0.5,
+                                  clip_lr=0.2, count_noise=m/20,
+                                  noise_multiplier=z, expected_clients=m),
                 fedavg(lr=1.0)])
 
   One step clips, counts, sums, noises and updates the clip norm (kept in its state).
@@ -27,16 +29,16 @@ Server steps (``fedflat.server.pipeline.ServerStep``) that make one round's aggr
       Pipeline([local_noise(clip_norm=C, noise_multiplier=σ, clients_per_round=m),
                 rule_step("mean", {}, weighting="samples"), fedavg(lr=1.0)])
 
-  Each row is clipped and gets its own N(0, σ²C²/m) as if the client had added it; the
-  ordinary (sample-weighted, as in the released code) mean follows.
+  Each row is clipped and gets its own N(0, σ²C²/m) as if the client had added it;
+  the ordinary (sample-weighted, as in the released code) mean follows.
 
 Accounting (the lead's part; user level, separate from any sample-level budget):
-record ``accountant.step(z, q, 1)`` once per round with q = expected clients per round /
-population N (Poisson cohort sampling, ``sample_cohort(method="poisson")``; a uniform
-fixed-size cohort is a different mechanism) and T = rounds. With adaptive clipping record
-the TOTAL z (the update sum gets z_Δ ≥ z, ``adaptive_clip_noise_split``). With
-``local_noise`` record σ (global clip) or σ/√K (``clip_scope="per_tensor"`` with K
-tensors: the sensitivity is C√K).
+record ``accountant.step(z, q, 1)`` once per round with q = expected clients per
+round / population N (Poisson cohort sampling, ``sample_cohort(method="poisson")``; a
+uniform fixed-size cohort is a different mechanism) and T = rounds. With adaptive
+clipping record the TOTAL z (the update sum gets z_Δ ≥ z, see
+``adaptive_clip_noise_split``). With ``local_noise`` record σ (global clip) or σ/√K
+(``clip_scope="per_tensor"`` with K tensors: the sensitivity is C√K).
 
 All noise comes from the generator handed to ``apply`` (the ``"noise"`` stream); it is
 not cryptographic (fine for simulation, opacus#616).
@@ -60,7 +62,7 @@ CLIP_SCOPES: tuple[str, ...] = ("global", "per_tensor")
 CLIP_UPDATES: tuple[str, ...] = ("geometric", "arithmetic")
 
 _TINY = 1e-12
-# Relative slack when checking that rows were clipped (float32 rounding of norm * factor).
+# Relative slack when checking that rows were clipped (float32 rounding of the norm).
 _CLIP_SLACK = 1e-4
 
 
@@ -72,7 +74,9 @@ def _require(ok: bool, message: str) -> None:
 
 def _number(name: str, value: Any, *, strict: bool) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    _require(ok and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+    _require(
+        ok and math.isfinite(value), f"{name} must be a finite number, got {value!r}"
+    )
     _require(
         value > 0 if strict else value >= 0,
         f"{name} must be {'>' if strict else '>='} 0, got {value!r}",
@@ -109,7 +113,8 @@ def clip_rows_per_tensor(
     sensitivity is then C√K for K tensors. Non-finite rows become zero rows.
 
     Returns:
-        ``(clipped [m, d], fraction of (row, tensor) blocks scaled down, a 0-d tensor)``.
+        ``(clipped [m, d], fraction of (row, tensor) blocks scaled down as a 0-d
+        tensor)``.
     """
     finite = torch.isfinite(x).all(1, keepdim=True)
     x = torch.where(finite, x, x.new_zeros(()))
@@ -167,8 +172,8 @@ def clip_updates(*, clip_norm: float) -> ServerStep:
 
     Returns:
         A ``ServerStep`` named ``"dp_clip"``. Metrics ``dp/frac_clipped``,
-        ``dp/update_norm_mean`` (mean norm before clipping over finite rows; not private,
-        logging only), ``dp/num_nonfinite``.
+        ``dp/update_norm_mean`` (mean norm before clipping over finite rows; not
+        private, logging only), ``dp/num_nonfinite``.
 
     References:
         McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent
@@ -233,7 +238,8 @@ def gaussian_sum_noise(
             unclipped row (apply).
 
     References:
-        McMahan et al., ICLR 2018, https://arxiv.org/abs/1710.06963 (ALGORITHMS.md §4.3).
+        McMahan et al., ICLR 2018, https://arxiv.org/abs/1710.06963
+        (ALGORITHMS.md §4.3).
     """
     z = _number("noise_multiplier", noise_multiplier, strict=False)
     s = _number("clip_norm", clip_norm, strict=True)
@@ -245,7 +251,9 @@ def gaussian_sum_noise(
     )
     cap = None if weight_cap is None else _number("weight_cap", weight_cap, strict=True)
     w_total = (
-        None if total_weight is None else _number("total_weight", total_weight, strict=True)
+        None
+        if total_weight is None
+        else _number("total_weight", total_weight, strict=True)
     )
 
     def apply(
@@ -258,11 +266,12 @@ def gaussian_sum_noise(
         )
         _check_clipped(rnd.deltas, s)
         d = rnd.params.numel()
-        if cap is None:
+        if cap is None or w_total is None:  # the factory set both or neither
             denom = m_exp
-            total = rnd.deltas.sum(0) if rnd.deltas.shape[0] else rnd.params.new_zeros(d)
+            total = (
+                rnd.deltas.sum(0) if rnd.deltas.shape[0] else rnd.params.new_zeros(d)
+            )
         else:
-            assert w_total is not None  # noqa: S101 - checked in the factory
             denom = m_exp / rnd.num_clients * w_total  # q·W
             wk = capped_weights(rnd.weights, cap).to(rnd.deltas)  # [m], each ≤ 1
             total = wk @ rnd.deltas if rnd.deltas.shape[0] else rnd.params.new_zeros(d)
@@ -336,7 +345,9 @@ def adaptive_clipping(
     )
     # Raises unless z < 2σ_b; logs when z_Δ ≥ 2z.
     z_delta = (
-        adaptive_clip_noise_split(noise_multiplier=z, count_noise=sigma_b) if z > 0 else 0.0
+        adaptive_clip_noise_split(noise_multiplier=z, count_noise=sigma_b)
+        if z > 0
+        else 0.0
     )
 
     def init(params: Tensor) -> dict[str, Tensor]:
@@ -362,7 +373,9 @@ def adaptive_clipping(
         bits = (torch.nan_to_num(norms, posinf=0.0) <= c).to(torch.float64)  # [m]
         count = float((bits - 0.5).sum())
         if sigma_b > 0:
-            noise_b = torch.randn((), generator=gen, device=gen.device, dtype=torch.float64)
+            noise_b = torch.randn(
+                (), generator=gen, device=gen.device, dtype=torch.float64
+            )
             count += float(noise_b) * sigma_b
         b_bar = min(max(count / m_exp + 0.5, 0.0), 1.0)
         if update == "geometric":
@@ -410,8 +423,12 @@ def clip_and_noise_delta(
         clipped, _, mask = clip_rows(x, clip_norm)
         frac = float(mask.float().mean()) if mask.numel() else 0.0
     else:
-        assert segments is not None  # noqa: S101 - checked by the factory / caller
-        clipped, frac_t = clip_rows_per_tensor(x, clip_norm, segments)
+        _require(
+            clip_scope == "per_tensor" and bool(segments),
+            f"clip_scope must be 'global', or 'per_tensor' with segments; got "
+            f"clip_scope={clip_scope!r}, segments={'given' if segments else None}",
+        )
+        clipped, frac_t = clip_rows_per_tensor(x, clip_norm, segments or ())
         frac = float(frac_t)
     if noise_multiplier > 0 and clipped.shape[0]:
         std = noise_multiplier * clip_norm / math.sqrt(clients_per_round)
@@ -429,10 +446,11 @@ def local_noise(
 ) -> ServerStep:
     """DP-FedSAM's local noise: clip each delta to C, add N(0, σ²C²/m) to each.
 
-    Simulates what each client does before upload (Shi et al. 2023, §4.5); follow it with
-    an ordinary mean rule (``rule_step("mean", {}, weighting="samples")`` as the released
-    code, or ``"uniform"``, which the uniform-weight analysis assumes). With m clients
-    and uniform weights the mean carries noise std σC/m, as central DP-FedAvg.
+    Simulates what each client does before upload (Shi et al. 2023, §4.5); follow it
+    with an ordinary mean rule (``rule_step("mean", {}, weighting="samples")`` as the
+    released code, or ``"uniform"``, which the uniform-weight analysis assumes). With
+    m clients and uniform weights the mean carries noise std σC/m, as central
+    DP-FedAvg.
 
     Args:
         clip_norm: C > 0.

@@ -2,8 +2,8 @@
 
 Every factory returns a ``DPOracle``, an ``fedflat.client.oracle.Oracle`` that also says
 how many Gaussian releases it makes per local step and which noise multiplier the
-accountant must record. One private release (``private_gradient``) is, on a Poisson batch
-of expected size L (ALGORITHMS.md §4.1):
+accountant must record. One private release (``private_gradient``) is, on a Poisson
+batch of expected size L (ALGORITHMS.md §4.1):
 
 1. per-example gradients with ``torch.func.vmap(grad_and_value(...))`` over the batch,
    taken with respect to the parameter tensors (``FlatModel.unflatten(w)``);
@@ -14,17 +14,18 @@ of expected size L (ALGORITHMS.md §4.1):
 4. division by the EXPECTED batch size L, never the realised one. An empty batch gives
    pure noise / L (it is never resampled).
 
-Per-example gradients are taken per parameter tensor rather than of the flat vector ``w``:
-differentiating through the flat slices makes autograd build one full [B, d] zero-filled
-gradient per slice (measured 3.4-9x slower on an MLP and a GroupNorm CNN); clipping and
-summing per tensor also avoids concatenating a [B, d] matrix.
+Per-example gradients are taken per parameter tensor rather than of the flat vector
+``w``: differentiating through the flat slices makes autograd build one full [B, d]
+zero-filled gradient per slice (measured 3.4-9x slower on an MLP and a GroupNorm CNN);
+clipping and summing per tensor also avoids concatenating a [B, d] matrix.
 
 Accounting. DP-SGD, DP-SAT and DP-SAT-momentum make one release per step: record
-(σ, q, steps) with q = L / n. DP-SAM makes two releases per step ON THE SAME Poisson batch.
-Those two Gaussian releases compose exactly into one Gaussian of multiplier σ/√2 applied
-to one subsampled batch, so account (σ/√2, q, steps) — ``DPOracle.accounting_noise_
-multiplier``. Counting them as 2·steps independent subsampled steps at σ under-reports ε
-(q = 0.01, σ = 1, T = 1000, δ = 1e-5, PLD: 4.48 versus 2.58).
+(σ, q, steps) with q = L / n. DP-SAM makes two releases per step ON THE SAME Poisson
+batch. Those two Gaussian releases compose exactly into one Gaussian of multiplier σ/√2
+applied to one subsampled batch, so account (σ/√2, q, steps), which is
+``DPOracle.accounting_noise_multiplier``. Counting them as 2·steps independent
+subsampled steps at σ under-reports ε (q = 0.01, σ = 1, T = 1000, δ = 1e-5, PLD: 4.48
+versus 2.58).
 
 The noise comes from the client generator (``torch.Generator``, not cryptographic): fine
 for simulation, not for deployment (opacus#616).
@@ -58,8 +59,8 @@ _TINY = 1e-12
 class DPOracle(Oracle):
     """An ``Oracle`` that also states its Gaussian releases per step.
 
-    It is a plain ``Oracle`` to ``client_update``; the extra attributes are for the lead's
-    accountant. (``_replace`` would drop them: rebuild with the factory instead.)
+    It is a plain ``Oracle`` to ``client_update``; the extra attributes are for the
+    run's accountant. (``_replace`` would drop them: rebuild with the factory instead.)
 
     Attributes:
         releases_per_step: Gaussian releases of the clipped-gradient sum per local step
@@ -130,7 +131,9 @@ def _require(ok: bool, message: str) -> None:
 
 def _check_number(name: str, value: Any, *, strict: bool, allow_inf: bool) -> float:
     ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-    _require(ok_type and not math.isnan(value), f"{name} must be a number, got {value!r}")
+    _require(
+        ok_type and not math.isnan(value), f"{name} must be a number, got {value!r}"
+    )
     _require(allow_inf or math.isfinite(value), f"{name} must be finite, got {value!r}")
     bound_ok = value > 0 if strict else value >= 0
     _require(bound_ok, f"{name} must be {'>' if strict else '>='} 0, got {value!r}")
@@ -157,11 +160,13 @@ def _check_params(
     layer_split: str,
 ) -> DPParams:
     c = _check_number("clip_norm", clip_norm, strict=True, allow_inf=True)
-    z = _check_number("noise_multiplier", noise_multiplier, strict=False, allow_inf=False)
+    z = _check_number(
+        "noise_multiplier", noise_multiplier, strict=False, allow_inf=False
+    )
     _require(
         not (z > 0 and math.isinf(c)),
-        f"clip_norm must be finite when noise_multiplier > 0, got clip_norm={clip_norm}, "
-        f"noise_multiplier={noise_multiplier}",
+        "clip_norm must be finite when noise_multiplier > 0, got "
+        f"clip_norm={clip_norm}, noise_multiplier={noise_multiplier}",
     )
     _require(
         (expected_batch_size is None) != (sampling_rate is None),
@@ -181,7 +186,9 @@ def _check_params(
         layer_split in LAYER_SPLITS,
         f"layer_split must be one of {list(LAYER_SPLITS)}, got {layer_split!r}",
     )
-    return DPParams(c, z, expected_batch_size, sampling_rate, bool(per_layer), layer_split)
+    return DPParams(
+        c, z, expected_batch_size, sampling_rate, bool(per_layer), layer_split
+    )
 
 
 def check_model(model: FlatModel) -> None:
@@ -192,9 +199,9 @@ def check_model(model: FlatModel) -> None:
     """
     if model.has_batchnorm:
         raise ValueError(
-            "DP oracles need per-example gradients, but this model has BatchNorm, which "
-            "mixes the examples of a batch (not DP, opacus#319); use GroupNorm instead "
-            "(scenario: model.norm: group)"
+            "DP oracles need per-example gradients, but this model has BatchNorm, "
+            "which mixes the examples of a batch (not DP, opacus#319); use GroupNorm "
+            "instead (scenario: model.norm: group)"
         )
 
 
@@ -205,9 +212,8 @@ def expected_batch_size_for(params: DPParams, num_samples: int) -> float:
     batches of ``LocalSchedule(batch_size=b, batching="poisson")`` (rate min(1, b/n));
     with ``sampling_rate`` q it is q·n.
     """
-    if params.sampling_rate is not None:
-        return params.sampling_rate * num_samples
-    assert params.expected_batch_size is not None  # noqa: S101 - _check_params
+    if params.expected_batch_size is None:  # _check_params: then sampling_rate is set
+        return float(params.sampling_rate or 0.0) * num_samples
     if num_samples <= 0:
         return params.expected_batch_size
     return min(params.expected_batch_size, float(num_samples))
@@ -233,17 +239,18 @@ def layer_clip_norms(
     return [clip_norm * math.sqrt(s.numel / total) for s in segments]
 
 
-# ----------------------------------------------------------------------------- one release
+# ------------------------------------------------------------------------ one release
 def per_example_grads(
     model: FlatModel, w: Tensor, x: Tensor, y: Tensor
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example gradients of ``model.loss_fn`` at ``w``, by parameter tensor.
 
-    Each example is evaluated as a batch of one (``vmap`` over the batch axis of ``grad``),
-    so nothing mixes examples.
+    Each example is evaluated as a batch of one (``vmap`` over the batch axis of
+    ``grad``), so nothing mixes examples.
 
     Returns:
-        ``(grads, losses)``: ``grads[name]`` of shape [B, *param_shape] and ``losses`` [B].
+        ``(grads, losses)``: ``grads[name]`` of shape [B, *param_shape] and
+        ``losses`` [B].
     """
     params = model.unflatten(w.detach())
 
@@ -288,8 +295,9 @@ def private_gradient(
 
     Returns:
         ``Release(grad, loss, metrics)`` with metrics ``dp_frac_clipped`` (fraction of
-        examples scaled down; 0 for an empty batch), ``dp_grad_norm`` (mean per-example
-        norm before clipping; 0 for an empty batch) and ``dp_batch_size`` (realised size).
+        examples scaled down; 0 for an empty batch), ``dp_grad_norm`` (mean
+        per-example norm before clipping; 0 for an empty batch) and ``dp_batch_size``
+        (realised size).
     """
     x, y = batch
     b = int(y.shape[0])
@@ -301,7 +309,9 @@ def private_gradient(
         grads, losses = per_example_grads(model, w, x, y)
         g_list = [grads[s.name].reshape(b, -1) for s in model.segments]
         # [B, K] per-example norms of each tensor (no [B, d_k] temporary).
-        layer_norms = torch.stack([torch.linalg.vector_norm(g, dim=1) for g in g_list], 1)
+        layer_norms = torch.stack(
+            [torch.linalg.vector_norm(g, dim=1) for g in g_list], 1
+        )
         norms = torch.linalg.vector_norm(layer_norms, dim=1)  # [B] total norms
         if layer_clips is None:
             # Zero-norm safe: C / max(‖g‖, tiny) ≥ 1 for tiny norms, then min with 1.
@@ -337,7 +347,8 @@ class DPState(NamedTuple):
         expected_batch_size: L of this client (fixed at init).
         layer_clips: per-tensor bounds, or None for flat clipping.
         prev: DP-SAT: the previous released gradient ĝ_{t−1}; DP-SAT-momentum: the
-            previous parameters w_{t−1}; None before the first step (and for DP-SGD/SAM).
+            previous parameters w_{t−1}; None before the first step (and always for
+            DP-SGD and DP-SAM).
     """
 
     expected_batch_size: float
@@ -351,7 +362,9 @@ def _make_init(params: DPParams) -> Callable[[UpdateContext], DPState]:
         clips = None
         if params.per_layer:
             clips = tuple(
-                layer_clip_norms(ctx.model.segments, params.clip_norm, params.layer_split)
+                layer_clip_norms(
+                    ctx.model.segments, params.clip_norm, params.layer_split
+                )
             )
         return DPState(expected_batch_size_for(params, ctx.num_samples), clips, None)
 
@@ -379,7 +392,7 @@ def _release(
 
 
 def _direction(v: Tensor | None, rho: float) -> tuple[float, Tensor | None]:
-    """(ρ/‖v‖, v) with factor 0 when v is None or zero (ε = 0, as DP-SAT's first step)."""
+    """(ρ/‖v‖, v); factor 0 when v is None or zero (ε = 0, as DP-SAT's first step)."""
     if v is None:
         return 0.0, None
     n = float(v.norm())
@@ -401,7 +414,8 @@ def dp_sgd(
     accounting assumes Poisson batches.
 
     Args:
-        clip_norm: C > 0, L2 bound of each per-example gradient (``inf`` only with σ = 0).
+        clip_norm: C > 0, L2 bound of each per-example gradient (``inf`` only with
+            σ = 0).
         noise_multiplier: σ ≥ 0; noise std on the sum is σ·C.
         expected_batch_size: L; a client with n examples divides by min(L, n) (the
             expected size of its Poisson batches). Give this or ``sampling_rate``.
@@ -426,7 +440,11 @@ def dp_sgd(
     )
 
     def grad(
-        w: Tensor, batch: Batch, state: DPState, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: DPState,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, DPState, Metrics]:
         r = _release(p, state, w, batch, gen, ctx)
         return r.loss, r.grad, state, r.metrics
@@ -450,10 +468,10 @@ def dp_sat(
 ) -> DPOracle:
     """DP-SAT: the private gradient at ``w + ρ ĝ_{t−1}/‖ĝ_{t−1}‖`` (one private pass).
 
-    ĝ_{t−1} is the previous step's released (noisy, clipped, averaged) gradient, so the
-    perturbation is post-processing and costs no privacy. ε_0 = 0: the first step of each
-    client update is exactly DP-SGD. No pass is made at ``w`` itself, so the returned loss
-    is the mean batch loss at the perturbed point (logging only).
+    ĝ_{t−1} is the previous step's released (noisy, clipped, averaged) gradient, so
+    the perturbation is post-processing and costs no privacy. ε_0 = 0: the first step of
+    each client update is exactly DP-SGD. No pass is made at ``w`` itself, so the
+    returned loss is the mean batch loss at the perturbed point (logging only).
 
     Args:
         rho: perturbation radius ρ ≥ 0 (paper: 0.01-0.1; 0.03 default in its code).
@@ -461,8 +479,8 @@ def dp_sat(
             layer_split: as ``dp_sgd``.
 
     Returns:
-        A ``DPOracle`` (passes 1, releases_per_step 1); state carries ĝ_{t−1}. Metrics as
-        ``dp_sgd`` plus ``dp_sat_perturbation`` (‖ε_t‖: ρ, or 0 on the first step).
+        A ``DPOracle`` (passes 1, releases_per_step 1); state carries ĝ_{t−1}. Metrics
+        as ``dp_sgd`` plus ``dp_sat_perturbation`` (‖ε_t‖: ρ, or 0 on the first step).
 
     References:
         Park et al., ICML 2023, https://arxiv.org/abs/2306.05651 (ALGORITHMS.md §4.2);
@@ -475,7 +493,11 @@ def dp_sat(
     )
 
     def grad(
-        w: Tensor, batch: Batch, state: DPState, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: DPState,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, DPState, Metrics]:
         f, v = _direction(state.prev, r0)
         wp = w if v is None else torch.add(w, v, alpha=f)
@@ -516,7 +538,11 @@ def dp_sat_momentum(
     )
 
     def grad(
-        w: Tensor, batch: Batch, state: DPState, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: DPState,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, DPState, Metrics]:
         disp = None if state.prev is None else state.prev - w
         f, v = _direction(disp, r0)
@@ -568,7 +594,11 @@ def dp_sam(
     )
 
     def grad(
-        w: Tensor, batch: Batch, state: DPState, gen: torch.Generator, ctx: UpdateContext
+        w: Tensor,
+        batch: Batch,
+        state: DPState,
+        gen: torch.Generator,
+        ctx: UpdateContext,
     ) -> tuple[Tensor, Tensor, DPState, Metrics]:
         first = _release(p, state, w, batch, gen, ctx)
         f, v = _direction(first.grad, r0)
@@ -578,7 +608,9 @@ def dp_sam(
             **second.metrics,
             "dp_ascent_frac_clipped": first.metrics["dp_frac_clipped"],
             # 0 for an empty batch (both losses NaN) so step averages stay finite.
-            "dp_sam_loss_gap": float(second.loss - first.loss) if len(batch[1]) else 0.0,
+            "dp_sam_loss_gap": (
+                float(second.loss - first.loss) if len(batch[1]) else 0.0
+            ),
         }
         return first.loss, second.grad, state, m
 

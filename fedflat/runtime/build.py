@@ -7,6 +7,7 @@ update and the server pipeline are identical wherever they run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,9 @@ from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.data import partition as part
 from fedflat.data.datasets import Dataset, load_dataset
 from fedflat.errors import DataError
-from fedflat.models.flat import FlatModel
+from fedflat.models.flat import FlatModel, Segment
+from fedflat.privacy import central
+from fedflat.privacy.mechanisms import dp_sam, dp_sat, dp_sat_momentum, dp_sgd
 from fedflat.models.zoo import build_model
 from fedflat.rng import numpy_rng, stream
 from fedflat.scenario.local_rule import build_fedopt, build_server_corrections, build_swa
@@ -114,6 +117,10 @@ def byzantine_clients(sc: Scenario, num_clients: int) -> frozenset[int]:
     return byzantine_ids(num_clients, a.fraction, a.ids, stream(sc.seed, "attack"))
 
 
+DP_MECHANISMS = {"dp_sgd": dp_sgd, "dp_sat": dp_sat, "dp_sat_momentum": dp_sat_momentum,
+                 "dp_sam": dp_sam}
+
+
 def build_optimizer(sc: Scenario) -> LocalOptimizer:
     c = sc.client
     if c.optimizer == "adam":
@@ -121,15 +128,37 @@ def build_optimizer(sc: Scenario) -> LocalOptimizer:
     return sgd(momentum=c.momentum, weight_decay=c.weight_decay, nesterov=c.nesterov)
 
 
-def build_local_rule(sc: Scenario) -> LocalRule:
+def build_schedule(sc: Scenario) -> LocalSchedule:
+    """Local steps and batches; sample-level DP uses Poisson batches (never resampled)."""
     c = sc.client
-    schedule = LocalSchedule(
-        batch_size=c.batch_size,
+    dp = sc.privacy.sample_level
+    return LocalSchedule(
+        batch_size=(dp.expected_batch_size or c.batch_size) if dp.enabled else c.batch_size,
         epochs=c.local_epochs if c.local_steps is None else None,
         steps=c.local_steps,
         grad_clip=c.grad_clip,
+        batching="poisson" if dp.enabled else "shuffle",
+        sampling_rate=dp.sampling_rate if dp.enabled else None,
     )
+
+
+def build_local_rule(sc: Scenario) -> LocalRule:
+    c = sc.client
+    schedule = build_schedule(sc)
     oracle, corrections = local_rule_parts(c.oracle, c.correction, weight_decay=c.weight_decay)
+    dp = sc.privacy.sample_level
+    if dp.enabled:
+        if dp.noise_multiplier is None:
+            raise ValueError("sample-level DP needs a resolved noise multiplier (resolve_privacy)")
+        common = {"clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
+                  "per_layer": dp.per_layer_clipping}
+        if dp.sampling_rate is not None:
+            common["sampling_rate"] = dp.sampling_rate
+        else:
+            common["expected_batch_size"] = schedule.batch_size
+        if dp.mechanism != "dp_sgd":
+            common["rho"] = dp.rho
+        oracle = DP_MECHANISMS[dp.mechanism](**common)
     return LocalRule(oracle=oracle, corrections=corrections, optimizer=build_optimizer(sc),
                      schedule=schedule)
 
@@ -143,6 +172,31 @@ def client_lr(sc: Scenario, round_: int) -> float:
                            start_round=swa_start_round(swa.start, sc.server.rounds),
                            cycle=swa.cycle)
     return lr
+
+
+def user_level_steps(sc: Scenario, num_clients: int,
+                     segments: Sequence[Segment] | None = None) -> list[ServerStep]:
+    """User-level DP in place of the rule: clip -> noisy sum over the expected cohort
+    (DP-FedAvg), the adaptive-clipping variant, or DP-FedSAM's client-side noise."""
+    u = sc.privacy.user_level
+    if u.noise_multiplier is None:
+        raise ValueError("user-level DP needs a resolved noise multiplier (resolve_privacy)")
+    m = sc.server.clients_per_round if sc.server.sampling == "uniform" else (
+        (sc.server.sampling_rate or sc.server.clients_per_round / num_clients) * num_clients)
+    if u.noise_placement == "client":
+        return [central.local_noise(clip_norm=u.clip_norm, noise_multiplier=u.noise_multiplier,
+                                    clients_per_round=m, clip_scope=u.clip_scope,
+                                    segments=segments),
+                rule_step("mean", {}, weighting=sc.server.aggregation.weighting)]
+    ac = u.adaptive_clipping
+    if ac.enabled:
+        return [central.adaptive_clipping(
+            initial_clip=ac.initial_clip, target_quantile=ac.target_quantile, clip_lr=ac.clip_lr,
+            count_noise=ac.resolved_count_noise(m), noise_multiplier=u.noise_multiplier,
+            expected_clients=m, update=ac.update)]
+    return [central.clip_updates(clip_norm=u.clip_norm),
+            central.gaussian_sum_noise(noise_multiplier=u.noise_multiplier, clip_norm=u.clip_norm,
+                                       expected_clients=m)]
 
 
 def buffer_scale(buffer_size: int) -> ServerStep:
@@ -160,7 +214,8 @@ def buffer_scale(buffer_size: int) -> ServerStep:
     return ServerStep("buffer_scale", init=lambda p: (), apply=apply)
 
 
-def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
+def build_pipeline(sc: Scenario, num_clients: int,
+                   segments: Sequence[Segment] | None = None) -> Pipeline:
     """The server pipeline, in order: attack (replaces Byzantine rows) -> rule -> server
     optimizer -> corrections' server steps (FedDyn, SCAFFOLD, FedSMOO, broadcasts) -> SWA."""
     s = sc.server
@@ -169,7 +224,11 @@ def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
     if byz and sc.attack.kind != "label_flip":  # label flipping happens in the client's data
         steps.append(attack_step(byz, sc.attack))
     agg = s.aggregation
-    steps.append(rule_step(agg.rule, agg.rule_params(), weighting=agg.weighting))
+    user = sc.privacy.user_level
+    if user.enabled:
+        steps.extend(user_level_steps(sc, num_clients, segments))
+    else:
+        steps.append(rule_step(agg.rule, agg.rule_params(), weighting=agg.weighting))
     if sc.system.asynchronous is not None:
         steps.append(buffer_scale(sc.system.asynchronous.buffer_size))
     if s.optimizer == "fedavgm":

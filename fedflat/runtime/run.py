@@ -25,9 +25,17 @@ from tqdm import tqdm
 
 import fedflat
 from fedflat.data.partition import client_stats
-from fedflat.errors import DataError, FedflatError, ScenarioError
+from fedflat.errors import BudgetExhausted, DataError, FedflatError, ScenarioError
+from fedflat.privacy.plan import resolve_privacy
 from fedflat.runtime.backends import make_backend
-from fedflat.runtime.build import FederatedData, build_data, build_flat_model, client_lr, initial_params
+from fedflat.runtime.build import (
+    FederatedData,
+    build_data,
+    build_flat_model,
+    build_schedule,
+    client_lr,
+    initial_params,
+)
 from fedflat.runtime.checkpoint import load_latest, save_checkpoint
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.comm.asynchronous import (
@@ -115,6 +123,7 @@ class Runner:
         self.elapsed_before = 0.0
         self._between_rounds = True
         self.async_state: AsyncState | None = None
+        self.privacy_state: dict[str, Any] | None = None
         self.base_dir = Path(loaded.file).parent if Path(loaded.file).is_file() else None
 
     # ------------------------------------------------------------------ files
@@ -156,7 +165,14 @@ class Runner:
         model = build_flat_model(sc, self.fed.dataset)
         params0 = initial_params(sc, model)
         self.num_params = model.num_params
-        backend = make_backend(sc, self.fed, params0)
+        try:
+            self.plan = resolve_privacy(sc, self.fed.client_sizes(), build_schedule(sc))
+        except ValueError as exc:  # an impossible budget
+            raise self.loaded.error("privacy", str(exc)) from None
+        if self.privacy_state is not None:
+            self.plan.load_state_dict(self.privacy_state)
+        self.rsc = self.plan.scenario  # the scenario with calibrated noise, for the workers
+        backend = make_backend(self.rsc, self.fed, params0)
         self._t0 = time.perf_counter()
         status = "failed"
         extra: dict[str, Any] = {}
@@ -165,6 +181,11 @@ class Runner:
                 backend.load_state_dict(backend_state)
             self._rewrite_metrics()
             status = self._loop(backend)
+        except BudgetExhausted as exc:
+            status = "budget_exhausted"
+            extra["stopped"] = str(exc)
+            print(f"stopped: {exc}", file=sys.stderr)
+            self._checkpoint(backend)
         except KeyboardInterrupt:
             status = "interrupted"
             if self._between_rounds:  # a second Ctrl-C mid-round: keep the last checkpoint
@@ -176,8 +197,10 @@ class Runner:
         finally:
             try:
                 params = backend.final_params()
-                if status == "completed":
+                if status in ("completed", "budget_exhausted"):
                     torch.save(params, self.run_dir / "final_model.pt")
+                if self.rsc.privacy.enabled:
+                    _write_json(self.run_dir / "privacy.json", self.plan.summary(self.fed.num_clients))
                 summary = self.write_summary(status, **extra)
                 self._plots()
             finally:
@@ -195,6 +218,7 @@ class Runner:
 
     def _checkpoint(self, backend: Any) -> None:
         state = {"server": backend.state_dict(), "metrics": self.metrics,
+                 "privacy": self.plan.state_dict(),
                  "async_state": self.async_state.to_dict() if self.async_state else None,
                  "wall_seconds": self.elapsed_before + time.perf_counter() - self._t0}
         save_checkpoint(self.run_dir, self.next_round, state, self.sc.output.keep_checkpoints)
@@ -222,7 +246,7 @@ class Runner:
         show = sc.output.progress if sc.output.progress is not None else sys.stderr.isatty()
         bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
                    desc=sc.name, unit="round", dynamic_ncols=True)
-        timeline = Timeline(sc, self.fed, self.num_params, self.base_dir)
+        timeline = Timeline(self.rsc, self.fed, self.num_params, self.base_dir)
         sched = None
         if sc.system.asynchronous is not None:
             sched = scheduler_from_config(sc.system)
@@ -234,6 +258,11 @@ class Runner:
                     raise KeyboardInterrupt
                 self._between_rounds = False
                 t_start = time.perf_counter()
+                if not self.plan.round_allowed():
+                    u = self.rsc.privacy.user_level
+                    raise BudgetExhausted(
+                        f"round {t} would exceed the user-level budget ε={u.epsilon} (δ={u.delta}); "
+                        f"ε spent after {t} rounds: {self.plan.user.epsilon(u.delta):.4f}")
                 if sched is not None:
                     rec = self._async_round(backend, timeline, sched, t)
                 else:
@@ -270,7 +299,13 @@ class Runner:
                 for c, ok, k, p in zip(timing.client_ids, timing.completed,
                                        timing.steps_done, timing.planned_steps, strict=True)
                 if ok]
+        exhausted = [j.client_id for j in jobs if not self.plan.client_allowed(
+            j.client_id, *self._dp_step(timeline, j))]
+        jobs = [j for j in jobs if j.client_id not in exhausted]
         rec = backend.round(t, jobs)
+        self._account(timeline, jobs, rec)
+        if self.rsc.privacy.sample_level.enabled:
+            rec["budget_exhausted"] = exhausted
         prev = self.metrics[-1] if self.metrics else {}
         rec["participants"] = [int(c) for c in cohort]
         rec["dropped"] = [int(c) for c in timing.client_ids[timing.dropped]]
@@ -282,6 +317,21 @@ class Runner:
         rec["round_sim_seconds"] = float(timing.duration_s)
         rec["sim_seconds"] = float(prev.get("sim_seconds", 0.0)) + float(timing.duration_s)
         return rec
+
+    def _dp_step(self, timeline: Timeline, job: ClientJob) -> tuple[float, int]:
+        """(sampling rate q, local steps) of a job, for the client's accountant."""
+        n = int(timeline.sizes[job.client_id])
+        steps = job.max_steps if job.max_steps is not None else timeline.schedule.num_steps(n)
+        return timeline.schedule.rate(n), steps
+
+    def _account(self, timeline: Timeline, jobs: list[ClientJob], rec: dict[str, Any]) -> None:
+        """Record the round in the accountants and log the ε spent so far."""
+        if not self.rsc.privacy.enabled:
+            return
+        for j in jobs:
+            self.plan.record_client(j.client_id, *self._dp_step(timeline, j))
+        self.plan.record_round()
+        rec.update(self.plan.metrics(self.fed.num_clients))
 
     def _async_round(self, backend: Any, timeline: Timeline, sched: Any, t: int) -> dict[str, Any]:
         """One server step of buffered asynchronous aggregation (FedBuff) on the clock."""
@@ -296,6 +346,7 @@ class Runner:
         jobs = [ClientJob(round=j.seq, client_id=j.client_id, lr=lr, version=j.start_version,
                           weight=float(w)) for j, w in zip(done, weights, strict=True)]
         rec = backend.round(t, jobs, keep_versions=sorted(versions_in_use(state)))
+        self._account(timeline, jobs, rec)
         self.async_state = state
         prev = self.metrics[-1] if self.metrics else {}
         rec["staleness"] = [int(j.staleness) for j in done]
@@ -350,6 +401,7 @@ def resume(run_dir: str | Path) -> RunResult:
         runner.metrics = list(ckpt["metrics"])
         runner.elapsed_before = float(ckpt.get("wall_seconds", 0.0))
         state = ckpt["server"]
+        runner.privacy_state = ckpt.get("privacy")
         if ckpt.get("async_state") is not None:
             runner.async_state = AsyncState.from_dict(ckpt["async_state"])
     if runner.next_round >= loaded.scenario.server.rounds and (run_dir / "final_model.pt").exists():

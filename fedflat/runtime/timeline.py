@@ -20,7 +20,7 @@ from fedflat.comm.system import (
     simulate_round,
 )
 from fedflat.rng import numpy_rng
-from fedflat.runtime.build import FederatedData, build_local_rule
+from fedflat.runtime.build import FederatedData, build_schedule
 from fedflat.scenario.schema import Scenario
 
 
@@ -34,7 +34,7 @@ class Timeline:
         self.profiles = client_profiles(fed.num_clients, self.cfg, numpy_rng(sc.seed, "system"),
                                         base_dir=base_dir)
         self.sizes = fed.client_sizes()
-        self.schedule = build_local_rule(sc).schedule
+        self.schedule = build_schedule(sc)
         # Timing uses the codecs' planned message sizes (the logged bytes are the real ones).
         self.bytes_up = codec_from_config(sc.comm.uplink).wire_nbytes(num_params)
         self.bytes_down = codec_from_config(sc.comm.downlink).wire_nbytes(num_params)

@@ -55,7 +55,7 @@ class AggregationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rule: RuleName = Field(
-        "mean",
+        default="mean",
         description=(
             "Aggregation rule over the stacked client deltas: mean | median "
             "(coordinate-wise) | trimmed_mean | krum | multi_krum | bulyan | "
@@ -63,7 +63,7 @@ class AggregationConfig(BaseModel):
         ),
     )
     weighting: Literal["samples", "uniform"] = Field(
-        "samples",
+        default="samples",
         description=(
             "Client weights the rule uses: 'samples' = number of local training "
             "samples n_i (weighted mean / weighted median / RFA alpha_i ∝ n_i), "
@@ -71,7 +71,7 @@ class AggregationConfig(BaseModel):
         ),
     )
     num_byzantine: int | None = Field(
-        None,
+        default=None,
         ge=0,
         description=(
             "Assumed number f of Byzantine inputs per aggregation (count, not "
@@ -80,7 +80,7 @@ class AggregationConfig(BaseModel):
         ),
     )
     num_selected: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description=(
             "multi_krum: number m of lowest-score inputs averaged (count). Default n - "
@@ -88,7 +88,7 @@ class AggregationConfig(BaseModel):
         ),
     )
     trim_ratio: float = Field(
-        0.1,
+        default=0.1,
         ge=0.0,
         lt=0.5,
         description=(
@@ -97,7 +97,7 @@ class AggregationConfig(BaseModel):
         ),
     )
     nu: float = Field(
-        1e-5,
+        default=1e-5,
         gt=0.0,
         description=(
             "geometric_median: smoothing nu of the Weiszfeld weights alpha_i / max(nu, "
@@ -105,12 +105,12 @@ class AggregationConfig(BaseModel):
         ),
     )
     max_iters: int = Field(
-        4,
+        default=4,
         ge=1,
         description="geometric_median: maximum Weiszfeld iterations (RFA official: 4).",
     )
     tol: float = Field(
-        1e-6,
+        default=1e-6,
         ge=0.0,
         description=(
             "geometric_median: stop when the objective sum_i alpha_i ||z - x_i|| "
@@ -119,14 +119,14 @@ class AggregationConfig(BaseModel):
         ),
     )
     init: Literal["mean", "zero"] = Field(
-        "mean",
+        default="mean",
         description=(
             "geometric_median: starting point, the weighted mean (RFA official) or the "
             "zero vector (epfml variant)."
         ),
     )
     tau: float = Field(
-        10.0,
+        default=10.0,
         gt=0.0,
         description=(
             "centered_clipping: clipping radius tau around the previous aggregate, in "
@@ -135,7 +135,7 @@ class AggregationConfig(BaseModel):
         ),
     )
     iters: int = Field(
-        3,
+        default=3,
         ge=1,
         description=(
             "centered_clipping: clipping iterations L per aggregation (3 in the "
@@ -143,7 +143,7 @@ class AggregationConfig(BaseModel):
         ),
     )
     bucket_size: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description=(
             "Bucketing (Karimireddy, He, Jaggi 2022): randomly permute the deltas, "

@@ -27,7 +27,7 @@ class AttackConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: AttackKind = Field(
-        "none",
+        default="none",
         description=(
             "none | sign_flip (send -delta) | label_flip (train on labels C-1-y) | "
             "scaling (send scale*delta) | alie (mu - z*sigma of the honest deltas, "
@@ -36,7 +36,7 @@ class AttackConfig(BaseModel):
         ),
     )
     fraction: float = Field(
-        0.0,
+        default=0.0,
         ge=0.0,
         lt=1.0,
         description=(
@@ -46,18 +46,18 @@ class AttackConfig(BaseModel):
         ),
     )
     ids: list[int] | None = Field(
-        None,
+        default=None,
         description=(
             "Explicit Byzantine client ids (0-based), fixed for the run. Exclusive "
             "with fraction."
         ),
     )
     scale: float = Field(
-        10.0,
+        default=10.0,
         description="scaling: factor the Byzantine clients multiply their delta by.",
     )
     z_rule: Literal["epfml", "paper", "fixed"] = Field(
-        "epfml",
+        default="epfml",
         description=(
             "alie: how z is chosen from n (inputs of the round) and f (Byzantine "
             "inputs of the round), s = floor(n/2 + 1) - f: 'epfml' z = "
@@ -66,14 +66,14 @@ class AttackConfig(BaseModel):
         ),
     )
     z: float = Field(
-        1.5,
+        default=1.5,
         description=(
             "alie with z_rule 'fixed': number of standard deviations (the authors' "
             "code default is 1.5)."
         ),
     )
     epsilon: float = Field(
-        0.1,
+        default=0.1,
         gt=0.0,
         description=(
             "ipm: Byzantine clients send -epsilon times the honest mean (0.1 in the "

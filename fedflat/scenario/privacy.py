@@ -43,23 +43,41 @@ class _Strict(BaseModel):
 def _exactly_one_noise_spec(
     epsilon: float | None, info: ValidationInfo
 ) -> float | None:
-    """Field validator body for ``epsilon``: exactly one of noise_multiplier / epsilon."""
+    """Field validator body for ``epsilon``: at least one of noise_multiplier / epsilon.
+
+    epsilon alone: σ is calibrated to spend it over the planned run. noise_multiplier
+    alone: ε is only reported. Both: σ is used and ε is enforced as a cap (the run stops
+    before the step that would exceed it).
+    """
     noise_multiplier = info.data.get("noise_multiplier")
     if "noise_multiplier" not in info.data:
         return epsilon  # noise_multiplier itself failed; that error is reported
-    if noise_multiplier is not None and epsilon is not None:
-        raise ValueError(
-            "give exactly one of noise_multiplier or epsilon, not both "
-            f"(got noise_multiplier={noise_multiplier}, epsilon={epsilon})"
-        )
     if info.data.get("enabled") and noise_multiplier is None and epsilon is None:
         raise ValueError(
-            "enabled: true needs exactly one of noise_multiplier or epsilon"
+            "enabled: true needs noise_multiplier, epsilon, or both (a fixed σ whose ε "
+            "is enforced as a cap); exactly one is the usual choice"
         )
     return epsilon
 
 
 class SampleLevelPrivacy(_Strict):
+    mechanism: Literal["dp_sgd", "dp_sat", "dp_sat_momentum", "dp_sam"] = Field(
+        "dp_sgd",
+        description=(
+            "dp_sgd (Abadi et al.); dp_sat (perturb along the previous privatised gradient, "
+            "one private pass, no extra cost); dp_sat_momentum (along the previous "
+            "displacement); dp_sam (two private passes per step, accounted as such)."
+        ),
+    )
+    rho: float = Field(0.03, gt=0, description="Perturbation radius ρ of dp_sat / dp_sat_momentum / dp_sam.")
+    participation_quantile: float = Field(
+        0.99, gt=0, le=1,
+        description=(
+            "With epsilon: σ is calibrated so that a client taking part in this quantile of "
+            "the binomial number of participations stays within ε; a client whose next "
+            "participation would exceed ε is left out (logged as budget_exhausted)."
+        ),
+    )
     """DP-SGD in every client: per-example clipping and Gaussian noise on the sum."""
 
     enabled: bool = Field(False, description="Train clients with DP-SGD.")
@@ -218,6 +236,17 @@ class UserLevelPrivacy(_Strict):
     adaptive_clipping: AdaptiveClipping = Field(
         default_factory=AdaptiveClipping,
         description="Quantile-based adaptive clipping.",
+    )
+    noise_placement: Literal["server", "client"] = Field(
+        "server",
+        description=(
+            "server: DP-FedAvg, Gaussian noise on the clipped sum at the server; client: "
+            "DP-FedSAM, each client clips and adds N(0, σ²C²/m) to its own delta."
+        ),
+    )
+    clip_scope: Literal["global", "per_tensor"] = Field(
+        "global",
+        description="noise_placement client: clip the whole delta (global) or each tensor to C (released DP-FedSAM code).",
     )
 
     _epsilon_xor_noise = field_validator("epsilon")(_exactly_one_noise_spec)

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
+from fedflat.scenario.privacy import PrivacyConfig
 from fedflat.scenario.local_rule import CorrectionConfig, FedOptConfig, OracleConfig, SwaConfig
 from fedflat.scenario.system import SystemConfig
 
@@ -161,6 +162,7 @@ class Scenario(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
 
@@ -184,6 +186,23 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
         if check:  # messages start with the full key path
             key, _, msg = check.partition(": ")
             errors.append((key, msg))
+    pv = sc.privacy
+    if pv.user_level.enabled:
+        if sc.server.sampling != "poisson":
+            errors.append(("server.sampling", "user-level DP is accounted for Poisson client sampling "
+                           "(each client with rate q); set server.sampling: poisson"))
+        if sc.server.aggregation.rule != "mean" or sc.server.aggregation.bucket_size:
+            errors.append(("server.aggregation.rule", "user-level DP replaces the aggregation rule by "
+                           "the clipped noisy sum; robust rules are not differentially private here"))
+        if sc.system.asynchronous is not None:
+            errors.append(("system.asynchronous", "user-level DP is not accounted for asynchronous rounds"))
+    if pv.sample_level.enabled:
+        if sc.model.norm == "batch":
+            errors.append(("model.norm", "BatchNorm mixes examples of a batch, which DP-SGD cannot "
+                           "bound; use norm: group (GroupNorm)"))
+        if sc.client.oracle.name != "sgd":
+            errors.append(("client.oracle.name", "with sample-level DP the oracle is the DP mechanism: "
+                           "choose privacy.sample_level.mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam)"))
     if sc.system.asynchronous is not None:
         if sc.system.asynchronous.buffer_size > n:
             errors.append(("system.asynchronous.buffer_size", f"buffer_size exceeds data.num_clients = {n}"))

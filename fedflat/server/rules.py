@@ -164,6 +164,13 @@ def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
     return w
 
 
+def _drop_if_equal(w: Tensor | None) -> Tensor | None:
+    """None for equal weights: the unweighted path gives the same statistic, faster."""
+    if w is not None and bool((w == w[0]).all()):
+        return None
+    return w
+
+
 def _alpha(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
     """Normalised weights (sum 1), float64 on ``like``'s device; uniform if None."""
     if weights is None:
@@ -256,13 +263,15 @@ def _sorted_rows(b: Tensor) -> Tensor:
 def _argsorted_rows(b: Tensor) -> tuple[Tensor, Tensor]:
     """(sorted values, sorting permutation) of each row of a contiguous [C, n] block."""
     if _numpy_sortable(b):
-        a = b.detach().numpy()
-        idx = np.argsort(a, axis=1)
-        return torch.from_numpy(np.take_along_axis(a, idx, axis=1)), torch.from_numpy(
-            idx
-        )
+        idx = torch.from_numpy(np.argsort(b.detach().numpy(), axis=1))
+        return b.gather(1, idx), idx  # torch's gather is faster than take_along_axis
     vals, idx = torch.sort(b, dim=1)
     return vals, idx
+
+
+def _take(alpha: Tensor, idx: Tensor) -> Tensor:
+    """alpha[idx] for a [C, n] index block, as a broadcast gather (faster)."""
+    return alpha.expand(idx.shape[0], alpha.shape[0]).gather(1, idx)
 
 
 def _middle(vals: Tensor) -> Tensor:
@@ -280,7 +289,7 @@ def _weighted_median_rows(b: Tensor, alpha: Tensor) -> Tensor:
     """Per row of a [C, n] block: the weighted median, normalised weights alpha > 0."""
     n = b.shape[1]
     vals, idx = _argsorted_rows(b)
-    cum = alpha[idx].cumsum(dim=1)  # [C, n], increasing along dim 1
+    cum = _take(alpha, idx).cumsum(dim=1)  # [C, n], increasing along dim 1
     # Slack for the rounding of a float cumulative sum, so that exact halves (uniform
     # weights, even n) are recognised as ties.
     slack = 4 * n * torch.finfo(b.dtype).eps
@@ -321,7 +330,7 @@ def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
         Towards Optimal Statistical Rates", ICML 2018.
     """
     x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
     if w is None:
         return _by_blocks(x, _median_rows)
     alpha = _alpha(w, x.shape[0], x)
@@ -355,7 +364,7 @@ def trimmed_mean(
         Yin, Chen, Ramchandran, Bartlett, ICML 2018 (beta-trimmed mean).
     """
     x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
     trim_ratio = _require_float(
         "trim_ratio", trim_ratio, low=0.0, strict=False, high=0.5
     )
@@ -370,7 +379,7 @@ def trimmed_mean(
 
     def rows(b: Tensor) -> Tensor:
         vals, idx = _argsorted_rows(b)
-        return _weighted_rows_mean(vals[:, k : n - k], a[idx[:, k : n - k]])
+        return _weighted_rows_mean(vals[:, k : n - k], _take(a, idx[:, k : n - k]))
 
     return _by_blocks(x, rows)
 
@@ -580,7 +589,7 @@ def bulyan(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
         ties in the distance to the median are broken arbitrarily).
     """
     x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
     sel = bulyan_select(x, num_byzantine=num_byzantine)
     s = x[sel]  # [theta, d]
     theta = s.shape[0]
@@ -605,7 +614,7 @@ def bulyan(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
         kept = vals.gather(1, window)
         if a is None or idx is None:
             return kept.mean(dim=1)
-        return _weighted_rows_mean(kept, a[idx.gather(1, window)])
+        return _weighted_rows_mean(kept, _take(a, idx.gather(1, window)))
 
     return _by_blocks(s, rows)
 
