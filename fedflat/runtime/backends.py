@@ -21,9 +21,13 @@ from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
 from fedflat.scenario.schema import Scenario
 
 
+Following = tuple[int, Sequence[ClientJob]] | None  # the next round's (index, jobs), if known
+
+
 class Backend(Protocol):
     def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None) -> dict[str, Any]: ...
+              keep_versions: Sequence[int] | None = None,
+              following: Following = None) -> dict[str, Any]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def final_params(self) -> torch.Tensor: ...
@@ -38,7 +42,8 @@ class SerialBackend:
         self.core = ServerCore(sc, fed, params)
 
     def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
+              keep_versions: Sequence[int] | None = None,
+              following: Following = None) -> dict[str, Any]:
         payload = self.core.begin_round(round_, _versions(jobs))
         states = self.core.states_for([j.client_id for j in jobs])
         results = self.worker.run(payload, jobs, states)
@@ -87,13 +92,20 @@ class _ServerActor:
         return (payload, *[self.core.states_for(ids) for ids in chunk_ids])
 
     def end(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]],
-            keep_versions: list[int] | None, *chunk_results: list[ClientResult]) -> dict[str, Any]:
+            keep_versions: list[int] | None, following: Any,
+            *chunk_results: list[ClientResult]) -> Any:
+        """Aggregate round ``round_``; with ``following`` = (t+1, chunk ids, versions) also
+        return the next round's payload and per-chunk client states (saves one hop)."""
         results: list[ClientResult | None] = [None] * len(jobs)
         for positions, res in zip(chunks, chunk_results, strict=True):
             for pos, r in zip(positions, res, strict=True):
                 results[pos] = r
-        return self.core.end_round(round_, jobs, [r for r in results if r is not None],
-                                   keep_versions)
+        rec = self.core.end_round(round_, jobs, [r for r in results if r is not None],
+                                  keep_versions)
+        if following is None:
+            return rec
+        nxt, chunk_ids, versions = following
+        return (rec, *self.begin(nxt, chunk_ids, versions))
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict()
@@ -141,31 +153,48 @@ class RayBackend:
         self.server = server_cls.remote(sc, fed_ref, params, threads)
         self.actors = [client_cls.remote(sc, fed_ref, device, threads) for _ in range(rt.num_actors)]
         self.sizes = fed.client_sizes().tolist()
+        self._prefetched: tuple[Any, ...] | None = None
         ray.get(self.server.params.remote())  # surface construction errors now
 
     def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
+              keep_versions: Sequence[int] | None = None,
+              following: Following = None) -> dict[str, Any]:
         ray = self.ray
         jobs = list(jobs)
         keep = list(keep_versions) if keep_versions is not None else None
         chunks = balance_chunks(jobs, self.sizes, len(self.actors))
-        if not chunks:
-            self.server.begin.options(num_returns=1).remote(round_, [], [])
-            return ray.get(self.server.end.remote(round_, jobs, [], keep))
         chunk_ids = [[jobs[i].client_id for i in c] for c in chunks]
-        refs = self.server.begin.options(num_returns=1 + len(chunks)).remote(
-            round_, chunk_ids, _versions(jobs))
-        payload_ref, state_refs = refs[0], refs[1:]
+        pre = self._prefetched
+        self._prefetched = None
+        if pre is not None and pre[0] == round_ and pre[1] == chunk_ids:
+            payload_ref, state_refs = pre[2], pre[3]
+        else:
+            refs = self.server.begin.options(num_returns=1 + len(chunks)).remote(
+                round_, chunk_ids, _versions(jobs))
+            refs = refs if chunks else [refs]  # num_returns=1 gives a bare ref
+            payload_ref, state_refs = refs[0], refs[1:]
+        nxt = None
+        if following is not None:
+            t1, jobs1 = following[0], list(following[1])
+            ids1 = [[jobs1[i].client_id for i in c]
+                    for c in balance_chunks(jobs1, self.sizes, len(self.actors))]
+            nxt = (t1, ids1, _versions(jobs1))
         result_refs = [
             actor.run.remote(payload_ref, sref, [jobs[i] for i in c])
             for actor, sref, c in zip(self.actors, state_refs, chunks, strict=False)
         ]
-        return ray.get(self.server.end.remote(round_, jobs, chunks, keep, *result_refs))
+        if nxt is None:
+            return ray.get(self.server.end.remote(round_, jobs, chunks, keep, None, *result_refs))
+        refs = self.server.end.options(num_returns=2 + len(nxt[1])).remote(
+            round_, jobs, chunks, keep, nxt, *result_refs)
+        self._prefetched = (nxt[0], nxt[1], refs[1], refs[2:])
+        return ray.get(refs[0])
 
     def state_dict(self) -> dict[str, Any]:
         return self.ray.get(self.server.state_dict.remote())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._prefetched = None
         self.ray.get(self.server.load_state_dict.remote(state))
 
     def final_params(self) -> torch.Tensor:

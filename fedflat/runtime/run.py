@@ -242,31 +242,34 @@ class Runner:
                 signal.signal(signal.SIGINT, previous)
 
     def _rounds(self, backend: Any, stop: dict[str, bool]) -> str:
+        """The round loop. Round t+1 is planned (cohort, stragglers, budgets) before round t
+        runs, so that a backend can prepare its payload while round t finishes; planning is
+        pure and commits nothing until the round starts."""
         sc = self.sc
         show = sc.output.progress if sc.output.progress is not None else sys.stderr.isatty()
         bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
                    desc=sc.name, unit="round", dynamic_ncols=True)
         timeline = Timeline(self.rsc, self.fed, self.num_params, self.base_dir)
-        sched = None
-        if sc.system.asynchronous is not None:
-            sched = scheduler_from_config(sc.system)
-            self.job_times = timeline.job_times()
+        sched = scheduler_from_config(sc.system) if sc.system.asynchronous is not None else None
+        job_times = timeline.job_times() if sched is not None else None
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - kept open for the loop
         try:
+            plan = self._plan(timeline, sched, job_times, self.next_round, self.async_state)
             for t in range(self.next_round, sc.server.rounds):
                 if stop["requested"]:
                     raise KeyboardInterrupt
+                if plan.stop is not None:
+                    raise BudgetExhausted(plan.stop)
                 self._between_rounds = False
                 t_start = time.perf_counter()
-                if not self.plan.round_allowed():
-                    u = self.rsc.privacy.user_level
-                    raise BudgetExhausted(
-                        f"round {t} would exceed the user-level budget ε={u.epsilon} (δ={u.delta}); "
-                        f"ε spent after {t} rounds: {self.plan.user.epsilon(u.delta):.4f}")
-                if sched is not None:
-                    rec = self._async_round(backend, timeline, sched, t)
-                else:
-                    rec = self._sync_round(backend, timeline, t)
+                self._commit(timeline, plan)
+                following = None
+                if t + 1 < sc.server.rounds:
+                    following = self._plan(timeline, sched, job_times, t + 1, plan.async_state)
+                rec = backend.round(t, plan.jobs, plan.keep_versions,
+                                    following=None if following is None or following.stop
+                                    else (t + 1, following.jobs))
+                rec = self._finish_record(plan, rec)
                 rec["round_seconds"] = time.perf_counter() - t_start
                 rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
                 self.metrics.append(rec)
@@ -278,85 +281,101 @@ class Runner:
                 if (every and self.next_round % every == 0) or self.next_round == sc.server.rounds:
                     self._checkpoint(backend)
                 if rec.get("test_accuracy") is not None:
-                    bar.set_postfix(acc=f"{rec['test_accuracy']:.3f}", loss=f"{rec.get('train_loss', float('nan')):.3f}")
+                    bar.set_postfix(acc=f"{rec['test_accuracy']:.3f}",
+                                    loss=f"{rec.get('train_loss', float('nan')):.3f}")
                 bar.update(1)
+                if following is not None:
+                    plan = following
         finally:
             metrics_file.close()
             bar.close()
         return "completed"
 
-    def _sync_round(self, backend: Any, timeline: Timeline, t: int) -> dict[str, Any]:
-        """One synchronous round: eligible clients, cohort, stragglers, clock, bytes."""
+    # ------------------------------------------------------------------ planning
+    def _plan(self, timeline: Timeline, sched: Any, job_times: Any, t: int,
+              async_state: AsyncState | None) -> RoundPlan:
+        """Decide round t without changing any state: who trains, for how long, and why
+        others do not (unavailable, late, dropped, over their privacy budget)."""
         sc = self.sc
+        if not self.plan.round_allowed():
+            u = self.rsc.privacy.user_level
+            assert self.plan.user is not None  # noqa: S101 - user-level DP is on
+            return RoundPlan(t, [], None, {}, stop=(
+                f"round {t} would exceed the user-level budget ε={u.epsilon} (δ={u.delta}); "
+                f"ε spent after {t} rounds: {self.plan.user.epsilon(u.delta):.4f}"))
+        lr = client_lr(sc, t)
+        if sched is not None:
+            state = async_state or start(sched, self.fed.num_clients, job_times,
+                                         numpy_rng(sc.seed, "system", 0))
+            done, new_state = next_buffer(sched, state, job_times,
+                                          numpy_rng(sc.seed, "system", state.version + 1))
+            weights = staleness_weights(sched, [j.staleness for j in done])
+            jobs = [ClientJob(round=j.seq, client_id=j.client_id, lr=lr, version=j.start_version,
+                              weight=float(w)) for j, w in zip(done, weights, strict=True)]
+            info = {"staleness": [int(j.staleness) for j in done],
+                    "dropped_total": int(new_state.dropped_total)}
+            return RoundPlan(t, jobs, sorted(versions_in_use(new_state)), info,
+                             participants=len(jobs), sim_time=float(new_state.time_s),
+                             async_state=new_state)
         eligible = timeline.eligible(t)
         cohort = sample_cohort(sc.seed, t, self.fed.num_clients, method=sc.server.sampling,
                                clients_per_round=sc.server.clients_per_round,
                                sampling_rate=sc.server.sampling_rate, eligible=eligible)
         timing = timeline.simulate(t, cohort)
-        lr = client_lr(sc, t)
-        jobs = [ClientJob(round=t, client_id=int(c), lr=lr,
-                          max_steps=int(k) if k < p else None)
-                for c, ok, k, p in zip(timing.client_ids, timing.completed,
-                                       timing.steps_done, timing.planned_steps, strict=True)
-                if ok]
-        exhausted = [j.client_id for j in jobs if not self.plan.client_allowed(
-            j.client_id, *self._dp_step(timeline, j))]
+        jobs = [ClientJob(round=t, client_id=int(c), lr=lr, max_steps=int(k) if k < p else None)
+                for c, ok, k, p in zip(timing.client_ids, timing.completed, timing.steps_done,
+                                       timing.planned_steps, strict=True) if ok]
+        exhausted = [j.client_id for j in jobs
+                     if not self.plan.client_allowed(j.client_id, *timeline.dp_step(j))]
         jobs = [j for j in jobs if j.client_id not in exhausted]
-        rec = backend.round(t, jobs)
-        self._account(timeline, jobs, rec)
+        info: dict[str, Any] = {
+            "participants": [int(c) for c in cohort],
+            "dropped": [int(c) for c in timing.client_ids[timing.dropped]],
+            "late": [int(c) for c in timing.client_ids[timing.late]],
+            "unavailable": int((~eligible).sum()),
+        }
         if self.rsc.privacy.sample_level.enabled:
-            rec["budget_exhausted"] = exhausted
+            info["budget_exhausted"] = exhausted
+        return RoundPlan(t, jobs, None, info, participants=len(cohort),
+                         sim_duration=float(timing.duration_s))
+
+    def _commit(self, timeline: Timeline, plan: RoundPlan) -> None:
+        """Round ``plan.round`` starts: record its privacy cost and its clock state."""
+        if plan.async_state is not None:
+            self.async_state = plan.async_state
+        if self.rsc.privacy.enabled:
+            for j in plan.jobs:
+                self.plan.record_client(j.client_id, *timeline.dp_step(j))
+            self.plan.record_round()
+
+    def _finish_record(self, plan: RoundPlan, rec: dict[str, Any]) -> dict[str, Any]:
         prev = self.metrics[-1] if self.metrics else {}
-        rec["participants"] = [int(c) for c in cohort]
-        rec["dropped"] = [int(c) for c in timing.client_ids[timing.dropped]]
-        rec["late"] = [int(c) for c in timing.client_ids[timing.late]]
-        rec["unavailable"] = int((~eligible).sum())
-        rec["bytes_down"] = int(rec.pop("bytes_down_per_client", 0)) * len(cohort)
+        rec.update(plan.info)
+        if self.rsc.privacy.enabled:
+            rec.update(self.plan.metrics(self.fed.num_clients))
+        rec["bytes_down"] = int(rec.pop("bytes_down_per_client", 0)) * plan.participants
         rec["bytes_up_total"] = int(prev.get("bytes_up_total", 0)) + int(rec.get("bytes_up", 0))
         rec["bytes_down_total"] = int(prev.get("bytes_down_total", 0)) + rec["bytes_down"]
-        rec["round_sim_seconds"] = float(timing.duration_s)
-        rec["sim_seconds"] = float(prev.get("sim_seconds", 0.0)) + float(timing.duration_s)
+        before = float(prev.get("sim_seconds", 0.0))
+        now = plan.sim_time if plan.sim_time is not None else before + plan.sim_duration
+        rec["round_sim_seconds"] = now - before
+        rec["sim_seconds"] = now
         return rec
 
-    def _dp_step(self, timeline: Timeline, job: ClientJob) -> tuple[float, int]:
-        """(sampling rate q, local steps) of a job, for the client's accountant."""
-        n = int(timeline.sizes[job.client_id])
-        steps = job.max_steps if job.max_steps is not None else timeline.schedule.num_steps(n)
-        return timeline.schedule.rate(n), steps
 
-    def _account(self, timeline: Timeline, jobs: list[ClientJob], rec: dict[str, Any]) -> None:
-        """Record the round in the accountants and log the ε spent so far."""
-        if not self.rsc.privacy.enabled:
-            return
-        for j in jobs:
-            self.plan.record_client(j.client_id, *self._dp_step(timeline, j))
-        self.plan.record_round()
-        rec.update(self.plan.metrics(self.fed.num_clients))
+@dataclass
+class RoundPlan:
+    """Round t decided in advance (pure data)."""
 
-    def _async_round(self, backend: Any, timeline: Timeline, sched: Any, t: int) -> dict[str, Any]:
-        """One server step of buffered asynchronous aggregation (FedBuff) on the clock."""
-        sc = self.sc
-        if self.async_state is None:
-            self.async_state = start(sched, self.fed.num_clients, self.job_times,
-                                     numpy_rng(sc.seed, "system", 0))
-        done, state = next_buffer(sched, self.async_state, self.job_times,
-                                  numpy_rng(sc.seed, "system", self.async_state.version + 1))
-        weights = staleness_weights(sched, [j.staleness for j in done])
-        lr = client_lr(sc, t)
-        jobs = [ClientJob(round=j.seq, client_id=j.client_id, lr=lr, version=j.start_version,
-                          weight=float(w)) for j, w in zip(done, weights, strict=True)]
-        rec = backend.round(t, jobs, keep_versions=sorted(versions_in_use(state)))
-        self._account(timeline, jobs, rec)
-        self.async_state = state
-        prev = self.metrics[-1] if self.metrics else {}
-        rec["staleness"] = [int(j.staleness) for j in done]
-        rec["bytes_down"] = int(rec.pop("bytes_down_per_client", 0)) * len(jobs)
-        rec["bytes_up_total"] = int(prev.get("bytes_up_total", 0)) + int(rec.get("bytes_up", 0))
-        rec["bytes_down_total"] = int(prev.get("bytes_down_total", 0)) + rec["bytes_down"]
-        rec["sim_seconds"] = float(state.time_s)
-        rec["round_sim_seconds"] = float(state.time_s) - float(prev.get("sim_seconds", 0.0))
-        rec["dropped_total"] = int(state.dropped_total)
-        return rec
+    round: int
+    jobs: list[ClientJob]
+    keep_versions: list[int] | None
+    info: dict[str, Any]
+    participants: int = 0
+    sim_duration: float = 0.0
+    sim_time: float | None = None  # asynchronous mode: the clock after this server step
+    async_state: AsyncState | None = None
+    stop: str | None = None
 
 
 def run(

@@ -43,6 +43,7 @@ class ServerCore:
         self.versions: dict[int, Tensor] = {0: self.params}  # asynchronous mode
         self.downlink = codec_from_config(scenario.comm.downlink)
         self.down_residual: Tensor | None = None
+        self._pending_down_residual: Tensor | None = None
         self._down_nbytes = 0
         self.broadcast: dict[str, Tensor] = {}
         self._eval_sets = self._make_eval_sets(fed)
@@ -53,8 +54,9 @@ class ServerCore:
         compute their deltas from it; the server applies them to its exact model)."""
         gen = stream(self.sc.seed, "codec", round_, self.num_clients)  # id N = the server
         tx = transmit(self.downlink, self.params, self.down_residual, gen)
-        if tx.residual is not None:
-            self.down_residual = tx.residual
+        # Committed by end_round: a payload prepared ahead (and a checkpoint taken before
+        # the round runs) must not advance the residual.
+        self._pending_down_residual = tx.residual
         extra = sum(HEADER_NBYTES + 4 * v.numel() for v in self.broadcast.values())
         self._down_nbytes = tx.nbytes + extra
         params = self.params if self.sc.comm.downlink.codec == "fp32" else tx.decoded
@@ -79,6 +81,9 @@ class ServerCore:
         """
         rec: dict[str, Any] = {"round": round_, "clients": [j.client_id for j in jobs],
                                "bytes_down_per_client": self._down_nbytes}
+        if self._pending_down_residual is not None:
+            self.down_residual = self._pending_down_residual
+            self._pending_down_residual = None
         if results:
             for r in results:
                 self.client_states[r.client_id] = r.client_state

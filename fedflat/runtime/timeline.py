@@ -21,6 +21,7 @@ from fedflat.comm.system import (
 )
 from fedflat.rng import numpy_rng
 from fedflat.runtime.build import FederatedData, build_schedule
+from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.schema import Scenario
 
 
@@ -52,6 +53,12 @@ class Timeline:
         rng.random(len(self.sizes))  # the draws of eligible(): keep streams aligned
         return simulate_round(ids, samples, self.bytes_down, self.bytes_up, self.profiles, self.cfg,
                               rng, work_steps=steps, local_epochs=self.schedule.epochs)
+
+    def dp_step(self, job: ClientJob) -> tuple[float, int]:
+        """(sampling rate q, local steps) of a job, for the client's privacy accountant."""
+        n = int(self.sizes[job.client_id])
+        steps = job.max_steps if job.max_steps is not None else self.schedule.num_steps(n)
+        return self.schedule.rate(n), steps
 
     def job_times(self) -> np.ndarray:
         """[N] seconds of one job of each client (asynchronous mode: no deadline)."""

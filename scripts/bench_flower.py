@@ -1,0 +1,79 @@
+"""Overhead of `fedflat flower simulate` against fedflat's own Ray backend.
+
+Workload: scenarios/quickstart.yaml (FedAvg, logistic regression, Synthetic(1,1), 100 clients,
+10 per round, 5 local epochs) with fewer rounds (default 10). Both run in a fresh process,
+both on 2 workers of 1 CPU each: fedflat's Ray backend (2 client actors) and Flower's
+simulation engine (100 virtual SuperNodes, client_resources 1 CPU, Ray with 2 CPUs).
+Prints, for each, the end-to-end wall time of the process, the start-up (end to end minus
+the rounds), the steady-state round time (median of rounds 3..T) and their ratios to Ray,
+and checks that both end with the same model.
+
+    python scripts/bench_flower.py [--rounds 10] [--scenario scenarios/quickstart.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def timed(cmd: list[str], run_dir: Path) -> tuple[float, list[float], torch.Tensor]:
+    """Run a fedflat command in a fresh process; wall time, round times, final model."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "fedflat.cli", *cmd, "--out", str(run_dir)],
+                          capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    rounds = [json.loads(x)["round_seconds"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return wall, rounds, torch.load(run_dir / "final_model.pt")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--scenario", default=str(REPO / "scenarios" / "quickstart.yaml"))
+    args = ap.parse_args()
+    if args.rounds < 4:
+        raise SystemExit(f"--rounds must be >= 4 (steady state = rounds 3..T), got {args.rounds}")
+    common = ["--set", f"server.rounds={args.rounds}", "--set", "runtime.num_actors=2",
+              "--set", "runtime.num_cpus=1", "--set", "runtime.threads=1",
+              "--set", "output.checkpoint_every=0", "--set", "output.progress=false",
+              "--set", f"eval.every={args.rounds}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [
+            ("fedflat ray, 2 actors", *timed(["run", args.scenario, "--set", "runtime.backend=ray",
+                                              *common], Path(tmp) / "ray")),
+            ("flower simulate, 2 workers", *timed(["flower", "simulate", args.scenario, *common],
+                                                   Path(tmp) / "flower")),
+        ]
+    base_wall, base_rounds, base_params = rows[0][1], rows[0][2], rows[0][3]
+    base_steady = statistics.median(base_rounds[2:])
+    base_start = base_wall - sum(base_rounds)
+    print(f"{args.scenario}, {args.rounds} rounds; ratios relative to fedflat's Ray backend")
+    print(f"{'':28} {'end to end':>12} {'ratio':>7} {'start-up':>10} {'ratio':>7} "
+          f"{'round (steady)':>15} {'ratio':>7}")
+    for name, wall, rounds, _ in rows:
+        steady = statistics.median(rounds[2:])
+        start = wall - sum(rounds)
+        print(f"{name:28} {wall:10.2f} s {wall / base_wall:6.2f}x {start:8.2f} s "
+              f"{start / base_start:6.2f}x {steady * 1e3:12.1f} ms {steady / base_steady:6.2f}x")
+    diff = float((rows[1][3] - base_params).abs().max())
+    print(f"same final model: max |flower - ray| = {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
