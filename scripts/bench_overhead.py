@@ -37,7 +37,8 @@ def scenario(rounds: int, backend: str) -> dict:
         "server": {"rounds": rounds, "clients_per_round": 10},
         "runtime": {"backend": backend, "num_actors": 2, "num_cpus": 1, "threads": 1},
         "eval": {"every": rounds},
-        "output": {"checkpoint_every": 0, "progress": False},
+        # No end-of-run plots: matplotlib's import and drawing (~1 s) is not training work.
+        "output": {"checkpoint_every": 0, "progress": False, "plots": False},
     }
 
 

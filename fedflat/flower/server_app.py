@@ -289,7 +289,10 @@ class FlowerGridBackend:
         return self.node_of
 
     def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
+              keep_versions: Sequence[int] | None = None,
+              following: Any = None) -> dict[str, Any]:
+        """One round over the nodes (``following``, the Ray backend's prefetch hint for the
+        next round, is not used: a round's messages depend on this round's replies)."""
         jobs = list(jobs)
         node_of = self.connect()
         if not jobs:

@@ -202,7 +202,8 @@ class Runner:
                 if self.rsc.privacy.enabled:
                     _write_json(self.run_dir / "privacy.json", self.plan.summary(self.fed.num_clients))
                 summary = self.write_summary(status, **extra)
-                self._plots()
+                if self.sc.output.plots:
+                    self._plots()
             finally:
                 backend.close()
         return RunResult(params=params, metrics=self.metrics, run_dir=self.run_dir, summary=summary)

@@ -143,6 +143,7 @@ class OutputConfig(Section):
     checkpoint_every: int = Field(10, ge=0, description="Save a checkpoint every this many rounds (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     progress: bool | None = Field(None, description="Progress bar: None = only when stderr is a terminal.")
+    plots: bool = Field(True, description="Draw the run's own plots into plots/ at the end (about 1 s; fedflat report draws them later too).")
 
 
 class Scenario(Section):
