@@ -177,7 +177,9 @@ def test_codec_refuses_what_it_cannot_carry():
     # buffered asynchronous rounds: clients train from stale model versions
     {"system.asynchronous": {"concurrency": 5, "buffer_size": 3},
      "system.compute_speed": {"kind": "lognormal", "mean": 100.0, "sigma": 1.0}},
-], ids=["fedavg", "scaffold_ef", "async"])
+    # sample-level DP: the nodes get the scenario with the noise the Runner calibrated
+    {"privacy.sample_level": {"enabled": True, "epsilon": 3.0, "delta": 1e-5, "clip_norm": 1.0}},
+], ids=["fedavg", "scaffold_ef", "async", "dp_sgd"])
 def test_server_app_equals_serial(tmp_path, extra):
     sc = tiny_scenario(**{"runtime.threads": 1, **extra})
     serial = fedflat.run(sc, out=tmp_path / "serial")
@@ -363,7 +365,7 @@ def test_loopback_deployment(tmp_path):
     """scripts/flower_deploy.py: TLS SuperLink with SuperNode auth, 2 registered SuperNodes,
     `flwr run` of a tiny app, run status and metrics checked, an unregistered node refused."""
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "flower_deploy.py"),
-                           "--workdir", str(tmp_path)], capture_output=True, text=True,
+                           "--workdir", str(tmp_path), "--rounds", "2"], capture_output=True, text=True,
                           env=_env(), timeout=280)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "PASS" in proc.stdout and "FAIL" not in proc.stdout

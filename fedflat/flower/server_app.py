@@ -140,7 +140,8 @@ def check_supported(loaded: LoadedScenario, settings: ServerSettings) -> None:
         ScenarioError: SecAgg+ requested (not implemented: fedflat's server pipeline needs
             the individual deltas, which secure aggregation hides by design).
     """
-    if settings.secagg:
+    block = getattr(loaded.scenario, "flower", None)  # a `flower:` scenario block, if any
+    if settings.secagg or bool(getattr(block, "secagg", False)):
         raise ScenarioError(
             "SecAgg+ is not supported by fedflat's Flower backend: Flower's SecAgg+ exists only "
             "in the legacy strategy workflow (SecAggPlusWorkflow + secaggplus_mod), which "

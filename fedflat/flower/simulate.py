@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from fedflat.scenario.schema import Scenario
 
 
 def backend_config(sc: Scenario, *, cpus_per_client: float | None = None,
-                   total_cpus: int | None = None) -> dict[str, Any]:
+                   total_cpus: int | None = None, worker_logs: bool = False) -> dict[str, Any]:
     """Flower's simulation backend config for a scenario.
 
     Flower's default gives each virtual client 2 CPUs, so a 2-core machine runs one
@@ -37,6 +38,8 @@ def backend_config(sc: Scenario, *, cpus_per_client: float | None = None,
         sc: the scenario (its ``runtime`` block sizes the pool).
         cpus_per_client: CPUs per virtual client (default ``runtime.num_cpus``).
         total_cpus: CPUs Ray may use (default ``runtime.num_actors * cpus_per_client``).
+        worker_logs: show the Ray workers' output (a failing client is reported by the
+            server either way: the error travels back in its reply).
 
     Raises:
         ValueError: a non-positive CPU count, naming it.
@@ -51,7 +54,7 @@ def backend_config(sc: Scenario, *, cpus_per_client: float | None = None,
         "client_resources": {"num_cpus": per, "num_gpus": float(sc.runtime.num_gpus)},
         "init_args": {"num_cpus": int(total), "num_gpus": math.ceil(
             sc.runtime.num_actors * sc.runtime.num_gpus), "include_dashboard": False,
-            "configure_logging": False},
+            "configure_logging": False, "log_to_driver": bool(worker_logs)},
     }
 
 
@@ -99,19 +102,26 @@ def simulate(
     # Ray workers import fedflat through PYTHONPATH (Flower copies sys.path into it); keep
     # Ray from spilling its own logs into the user's terminal unless asked.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    if not verbose:  # Flower warns that run_simulation is deprecated, once per call
+        flwr_log.setLevel(logging.ERROR)
     error: BaseException | None = None
     try:
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=fed.num_clients,
-                       backend_config=backend_config(sc, cpus_per_client=cpus_per_client,
-                                                     total_cpus=total_cpus),
-                       verbose_logging=verbose)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=fed.num_clients,
+                           backend_config=backend_config(sc, cpus_per_client=cpus_per_client,
+                                                         total_cpus=total_cpus,
+                                                         worker_logs=verbose),
+                           verbose_logging=verbose)
     except FedflatError:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported below with the run's own status
         error = exc
+    finally:
+        flwr_log.setLevel(level)
     result = settings.result.get("run")
     if result is None:  # the ServerApp raised: summary.json says why, else the engine does
         path = run_dir / "summary.json"

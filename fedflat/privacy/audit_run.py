@@ -80,6 +80,7 @@ CANARY_NORM_FACTOR = 10.0  # default canary norm c = 10 × the clip norm (≥ C,
 # refuse an infinite clip norm); the noise multiplier is divided by the same factor so
 # that the noise std z·S on the sum is unchanged.
 UNCLIPPED_FACTOR = 1e6
+MAX_GROWTH_LOG = 30.0  # cap on log(C_T / C_0) in ``max_adaptive_clip``
 CANARY_PARAM = "canary"  # name of the dummy block in ``CanaryModule``
 
 
@@ -389,6 +390,21 @@ def _restore_excess(step: ServerStep, expected_clients: float) -> ServerStep:
     return ServerStep(step.name, init=step.init, apply=apply)
 
 
+def max_adaptive_clip(sc: Scenario) -> float:
+    """The largest clip norm adaptive clipping can reach within the scenario's rounds.
+
+    The noisy fraction b̄ lies in [0, 1], so one round multiplies C by at most
+    exp(η_C·γ) (geometric) or adds at most η_C·γ (arithmetic). The exponent is capped at
+    ``MAX_GROWTH_LOG`` to stay far inside float32; a canary of 10× this norm is clipped in
+    every round of a correct mechanism (while C_t stays below it).
+    """
+    ac = sc.privacy.user_level.adaptive_clipping
+    growth = ac.clip_lr * ac.target_quantile * sc.server.rounds
+    if ac.update == "arithmetic":
+        return ac.initial_clip + growth
+    return ac.initial_clip * math.exp(min(growth, MAX_GROWTH_LOG))
+
+
 def _user_mechanism(sc: Scenario) -> str:
     u = sc.privacy.user_level
     if u.noise_placement == "client":
@@ -410,13 +426,16 @@ def _user_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan, *
     mechanism = _user_mechanism(sc)
     adaptive = mechanism == "adaptive_clipping"
     clip = u.adaptive_clipping.initial_clip if adaptive else u.clip_norm
-    c = CANARY_NORM_FACTOR * clip if canary_norm is None else float(canary_norm)
+    c = (CANARY_NORM_FACTOR * (max_adaptive_clip(sc) if adaptive else clip)
+         if canary_norm is None else float(canary_norm))
     notes = ["canary-only cohorts: real clients' deltas do not touch the canary "
              "coordinates and are left out"]
     if mechanism == "local_noise":
-        notes.append("local_noise: each cohort holds about q·m/2 canaries, more than the "
-                     "expected cohort the noise is split over, so the summed noise is larger "
-                     "than σ·C and the audit is conservative")
+        notes.append(
+            f"local_noise: a round holds about q·m/2 = {q * num_canaries / 2:.0f} canary "
+            f"clients, each adding noise σC/√{expected_cohort(sc, n_pop):g}, so the released sum "
+            "carries more noise than the σ·C the accountant assumes: the audit is weak "
+            "(only gross faults such as noise_off show)")
 
     # The fault's parameter change; the claim above keeps z and q.
     update: dict[str, Any] = {}
@@ -430,7 +449,10 @@ def _user_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan, *
     faulty = sc.model_copy(update={"privacy": sc.privacy.model_copy(update={
         "user_level": u.model_copy(update=update)})})
     segments = [Segment("canary", (num_canaries,), 0, num_canaries, nn.Module)]
-    steps = user_level_steps(faulty, n_pop, segments)
+    try:
+        steps = user_level_steps(faulty, n_pop, segments)
+    except ValueError as exc:  # e.g. adaptive clipping with z ≥ 2σ_b, as a run would fail
+        raise loaded.error("privacy.user_level", str(exc)) from None
     m_exp = expected_cohort(sc, n_pop)
     if fault == "clipping_off" and adaptive:
         steps = [_restore_excess(steps[0], m_exp)]
@@ -494,7 +516,8 @@ def audit_scenario(
         level: "sample" or "user"; default the one the scenario enables (required when
             both are).
         canary_norm: c, the norm of a canary's gradient (sample level) or delta (user
-            level); default 10 × the clip norm (the initial clip with adaptive clipping).
+            level); default 10 × the clip norm (with adaptive clipping, 10 × the largest
+            clip it can reach in the run, ``max_adaptive_clip``).
         k_plus: "in" guesses for the highest scores; default m // 5.
         k_minus: "out" guesses for the lowest scores; default m // 5.
         alpha: significance level α of the bound.
