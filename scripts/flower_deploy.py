@@ -45,6 +45,12 @@ BIN = Path(sys.executable).parent
 
 
 # ---------------------------------------------------------------------- certificates
+def _valid(builder: x509.CertificateBuilder, now: dt.datetime) -> x509.CertificateBuilder:
+    """Valid from 5 minutes ago (clock skew) for one day: long enough for a loopback test."""
+    return builder.not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(
+        now + dt.timedelta(days=1))
+
+
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
@@ -53,10 +59,9 @@ def make_tls(folder: Path) -> dict[str, Path]:
     """A CA and a server certificate for 127.0.0.1 / localhost signed by it (EC P-256)."""
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("fedflat loopback CA"))
+    ca = (_valid(x509.CertificateBuilder(), now).subject_name(_name("fedflat loopback CA"))
           .issuer_name(_name("fedflat loopback CA")).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False,
@@ -64,9 +69,9 @@ def make_tls(folder: Path) -> dict[str, Path]:
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+    cert = (_valid(x509.CertificateBuilder(), now).subject_name(_name("localhost"))
+            .issuer_name(ca.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
             .add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                 critical=False)
@@ -88,7 +93,8 @@ def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
     """An EC P-384 SuperNode key pair in OpenSSH format (what ssh-keygen -t ecdsa -b 384 writes)."""
     key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = folder / name, folder / f"{name}.pub"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
                                        serialization.NoEncryption()))
     os.chmod(priv, 0o600)
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
@@ -193,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         (work / sub).mkdir(exist_ok=True)
     env = dict(os.environ)
     env["FLWR_HOME"] = str(work / "flwr-home")
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the SuperLink finds flower-superexec here
+    # The SuperLink starts flower-superexec through PATH.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     procs = Procs(work / "logs", env)
@@ -201,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def check(name: str, ok: bool, detail: str = "") -> bool:
         checks.append((name, ok, detail))
-        print(f"{'PASS' if ok else 'FAIL'}  {name}" + (f"  ({detail})" if detail else ""), flush=True)
+        print(f"{'PASS' if ok else 'FAIL'}  {name}" + (f"  ({detail})" if detail else ""),
+              flush=True)
         return ok
 
     t0 = time.perf_counter()
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         leftovers = [n for n, p in procs.all.items() if p.poll() is None]
-        check(f"all {len(procs.all)} started processes stopped", not leftovers, ", ".join(leftovers))
+        check(f"all {len(procs.all)} started processes stopped", not leftovers,
+              ", ".join(leftovers))
     if not args.keep and args.workdir is None and all(ok for _, ok, _ in checks):
         shutil.rmtree(work, ignore_errors=True)
     else:
@@ -280,9 +289,9 @@ def deploy(args: argparse.Namespace, work: Path, env: dict[str, str], procs: Pro
         time.sleep(1.0)
     check("run status finished:completed (flwr ls)", status == "finished:completed", status)
 
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").exists() else []
+    spath, mpath = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    summary = json.loads(spath.read_text()) if spath.exists() else {}
+    lines = [json.loads(x) for x in mpath.read_text().splitlines()] if mpath.exists() else []
     check("summary.json: completed on the flower backend",
           summary.get("status") == "completed" and summary.get("backend") == "flower",
           f"status={summary.get('status')}, error={summary.get('error')}")
@@ -318,8 +327,9 @@ def deploy(args: argparse.Namespace, work: Path, env: dict[str, str], procs: Pro
 def report(checks: list[tuple[str, bool, str]], t0: float) -> int:
     failed = [n for n, ok, _ in checks if not ok]
     verdict = "PASS" if not failed and checks else "FAIL"
+    tail = f"; failed: {', '.join(failed)}" if failed else ""
     print(f"\n{verdict}: {len(checks) - len(failed)}/{len(checks)} checks passed in "
-          f"{time.perf_counter() - t0:.1f} s" + (f"; failed: {', '.join(failed)}" if failed else ""))
+          f"{time.perf_counter() - t0:.1f} s{tail}")
     return 0 if verdict == "PASS" else 1
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -70,6 +71,9 @@ def test_sample_level_correct_mechanism_is_not_flagged():
     assert res.level == "sample" and res.mechanism == "dp_sgd"
     assert not res.flagged and res.epsilon_lower_bound < res.claimed_epsilon
     assert res.guesses == 2 * (M // 5) and 0 < res.num_included < M
+    # With δ = 0, r guesses all right certify logit(α^(1/r)); δ > 0 only lowers it.
+    p = 0.05 ** (1 / res.guesses)
+    assert res.epsilon_lower_bound <= res.max_certifiable_epsilon <= math.log(p / (1 - p))
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -146,9 +150,17 @@ def test_cli_json_output(tmp_path, capsys):
     assert code == (1 if out["flagged"] else 0)
     for key in ("level", "mechanism", "epsilon_lower_bound", "claimed_epsilon", "flagged",
                 "delta", "alpha", "num_canaries", "guesses", "correct", "noise_multiplier",
-                "sampling_rate", "steps", "clip_norm", "canary_norm", "fault", "notes"):
+                "sampling_rate", "steps", "clip_norm", "canary_norm", "fault", "notes",
+                "max_certifiable_epsilon"):
         assert key in out
     assert out["num_canaries"] == 200 and out["steps"] == 20 and out["fault"] is None
+    assert out["epsilon_lower_bound"] <= out["max_certifiable_epsilon"]
+
+
+def test_a_claim_beyond_reach_of_the_audit_is_said(tmp_path):
+    res = audit_scenario(user_level(epsilon=8.0, delta=1e-3), canaries=200)
+    assert res.claimed_epsilon > res.max_certifiable_epsilon
+    assert not res.flagged and any("cannot refute" in n for n in res.notes)
 
 
 def test_cli_text_output_and_exit_code_of_a_fault(tmp_path, capsys):

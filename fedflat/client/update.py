@@ -17,7 +17,6 @@ from torch import Tensor
 from fedflat.client.correction import Correction
 from fedflat.client.optim import LocalOptimizer
 from fedflat.client.oracle import Oracle, UpdateContext
-from fedflat.models.flat import FlatModel
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def pyproject(sc: Scenario, scenario_yaml: str, **config: Any) -> dict[str, Any]
             "version": "1.0.0",
             "description": f"fedflat scenario {sc.name!r} as a Flower app"
                            + (f": {sc.description}" if sc.description else ""),
-            "dependencies": [f"fedflat=={fedflat.__version__}", f"flwr[simulation]=={FLWR_VERSION}"],
+            "dependencies": [f"fedflat=={fedflat.__version__}",
+                             f"flwr[simulation]=={FLWR_VERSION}"],
         },
         "tool": {
             "hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
@@ -101,41 +102,47 @@ fedflat and flwr must be installed wherever the SuperLink and the SuperNodes run
 with `--disable-runtime-dependency-installation` (the app folder carries no code).
 
 ```bash
-# SuperLink (TLS; --enable-supernode-auth admits only registered SuperNodes)
+# SuperLink (TLS; --enable-supernode-auth admits only registered SuperNodes). In Flower 1.42
+# one HTTPS port serves the Fleet, Control and runtime APIs.
 flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.pem --ssl-keyfile server.key \\
-    --enable-supernode-auth --disable-runtime-dependency-installation
+    --enable-supernode-auth --disable-runtime-dependency-installation --host 0.0.0.0 --port 9092
 
 # one SuperNode per client: this scenario has data.num_clients = {n} (partition-id 0..{n - 1})
-flwr supernode register supernode_K.pub <superlink>      # with supernode auth
+flwr supernode register supernode_K.pub <superlink>      # EC P-384 key, OpenSSH format
 flower-supernode --root-certificates ca.crt --superlink <host>:9092 \\
     --node-config "partition-id=K" --auth-supernode-private-key supernode_K
 
-# run it
+# run it, then check how it ended (`flwr run --stream` may exit 0 for a failed run)
 flwr run {folder} <superlink> --stream
-flwr ls <superlink>                     # the run's status: finished:completed / failed
+flwr ls <superlink>                     # status finished:completed, or finished:failed
 ```
 
 `<superlink>` is a connection in `$FLWR_HOME/config.toml` (default `~/.flwr`):
 
 ```toml
 [superlink.<superlink>]
-address = "<host>:9093"
+address = "<host>:9092"
 root-certificates = "/abs/path/ca.crt"
 ```
 
 A SuperNode's `--node-config` may also set `data-dir="/path"` (where the node finds the
-dataset files; default the scenario's `data.data_dir`), `data-path="/path/client.pt"` (the
-node's own samples: a torch or npz file with `x`, `y`, `num_classes`), `device="cuda"` and
-`threads=N`. Per-client state (SCAFFOLD, error feedback) travels in the messages.
+dataset files; default the scenario's `data.data_dir` if that folder exists on the node,
+else the node's `$FEDFLAT_DATA`),
+`data-path="/path/client.pt"` (the node's own samples: a torch or npz file with `x`, `y`,
+`num_classes`), `device="cuda"` and `threads=N`. Per-client state (SCAFFOLD control variates,
+error-feedback residuals) travels in the messages. `scripts/flower_deploy.py` in the fedflat
+repository does all of this on 127.0.0.1 and checks the outcome.
 
 ## Settings (`[tool.flwr.app.config]`, override with `--run-config`)
 
 | key | meaning |
 |---|---|
-| `out-dir` | run folder on the SuperLink machine ("" = `{sc.output.dir}/{sc.name}/<stamp>` from the ServerApp's working directory) |
+| `out-dir` | run folder on the SuperLink machine ("" = `{sc.output.dir}/{sc.name}/<stamp>` \
+under the ServerApp's working directory) |
 | `reply-timeout` | seconds a round waits for its replies (0 = forever) |
 | `node-timeout` | seconds to wait until every client has a SuperNode |
-| `on-failure` | `abort` (the run fails, naming each failed client) or `drop` (aggregate the replies that came) |
+| `on-failure` | `abort` (the run fails, naming each failed client) or `drop` \
+(aggregate the replies that came) |
 | `set` | scenario overrides, `"key.path=value; key.path=value"` |
 
 The run folder holds scenario.yaml, clients.json, metrics.jsonl, checkpoints/, final_model.pt

@@ -5,10 +5,22 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from fedflat.errors import FedflatError
+
 Handler = Callable[[argparse.Namespace], int]
 
 
+def _require_flwr() -> None:
+    """Turn a missing optional dependency into a one-line error (exit code 2)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None or importlib.util.find_spec("tomli_w") is None:
+        raise FedflatError("Flower is not installed: pip install -e '.[flower]' "
+                           "(flwr[simulation]==1.42.0)")
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    _require_flwr()
     from fedflat.flower.simulate import simulate
 
     res = simulate(args.scenario, overrides=args.set, out=args.out,
@@ -24,6 +36,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_app(args: argparse.Namespace) -> int:
+    _require_flwr()
     from fedflat.flower.app import write_app
 
     path = write_app(args.scenario, args.dir, overrides=args.set, force=args.force,

@@ -5,8 +5,9 @@ by the node's ``node_config``:
 
 * ``partition-id = k`` (the simulation engine sets it; a real SuperNode gets it from
   ``--node-config "partition-id=k"``): the node builds the scenario's federated data itself
-  (synthetic data is regenerated from the seed; file datasets are read from ``data.data_dir``
-  or ``$FEDFLAT_DATA`` on the node) and trains client ``k``'s samples.
+  (synthetic data is regenerated from the seed; file datasets are read from the node's
+  ``data-dir``, else the scenario's ``data.data_dir`` if that folder exists on the node,
+  else the node's ``$FEDFLAT_DATA``) and trains client ``k``'s samples.
 * ``data-path = "/path/file.pt"`` (or ``.npz``) together with ``partition-id = k``: the node
   trains on its own local samples instead, a file holding ``x`` (float inputs), ``y``
   (int64 labels) and ``num_classes``; client ``k`` is then the name the server knows it by.
@@ -21,6 +22,7 @@ cached, exactly as a Ray client actor keeps it resident.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,8 @@ import yaml
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedflat.data.datasets import Dataset
-from fedflat.errors import FedflatError
+from fedflat.data.datasets import DATA_ENV, Dataset
+from fedflat.errors import DataError, FedflatError
 from fedflat.flower import codec
 from fedflat.runtime.build import FederatedData, build_data
 from fedflat.runtime.worker import ClientWorker
@@ -41,6 +43,7 @@ from fedflat.scenario.loader import load_scenario
 from fedflat.scenario.schema import Scenario
 
 PARTITION_KEY = "partition-id"
+DATA_DIR_KEY = "data-dir"
 DATA_PATH_KEY = "data-path"
 DEVICE_KEY = "device"
 THREADS_KEY = "threads"
@@ -67,6 +70,7 @@ class ClientSettings:
 # One worker per (scenario, data source, device, threads) and process: a Ray actor of the
 # simulation engine, or a SuperNode's ClientApp process, builds model and data only once.
 _WORKERS: dict[tuple[str, str, str, int | None], ClientWorker] = {}
+_SCENARIOS: dict[str, Scenario] = {}
 _LOCK = threading.Lock()
 
 
@@ -78,7 +82,8 @@ def node_partition(ctx: Context) -> int | None:
     try:
         pid = int(raw)
     except (TypeError, ValueError):
-        raise FlowerClientError(f"node_config {PARTITION_KEY} = {raw!r} is not an integer") from None
+        raise FlowerClientError(
+            f"node_config {PARTITION_KEY} = {raw!r} is not an integer") from None
     if pid < 0:
         raise FlowerClientError(f"node_config {PARTITION_KEY} must be >= 0, got {pid}")
     return pid
@@ -129,25 +134,51 @@ def load_local_data(path: str | Path, client_id: int, num_clients: int) -> Feder
     return FederatedData(ds, indices)
 
 
-def _scenario_from_yaml(text: str) -> Scenario:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise FlowerClientError(f"the server sent an unreadable scenario: {exc}") from None
-    return load_scenario(data).scenario
+def scenario_of(instr: codec.TrainInstruction) -> Scenario:
+    """The scenario a train message carries, parsed once per process and digest."""
+    sc = _SCENARIOS.get(instr.scenario_sha256)
+    if sc is None:
+        try:
+            data = yaml.safe_load(instr.scenario_yaml)
+        except yaml.YAMLError as exc:
+            raise FlowerClientError(f"the server sent an unreadable scenario: {exc}") from None
+        sc = _SCENARIOS[instr.scenario_sha256] = load_scenario(data).scenario
+    return sc
 
 
-def get_worker(instr: codec.TrainInstruction, ctx: Context, settings: ClientSettings) -> ClientWorker:
-    """The cached worker for this node and scenario (built on first use)."""
+def node_data_dir(ctx: Context, scenario_dir: str | None) -> str | None:
+    """Where this node finds dataset files, if not at the scenario's ``data.data_dir``.
+
+    ``node_config['data-dir']`` wins; else the node's ``$FEDFLAT_DATA`` when the scenario's
+    folder (a path on the server) does not exist here; else None (use the scenario's).
+    """
+    explicit = ctx.node_config.get(DATA_DIR_KEY)
+    if explicit:
+        return str(explicit)
+    env = os.environ.get(DATA_ENV)
+    if env and not (scenario_dir and Path(scenario_dir).is_dir()):
+        return env
+    return None
+
+
+def get_worker(instr: codec.TrainInstruction, ctx: Context,
+               settings: ClientSettings) -> ClientWorker:
+    """The cached worker for this node and scenario (built on first use).
+
+    Raises:
+        FlowerClientError: the node cannot load its data.
+    """
     data_path = ctx.node_config.get(DATA_PATH_KEY)
     threads_raw = ctx.node_config.get(THREADS_KEY, settings.threads)
     device_raw = ctx.node_config.get(DEVICE_KEY, settings.device)
-    key = (instr.scenario_sha256, f"path:{data_path}" if data_path else "scenario",
-           str(device_raw), None if threads_raw is None else int(threads_raw))
     with _LOCK:
+        sc = scenario_of(instr)
+        data_dir = node_data_dir(ctx, sc.data.data_dir)
+        source = f"path:{data_path}" if data_path else f"dir:{data_dir}"
+        key = (instr.scenario_sha256, source, str(device_raw),
+               None if threads_raw is None else int(threads_raw))
         worker = _WORKERS.get(key)
         if worker is None:
-            sc = _scenario_from_yaml(instr.scenario_yaml)
             threads = key[3] if key[3] is not None else sc.runtime.threads
             if device_raw is not None:
                 device = str(device_raw)
@@ -156,7 +187,16 @@ def get_worker(instr: codec.TrainInstruction, ctx: Context, settings: ClientSett
             if data_path:
                 fed = load_local_data(str(data_path), instr.job.client_id, sc.data.num_clients)
             else:
-                fed = build_data(sc)
+                if data_dir is not None:
+                    data = sc.data.model_copy(update={"data_dir": data_dir})
+                    sc = sc.model_copy(update={"data": data})
+                try:
+                    fed = build_data(sc)
+                except DataError as exc:
+                    raise FlowerClientError(
+                        f"node cannot load {sc.data.dataset!r} (data_dir {sc.data.data_dir!r}): "
+                        f"{exc}; give the node --node-config 'data-dir=\"/path\"' or "
+                        f"${DATA_ENV}") from None
             worker = ClientWorker(sc, fed, device=device, threads=threads)
             _WORKERS[key] = worker
     return worker

@@ -1,7 +1,8 @@
 """fedflat's round objects <-> Flower ``RecordDict`` (the content of a Flower ``Message``).
 
-A train instruction carries one client's job: the round payload (flat global parameters, or
-in asynchronous mode the model version the client starts from, and the server broadcast), the client's persistent state (SCAFFOLD control variates, error
+A train instruction carries one client's job: the round payload (flat global parameters,
+or in asynchronous mode the model version the client starts from, and the server
+broadcast), the client's persistent state (SCAFFOLD control variates, error
 feedback, ...), the job's round, client id, learning rate and step cap, and the resolved
 scenario so that the node builds the same model and local rule as the server. A reply
 carries the ``ClientResult``: the flat delta, the updated client state, the extras for the
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -40,6 +42,8 @@ METRICS = "fedflat.metrics"
 NODE = "fedflat.node"
 
 WIRE_VERSION = 1
+
+T = TypeVar("T")
 
 
 class CodecError(ValueError):
@@ -139,14 +143,11 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     params = record_to_tensors(content.array_records[PARAMS])
     if "params" not in params:
         raise CodecError(f"record {PARAMS!r} lacks 'params'")
-    max_steps, weight, version = cfg.get("max_steps"), cfg.get("weight"), cfg.get("version")
-    job = ClientJob(round=int(cfg["job_round"]), client_id=int(cfg["client_id"]),  # type: ignore[arg-type]
-                    lr=float(cfg["lr"]),  # type: ignore[arg-type]
-                    max_steps=None if max_steps is None else int(max_steps),  # type: ignore[arg-type]
-                    version=None if version is None else int(version),  # type: ignore[arg-type]
-                    weight=None if weight is None else float(weight))  # type: ignore[arg-type]
+    job = ClientJob(round=_int(cfg, "job_round"), client_id=_int(cfg, "client_id"),
+                    lr=_float(cfg, "lr"), max_steps=_opt(cfg, "max_steps", _int),
+                    version=_opt(cfg, "version", _int), weight=_opt(cfg, "weight", _float))
     x = params["params"]
-    payload = RoundPayload(round=int(cfg["round"]), params=x,  # type: ignore[arg-type]
+    payload = RoundPayload(round=_int(cfg, "round"), params=x,
                            broadcast=record_to_tensors(content.array_records[BROADCAST]),
                            versions={} if job.version is None else {job.version: x})
     scen = content.config_records[SCENARIO]
@@ -191,16 +192,17 @@ def decode_result(content: RecordDict) -> ClientResult:
     missing = {"client_id", "num_samples", "train_loss", "steps"} - set(s)
     if missing:
         raise CodecError(f"record {RESULT!r} lacks {sorted(missing)}")
-    loss = float(s["train_loss"])  # type: ignore[arg-type]
+    loss = _float(s, "train_loss")
     return ClientResult(
-        client_id=int(s["client_id"]),  # type: ignore[arg-type]
+        client_id=_int(s, "client_id"),
         delta=delta["delta"],
-        num_samples=int(s["num_samples"]),  # type: ignore[arg-type]
+        num_samples=_int(s, "num_samples"),
         train_loss=loss if not math.isnan(loss) else float("nan"),
-        steps=int(s["steps"]),  # type: ignore[arg-type]
+        steps=_int(s, "steps"),
         client_state=record_to_tensors(content.array_records[STATE]),
         extras=record_to_tensors(content.array_records[EXTRAS]),
-        metrics={k: float(v) for k, v in content.metric_records[METRICS].items()},  # type: ignore[arg-type]
+        metrics={k: _float(content.metric_records[METRICS], k)
+                 for k in content.metric_records[METRICS]},
     )
 
 
@@ -220,7 +222,7 @@ def decode_node_info(content: RecordDict) -> int | None:
     if info.get("wire_version") != WIRE_VERSION:
         raise CodecError(f"node speaks wire version {info.get('wire_version')}, the server "
                          f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
-    pid = int(info["partition_id"])  # type: ignore[arg-type]
+    pid = _int(info, "partition_id")
     return None if pid < 0 else pid
 
 
@@ -229,3 +231,22 @@ def _require(content: RecordDict, names: tuple[str, ...], what: str) -> None:
     if missing:
         raise CodecError(f"{what} lacks records {missing}: is the peer a fedflat app of the "
                          "same version?")
+
+
+def _int(rec: Mapping[str, Any], key: str) -> int:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CodecError(f"{key!r} is {value!r}, expected a number")
+    return int(value)
+
+
+def _float(rec: Mapping[str, Any], key: str) -> float:
+    value = rec.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise CodecError(f"{key!r} is {value!r}, expected a number")
+    return float(value)
+
+
+def _opt(rec: Mapping[str, Any], key: str, conv: Callable[[Mapping[str, Any], str], T]) -> T | None:
+    """An optional scalar: ConfigRecord has no None, so an absent key means None."""
+    return None if key not in rec else conv(rec, key)

@@ -1,15 +1,14 @@
 """fedflat's Flower ServerApp: fedflat's own server loop over a Flower ``Grid``.
 
-The ServerApp does not use a Flower strategy. Its main function
-
-1. loads the scenario (the resolved YAML text from the run config, or the prepared one of
-   ``fedflat flower simulate``), builds the data (for evaluation) and a ``ServerCore``;
-2. asks every node which partition it holds (a ``query`` message) and maps client id ->
-   node id, waiting until every client of the scenario has a node;
-3. runs fedflat's driver loop (``Runner`` of :mod:`fedflat.runtime.run`: seeded cohorts from
-   ``sample_cohort``, metrics.jsonl, checkpoints, summary.json) with a backend whose round
-   sends each sampled client's job, with its per-client state, to that client's node and
-   feeds the replies, in job order, to ``ServerCore.end_round``.
+The ServerApp uses no Flower strategy. Its main function loads the scenario (the resolved
+YAML text of the run config, or the one ``fedflat flower simulate`` prepared) and runs
+fedflat's driver, ``Runner.execute`` of :mod:`fedflat.runtime.run` (seeded cohorts from
+``sample_cohort``, the system model, privacy planning, metrics.jsonl, checkpoints, plots,
+summary.json), with a ``FlowerGridBackend`` as its backend. That backend owns a
+``ServerCore``; at the first round it asks every node which partition it holds (a
+``query`` message) and maps client id -> node id; each round it sends every job, with the
+client's persistent state and the scenario the Runner gives its workers, to that client's
+node, and feeds the replies, in job order, to ``ServerCore.end_round``.
 
 Because the cohorts, the client generators and the server pipeline are fedflat's, a Flower
 run produces the same model as the serial backend for the same scenario and seed.
@@ -23,12 +22,10 @@ Run-config keys (``[tool.flwr.app.config]`` of the generated app, or ``flwr run
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +39,6 @@ from flwr.serverapp import Grid, ServerApp
 from fedflat.client.update import ClientResult
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.flower import codec
-from fedflat.runtime import run as run_module
 from fedflat.runtime.build import FederatedData
 from fedflat.runtime.run import Runner, RunResult, _load_data, _new_run_dir
 from fedflat.runtime.server_core import ServerCore
@@ -190,7 +186,8 @@ def send_and_receive(grid: Grid, messages: Sequence[Message], *, timeout_s: floa
     return replies
 
 
-def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float, poll_s: float) -> dict[int, int]:
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float,
+                   poll_s: float) -> dict[int, int]:
     """Map each client id 0..num_clients-1 to the node whose partition-id equals it.
 
     Nodes are asked once each (a ``query`` message) as they register; the call returns as
@@ -409,19 +406,9 @@ def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
 
 
 def execute_with_backend(runner: Runner, factory: Callable[..., Any]) -> RunResult:
-    """``runner.execute()`` with ``factory(sc, fed, params0)`` building the backend.
-
-    ``Runner.execute`` builds its backend with run.py's module-level ``make_backend``. When
-    it accepts a ``make_backend`` keyword that is used; otherwise the very same function is
-    called with ``make_backend`` rebound in a private copy of its globals: no module state
-    changes, and the loop, privacy planning, checkpoints and summary stay run.py's.
-    """
-    if "make_backend" in inspect.signature(Runner.execute).parameters:
-        return runner.execute(make_backend=factory)  # type: ignore[call-arg]
-    fn = Runner.execute
-    rebound = types.FunctionType(fn.__code__, {**vars(run_module), "make_backend": factory},
-                                 fn.__name__, fn.__defaults__, fn.__closure__)
-    return rebound(runner)  # type: ignore[no-any-return]
+    """``runner.execute()`` with ``factory(sc, fed, params0)`` building the backend: the
+    loop, privacy planning, checkpoints and summary stay the driver's."""
+    return runner.execute(make_backend=factory)
 
 
 def _annotate_summary(run_dir: Path, backend: FlowerGridBackend | None) -> None:

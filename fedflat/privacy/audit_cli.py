@@ -82,7 +82,8 @@ def format_audit(res: ScenarioAudit) -> str:
         f"({100 * (1 - res.alpha):g} % confidence)  vs  claimed ε {res.claimed_epsilon:.3f} "
         f"(δ={res.delta:g}, {res.accountant})",
         f"  {res.correct}/{res.guesses} correct guesses on {res.num_canaries} canaries "
-        f"({res.num_included} included, canary norm {res.canary_norm:g}), {res.seconds:.1f} s",
+        f"({res.num_included} included, canary norm {res.canary_norm:g}; at most ε "
+        f"{res.max_certifiable_epsilon:.2f} certifiable), {res.seconds:.1f} s",
         f"  {verdict}",
     ]
     lines += [f"  note: {n}" for n in res.notes]

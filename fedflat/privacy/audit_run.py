@@ -42,6 +42,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -56,7 +57,12 @@ from fedflat.models.flat import FlatModel, Segment
 from fedflat.models.zoo import build_model
 from fedflat.privacy import central
 from fedflat.privacy.accounting import epsilon as accounted_epsilon
-from fedflat.privacy.audit import FAULTS, audit_released, draw_inclusion
+from fedflat.privacy.audit import (
+    FAULTS,
+    audit_released,
+    draw_inclusion,
+    epsilon_lower_bound_from_counts,
+)
 from fedflat.privacy.mechanisms import DPState
 from fedflat.privacy.plan import PrivacyPlan, expected_cohort, resolve_privacy
 from fedflat.rng import stream
@@ -113,6 +119,8 @@ class ScenarioAudit:
         canary_norm: c, the norm of a canary's gradient or delta.
         accountant: "rdp", "prv" or "pld".
         fault: the injected fault, or None.
+        max_certifiable_epsilon: ε_lb if every guess were right: no claim above it can
+            be refuted by this audit (m, r, δ and α limit it).
         client_id: the audited client (sample level), else None.
         participations: participations audited (sample level), else None.
         seconds: wall time of the audit.
@@ -138,6 +146,7 @@ class ScenarioAudit:
     canary_norm: float
     accountant: str
     fault: str | None
+    max_certifiable_epsilon: float = math.inf
     client_id: int | None = None
     participations: int | None = None
     seconds: float = 0.0
@@ -492,7 +501,7 @@ def _user_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan, *
 
 # ----------------------------------------------------------------------------- entry
 def audit_scenario(
-    source: str | Any,
+    source: str | Path | dict[str, Any] | Scenario,
     overrides: dict[str, Any] | Sequence[str] | None = None,
     *,
     canaries: int = 1000,
@@ -551,4 +560,14 @@ def audit_scenario(
         res = _sample_audit(loaded, fed, plan, client=client, **common)
     else:
         res = _user_audit(loaded, fed, plan, **common)
-    return dataclasses.replace(res, seconds=time.perf_counter() - t0)
+    ceiling = epsilon_lower_bound_from_counts(num_canaries=canaries, guesses=res.guesses,
+                                              correct=res.guesses, delta=res.delta,
+                                              alpha=alpha)
+    notes = res.notes
+    if res.claimed_epsilon >= ceiling:
+        notes += (f"the claimed ε {res.claimed_epsilon:.3g} is above the {ceiling:.3g} that "
+                  f"even all {res.guesses} guesses right would certify (m, δ, α limit "
+                  "one-run audits): this audit cannot refute it; audit at ε ≈ 1 "
+                  "(e.g. --set the epsilon) or with more canaries",)
+    return dataclasses.replace(res, seconds=time.perf_counter() - t0,
+                               max_certifiable_epsilon=ceiling, notes=notes)

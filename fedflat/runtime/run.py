@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,10 @@ class Runner:
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ loop
-    def execute(self, backend_state: dict[str, Any] | None = None) -> RunResult:
+    def execute(self, backend_state: dict[str, Any] | None = None,
+                make_backend: Callable[..., Any] = make_backend) -> RunResult:
+        """Run the remaining rounds; ``make_backend`` lets other front ends (Flower) supply
+        their own backend with the same driver, files and checkpoints."""
         sc = self.sc
         model = build_flat_model(sc, self.fed.dataset)
         params0 = initial_params(sc, model)
