@@ -88,9 +88,10 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction, dict[str, Handle
         regs.append(privacy_register)
     except ImportError:
         pass
+    from fedflat.privacy.audit_cli import register as audit_register
     from fedflat.report.cli import register as report_register
 
-    regs.append(report_register)
+    regs.extend([audit_register, report_register])
     try:  # needs the optional flwr package: pip install -e '.[flower]'
         from fedflat.flower.cli import register as flower_register
 

@@ -81,3 +81,18 @@ def test_dp_mechanisms_run_and_resume_exactly(tmp_path, mechanism):
     resumed = fedflat.resume(again.run_dir)
     assert torch.equal(resumed.params, ref.params)
     assert resumed.metrics[-1]["epsilon_sample_max"] == ref.metrics[-1]["epsilon_sample_max"]
+
+
+def test_empty_poisson_cohort_still_gets_user_level_noise(tmp_path):
+    # q tiny: most rounds are empty; with user-level DP the model must still move (noise).
+    sc = tiny_scenario(**{"privacy.user_level": {"enabled": True, "noise_multiplier": 1.0,
+                                                 "clip_norm": 0.5},
+                          "server.sampling": "poisson", "server.sampling_rate": 0.01,
+                          "server.rounds": 3, "output.checkpoint_every": 1,
+                          "output.keep_checkpoints": 5})
+    res = fedflat.run(sc, out=tmp_path / "r")
+    assert [len(m["clients"]) for m in res.metrics] == [0, 0, 0]
+    ckpts = sorted((res.run_dir / "checkpoints").iterdir())
+    p1 = torch.load(ckpts[0], weights_only=False)["server"]["params"]
+    p2 = torch.load(ckpts[1], weights_only=False)["server"]["params"]
+    assert not torch.equal(p1, p2)

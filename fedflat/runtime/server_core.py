@@ -84,13 +84,17 @@ class ServerCore:
         if self._pending_down_residual is not None:
             self.down_residual = self._pending_down_residual
             self._pending_down_residual = None
-        if results:
+        if results or self.sc.privacy.user_level.enabled:
+            # With user-level DP an empty Poisson cohort still releases noise: the accounted
+            # mechanism adds it every round, whoever took part.
             for r in results:
                 self.client_states[r.client_id] = r.client_state
-            deltas = torch.stack([r.delta for r in results])
+            d = self.params.numel()
+            deltas = torch.stack([r.delta for r in results]) if results else self.params.new_zeros(0, d)
             weights = torch.tensor([float(j.weight) if j.weight is not None else float(r.num_samples)
                                     for j, r in zip(jobs, results, strict=True)])
-            extras = {k: torch.stack([r.extras[k] for r in results]) for k in results[0].extras}
+            extras = {k: torch.stack([r.extras[k] for r in results]) for k in results[0].extras} \
+                if results else {}
             rnd = ServerRound(round=round_, params=self.params, deltas=deltas, weights=weights,
                               client_ids=[r.client_id for r in results],
                               num_clients=self.num_clients, extras=extras,
@@ -105,7 +109,7 @@ class ServerCore:
             total = sum(n for _, n in losses)
             rec["train_loss"] = sum(l * n for l, n in losses) / total if total else float("nan")
             rec["update_norm"] = float(rnd.aggregate.norm()) if rnd.aggregate is not None else 0.0
-            rec["local_steps_mean"] = sum(r.steps for r in results) / len(results)
+            rec["local_steps_mean"] = sum(r.steps for r in results) / max(len(results), 1)
             rec.update(metrics)
             rec["bytes_up"] = int(sum(r.metrics.get("bytes_up", 0.0) for r in results))
             keys = sorted({k for r in results for k in r.metrics} - {"bytes_up"})
