@@ -311,7 +311,7 @@ def _comparable(tree: dict[str, Any]) -> dict[str, Any]:
 class Job:
     """One run: where it goes and what it is."""
 
-    key: tuple[str, str, int]  # (dataset, method, seed)
+    key: tuple[Any, ...]  # what the run is, e.g. (dataset, method, seed)
     base: dict[str, Any]
     over: dict[str, Any]
     run_dir: str
@@ -696,6 +696,29 @@ def find_data_dir(arg: str | None) -> str | None:
     return str(guess) if guess.is_dir() else None
 
 
+def command_line(argv: Sequence[str]) -> str:
+    """The command as typed from the repository root: ``python scripts/x.py ARGS``."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] else __file__
+    try:
+        shown = os.path.relpath(script, REPO)
+    except ValueError:  # another drive (Windows)
+        shown = script
+    return "python " + shlex.join([shown, *argv])
+
+
+def validate(jobs: Sequence[Job]) -> str | None:
+    """Resolve every job's scenario before running any (a bad ``--set`` or data folder
+    fails at once); returns the first error message, or None."""
+    from fedflat.errors import FedflatError
+
+    try:
+        for job in jobs:
+            resolved(job.base, job.over)
+    except FedflatError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep and write the table; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -707,7 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     budget = "quick" if args.quick else "full" if args.full else "default"
     seeds = args.seeds or list(BUDGETS[budget]["seeds"])
-    extra = parse_sets(args.sets)
+    try:
+        extra = parse_sets(args.sets)
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
     out_dir = Path(args.out_dir or REPO / "runs" / "reproduce_fedsam") / budget
     table_path = Path(args.table or (REPO / "results" / (
         "tmp/fedsam_table_quick.md" if budget == "quick" else "fedsam_table.md")))
@@ -720,8 +746,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         use_gpu = torch.cuda.is_available()
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO)
-                                      if sys.argv and sys.argv[0] else __file__, *argv])
+    command = command_line(argv)
 
     jobs = []
     for ds in args.datasets:  # data set, then seed outermost: consecutive runs share data
@@ -730,14 +755,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 base, over = build_overrides(ds, m, s, budget, extra,
                                              data_dir=data_dir, use_gpu=use_gpu)
                 jobs.append(Job((ds, m, s), base, over, str(out_dir / ds / m / f"seed{s}")))
-    # Fail fast on a bad --set or data folder: validate every scenario before running.
-    from fedflat.errors import FedflatError
-
-    try:
-        for job in jobs:
-            resolved(job.base, job.over)
-    except FedflatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    error = validate(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{len(jobs)} runs, budget {budget}, seeds {seeds}, run folders under {out_dir}",
           flush=True)

@@ -25,7 +25,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     res = simulate(args.scenario, overrides=args.set, out=args.out,
                    cpus_per_client=args.cpus_per_client, total_cpus=args.total_cpus,
-                   verbose=args.verbose)
+                   verbose=args.verbose, secagg=args.secagg)
     s = res.summary
     acc = s.get("final_test_accuracy")
     acc_txt = f"{acc:.4f}" if isinstance(acc, float) else "n/a"
@@ -68,6 +68,8 @@ def register(subparsers: argparse._SubParsersAction, handlers: dict[str, Handler
     s.add_argument("--total-cpus", type=int, default=None,
                    help="CPUs Flower's Ray may use (default runtime.num_actors x cpus per client)")
     s.add_argument("--verbose", action="store_true", help="Flower's debug logs")
+    s.add_argument("--secagg", action="store_true", help="every round through Flower's SecAgg+ "
+                   "(as flower.secagg: true; only rule 'mean', see fedflat.flower.secagg)")
     s.set_defaults(flower_handler=_cmd_simulate)
 
     a = sub.add_parser("app", help="write a Flower app folder for 'flwr run' on a deployed "

@@ -127,23 +127,26 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> ServerSettings:
 
 
 def check_supported(loaded: LoadedScenario, settings: ServerSettings) -> None:
-    """Refuse what the Flower backend cannot run, naming the key.
+    """Refuse what this ServerApp cannot run, naming the key.
 
     Per-client state (SCAFFOLD control variates, error-feedback residuals) is supported:
     it travels to the node in the train message and back in the reply.
 
     Raises:
-        ScenarioError: SecAgg+ requested (not implemented: fedflat's server pipeline needs
-            the individual deltas, which secure aggregation hides by design).
+        ScenarioError: SecAgg+ requested. It runs through :mod:`fedflat.flower.secagg`
+            (``fedflat flower simulate --secagg``), not this ServerApp, whose pipeline sees
+            each client's delta; a scenario SecAgg+ cannot run at all is refused with the
+            keys that prevent it (robust rules need the individual updates).
     """
     block = getattr(loaded.scenario, "flower", None)  # a `flower:` scenario block, if any
     if settings.secagg or bool(getattr(block, "secagg", False)):
+        from fedflat.flower.secagg import check_secagg
+
+        check_secagg(loaded.scenario, file="run config")
         raise ScenarioError(
-            "SecAgg+ is not supported by fedflat's Flower backend: Flower's SecAgg+ exists only "
-            "in the legacy strategy workflow (SecAggPlusWorkflow + secaggplus_mod), which "
-            "aggregates the masked sum inside Flower, whereas fedflat's server pipeline "
-            "(rules, clipping, per-client state) needs each client's delta; run without "
-            "secagg", file="run config", key="flower.secagg")
+            "SecAgg+ is not run by this ServerApp (it sends each client's delta in the "
+            "clear); it runs through fedflat.flower.secagg: 'fedflat flower simulate "
+            "--secagg' (flower.secagg: true)", file="run config", key="flower.secagg")
 
 
 def prepare(settings: ServerSettings) -> tuple[LoadedScenario, FederatedData]:

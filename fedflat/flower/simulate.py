@@ -66,6 +66,7 @@ def simulate(
     cpus_per_client: float | None = None,
     total_cpus: int | None = None,
     verbose: bool = False,
+    secagg: bool = False,
 ) -> RunResult:
     """Run a scenario through Flower's simulation engine.
 
@@ -75,6 +76,8 @@ def simulate(
         out: the run folder (default ``<output.dir>/<name>/<timestamp>``).
         cpus_per_client, total_cpus: see :func:`backend_config`.
         verbose: Flower's DEBUG logs.
+        secagg: run every round through SecAgg+ (also when the scenario's
+            ``flower.secagg`` is true); see :mod:`fedflat.flower.secagg`.
 
     Returns:
         The RunResult (final parameters, metrics, run folder, summary).
@@ -93,12 +96,23 @@ def simulate(
                              "'fedflat flower simulate' in a fresh process.")
     loaded = load_scenario(source, overrides)
     sc = loaded.scenario
+    use_secagg = bool(secagg) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
+    if use_secagg:  # refuse before Ray starts
+        from fedflat.flower.secagg import check_secagg
+
+        check_secagg(sc)
     fed = _load_data(loaded)
     run_dir = _new_run_dir(sc, out)
-    settings = ServerSettings(out=run_dir, prepared=(loaded, fed))
+    settings = ServerSettings(out=run_dir, prepared=(loaded, fed), secagg=use_secagg)
     threads = max(1, math.ceil(cpus_per_client or sc.runtime.num_cpus))
-    client_app = make_client_app(ClientSettings(threads=threads))
-    server_app = make_server_app(settings)
+    if use_secagg:
+        from fedflat.flower.secagg import make_secagg_client_app, make_secagg_server_app
+
+        client_app = make_secagg_client_app(ClientSettings(threads=threads))
+        server_app = make_secagg_server_app(settings)
+    else:
+        client_app = make_client_app(ClientSettings(threads=threads))
+        server_app = make_server_app(settings)
     # Ray workers import fedflat through PYTHONPATH (Flower copies sys.path into it); keep
     # Ray from spilling its own logs into the user's terminal unless asked.
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
+from fedflat.scenario.flower import FlowerConfig
 from fedflat.scenario.privacy import PrivacyConfig
 from fedflat.scenario.local_rule import CorrectionConfig, FedOptConfig, OracleConfig, SwaConfig
 from fedflat.scenario.system import SystemConfig
@@ -164,6 +165,7 @@ class Scenario(Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
 

@@ -1,0 +1,694 @@
+"""fedflat rounds under Flower's SecAgg+ (legacy workflow): the server sees only the mean.
+
+SecAgg+ (Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
+CCS 2020) lets the server learn the sum of the cohort's vectors and nothing else about
+any one of them. Flower 1.42 has it only in its legacy strategy API, so this path uses:
+
+* nodes: a legacy ``ClientApp`` built from :class:`SecAggClient` (a ``NumPyClient``) with
+  ``secaggplus_mod``. ``fit`` runs fedflat's ``ClientWorker.run`` for the client the node's
+  ``partition-id`` names (the worker cache of :mod:`fedflat.flower.client_app`) and returns
+  the flat delta Δ_i and the weight w_i (n_i = local samples with
+  ``server.aggregation.weighting: samples``, 1 with ``uniform``). ``secaggplus_mod``
+  then uploads ``[q(w_i / W), q(w_i / W · Δ_i)]`` masked (W = the largest n_i of the
+  federation, Flower's ``max_weight``; q = stochastic quantisation to T levels on
+  [-c, c]).
+* server: :class:`CohortStrategy` (a legacy ``Strategy``) inside Flower's
+  ``SecAggPlusWorkflow``, driven one round at a time by fedflat's ``Runner`` (seeded
+  cohorts from ``sample_cohort``, metrics.jsonl, evaluation, checkpoints, summary.json).
+  ``configure_fit`` sends exactly the Runner's cohort (client id -> node by
+  ``partition-id``, asked once with a ``get_properties`` message); ``aggregate_fit``
+  receives the unmasked ``Σ w_i Δ_i / Σ w_i`` (Flower divides the securely summed vector
+  by the securely summed weights) and hands it to fedflat's ``ServerCore.end_round``
+  in place of every client's delta, so the rule ``mean`` returns it and the server
+  optimizer (fedavg, fedavgm, fedadam, fedyogi, fedadagrad), server corrections without
+  uplink extras, SWA, evaluation and sharpness run unchanged.
+
+Only ``SecAggPlusWorkflow`` comes from Flower's ``DefaultWorkflow``: fedflat's ``Runner``
+is the round loop (``DefaultWorkflow`` would replace its cohorts, metrics, checkpoints,
+privacy planning and resume with Flower's own ``History``).
+
+Precision: each coordinate of w_i/W·Δ_i is clipped to [-c, c] and stochastically rounded
+to a grid of step 2c/T, so the mean the server gets differs from fedflat's weighted mean
+by at most ``k · (2c/T) / Σ_i (w_i/W)`` per coordinate in a cohort of k (plus a relative
+≤ W/(2 w_i T) from quantising the weights): see :func:`mean_error_bound`. Runs are not
+bit-reproducible: Flower's quantiser uses NumPy's global generator and its neighbour
+graph Python's ``random``. Scalars travel in the clear (n_i, train loss, steps, the
+fraction of clipped coordinates): SecAgg+ hides the vectors only.
+
+What can run under SecAgg+ (refused keys are named by :func:`secagg_refusals`):
+
+=====================================  ========  ==========================================
+scenario feature                       SecAgg+   why
+=====================================  ========  ==========================================
+rule ``mean`` (weighting samples or    yes       the weighted mean is a ratio of two sums
+uniform)
+server optimizers fedavg, fedavgm,     yes       they act on the mean only
+fedadam, fedyogi, fedadagrad; SWA
+local rules without uplink extras:     yes       purely local; their broadcast (FedLESAM's
+SGD/Adam, FedProx, SAM, ASAM, ...,               previous global update) travels with the
+FedLESAM                                         model as extra arrays
+sample-level DP (DP-SGD, DP-SAT, ...)  yes       noise is added on the client
+lossy downlink codecs                  yes       the server sends the decoded model
+attack ``label_flip``                  yes       happens in the client's data
+robust rules (median, trimmed_mean,    no        they need each client's delta
+krum, multi_krum, bulyan,
+geometric_median, centered_clipping),
+bucketing
+attacks sign_flip, scaling, alie, ipm  no        simulated on the server from the deltas
+user-level DP, server noise            no        server-side clipping needs each delta's
+(DP-FedAvg, adaptive clipping)                   norm
+user-level DP, client noise            no        could run (clip + noise on the node) but
+(DP-FedSAM)                                      fedflat applies it as a server step; not
+                                                 wired
+SCAFFOLD, FedDyn, FedSMOO, MoFedSAM,   no        per-client uplink extras and client
+FedGamma                                         state (c_i, g_i, μ_i) would travel in the
+                                                 clear or need a second secure sum
+lossy uplink codecs (top_k, qsgd, ..)  no        SecAgg+ quantises itself; masks need
+                                                 dense integer vectors
+asynchronous rounds (FedBuff)          no        SecAgg+ sums one synchronous cohort
+cohorts of fewer than 2 clients        no        nothing to hide a single delta in (the
+                                                 round fails with a message)
+client dropouts                        no        a failed reply aborts the run
+=====================================  ========  ==========================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import (
+    FitIns,
+    FitRes,
+    GetPropertiesIns,
+    MessageTypeLegacy,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid, ServerApp
+
+from fedflat.client.update import ClientResult
+from fedflat.errors import ScenarioError
+from fedflat.flower import codec
+from fedflat.flower.client_app import (
+    ClientSettings,
+    FlowerClientError,
+    get_worker,
+    node_partition,
+)
+from fedflat.flower.server_app import (
+    FlowerRunError,
+    ServerSettings,
+    _ranges,
+    execute_with_backend,
+    prepare,
+    send_and_receive,
+)
+from fedflat.runtime.build import FederatedData
+from fedflat.runtime.run import Runner, RunResult, _new_run_dir
+from fedflat.runtime.server_core import ServerCore
+from fedflat.runtime.worker import ClientJob, RoundPayload
+from fedflat.scenario.flower import SECAGG_MODULUS_RANGE, FlowerConfig
+from fedflat.scenario.loader import dump_scenario
+from fedflat.scenario.schema import Scenario
+
+log = logging.getLogger("fedflat.flower")
+
+ROBUST_RULES = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median",
+                "centered_clipping")
+SERVER_SIDE_ATTACKS = ("sign_flip", "scaling", "alie", "ipm")
+
+# FitIns config keys (besides the job's, see _job_config).
+_YAML, _SHA, _BROADCAST_KEYS = "fedflat.yaml", "fedflat.sha256", "fedflat.broadcast_keys"
+_WEIGHT_MODE, _MAX_WEIGHT, _CLIP = "fedflat.weighting", "fedflat.max_weight", "fedflat.clip"
+CLIPPED_METRIC = "secagg_clipped_fraction"
+
+
+# ---------------------------------------------------------------------- scenario checks
+def flower_config(sc: Scenario) -> FlowerConfig:
+    """The scenario's ``flower`` block, or the defaults when the schema has none."""
+    block = getattr(sc, "flower", None)
+    if block is None:
+        return FlowerConfig()
+    if isinstance(block, FlowerConfig):
+        return block
+    return FlowerConfig.model_validate(block.model_dump() if hasattr(block, "model_dump")
+                                       else dict(block))
+
+
+def secagg_requested(sc: Scenario, flag: bool = False) -> bool:
+    """True when ``flag`` (``--secagg``) or the scenario's ``flower.secagg`` asks for it."""
+    return bool(flag) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
+
+
+def secagg_refusals(sc: Scenario) -> list[tuple[str, str]]:
+    """(key path, reason) for every scenario feature that cannot run under SecAgg+."""
+    out: list[tuple[str, str]] = []
+    agg = sc.server.aggregation
+    if agg.rule != "mean":
+        out.append(("server.aggregation.rule",
+                    f"rule {agg.rule!r} needs the individual client updates, which SecAgg+ "
+                    "hides; only 'mean' (with any server optimizer) runs under SecAgg+"))
+    if getattr(agg, "bucket_size", None):
+        out.append(("server.aggregation.bucket_size",
+                    "bucketing averages subsets of individual updates; SecAgg+ gives only the "
+                    "cohort's mean"))
+    if sc.attack.kind in SERVER_SIDE_ATTACKS:
+        out.append(("attack.kind",
+                    f"attack {sc.attack.kind!r} is simulated on the server from the individual "
+                    "deltas; under SecAgg+ only 'label_flip' (client-side) can run"))
+    user = sc.privacy.user_level
+    if user.enabled:
+        if user.noise_placement == "server":
+            out.append(("privacy.user_level.enabled",
+                        "user-level DP with server noise clips each client's delta on the "
+                        "server, which needs the individual norms that SecAgg+ hides"))
+        else:
+            out.append(("privacy.user_level.noise_placement",
+                        "client-side user-level noise (DP-FedSAM) is applied by fedflat as a "
+                        "server step, not on the nodes; it is not wired for SecAgg+"))
+    corr, oracle = sc.client.correction, sc.client.oracle
+    uplink_extras = [name for name, on in (
+        ("client.correction.scaffold", corr.scaffold),
+        ("client.correction.feddyn_alpha", corr.feddyn_alpha is not None),
+        ("client.correction.mofedsam_alpha", corr.mofedsam_alpha is not None),
+        ("client.oracle.name", oracle.name == "fedsmoo"),
+    ) if on]
+    for key in uplink_extras:
+        out.append((key, "this local rule keeps per-client state and sends per-client uplink "
+                    "extras (SCAFFOLD c_i, FedDyn g_i, FedSMOO mu_i, MoFedSAM K*lr) that "
+                    "SecAgg+ does not aggregate; run it without secagg"))
+    if sc.comm.uplink.codec != "fp32":
+        out.append(("comm.uplink.codec",
+                    f"uplink codec {sc.comm.uplink.codec!r} is lossy compression of an "
+                    "individual delta; SecAgg+ quantises and masks dense vectors itself: use "
+                    "'fp32'"))
+    if sc.system.asynchronous is not None:
+        out.append(("system.asynchronous",
+                    "SecAgg+ sums one synchronous cohort; asynchronous (buffered) rounds "
+                    "cannot run under it"))
+    if sc.server.sampling == "uniform" and sc.server.clients_per_round < 2:
+        out.append(("server.clients_per_round",
+                    "SecAgg+ needs at least 2 clients per round to hide an update"))
+    fc = flower_config(sc)
+    cohort = sc.server.clients_per_round if sc.server.sampling == "uniform" \
+        else sc.data.num_clients
+    if cohort * fc.secagg_quantization_range >= SECAGG_MODULUS_RANGE:
+        out.append(("flower.secagg_quantization_range",
+                    f"{cohort} clients x quantization_range {fc.secagg_quantization_range} "
+                    f"reaches the mask modulus 2^32: lower the range"))
+    return out
+
+
+def check_secagg(sc: Scenario, *, file: str = "scenario") -> None:
+    """Refuse a scenario that cannot run under SecAgg+, naming every offending key.
+
+    Raises:
+        ScenarioError: located at the first offending key; the message lists all.
+    """
+    bad = secagg_refusals(sc)
+    if bad:
+        raise ScenarioError("cannot run under SecAgg+ (flower.secagg): " + "; ".join(
+            f"{key}: {why}" for key, why in bad), file=file, key=bad[0][0])
+
+
+def max_weight(sc: Scenario, fed: FederatedData) -> float:
+    """W, the largest client weight: max n_i (weighting samples) or 1 (uniform)."""
+    if sc.server.aggregation.weighting == "uniform":
+        return 1.0
+    return float(max(1, max(len(ix) for ix in fed.client_indices)))
+
+
+def mean_error_bound(weights: Sequence[float], *, max_weight: float, clipping_range: float,
+                     quantization_range: int) -> float:
+    """Largest per-coordinate error of SecAgg+'s weighted mean, clipping aside.
+
+    Each client's ``w_i/W · Δ_i`` is stochastically rounded to a grid of step
+    ``2c/T`` (error < one step each); the sum of k errors is divided by ``Σ w_i/W``.
+
+    Args:
+        weights: the cohort's weights w_i (n_i or 1).
+        max_weight: W.
+        clipping_range: c.
+        quantization_range: T.
+    """
+    if not weights:
+        raise ValueError("weights must not be empty")
+    step = 2.0 * clipping_range / quantization_range
+    return len(weights) * step / (sum(weights) / max_weight)
+
+
+# ---------------------------------------------------------------------- client side
+class SecAggClient(NumPyClient):
+    """A node's fedflat client as a legacy NumPyClient (wrapped by ``secaggplus_mod``)."""
+
+    def __init__(self, ctx: Context, settings: ClientSettings) -> None:
+        self.ctx = ctx
+        self.settings = settings
+
+    def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The partition this node holds (-1: none): the server's client id -> node map."""
+        pid = node_partition(self.ctx)
+        return {"partition-id": -1 if pid is None else pid,
+                "wire_version": codec.WIRE_VERSION}
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
+            ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Train this node's client from the sent model; return its delta and weight.
+
+        Raises:
+            FlowerClientError: a job for another partition, a model of another size, or a
+                local rule that produced per-client state or uplink extras.
+        """
+        instr = decode_fit(parameters, config)
+        pid = node_partition(self.ctx)
+        if pid != instr.job.client_id:
+            raise FlowerClientError(f"node holds partition {pid} but was sent the job of "
+                                    f"client {instr.job.client_id}")
+        worker = get_worker(instr, self.ctx, self.settings)
+        if worker.model.num_params != instr.payload.params.numel():
+            raise FlowerClientError(f"the node's model has {worker.model.num_params} "
+                                    f"parameters, the server's {instr.payload.params.numel()}")
+        [res] = worker.run(instr.payload, [instr.job], [{}])
+        if res.client_state or res.extras:
+            raise FlowerClientError(
+                "under SecAgg+ a client may send only its delta; this local rule produced "
+                f"client state {sorted(res.client_state)} and extras {sorted(res.extras)}")
+        weight = 1 if config[_WEIGHT_MODE] == "uniform" else int(res.num_samples)
+        delta = res.delta.detach().cpu().to(torch.float32).numpy()
+        scaled = np.abs(delta) * (weight / float(config[_MAX_WEIGHT]))
+        clipped = float(np.mean(scaled > float(config[_CLIP]))) if delta.size else 0.0
+        metrics: dict[str, Any] = {k: float(v) for k, v in res.metrics.items()}
+        metrics.update({"client_id": int(res.client_id), "num_samples": int(res.num_samples),
+                        "train_loss": float(res.train_loss), "steps": int(res.steps),
+                        CLIPPED_METRIC: clipped})
+        return [delta], weight, metrics
+
+
+def decode_fit(parameters: Sequence[np.ndarray], config: Mapping[str, Any]
+               ) -> codec.TrainInstruction:
+    """A fit call's arrays and config as a fedflat TrainInstruction (inverse of
+    :func:`encode_fit`).
+
+    Raises:
+        codec.CodecError: a missing key, a wire-version mismatch or a scenario whose digest
+            does not match its text.
+    """
+    if config.get("wire_version") != codec.WIRE_VERSION:
+        raise codec.CodecError(f"wire version {config.get('wire_version')} from the server, "
+                               f"this node speaks {codec.WIRE_VERSION}")
+    keys = [k for k in str(config.get(_BROADCAST_KEYS, "")).split("\n") if k]
+    if len(parameters) != 1 + len(keys):
+        raise codec.CodecError(f"fit sent {len(parameters)} arrays, expected 1 + "
+                               f"{len(keys)} broadcast tensors")
+    text, sha = str(config[_YAML]), str(config[_SHA])
+    if codec.scenario_digest(text) != sha:
+        raise codec.CodecError("the scenario text does not match its SHA-256 digest")
+    x = torch.from_numpy(np.array(parameters[0], copy=True))
+    broadcast = {k: torch.from_numpy(np.array(a, copy=True))
+                 for k, a in zip(keys, parameters[1:], strict=True)}
+    job = ClientJob(round=codec._int(config, "job_round"), client_id=codec._int(config, "client_id"),
+                    lr=codec._float(config, "lr"),
+                    max_steps=codec._opt(config, "max_steps", codec._int))
+    payload = RoundPayload(round=codec._int(config, "round"), params=x, broadcast=broadcast)
+    return codec.TrainInstruction(payload=payload, job=job, state={}, scenario_yaml=text,
+                                  scenario_sha256=sha)
+
+
+def encode_fit(payload: RoundPayload, job: ClientJob, scenario_yaml: str, sha: str, *,
+               weighting: str, max_weight_: float, clipping_range: float) -> FitIns:
+    """One client's legacy FitIns: the model and broadcast as arrays, the job as config."""
+    keys = sorted(payload.broadcast)
+    arrays = [payload.params.detach().cpu().numpy()] + [
+        payload.broadcast[k].detach().cpu().numpy() for k in keys]
+    cfg: dict[str, Any] = {
+        "wire_version": codec.WIRE_VERSION, "round": payload.round, "job_round": job.round,
+        "client_id": job.client_id, "lr": float(job.lr), _YAML: scenario_yaml, _SHA: sha,
+        _BROADCAST_KEYS: "\n".join(keys), _WEIGHT_MODE: weighting,
+        _MAX_WEIGHT: float(max_weight_), _CLIP: float(clipping_range),
+    }
+    if job.max_steps is not None:
+        cfg["max_steps"] = int(job.max_steps)
+    return FitIns(parameters=ndarrays_to_parameters(arrays), config=cfg)
+
+
+def make_secagg_client_app(settings: ClientSettings | None = None) -> ClientApp:
+    """The legacy ClientApp of a SecAgg+ run: :class:`SecAggClient` under ``secaggplus_mod``."""
+    s = settings or ClientSettings()
+
+    def client_fn(context: Context) -> Any:
+        return SecAggClient(context, s).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+# ---------------------------------------------------------------------- server side
+class _RecordingGrid:
+    """A Grid that remembers the error replies of Flower's workflow (it drops them)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.errors: list[str] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for m in replies:
+            if m.has_error():
+                self.errors.append(f"node {m.metadata.src_node_id}: {m.error.reason}")
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@dataclass
+class _Pending:
+    """What the strategy needs for the round the workflow is running."""
+
+    round: int
+    jobs: list[ClientJob]
+    instructions: list[tuple[ClientProxy, FitIns]]
+
+
+class CohortStrategy(Strategy):
+    """A legacy Strategy that runs fedflat's cohort and server pipeline under SecAgg+.
+
+    ``configure_fit`` returns the instructions the backend prepared for fedflat's seeded
+    cohort; ``aggregate_fit`` gets the securely aggregated mean delta and applies
+    ``ServerCore.end_round`` to it (each reply's delta replaced by the mean, as Flower's
+    workflow does with ``FitRes.parameters``). Evaluation is fedflat's, on the server.
+    """
+
+    def __init__(self, core: ServerCore) -> None:
+        self.core = core
+        self.pending: _Pending | None = None
+        self.record: dict[str, Any] | None = None
+        self.keep_versions: Sequence[int] | None = None
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters([self.core.params.numpy()])
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        return list(self.pending.instructions) if self.pending is not None else []
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]
+                      ) -> tuple[Parameters | None, dict[str, Any]]:
+        """Apply fedflat's server pipeline to the securely aggregated mean.
+
+        Raises:
+            FlowerRunError: failed replies (dropouts are not supported), or an aggregate
+                of the wrong size.
+        """
+        if self.pending is None:
+            raise FlowerRunError("aggregate_fit called without a pending round")
+        if failures:
+            raise FlowerRunError(f"SecAgg+ round {self.pending.round}: {len(failures)} failed "
+                                 "replies: " + "; ".join(_failure_text(f) for f in failures))
+        if not results:
+            raise FlowerRunError(f"SecAgg+ round {self.pending.round}: no results")
+        [mean] = parameters_to_ndarrays(results[0][1].parameters)[:1]
+        delta = torch.from_numpy(np.asarray(mean, dtype=np.float32).copy())
+        if delta.shape != self.core.params.shape:
+            raise FlowerRunError(f"SecAgg+ aggregate of shape {tuple(delta.shape)}, expected "
+                                 f"{tuple(self.core.params.shape)}")
+        by_client = {}
+        for _, fit in results:
+            m = fit.metrics
+            cid = int(m["client_id"])
+            by_client[cid] = ClientResult(
+                client_id=cid, delta=delta, num_samples=int(m["num_samples"]),
+                train_loss=float(m["train_loss"]), steps=int(m["steps"]),
+                metrics={k: float(v) for k, v in m.items()
+                         if k not in ("client_id", "num_samples", "train_loss", "steps")})
+        jobs = [j for j in self.pending.jobs if j.client_id in by_client]
+        missing = [j.client_id for j in self.pending.jobs if j.client_id not in by_client]
+        if missing:
+            raise FlowerRunError(f"SecAgg+ round {self.pending.round}: no result from "
+                                 f"client(s) {missing}")
+        self.record = self.core.end_round(self.pending.round, jobs,
+                                          [by_client[j.client_id] for j in jobs],
+                                          self.keep_versions)
+        return ndarrays_to_parameters([self.core.params.numpy()]), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[Any]:
+        return []  # fedflat evaluates the global model on the server (ServerCore)
+
+    def aggregate_evaluate(self, server_round: int, results: list[Any],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters
+                 ) -> tuple[float, dict[str, Any]] | None:
+        return None
+
+
+def _failure_text(f: Any) -> str:
+    if isinstance(f, BaseException):
+        return str(f)
+    proxy, res = f
+    return f"node {proxy.node_id}: {res.status.message}"
+
+
+def discover_partitions(grid: Grid, num_clients: int, *, timeout_s: float,
+                        poll_s: float) -> dict[int, int]:
+    """Client id -> node id, from each node's ``get_properties`` (its ``partition-id``).
+
+    Raises:
+        FlowerRunError: duplicate partitions, or missing clients after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    partition_of: dict[int, int] = {}
+    failed: dict[int, str] = {}
+    content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
+    while True:
+        new = [n for n in grid.get_node_ids() if n not in partition_of and n not in failed]
+        if new:
+            msgs = [Message(RecordDict(content), dst_node_id=n,
+                            message_type=MessageTypeLegacy.GET_PROPERTIES) for n in new]
+            left = max(1.0, deadline - time.monotonic())
+            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s).values():
+                node = r.metadata.src_node_id
+                if r.has_error():
+                    failed[node] = f"error {r.error.code}: {r.error.reason}"
+                    continue
+                props = compat.recorddict_to_getpropertiesres(r.content).properties
+                if props.get("wire_version") != codec.WIRE_VERSION:
+                    failed[node] = f"wire version {props.get('wire_version')}"
+                    continue
+                partition_of[node] = int(props.get("partition-id", -1))  # type: ignore[arg-type]
+            for n in new:
+                if n not in partition_of and n not in failed:
+                    failed[n] = "no reply to get_properties"
+        holders: dict[int, list[int]] = {}
+        for node, pid in partition_of.items():
+            if pid >= 0:
+                holders.setdefault(pid, []).append(node)
+        dupes = {p: ns for p, ns in holders.items() if len(ns) > 1}
+        if dupes:
+            raise FlowerRunError("several nodes hold the same partition-id: " + "; ".join(
+                f"partition {p} on nodes {ns}" for p, ns in sorted(dupes.items())))
+        missing = [c for c in range(num_clients) if c not in holders]
+        if not missing:
+            return {c: holders[c][0] for c in range(num_clients)}
+        if time.monotonic() >= deadline:
+            why = "; ".join(f"node {n}: {w}" for n, w in sorted(failed.items()))
+            raise FlowerRunError(f"after {timeout_s:.0f} s no node holds client(s) "
+                                 f"{_ranges(missing)}" + (f" (failed: {why})" if why else ""))
+        time.sleep(max(poll_s, 0.1))
+
+
+class SecAggBackend:
+    """A fedflat Backend whose every round is one SecAgg+ protocol run over Flower nodes."""
+
+    def __init__(self, grid: Grid, context: Context, core: ServerCore, scenario_yaml: str,
+                 settings: ServerSettings, weight_bound: float) -> None:
+        self.grid = _RecordingGrid(grid)
+        self.core = core
+        self.settings = settings
+        self.scenario_yaml = scenario_yaml
+        self.sha = codec.scenario_digest(scenario_yaml)
+        self.fc = flower_config(core.sc)
+        self.max_weight = weight_bound
+        self.strategy = CohortStrategy(core)
+        self.workflow = SecAggPlusWorkflow(
+            num_shares=self.fc.secagg_num_shares,
+            reconstruction_threshold=self.fc.secagg_reconstruction_threshold,
+            max_weight=weight_bound, clipping_range=self.fc.secagg_clipping_range,
+            quantization_range=self.fc.secagg_quantization_range,
+            modulus_range=SECAGG_MODULUS_RANGE, timeout=settings.reply_timeout_s)
+        self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=core.sc.server.rounds),
+                                    strategy=self.strategy, client_manager=SimpleClientManager())
+        self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+            {Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
+        self.node_of: dict[int, int] | None = None
+        self.discovery_seconds = 0.0
+        self.run_id = context.run_id
+
+    def connect(self) -> dict[int, int]:
+        if self.node_of is None:
+            t = time.perf_counter()
+            self.node_of = discover_partitions(self.grid._grid, self.core.num_clients,
+                                               timeout_s=self.settings.node_timeout_s,
+                                               poll_s=self.settings.poll_s)
+            self.discovery_seconds = time.perf_counter() - t
+        return self.node_of
+
+    def round(self, round_: int, jobs: Sequence[ClientJob],
+              keep_versions: Sequence[int] | None = None, following: Any = None
+              ) -> dict[str, Any]:
+        """One round: fedflat's cohort through ``SecAggPlusWorkflow``.
+
+        Raises:
+            FlowerRunError: a cohort of one client, a cohort too large for the mask
+                modulus, or a protocol run that halted or failed.
+        """
+        jobs = list(jobs)
+        if not jobs:  # an empty Poisson cohort: the model stays put, as in the serial run
+            return self.core.end_round(round_, jobs, [], keep_versions)
+        if len(jobs) < 2:
+            raise FlowerRunError(f"round {round_} sampled only client {jobs[0].client_id}: "
+                                 "SecAgg+ needs at least 2 clients per round")
+        T = self.fc.secagg_quantization_range
+        if len(jobs) * T >= SECAGG_MODULUS_RANGE:
+            raise FlowerRunError(f"round {round_}: {len(jobs)} clients x quantization_range "
+                                 f"{T} overflow the 2^32 mask modulus")
+        node_of = self.connect()
+        payload = self.core.begin_round(round_)
+        weighting = self.core.sc.server.aggregation.weighting
+        instructions = [
+            (GridClientProxy(node_of[j.client_id], self.grid, self.run_id),
+             encode_fit(payload, j, self.scenario_yaml, self.sha, weighting=weighting,
+                        max_weight_=self.max_weight,
+                        clipping_range=self.fc.secagg_clipping_range))
+            for j in jobs]
+        self.strategy.pending = _Pending(round_, jobs, instructions)
+        self.strategy.record = None
+        self.strategy.keep_versions = keep_versions
+        self.grid.errors.clear()
+        state = self.legacy.state
+        state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND] = round_ + 1
+        state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+            ndarrays_to_parameters([payload.params.numpy()]), True)
+        self.workflow(self.grid, self.legacy)  # type: ignore[arg-type]
+        rec = self.strategy.record
+        self.strategy.pending = None
+        if rec is None:
+            why = "; ".join(self.grid.errors) or "see Flower's log (run with --verbose)"
+            raise FlowerRunError(f"SecAgg+ round {round_} halted before aggregation: {why}")
+        rec["secagg_clients"] = len(jobs)
+        return rec
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state)
+
+    def final_params(self) -> torch.Tensor:
+        return self.core.params
+
+    def close(self) -> None:
+        pass
+
+
+def run_secagg_server(grid: Grid, context: Context, settings: ServerSettings) -> RunResult:
+    """The SecAgg+ ServerApp's main: fedflat's Runner with a :class:`SecAggBackend`.
+
+    Raises:
+        ScenarioError: a scenario that cannot run under SecAgg+ (nothing is written).
+        FlowerRunError: missing nodes, a halted or failed protocol round.
+    """
+    loaded, fed = prepare(settings)
+    check_secagg(loaded.scenario)
+    run_dir = _new_run_dir(loaded.scenario, settings.out)
+    runner = Runner(loaded, run_dir, fed)
+    runner.write_static_files()
+    runner.write_summary("running", backend="flower")
+    made: list[SecAggBackend] = []
+    bound = max_weight(loaded.scenario, fed)
+
+    def factory(sc: Scenario, fed_: FederatedData, params0: torch.Tensor) -> SecAggBackend:
+        core = ServerCore(sc, fed_, params0, threads=sc.runtime.threads)
+        made.append(SecAggBackend(grid, context, core, dump_scenario(sc), settings, bound))
+        return made[0]
+
+    try:
+        result = execute_with_backend(runner, factory)
+    finally:
+        _annotate(run_dir, made[0] if made else None)
+    result.summary = json.loads((run_dir / "summary.json").read_text())
+    settings.result["run"] = result
+    return result
+
+
+def _annotate(run_dir: Path, backend: SecAggBackend | None) -> None:
+    """Add the Flower and SecAgg+ facts to summary.json."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return
+    summary = json.loads(path.read_text())
+    summary["backend"] = "flower"
+    if backend is not None:
+        fc = backend.fc
+        summary["node_discovery_seconds"] = backend.discovery_seconds
+        summary["secagg"] = {
+            "protocol": "SecAgg+ (Flower legacy SecAggPlusWorkflow)",
+            "num_shares": fc.secagg_num_shares,
+            "reconstruction_threshold": fc.secagg_reconstruction_threshold,
+            "clipping_range": fc.secagg_clipping_range,
+            "quantization_range": fc.secagg_quantization_range,
+            "modulus_range": SECAGG_MODULUS_RANGE, "max_weight": backend.max_weight,
+            "weighting": backend.core.sc.server.aggregation.weighting,
+        }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def make_secagg_server_app(settings: ServerSettings | None = None) -> ServerApp:
+    """A ServerApp running fedflat's server loop with SecAgg+ rounds.
+
+    Args:
+        settings: fixed settings (simulate); None = from the run config.
+    """
+    from fedflat.flower.server_app import settings_from_run_config
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_secagg_server(grid, context, settings or settings_from_run_config(context.run_config))
+
+    return server_app
+
+
+# Components a `flwr run` app can name for a SecAgg+ deployment
+# ([tool.flwr.app.components] serverapp = "fedflat.flower.secagg:server_app", clientapp =
+# "fedflat.flower.secagg:client_app"); the server reads the scenario from the run config.
+server_app = make_secagg_server_app()
+client_app = make_secagg_client_app()

@@ -1,0 +1,326 @@
+"""Reproduce the robust-aggregation comparison (issue 5): rules x attacks x heterogeneity.
+
+Final test accuracy on MNIST for the rules mean, median, trimmed_mean, krum,
+geometric_median and centered_clipping, each without and with bucketing (s = 2), under
+the attacks none, sign_flip, label_flip, alie and ipm, on an IID and a non-IID split
+of 25 clients that all take part in every round, 5 of them Byzantine (``attack.fraction
+0.2``: floor(0.2·25) = 5 clients drawn once per run from the seed's attack stream) —
+the n = 25, f = 5 setting of the epfml experiments (ALGORITHMS.md §5.3b).
+
+Usage::
+
+    python scripts/reproduce_byzantine.py           # default budget (~1 h on 2 CPU cores)
+    python scripts/reproduce_byzantine.py --quick   # smoke budget (< 1 min)
+    python scripts/reproduce_byzantine.py --rules median,krum --attacks none,alie \\
+        --partitions noniid --bucketing on --seeds 0,1 --jobs 2
+
+Writes ``results/byzantine_table.md`` (and prints it): one table per split, one row per
+rule (± bucketing), one column per attack; each cell is the final test accuracy on the
+10 000 MNIST test images (mean ± sample std over seeds when there are several). Run
+folders go to ``--out-dir/<budget>/<split>/<rule>[_b2]/<attack>/seed<k>`` and completed
+ones are reused.
+
+Default budget (all keys are scenario keys; ``--set`` overrides any of them):
+
+* data: MNIST (60 000 training images), 25 clients; ``iid`` = ``partition: iid``;
+  ``noniid`` = ``partition: shards`` with 2 label-sorted shards of 1 200 images per
+  client (McMahan et al.; most clients hold 2 digits — milder than the epfml split,
+  which gives each worker one contiguous chunk of the sorted data).
+* model: MLP 784-100-10. Clients: SGD, lr 0.1, batch 32, 5 local steps per round
+  (a round's delta plays the role of the epfml worker gradient, ALGORITHMS.md §5
+  "per-round delta" granularity), no momentum. Server: the rule's output is applied
+  with η_g = 1, 80 rounds (FedAvg reaches ~91 % IID, ~90 % non-IID in pilots).
+* rules: uniform client weights (as the reference code); ``trim_ratio 0.2`` (b = 5 = f of
+  25, the reference's b = f); Krum with ``num_byzantine 5`` (with bucketing: 13 buckets,
+  f stays 5, as in the reference code; n ≥ 2f + 3 holds); geometric median with the RFA
+  defaults (ν 1e-5, ≤ 4 Weiszfeld iterations, mean init); centered clipping with L = 3
+  iterations and τ = 1 in delta units (pilots: honest client deltas have norms between
+  0.25 and 1, so τ = 1 clips no honest client without attack and clips the sign-flipped
+  ones; the bucketing paper's τ = 10 is in gradient units).
+* attacks: sign_flip (send −Δ), label_flip (train on 9 − y), alie (z by the epfml rule:
+  z = 0.253 for n = 25, f = 5), ipm (ε = 0.1, the reference code's value).
+
+Timing behind the default (measured on this 2-core machine while it was shared; CPU
+seconds, ``runtime.backend serial``, ``runtime.threads 1``): one round of 25 clients x
+5 steps of the MLP costs ~0.16 s for every rule (the aggregation itself is a few ms on
+25 x 79 510 numbers), an 80-round run ~15 s including data loading and evaluation
+(every 20 rounds). 6 rules x 2 bucketing x 5 attacks x 2 splits = 120 runs ≈ 30 min of
+CPU, 45-60 min of wall time with the machine shared (``--jobs 2`` halves it on an idle
+machine). ``--quick`` (3 rounds, 1 local step, evaluation on 1 000 test images)
+checks the whole grid in well under a minute.
+
+What ALGORITHMS.md §5.3 leads us to expect (directions; the reference numbers come from
+per-step aggregation of worker gradients/momenta, a CNN and long-tailed MNIST in (a)):
+
+* (a) Without attack, heterogeneity alone hurts the robust rules: IID → non-IID costs
+  Krum ~8 points, CM ~17, RFA ~16, while Avg and CClip lose nothing; bucketing (s = 2)
+  recovers most of it (CM 95.6, RFA 97.3, Krum 93.3 of ~98).
+* (b) Non-IID with f = 5 of 25 (β = 0): Krum and CM are weak under every attack (Krum
+  1-77 %, CM 34-75 %); ALIE (75 % for CM, 77 % for Krum) and IPM hurt them; RFA
+  collapses under IPM (16 %); CClip stays at 75-92 %; bucketing raises CM, RFA and CClip
+  (RFA 88-92 %, CClip 92-93 %).
+* With per-round deltas from 5 local steps, FedAvg-style mean aggregation is itself
+  fairly robust to these bounded attacks at f/n = 0.2 (sign flip leaves 15/25 of the
+  honest mean, IPM 0.78 of it), so the interesting contrasts are the robust rules'
+  losses under non-IID data and what bucketing buys back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reproduce_fedsam as common  # noqa: E402 - the sibling script holds the shared runner
+
+REPO = common.REPO
+
+RULES: tuple[str, ...] = (
+    "mean", "median", "trimmed_mean", "krum", "geometric_median", "centered_clipping",
+)  # fmt: skip
+RULE_LABELS: dict[str, str] = {
+    "mean": "Mean",
+    "median": "CM (median)",
+    "trimmed_mean": "TM (β=0.2)",
+    "krum": "Krum (f=5)",
+    "geometric_median": "RFA (geom. median)",
+    "centered_clipping": "CClip (τ=1, L=3)",
+}
+ATTACKS: tuple[str, ...] = ("none", "sign_flip", "label_flip", "alie", "ipm")
+ATTACK_LABELS: dict[str, str] = {
+    "none": "none",
+    "sign_flip": "BF (sign flip)",
+    "label_flip": "LF (label flip)",
+    "alie": "ALIE",
+    "ipm": "IPM (ε=0.1)",
+}
+PARTITIONS: dict[str, dict[str, Any]] = {
+    "iid": {"label": "IID", "keys": {"data.partition.method": "iid"}},
+    "noniid": {
+        "label": "non-IID (2 label shards per client)",
+        "keys": {"data.partition.method": "shards", "data.partition.shards_per_client": 2},
+    },
+}
+BUCKETING: dict[str, int | None] = {"off": None, "on": 2}
+
+NUM_CLIENTS = 25
+BYZANTINE_FRACTION = 0.2  # floor(0.2 * 25) = 5 = f
+
+COMMON: dict[str, Any] = {
+    "data.dataset": "mnist",
+    "data.num_clients": NUM_CLIENTS,
+    "model.name": "mlp",
+    "model.hidden": [100],
+    "client.optimizer": "sgd",
+    "client.lr": 0.1,
+    "client.batch_size": 32,
+    "server.clients_per_round": NUM_CLIENTS,
+    "server.aggregation.weighting": "uniform",
+    "server.aggregation.num_byzantine": 5,
+    "server.aggregation.trim_ratio": 0.2,
+    "server.aggregation.tau": 1.0,
+    "server.aggregation.iters": 3,
+    "runtime.backend": "serial",
+    "runtime.threads": 1,
+    "output.checkpoint_every": 0,
+    "output.progress": False,
+}
+BUDGETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "seeds": (0,),
+        "partitions": ("noniid",),
+        "keys": {"client.local_steps": 1, "server.rounds": 2, "eval.every": 2,
+                 "eval.max_samples": 500},
+    },
+    "default": {
+        "seeds": (0,),
+        "keys": {"client.local_steps": 5, "server.rounds": 80, "eval.every": 20},
+    },
+    "full": {
+        "seeds": (0, 1, 2),
+        "keys": {"client.local_steps": 5, "server.rounds": 300, "eval.every": 20},
+    },
+}
+
+
+def build_overrides(
+    partition: str,
+    rule: str,
+    bucketing: str,
+    attack: str,
+    seed: int,
+    budget: str,
+    extra: dict[str, Any] | None = None,
+    *,
+    data_dir: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (base scenario, dotted overrides) of one run; ``extra`` wins."""
+    name = f"{partition}-{rule}{'-b2' if BUCKETING[bucketing] else ''}-{attack}"
+    base: dict[str, Any] = {"name": name, "seed": int(seed)}
+    over: dict[str, Any] = dict(COMMON)
+    over.update(BUDGETS[budget]["keys"])
+    over.update(PARTITIONS[partition]["keys"])
+    over["server.aggregation.rule"] = rule
+    over["server.aggregation.bucket_size"] = BUCKETING[bucketing]
+    over["attack.kind"] = attack
+    if attack != "none":
+        over["attack.fraction"] = BYZANTINE_FRACTION
+    if data_dir:
+        over["data.data_dir"] = data_dir
+    over.update(extra or {})
+    return base, over
+
+
+def build_tables(
+    outcomes: Sequence[common.Outcome],
+    partitions: Sequence[str],
+    rules: Sequence[str],
+    bucketings: Sequence[str],
+    attacks: Sequence[str],
+    seeds: Sequence[int],
+) -> str:
+    """One Markdown table per split: rows rule (± bucketing), columns attack."""
+    by_key: dict[tuple[str, str, str, str], list[Path]] = {}
+    for o in outcomes:
+        if o.status != "failed":
+            part, rule, buck, att, _ = o.job.key
+            by_key.setdefault((part, rule, buck, att), []).append(Path(o.job.run_dir))
+    blocks = []
+    for part in partitions:
+        header = ["rule", *(ATTACK_LABELS[a] for a in attacks)]
+        rows = []
+        for rule in rules:
+            for buck in bucketings:
+                label = RULE_LABELS[rule] + (" + bucketing s=2" if BUCKETING[buck] else "")
+                row = [label]
+                for att in attacks:
+                    dirs = by_key.get((part, rule, buck, att), [])
+                    cell = common.seed_cell(dirs) if dirs else None
+                    row.append(common.fmt_acc(cell, len(seeds)))
+                rows.append(row)
+        blocks.append(f"### {PARTITIONS[part]['label']}\n\n"
+                      + common.markdown_table(header, rows))
+    return "\n\n".join(blocks)
+
+
+def table_document(
+    tables: str,
+    *,
+    command: str,
+    budget: str,
+    seeds: Sequence[int],
+    extra: dict[str, Any],
+    outcomes: Sequence[common.Outcome],
+    elapsed: float,
+) -> str:
+    """The Markdown file: title, command, settings, the tables, notes."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    run_seconds = sum(float(o.extra.get("wall_seconds") or 0.0) for o in outcomes)
+    keys = {**COMMON, **BUDGETS[budget]["keys"], **extra}
+    shown = ", ".join(f"`{k}={v}`" for k, v in sorted(keys.items())
+                      if not k.startswith(("runtime.", "output.")))
+    parts = [
+        "# Robust aggregation under attacks and heterogeneity (issue 5)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Budget `{budget}`, seeds {', '.join(map(str, seeds))}; {len(outcomes)} runs "
+        f"({sum(o.status == 'reused' for o in outcomes)} reused, {len(failed)} failed); "
+        f"this invocation took {elapsed:.0f} s, the runs' own wall time sums to "
+        f"{run_seconds:.0f} s.",
+        "",
+        f"Settings: {shown}; with an attack `attack.fraction={BYZANTINE_FRACTION}` "
+        f"(f = 5 of n = 25 clients, fixed per run).",
+        "",
+        tables,
+        "",
+        "- Cells: test accuracy of the final global model on the MNIST test set, mean ± "
+        "sample std over seeds where there are several.",
+        "- Bucketing s=2: the 25 deltas are randomly permuted, averaged in 13 buckets of "
+        "at most 2, and the rule is applied to the bucket means (Krum keeps f = 5).",
+        "- Attacks: BF = the Byzantine clients send −Δ; LF = they train on labels 9 − y; "
+        "ALIE = μ − zσ of the honest deltas (z = 0.253, epfml rule); IPM = −0.1 × the "
+        "honest mean.",
+    ]
+    if failed:
+        parts += ["", "Failed runs:", ""]
+        parts += [f"- {o.job.run_dir}: {o.message.splitlines()[0]}" for o in failed]
+    return "\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the grid and write the tables; returns the exit code."""
+    import argparse
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = common.common_parser(__doc__.splitlines()[0])
+    ap.add_argument("--rules", type=lambda s: common.parse_list(s, RULES, "rule"),
+                    default=list(RULES), help=f"subset of {', '.join(RULES)}")
+    ap.add_argument("--attacks", type=lambda s: common.parse_list(s, ATTACKS, "attack"),
+                    default=list(ATTACKS), help=f"subset of {', '.join(ATTACKS)}")
+    ap.add_argument("--partitions",
+                    type=lambda s: common.parse_list(s, list(PARTITIONS), "partition"),
+                    default=None, help="subset of iid, noniid (default both; --quick: noniid)")
+    ap.add_argument("--bucketing",
+                    type=lambda s: common.parse_list(s, list(BUCKETING), "bucketing"),
+                    default=list(BUCKETING), help="subset of off, on (s=2)")
+    args = ap.parse_args(argv)
+    budget = "quick" if args.quick else "full" if args.full else "default"
+    seeds = args.seeds or list(BUDGETS[budget]["seeds"])
+    partitions = args.partitions or list(BUDGETS[budget].get("partitions", PARTITIONS))
+    try:
+        extra = common.parse_sets(args.sets)
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
+    out_dir = Path(args.out_dir or REPO / "runs" / "reproduce_byzantine") / budget
+    table_path = Path(args.table or (REPO / "results" / (
+        "tmp/byzantine_table_quick.md" if budget == "quick" else "byzantine_table.md")))
+    data_dir = common.find_data_dir(args.data_dir)
+    if data_dir is None:
+        print("error: no data folder: set FEDFLAT_DATA or pass --data-dir", file=sys.stderr)
+        return 2
+    command = common.command_line(argv)
+
+    jobs = []
+    for part in partitions:  # the split outermost: consecutive runs share the data
+        for s in seeds:
+            for rule in args.rules:
+                for buck in args.bucketing:
+                    for att in args.attacks:
+                        base, over = build_overrides(part, rule, buck, att, s, budget,
+                                                     extra, data_dir=data_dir)
+                        folder = f"{rule}_b2" if BUCKETING[buck] else rule
+                        jobs.append(common.Job((part, rule, buck, att, s), base, over,
+                                               str(out_dir / part / folder / att / f"seed{s}")))
+    error = common.validate(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(jobs)} runs, budget {budget}, seeds {seeds}, run folders under {out_dir}",
+          flush=True)
+    t0 = time.perf_counter()
+    outcomes = common.run_jobs(
+        jobs, parallel=args.jobs,
+        describe=lambda j: "{} {}{} {} seed {}".format(
+            j.key[0], j.key[1], " b2" if BUCKETING[j.key[2]] else "", j.key[3], j.key[4]),
+        log=lambda s: print(s, flush=True),
+        plots=args.plots if args.plots is not None else budget != "quick")
+    elapsed = time.perf_counter() - t0
+    tables = build_tables(outcomes, partitions, args.rules, args.bucketing,
+                          args.attacks, seeds)
+    doc = table_document(tables, command=command, budget=budget, seeds=seeds, extra=extra,
+                         outcomes=outcomes, elapsed=elapsed)
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(doc)
+    print()
+    print(doc, end="")
+    print(f"(written to {table_path})")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
