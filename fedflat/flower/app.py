@@ -76,7 +76,10 @@ def pyproject(sc: Scenario, scenario_yaml: str, **config: Any) -> dict[str, Any]
             "hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
             "flwr": {"app": {
                 "publisher": "fedflat",
-                "components": {"serverapp": SERVER_COMPONENT, "clientapp": CLIENT_COMPONENT},
+                "components": ({"serverapp": "fedflat.flower.secagg:server_app",
+                                "clientapp": "fedflat.flower.secagg:client_app"}
+                               if sc.flower.secagg else
+                               {"serverapp": SERVER_COMPONENT, "clientapp": CLIENT_COMPONENT}),
                 "config": app_config(scenario_yaml, **config),
             }},
         },
@@ -172,6 +175,10 @@ def write_app(source: str | Path | dict[str, Any] | Scenario, folder: str | Path
     """
     loaded = load_scenario(source, overrides)
     sc = loaded.scenario
+    if sc.flower.secagg:  # SecAgg+ apps: refuse what cannot run under it, by key
+        from fedflat.flower.secagg import check_secagg
+
+        check_secagg(sc, file=loaded.file)
     text = dump_scenario(sc)
     path = Path(folder)
     if not _NAME.match(path.resolve().name) or len(path.resolve().name) > MAX_NAME_LENGTH:

@@ -239,12 +239,14 @@ class Runner:
             stop["requested"] = True
 
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+        # SIGTERM (a scheduler's stop) is treated like Ctrl-C: checkpoint at the boundary.
+        previous = {sig: signal.signal(sig, on_sigint) for sig in (signal.SIGINT, signal.SIGTERM)} \
+            if in_main else {}
         try:
             return self._rounds(backend, stop)
         finally:
-            if in_main:
-                signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _rounds(self, backend: Any, stop: dict[str, bool]) -> str:
         """The round loop. Round t+1 is planned (cohort, stragglers, budgets) before round t
