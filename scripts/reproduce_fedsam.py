@@ -1,10 +1,11 @@
-"""Reproduce the FedSAM-family comparison (issue 3): final accuracy and λ_max per method.
+"""Reproduce the FedSAM-family comparison (issue 3): final accuracy and λ_max.
 
 Methods: FedAvg, FedSAM, FedASAM, FedSAM+SWA, FedASAM+SWA, SCAFFOLD, FedSMOO, FedLESAM
 (the scenario presets of ``fedflat/scenario/local_rule.py``; FedAvg is the plain
 scenario), on
 
-* ``femnist``: FEMNIST by writer (LEAF niid sample, 105 writers, ``partition: natural``);
+* ``femnist``: FEMNIST by writer (LEAF niid sample, 105 writers,
+  ``partition: natural``);
 * ``cifar10_a0.05`` and ``cifar10_a1``: the CIFAR-10 subset (10 000 training images)
   split over 100 clients with ``dirichlet_per_client`` and ``alpha_scale: total_mass``,
   i.e. client class priors ``Dir(α·p)`` with p uniform (concentration α/C per class):
@@ -12,18 +13,19 @@ scenario), on
   (ALGORITHMS.md §6.2; α = 0.05 gives ~1.3 classes per client, α = 1 ~4.8).
 
 Each cell is over seeds 0, 1, 2: the final test accuracy (after the last round, of the
-model the run evaluates, i.e. the SWA average for the ``*_swa`` methods) as mean ± sample
-standard deviation (ddof = 1), and the mean top Hessian eigenvalue λ_max of that same final
-model (power iteration with Hessian-vector products on a fixed subset of the pooled
-training data, ALGORITHMS.md §7.1). The table goes to ``results/fedsam_table.md`` (and
-stdout) with the exact command line in its header.
+model the run evaluates, i.e. the SWA average for the ``*_swa`` methods) as
+mean ± sample standard deviation (ddof = 1), and the mean top Hessian eigenvalue λ_max
+of that same final model (power iteration with Hessian-vector products on a fixed
+subset of the pooled training data, ALGORITHMS.md §7.1). The table goes to
+``results/fedsam_table.md`` (and stdout) with the exact command line in its header.
 
 Usage::
 
-    python scripts/reproduce_fedsam.py                  # default budget (~1 h on 2 CPU cores)
-    python scripts/reproduce_fedsam.py --quick          # smoke budget (< 1 min)
-    python scripts/reproduce_fedsam.py --full           # paper-sized budget, for a GPU machine
-    python scripts/reproduce_fedsam.py --datasets femnist --methods fedavg,fedsam --seeds 0,1
+    python scripts/reproduce_fedsam.py              # default budget (~1 h, 2 CPU cores)
+    python scripts/reproduce_fedsam.py --quick      # smoke budget (< 1 min)
+    python scripts/reproduce_fedsam.py --full       # paper-sized budget (GPU machine)
+    python scripts/reproduce_fedsam.py --datasets femnist --methods fedavg,fedsam \
+        --seeds 0,1
     python scripts/reproduce_fedsam.py --set client.lr=0.02 --jobs 2 --out-dir runs/x
 
 Needs ``FEDFLAT_DATA`` (or ``--data-dir``) pointing at a folder with ``femnist/`` and
@@ -32,8 +34,8 @@ folder that already holds a completed run of the same resolved scenario is reuse
 interrupted sweep continues where it stopped and the table can be rebuilt for free.
 
 Budgets (all: SGD without momentum, weight decay 4e-4, 1 local epoch, FedAvg server with
-η_g = 1 and sample-size weights, uniform sampling without replacement, the presets' ρ, η_a,
-SWA start 0.75·T, cycle c = 10, swa_lr 1e-4):
+η_g = 1 and sample-size weights, uniform sampling without replacement, the presets'
+ρ, η_a, SWA start 0.75·T, cycle c = 10, swa_lr 1e-4):
 
 * default (sized from measured CPU time, see below): CNN conv5x5(8)-GN-pool,
   conv5x5(16)-GN-pool, dense 64 (GroupNorm with 4 groups), 5 clients per round, 100
@@ -278,15 +280,21 @@ def build_overrides(
     over.update(spec["keys"])
     if method.endswith("_swa"):
         over.update(plan["swa"])
-    rounds = int(over["server.rounds"])
-    # λ_max once, on the final model (the loop also computes it after the last round).
-    over["eval.sharpness.every"] = rounds
     if use_gpu:
-        over.update({"runtime.backend": "ray", "runtime.num_actors": 1,
-                     "runtime.num_gpus": 1.0, "runtime.num_cpus": 1.0})
+        over.update(
+            {
+                "runtime.backend": "ray",
+                "runtime.num_actors": 1,
+                "runtime.num_gpus": 1.0,
+                "runtime.num_cpus": 1.0,
+            }
+        )
     if data_dir:
         over["data.data_dir"] = data_dir
     over.update(extra or {})
+    if "eval.sharpness.every" not in (extra or {}):
+        # λ_max once, on the final model (always measured after the last round).
+        over["eval.sharpness.every"] = int(over["server.rounds"])
     return base, over
 
 
@@ -340,7 +348,9 @@ def reusable(run_dir: Path, base: dict[str, Any], over: dict[str, Any]) -> bool:
         old = yaml.safe_load(stored.read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    return status == "completed" and _comparable(old) == _comparable(resolved(base, over))
+    return status == "completed" and _comparable(old) == _comparable(
+        resolved(base, over)
+    )
 
 
 class LeanRuns:
@@ -372,14 +382,19 @@ class LeanRuns:
             last: dict[str, Any] = {}
 
             def memo(name: str, loader: Callable[..., Any]) -> Callable[..., Any]:
-                def load(data_dir: Any, seed: int, num_clients: int,
-                         options: dict[str, Any]) -> Any:
-                    key = json.dumps([name, data_dir, seed, num_clients, options],
-                                     sort_keys=True, default=str)
+                def load(
+                    data_dir: Any, seed: int, num_clients: int, options: dict[str, Any]
+                ) -> Any:
+                    key = json.dumps(
+                        [name, data_dir, seed, num_clients, options],
+                        sort_keys=True,
+                        default=str,
+                    )
                     if last.get("key") != key:
                         last.clear()  # drop the previous data set before loading
-                        last.update(key=key, value=loader(data_dir, seed, num_clients,
-                                                          options))
+                        last.update(
+                            key=key, value=loader(data_dir, seed, num_clients, options)
+                        )
                     return last["value"]
 
                 return load
@@ -410,18 +425,28 @@ def execute(job: Job, *, cache_data: bool = True, plots: bool = True) -> Outcome
         else:
             if path.exists():
                 if not (path / "scenario.yaml").is_file() and any(path.iterdir()):
-                    raise RuntimeError(f"{path} exists and is not a run folder; not touching it")
+                    raise RuntimeError(
+                        f"{path} exists and is not a run folder; not touching it"
+                    )
                 shutil.rmtree(path)  # an unfinished or outdated run of this script
             path.parent.mkdir(parents=True, exist_ok=True)
             fedflat.run(job.base, overrides=job.over, out=path)
             status = "completed"
         rec = load_run(path)
-        accs = [m["test_accuracy"] for m in rec.metrics if m.get("test_accuracy") is not None]
-        return Outcome(job, status, time.perf_counter() - t0,
-                       final_accuracy=accs[-1] if accs else None,
-                       lambda_max=last_value(rec.metrics, "lambda_max"),
-                       extra={"wall_seconds": rec.summary.get("wall_seconds")})
-    except Exception as exc:  # noqa: BLE001 - report and continue with the sweep
+        accs = [
+            m["test_accuracy"]
+            for m in rec.metrics
+            if m.get("test_accuracy") is not None
+        ]
+        return Outcome(
+            job,
+            status,
+            time.perf_counter() - t0,
+            final_accuracy=accs[-1] if accs else None,
+            lambda_max=last_value(rec.metrics, "lambda_max"),
+            extra={"wall_seconds": rec.summary.get("wall_seconds")},
+        )
+    except Exception as exc:  # any failure: report it and go on with the sweep
         msg = f"{type(exc).__name__}: {exc}"
         if os.environ.get("REPRODUCE_TRACEBACK"):
             msg += "\n" + traceback.format_exc()
@@ -436,7 +461,7 @@ def run_jobs(
     log: Callable[[str], None] = print,
     plots: bool = True,
 ) -> list[Outcome]:
-    """Run the jobs (``parallel`` processes at a time), logging one line per finished run.
+    """Run the jobs (``parallel`` processes at a time), one log line per finished run.
 
     Jobs that share a data set and seed should be adjacent: each process keeps only the
     last loaded data set (``LeanRuns``).
@@ -450,9 +475,10 @@ def run_jobs(
             log(f"[{k}/{n}] {what}: FAILED after {out.seconds:.1f} s: {out.message}")
             return
         acc = "–" if out.final_accuracy is None else f"{out.final_accuracy:.4f}"
-        lam = "–" if out.lambda_max is None else f"{out.lambda_max:.2f}"
-        log(f"[{k}/{n}] {what}: {out.status}, final acc {acc}, λ_max {lam}, "
-            f"{out.seconds:.1f} s")
+        lam = "" if out.lambda_max is None else f", λ_max {out.lambda_max:.2f}"
+        log(
+            f"[{k}/{n}] {what}: {out.status}, final acc {acc}{lam}, {out.seconds:.1f} s"
+        )
 
     if parallel <= 1:
         for k, job in enumerate(jobs, start=1):
@@ -461,7 +487,9 @@ def run_jobs(
             report(k, out)
         return outcomes
     # spawn: a fresh interpreter per worker (no forked torch thread pools).
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=parallel, mp_context=get_context("spawn")
+    ) as pool:
         futures = [pool.submit(execute, job, plots=plots) for job in jobs]
         for k, fut in enumerate(as_completed(futures), start=1):
             out = fut.result()
@@ -501,9 +529,14 @@ def seed_cell(run_dirs: Sequence[Path]) -> Cell:
     if len(groups) != 1:
         raise RuntimeError(
             f"runs {[str(p) for p in run_dirs]} differ in more than their seed "
-            f"({len(groups)} groups)")
+            f"({len(groups)} groups)"
+        )
     g = groups[0]
-    lams = [x for x in (last_value(r.metrics, "lambda_max") for r in records) if x is not None]
+    lams = [
+        x
+        for x in (last_value(r.metrics, "lambda_max") for r in records)
+        if x is not None
+    ]
     lam = math.fsum(lams) / len(lams) if lams else math.nan
     return Cell(g.n_measured, g.final_mean, g.final_std, lam)
 
@@ -526,16 +559,28 @@ def fmt_num(x: float | None, spec: str = ".2f") -> str:
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table; numeric columns (all but the first) right-aligned."""
+    """A GitHub-flavoured Markdown table; all columns but the first right-aligned."""
     rows = [list(r) for r in rows]
     widths = [max([len(h), *(len(r[j]) for r in rows)]) for j, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(widths[0]) if j == 0 else c.rjust(widths[j])
-                                 for j, c in enumerate(cells)) + " |"
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(widths[0]) if j == 0 else c.rjust(widths[j])
+                for j, c in enumerate(cells)
+            )
+            + " |"
+        )
 
-    rule = "|" + "|".join("-" * (w + 2) if j == 0 else "-" * (w + 1) + ":"
-                          for j, w in enumerate(widths)) + "|"
+    rule = (
+        "|"
+        + "|".join(
+            "-" * (w + 2) if j == 0 else "-" * (w + 1) + ":"
+            for j, w in enumerate(widths)
+        )
+        + "|"
+    )
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
@@ -560,25 +605,36 @@ def build_table(
         for ds in datasets:
             dirs = by_key.get((ds, m), [])
             cell = seed_cell(dirs) if dirs else None
-            row += [fmt_acc(cell, len(seeds)),
-                    fmt_num(cell.lambda_mean if cell else None)]
+            row += [
+                fmt_acc(cell, len(seeds)),
+                fmt_num(cell.lambda_mean if cell else None),
+            ]
         rows.append(row)
     return markdown_table(header, rows)
 
 
-def describe_budget(budget: str, datasets: Sequence[str], extra: dict[str, Any]) -> list[str]:
+def describe_budget(
+    budget: str, datasets: Sequence[str], extra: dict[str, Any]
+) -> list[str]:
     """Bullet lines of the settings behind the table."""
     plan = BUDGETS[budget]
     lines = []
     families = sorted({DATASETS[d]["family"] for d in datasets})
     for fam in families:
         keys = {**plan["common"], **plan[fam], **extra}
-        shown = {k: v for k, v in keys.items()
-                 if k.split(".")[0] in ("model", "client", "server", "eval", "data")}
-        lines.append(f"- {fam}: " + ", ".join(f"`{k}={v}`" for k, v in sorted(shown.items())))
+        shown = {
+            k: v
+            for k, v in keys.items()
+            if k.split(".")[0] in ("model", "client", "server", "eval", "data")
+        }
+        lines.append(
+            f"- {fam}: " + ", ".join(f"`{k}={v}`" for k, v in sorted(shown.items()))
+        )
     if plan["swa"]:
-        lines.append("- SWA methods also: " + ", ".join(
-            f"`{k}={v}`" for k, v in sorted(plan["swa"].items())))
+        lines.append(
+            "- SWA methods also: "
+            + ", ".join(f"`{k}={v}`" for k, v in sorted(plan["swa"].items()))
+        )
     return lines
 
 
@@ -602,8 +658,9 @@ def table_document(
         f"Command: `{command}`",
         "",
         f"Budget `{budget}`, seeds {', '.join(map(str, seeds))}; "
-        f"{len(outcomes)} runs ({sum(o.status == 'reused' for o in outcomes)} reused from "
-        f"earlier invocations, {len(failed)} failed); this invocation took {elapsed:.0f} s, "
+        f"{len(outcomes)} runs ({sum(o.status == 'reused' for o in outcomes)} reused "
+        f"from earlier invocations, {len(failed)} failed); this invocation took "
+        f"{elapsed:.0f} s, "
         f"the runs' own wall time sums to {run_seconds:.0f} s.",
         "",
         *describe_budget(budget, datasets, extra),
@@ -614,7 +671,8 @@ def table_document(
         "`+ SWA` rows) after the last round, mean ± sample std (ddof = 1) over seeds; "
         "`(n=k)` marks cells with fewer runs than seeds.",
         "- λ_max: top Hessian eigenvalue of the training loss at that model, mean over "
-        "seeds (power iteration with Hessian-vector products on a fixed training subset, "
+        "seeds (power iteration with Hessian-vector products on a fixed training "
+        "subset, "
         "ALGORITHMS.md §7.1; it converges to the eigenvalue of largest magnitude, so a "
         "negative value means negative curvature dominates there).",
         "- CIFAR-10 α: `dirichlet_per_client` with `alpha_scale: total_mass`, client "
@@ -630,14 +688,15 @@ def table_document(
 
 # ------------------------------------------------------------------------- CLI
 def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
-    """A comma-separated selection, checked against ``allowed`` (``all`` = everything)."""
+    """A comma-separated selection checked against ``allowed`` (``all``: everything)."""
     if text.strip() == "all":
         return list(allowed)
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
         raise argparse.ArgumentTypeError(
-            f"unknown {what} {bad or text!r}; choose from {', '.join(allowed)} or 'all'")
+            f"unknown {what} {bad or text!r}; choose from {', '.join(allowed)} or 'all'"
+        )
     return items
 
 
@@ -646,7 +705,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"seeds must be integers, got {text!r}"
+        ) from None
     if not seeds:
         raise argparse.ArgumentTypeError("no seeds given")
     return seeds
@@ -665,28 +726,54 @@ def parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Options shared by the reproduction scripts."""
-    ap = argparse.ArgumentParser(description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smoke budget (about a minute)")
-    size.add_argument("--full", action="store_true", help="paper-sized budget (GPU machine)")
-    ap.add_argument("--seeds", type=parse_seeds, default=None,
-                    help="comma-separated seeds (default: the budget's)")
+    size.add_argument(
+        "--quick", action="store_true", help="smoke budget (about a minute)"
+    )
+    size.add_argument(
+        "--full", action="store_true", help="paper-sized budget (GPU machine)"
+    )
+    ap.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        help="comma-separated seeds (default: the budget's)",
+    )
     ap.add_argument("--out-dir", default=None, help="parent folder of the run folders")
     ap.add_argument("--table", default=None, help="Markdown file to write")
-    ap.add_argument("--data-dir", default=None,
-                    help="data folder (default: $FEDFLAT_DATA, else ../shared/data)")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="runs at a time (processes; each uses one torch thread)")
-    ap.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
-                    help="draw each run's PNG plots (default: on, off with --quick)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="scenario override for every run (repeatable), e.g. client.lr=0.02")
+    ap.add_argument(
+        "--data-dir",
+        default=None,
+        help="data folder (default: $FEDFLAT_DATA, else ../shared/data)",
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time (processes; each uses one torch thread)",
+    )
+    ap.add_argument(
+        "--plots",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="draw each run's PNG plots (default: on, off with --quick)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="scenario override for every run (repeatable), e.g. client.lr=0.02",
+    )
     return ap
 
 
 def find_data_dir(arg: str | None) -> str | None:
-    """``--data-dir``, else ``$FEDFLAT_DATA``, else the sibling ``shared/data`` if present."""
+    """``--data-dir``, else ``$FEDFLAT_DATA``, else the sibling ``shared/data``."""
     if arg:
         return arg
     env = os.environ.get("FEDFLAT_DATA")
@@ -723,10 +810,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep and write the table; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = common_parser(__doc__.splitlines()[0])
-    ap.add_argument("--datasets", type=lambda s: parse_list(s, list(DATASETS), "dataset"),
-                    default=list(DATASETS), help=f"subset of {', '.join(DATASETS)}")
-    ap.add_argument("--methods", type=lambda s: parse_list(s, METHODS, "method"),
-                    default=list(METHODS), help=f"subset of {', '.join(METHODS)}")
+    ap.add_argument(
+        "--datasets",
+        type=lambda s: parse_list(s, list(DATASETS), "dataset"),
+        default=list(DATASETS),
+        help=f"subset of {', '.join(DATASETS)}",
+    )
+    ap.add_argument(
+        "--methods",
+        type=lambda s: parse_list(s, METHODS, "method"),
+        default=list(METHODS),
+        help=f"subset of {', '.join(METHODS)}",
+    )
     args = ap.parse_args(argv)
     budget = "quick" if args.quick else "full" if args.full else "default"
     seeds = args.seeds or list(BUDGETS[budget]["seeds"])
@@ -735,11 +830,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
     out_dir = Path(args.out_dir or REPO / "runs" / "reproduce_fedsam") / budget
-    table_path = Path(args.table or (REPO / "results" / (
-        "tmp/fedsam_table_quick.md" if budget == "quick" else "fedsam_table.md")))
+    table_path = Path(
+        args.table
+        or (
+            REPO
+            / "results"
+            / ("tmp/fedsam_table_quick.md" if budget == "quick" else "fedsam_table.md")
+        )
+    )
     data_dir = find_data_dir(args.data_dir)
     if data_dir is None:
-        print("error: no data folder: set FEDFLAT_DATA or pass --data-dir", file=sys.stderr)
+        print(
+            "error: no data folder: set FEDFLAT_DATA or pass --data-dir",
+            file=sys.stderr,
+        )
         return 2
     use_gpu = False
     if budget == "full":
@@ -749,28 +853,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_line(argv)
 
     jobs = []
-    for ds in args.datasets:  # data set, then seed outermost: consecutive runs share data
+    for (
+        ds
+    ) in args.datasets:  # data set, then seed outermost: consecutive runs share data
         for s in seeds:
             for m in args.methods:
-                base, over = build_overrides(ds, m, s, budget, extra,
-                                             data_dir=data_dir, use_gpu=use_gpu)
-                jobs.append(Job((ds, m, s), base, over, str(out_dir / ds / m / f"seed{s}")))
+                base, over = build_overrides(
+                    ds, m, s, budget, extra, data_dir=data_dir, use_gpu=use_gpu
+                )
+                jobs.append(
+                    Job((ds, m, s), base, over, str(out_dir / ds / m / f"seed{s}"))
+                )
     error = validate(jobs)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(jobs)} runs, budget {budget}, seeds {seeds}, run folders under {out_dir}",
-          flush=True)
+    print(
+        f"{len(jobs)} runs, budget {budget}, seeds {seeds}, "
+        f"run folders under {out_dir}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     outcomes = run_jobs(
-        jobs, parallel=args.jobs,
+        jobs,
+        parallel=args.jobs,
         describe=lambda j: f"{j.key[0]} {j.key[1]} seed {j.key[2]}",
         log=lambda s: print(s, flush=True),
-        plots=args.plots if args.plots is not None else budget != "quick")
+        plots=args.plots if args.plots is not None else budget != "quick",
+    )
     elapsed = time.perf_counter() - t0
     table = build_table(outcomes, args.datasets, args.methods, seeds)
-    doc = table_document(table, command=command, budget=budget, datasets=args.datasets,
-                         seeds=seeds, extra=extra, outcomes=outcomes, elapsed=elapsed)
+    doc = table_document(
+        table,
+        command=command,
+        budget=budget,
+        datasets=args.datasets,
+        seeds=seeds,
+        extra=extra,
+        outcomes=outcomes,
+        elapsed=elapsed,
+    )
     table_path.parent.mkdir(parents=True, exist_ok=True)
     table_path.write_text(doc)
     print()
