@@ -24,8 +24,10 @@ def ray_session():
     ray = pytest.importorskip("ray")
     started = False
     if not ray.is_initialized():
+        from fedflat.runtime.backends import RAY_SYSTEM_CONFIG
+
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, _system_config=RAY_SYSTEM_CONFIG)
         started = True
     yield ray
     if started:

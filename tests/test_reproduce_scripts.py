@@ -187,6 +187,27 @@ def test_byzantine_overrides() -> None:
     assert sc["server"]["aggregation"]["bucket_size"] is None
 
 
+def test_reuse_survives_schema_additions_but_not_changes(tmp_path: Path) -> None:
+    """A completed run folder is reused when its stored scenario, loaded by the current
+    schema, equals the wanted one (a block added later is filled with its defaults);
+    a different value, or an unfinished run, is not reused."""
+    base, over = rf.build_overrides("femnist", "fedsam", 0, "default",
+                                    data_dir="/nonexistent")
+    full = rf.resolved(base, over)
+    stored = {k: v for k, v in full.items() if k not in ("attack", "comm")}
+    assert stored != full  # the blocks really were dropped
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "scenario.yaml").write_text(yaml.safe_dump(stored))
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert rf.reusable(run, base, over)
+    # output.* never changes a number: another plots setting still reuses.
+    assert rf.reusable(run, base, {**over, "output.plots": False})
+    assert not rf.reusable(run, base, {**over, "client.lr": 0.07})
+    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    assert not rf.reusable(run, base, over)
+
+
 def _fake_run(path: Path, seed: int, accs: list[float], lam: float) -> None:
     path.mkdir(parents=True)
     (path / "scenario.yaml").write_text(yaml.safe_dump({"name": "x", "seed": seed,

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from fedflat.client.update import ClientResult
@@ -81,6 +83,12 @@ def balance_chunks(jobs: Sequence[ClientJob], sizes: Sequence[int], k: int) -> l
     return [sorted(c) for c in chunks if c]
 
 
+# Deltas, payloads and chunk results of a few MB go back inline in the task reply instead of
+# through the shared-memory store: measured here, returning a [5, 16920] float32 chunk costs
+# ~0.7 ms inline against ~3 ms through the store (Ray's default inlines only < 100 KB).
+RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": 8 * 1024 * 1024}
+
+
 class _ServerActor:
     """Server actor body: a ServerCore plus chunk bookkeeping."""
 
@@ -93,9 +101,10 @@ class _ServerActor:
 
     def end(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]],
             keep_versions: list[int] | None, following: Any,
-            *chunk_results: list[ClientResult]) -> Any:
+            *packed_chunks: tuple[np.ndarray, list[ClientResult]]) -> Any:
         """Aggregate round ``round_``; with ``following`` = (t+1, chunk ids, versions) also
         return the next round's payload and per-chunk client states (saves one hop)."""
+        chunk_results = [unpack_results(p) for p in packed_chunks]
         results: list[ClientResult | None] = [None] * len(jobs)
         for positions, res in zip(chunks, chunk_results, strict=True):
             for pos, r in zip(positions, res, strict=True):
@@ -117,13 +126,28 @@ class _ServerActor:
         return self.core.params
 
 
+def pack_results(results: list[ClientResult]) -> tuple[np.ndarray, list[ClientResult]]:
+    """A chunk's deltas as one [k, d] array (one zero-copy buffer in the object store)
+    plus the results without their deltas (small metadata)."""
+    if not results:
+        return np.zeros((0, 0), dtype=np.float32), []
+    stacked = torch.stack([r.delta for r in results]).numpy()
+    return stacked, [replace(r, delta=torch.empty(0)) for r in results]
+
+
+def unpack_results(packed: tuple[np.ndarray, list[ClientResult]]) -> list[ClientResult]:
+    stacked, meta = packed
+    deltas = torch.from_numpy(np.array(stacked))  # a writable copy of the shared buffer
+    return [replace(r, delta=deltas[i]) for i, r in enumerate(meta)]
+
+
 class _ClientActor:
     def __init__(self, sc: Scenario, fed: FederatedData, device: str, threads: int) -> None:
         self.worker = ClientWorker(sc, fed, device=device, threads=threads)
 
     def run(self, payload: RoundPayload, states: list[dict[str, torch.Tensor]],
-            jobs: list[ClientJob]) -> list[ClientResult]:
-        return self.worker.run(payload, jobs, states)
+            jobs: list[ClientJob]) -> tuple[np.ndarray, list[ClientResult]]:
+        return pack_results(self.worker.run(payload, jobs, states))
 
 
 class RayBackend:
@@ -143,7 +167,7 @@ class RayBackend:
                 ray.init(num_cpus=max(1, math.ceil(rt.num_actors * rt.num_cpus)),
                          num_gpus=math.ceil(rt.num_actors * rt.num_gpus) if rt.num_gpus else 0,
                          include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+                         configure_logging=False, _system_config=RAY_SYSTEM_CONFIG)
             self._started = True
         threads = max(1, math.ceil(rt.num_cpus))
         device = "cuda" if rt.num_gpus > 0 else "cpu"
