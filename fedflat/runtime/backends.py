@@ -177,7 +177,7 @@ class RayBackend:
         self.server = server_cls.remote(sc, fed_ref, params, threads)
         self.actors = [client_cls.remote(sc, fed_ref, device, threads) for _ in range(rt.num_actors)]
         self.sizes = fed.client_sizes().tolist()
-        self._prefetched: tuple[Any, ...] | None = None
+        self._started_runs: tuple[Any, ...] | None = None
         ray.get(self.server.params.remote())  # surface construction errors now
 
     def round(self, round_: int, jobs: Sequence[ClientJob],
@@ -188,37 +188,38 @@ class RayBackend:
         keep = list(keep_versions) if keep_versions is not None else None
         chunks = balance_chunks(jobs, self.sizes, len(self.actors))
         chunk_ids = [[jobs[i].client_id for i in c] for c in chunks]
-        pre = self._prefetched
-        self._prefetched = None
-        if pre is not None and pre[0] == round_ and pre[1] == chunk_ids:
-            payload_ref, state_refs = pre[2], pre[3]
+        started = self._started_runs
+        self._started_runs = None
+        if started is not None and started[0] == round_ and started[1] == chunk_ids:
+            result_refs = started[2]  # submitted while round t-1 was still aggregating
         else:
             refs = self.server.begin.options(num_returns=1 + len(chunks)).remote(
                 round_, chunk_ids, _versions(jobs))
             refs = refs if chunks else [refs]  # num_returns=1 gives a bare ref
-            payload_ref, state_refs = refs[0], refs[1:]
-        nxt = None
-        if following is not None:
-            t1, jobs1 = following[0], list(following[1])
-            ids1 = [[jobs1[i].client_id for i in c]
-                    for c in balance_chunks(jobs1, self.sizes, len(self.actors))]
-            nxt = (t1, ids1, _versions(jobs1))
-        result_refs = [
-            actor.run.remote(payload_ref, sref, [jobs[i] for i in c])
-            for actor, sref, c in zip(self.actors, state_refs, chunks, strict=False)
-        ]
-        if nxt is None:
+            result_refs = self._submit_runs(jobs, chunks, refs[0], refs[1:])
+        if following is None:
             return ray.get(self.server.end.remote(round_, jobs, chunks, keep, None, *result_refs))
-        refs = self.server.end.options(num_returns=2 + len(nxt[1])).remote(
-            round_, jobs, chunks, keep, nxt, *result_refs)
-        self._prefetched = (nxt[0], nxt[1], refs[1], refs[2:])
+        # The server returns round t+1's payload and client states with round t's record;
+        # round t+1's client tasks are submitted now, before waiting for the record, so that
+        # they start the moment the server is done (no driver round trip in between).
+        t1, jobs1 = following[0], list(following[1])
+        chunks1 = balance_chunks(jobs1, self.sizes, len(self.actors))
+        ids1 = [[jobs1[i].client_id for i in c] for c in chunks1]
+        refs = self.server.end.options(num_returns=2 + len(chunks1)).remote(
+            round_, jobs, chunks, keep, (t1, ids1, _versions(jobs1)), *result_refs)
+        self._started_runs = (t1, ids1, self._submit_runs(jobs1, chunks1, refs[1], refs[2:]))
         return ray.get(refs[0])
+
+    def _submit_runs(self, jobs: list[ClientJob], chunks: list[list[int]], payload_ref: Any,
+                     state_refs: Sequence[Any]) -> list[Any]:
+        return [actor.run.remote(payload_ref, sref, [jobs[i] for i in c])
+                for actor, sref, c in zip(self.actors, state_refs, chunks, strict=False)]
 
     def state_dict(self) -> dict[str, Any]:
         return self.ray.get(self.server.state_dict.remote())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._prefetched = None
+        self._started_runs = None
         self.ray.get(self.server.load_state_dict.remote(state))
 
     def final_params(self) -> torch.Tensor:
