@@ -271,7 +271,7 @@ def test_cifar10_decodes_normalises_and_caches(tmp_path, monkeypatch):
     made = make_fake_cifar_zip(
         tmp_path / "data" / "cifar10" / "cifar10_jpeg_subset.zip"
     )
-    monkeypatch.setenv("FEDFLAT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDFLAT_CACHE_DIR", str(tmp_path / "cache"))
     ds = load_dataset("cifar10", data_dir=str(tmp_path / "data"), seed=0, num_clients=1)
     assert ds.in_shape == (3, 32, 32)
     assert ds.num_classes == 10
@@ -395,7 +395,7 @@ def test_fashion_mnist_split_of_the_test_set():
 @pytest.mark.slow
 @needs("cifar10/cifar10_jpeg_subset.zip")
 def test_cifar10_real_subset(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDFLAT_CACHE", str(tmp_path))
+    monkeypatch.setenv("FEDFLAT_CACHE_DIR", str(tmp_path))
     ds = load_dataset("cifar10", data_dir=DATA, seed=0, num_clients=1)
     # SOURCE.md: 1,000 train images per class and the full 10,000-image test set.
     assert np.bincount(ds.y_train.numpy()).tolist() == [1000] * 10

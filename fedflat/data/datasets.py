@@ -29,7 +29,7 @@ from fedflat.errors import DataError
 from fedflat.rng import numpy_rng
 
 DATA_ENV = "FEDFLAT_DATA"
-CACHE_ENV = "FEDFLAT_CACHE"
+CACHE_ENV = "FEDFLAT_CACHE_DIR"  # the same variable as the privacy calibration cache
 
 # Seed of the fixed train/test splits (digits, fashion_mnist): the same for every run
 # seed, so that runs with different seeds are evaluated on the same test set.
@@ -82,7 +82,7 @@ def resolve_data_dir(data_dir: str | None) -> str | None:
 def cache_dir() -> Path:
     """Folder of decoded-array caches.
 
-    ``$FEDFLAT_CACHE``, else ``$XDG_CACHE_HOME/fedflat``, else ``~/.cache/fedflat``.
+    ``$FEDFLAT_CACHE_DIR``, else ``$XDG_CACHE_HOME/fedflat``, else ``~/.cache/fedflat``.
     """
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
