@@ -125,6 +125,7 @@ from fedflat.flower.server_app import (
     prepare,
     send_and_receive,
 )
+from fedflat.runtime.backends import CoreBackend
 from fedflat.runtime.build import FederatedData
 from fedflat.runtime.run import Runner, RunResult, _new_run_dir
 from fedflat.runtime.server_core import ServerCore
@@ -522,7 +523,7 @@ def discover_partitions(grid: Grid, num_clients: int, *, timeout_s: float,
         time.sleep(max(poll_s, 0.1))
 
 
-class SecAggBackend:
+class SecAggBackend(CoreBackend):
     """A fedflat Backend whose every round is one SecAgg+ protocol run over Flower nodes."""
 
     def __init__(self, grid: Grid, context: Context, core: ServerCore, scenario_yaml: str,
@@ -603,17 +604,6 @@ class SecAggBackend:
         rec["secagg_clients"] = len(jobs)
         return rec
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.core.load_state_dict(state)
-
-    def final_params(self) -> torch.Tensor:
-        return self.core.params
-
-    def close(self) -> None:
-        pass
 
 
 def run_secagg_server(grid: Grid, context: Context, settings: ServerSettings) -> RunResult:

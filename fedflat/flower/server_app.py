@@ -39,6 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedflat.client.update import ClientResult
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.flower import codec
+from fedflat.runtime.backends import CoreBackend
 from fedflat.runtime.build import FederatedData
 from fedflat.runtime.run import Runner, RunResult, _load_data, _new_run_dir
 from fedflat.runtime.server_core import ServerCore
@@ -260,7 +261,7 @@ def _ranges(ids: Sequence[int]) -> str:
 
 
 # ---------------------------------------------------------------------- backend
-class FlowerGridBackend:
+class FlowerGridBackend(CoreBackend):
     """A fedflat Backend whose clients are Flower nodes; the server state is a ServerCore.
 
     Satisfies :class:`fedflat.runtime.backends.Backend`, so fedflat's ``Runner`` drives it.
@@ -357,17 +358,6 @@ class FlowerGridBackend:
                 failures.append(ClientFailure(round_, job.client_id, node, reason))
         return ok_jobs, results, failures
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.core.load_state_dict(state)
-
-    def final_params(self) -> torch.Tensor:
-        return self.core.params
-
-    def close(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------- main

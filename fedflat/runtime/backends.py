@@ -22,7 +22,6 @@ from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
 from fedflat.scenario.schema import Scenario
 
-
 Following = tuple[int, Sequence[ClientJob]] | None  # the next round's (index, jobs), if known
 
 
@@ -36,7 +35,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-class SerialBackend:
+class CoreBackend:
+    """A backend whose server side is a ``ServerCore`` in this process (``self.core``):
+    serial, and the Flower grid backends."""
+
+    core: ServerCore
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state)
+
+    def final_params(self) -> torch.Tensor:
+        return self.core.params
+
+    def close(self) -> None:
+        pass
+
+
+class SerialBackend(CoreBackend):
     """Everything in this process, clients one after another."""
 
     def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor) -> None:
@@ -51,17 +69,6 @@ class SerialBackend:
         results = self.worker.run(payload, jobs, states)
         return self.core.end_round(round_, jobs, results, keep_versions)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.core.load_state_dict(state)
-
-    def final_params(self) -> torch.Tensor:
-        return self.core.params
-
-    def close(self) -> None:
-        pass
 
 
 def _versions(jobs: Sequence[ClientJob]) -> list[int]:

@@ -6,8 +6,8 @@ update and the server pipeline are identical wherever they run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,11 +20,15 @@ from fedflat.data import partition as part
 from fedflat.data.datasets import Dataset, load_dataset
 from fedflat.errors import DataError
 from fedflat.models.flat import FlatModel, Segment
+from fedflat.models.zoo import build_model
 from fedflat.privacy import central
 from fedflat.privacy.mechanisms import dp_sam, dp_sat, dp_sat_momentum, dp_sgd
-from fedflat.models.zoo import build_model
 from fedflat.rng import numpy_rng, stream
-from fedflat.scenario.local_rule import build_fedopt, build_server_corrections, build_swa
+from fedflat.scenario.local_rule import (
+    build_fedopt,
+    build_server_corrections,
+    build_swa,
+)
 from fedflat.scenario.local_rule import build_local_rule as local_rule_parts
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt

@@ -25,9 +25,18 @@ import torch
 from tqdm import tqdm
 
 import fedflat
+from fedflat.comm.asynchronous import (
+    AsyncState,
+    next_buffer,
+    scheduler_from_config,
+    staleness_weights,
+    start,
+    versions_in_use,
+)
 from fedflat.data.partition import client_stats
 from fedflat.errors import BudgetExhausted, DataError, FedflatError, ScenarioError
 from fedflat.privacy.plan import resolve_privacy
+from fedflat.rng import numpy_rng
 from fedflat.runtime.backends import make_backend
 from fedflat.runtime.build import (
     FederatedData,
@@ -39,15 +48,6 @@ from fedflat.runtime.build import (
 )
 from fedflat.runtime.checkpoint import load_latest, save_checkpoint
 from fedflat.runtime.sampling import sample_cohort
-from fedflat.comm.asynchronous import (
-    AsyncState,
-    next_buffer,
-    scheduler_from_config,
-    staleness_weights,
-    start,
-    versions_in_use,
-)
-from fedflat.rng import numpy_rng
 from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario

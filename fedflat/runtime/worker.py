@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fedflat.attacks.byzantine import flip_labels
 from fedflat.client.oracle import UpdateContext
+from fedflat.client.update import ClientResult, client_update
 from fedflat.comm.codecs import HEADER_NBYTES as FP32_HEADER
 from fedflat.comm.codecs import codec_from_config, transmit
-from fedflat.client.update import ClientResult, client_update
 from fedflat.rng import stream
-from fedflat.attacks.byzantine import flip_labels
 from fedflat.runtime.build import (
     FederatedData,
     build_flat_model,
@@ -26,7 +26,6 @@ from fedflat.runtime.build import (
     byzantine_clients,
 )
 from fedflat.scenario.schema import Scenario
-
 
 EF_KEY = "ef_residual"  # client state key of the uplink error-feedback residual
 

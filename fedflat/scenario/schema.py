@@ -15,8 +15,13 @@ from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
 from fedflat.scenario.flower import FlowerConfig
+from fedflat.scenario.local_rule import (
+    CorrectionConfig,
+    FedOptConfig,
+    OracleConfig,
+    SwaConfig,
+)
 from fedflat.scenario.privacy import PrivacyConfig
-from fedflat.scenario.local_rule import CorrectionConfig, FedOptConfig, OracleConfig, SwaConfig
 from fedflat.scenario.system import SystemConfig
 
 
