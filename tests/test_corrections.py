@@ -31,14 +31,14 @@ from fedflat.client.oracle import UpdateContext, plain
 from fedflat.client.oracles import FEDSMOO_MU, FEDSMOO_S
 from fedflat.models import FlatModel
 from fedflat.rng import stream
+from fedflat.runtime.build import build_server_corrections
+from fedflat.runtime.build import local_rule_parts as build_local_rule
 from fedflat.scenario.local_rule import (
     PRESETS,
     CorrectionConfig,
     FedOptConfig,
     OracleConfig,
     SwaConfig,
-    build_local_rule,
-    build_server_corrections,
 )
 from fedflat.server.corrections import (
     feddyn_server,

@@ -223,9 +223,9 @@ def handle_train(msg: Message, ctx: Context, settings: ClientSettings) -> Messag
         raise FlowerClientError(f"the node's model has {worker.model.num_params} parameters, "
                                 f"the server's {instr.payload.params.numel()}: the node's data "
                                 "has another input shape or number of classes")
-    if instr.job.client_id >= len(worker.index):
+    if instr.job.client_id >= len(worker.client_data):
         raise FlowerClientError(f"client {instr.job.client_id} is outside this node's "
-                                f"{len(worker.index)} partitions")
+                                f"{len(worker.client_data)} partitions")
     [res] = worker.run(instr.payload, [instr.job], [instr.state])
     return Message(codec.encode_result(res), reply_to=msg)
 

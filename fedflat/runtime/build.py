@@ -14,7 +14,10 @@ import numpy as np
 import torch
 
 from fedflat.attacks.byzantine import attack_step, byzantine_ids
+from fedflat.client.correction import Correction, feddyn, fedprox, mofedsam, scaffold
 from fedflat.client.optim import LocalOptimizer, adam, sgd
+from fedflat.client.oracle import Oracle
+from fedflat.client.oracles import fedsmoo, make_oracle
 from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.data import partition as part
 from fedflat.data.datasets import Dataset, load_dataset
@@ -25,16 +28,23 @@ from fedflat.privacy import central
 from fedflat.privacy.mechanisms import dp_sam, dp_sat, dp_sat_momentum, dp_sgd
 from fedflat.rng import numpy_rng, stream
 from fedflat.scenario.local_rule import (
-    build_fedopt,
-    build_server_corrections,
-    build_swa,
+    CorrectionConfig,
+    FedOptConfig,
+    OracleConfig,
+    SwaConfig,
 )
-from fedflat.scenario.local_rule import build_local_rule as local_rule_parts
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt
+from fedflat.server.corrections import (
+    feddyn_server,
+    fedsmoo_server,
+    prev_update_broadcast,
+    scaffold_server,
+)
+from fedflat.server.fedopt import fedadagrad, fedadam, fedyogi
 from fedflat.server.pipeline import Pipeline, ServerRound, ServerStep
 from fedflat.server.rules import rule_step
-from fedflat.server.swa import swa_client_lr, swa_start_round
+from fedflat.server.swa import swa_client_lr, swa_start_round, swa_step
 
 
 @dataclass
@@ -111,6 +121,116 @@ def build_flat_model(sc: Scenario, ds: Dataset, device: str | torch.device = "cp
 
 def initial_params(sc: Scenario, model: FlatModel) -> torch.Tensor:
     return model.init_params(stream(sc.seed, "init"))
+
+
+# ---------------------------------------------------------------- local rule and server steps
+# (scenario blocks -> client/server pieces; kept here so that fedflat.scenario imports no
+# client or server code)
+_ORACLE_PARAMS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "sam": ("rho", "wd_in_perturbation"),
+    "asam": ("rho", "eta", "variant"),
+    "gam": ("grad_rho", "grad_norm_rho", "beta0", "beta1", "gamma"),
+    "sam_on": ("rho", "adaptive", "eta", "normalize_bias"),
+    "fisher_sam": ("rho", "eta_f"),
+    "lesam": ("rho",),
+}
+
+
+def local_rule_parts(
+    oracle: OracleConfig, correction: CorrectionConfig, *, weight_decay: float = 0.0
+) -> tuple[Oracle, tuple[Correction, ...]]:
+    """The client's oracle and its corrections, in the order the loop applies them.
+
+    Order: mofedsam (scales the oracle's gradient by α, so it comes first), fedprox, the
+    FedSMOO state carrier, scaffold, feddyn. fedprox comes before the stateful ones
+    because its ``finish`` returns a copy of the whole old client state, which would
+    undo their updates under ``client_update``'s ``state.update(...)`` merge.
+
+    Args:
+        oracle: the oracle block.
+        correction: the corrections block.
+        weight_decay: the client optimizer's weight decay (used by SAM when
+            ``wd_in_perturbation``).
+    """
+    corrections: list[Correction] = []
+    if correction.mofedsam_alpha is not None:
+        corrections.append(mofedsam(alpha=correction.mofedsam_alpha))
+    if correction.prox_mu is not None:
+        corrections.append(fedprox(mu=correction.prox_mu))
+    if oracle.name == "fedsmoo":
+        pair = fedsmoo(rho=oracle.rho)
+        built = pair.oracle
+        corrections.append(pair.correction)
+    else:
+        names = _ORACLE_PARAMS[oracle.name]
+        params: dict[str, Any] = {k: getattr(oracle, k) for k in names}
+        if oracle.name == "sam":
+            params["weight_decay"] = weight_decay
+        built = make_oracle(oracle.name, **params)
+    if correction.scaffold:
+        corrections.append(scaffold())
+    if correction.feddyn_alpha is not None:
+        corrections.append(feddyn(alpha=correction.feddyn_alpha))
+    return built, tuple(corrections)
+
+
+def build_server_corrections(
+    oracle: OracleConfig, correction: CorrectionConfig, *, num_clients: int
+) -> tuple[ServerStep, ...]:
+    """Server steps the local rule needs, in order; chain them right **after** the
+    optimizer step (FedAvg / FedAdam / ...) and before SWA.
+
+    feddyn_server (moves new_params), scaffold_server (c only), fedsmoo_server,
+    prev_update_broadcast (FedLESAM / MoFedSAM; last, it reads the final new_params).
+    """
+    steps: list[ServerStep] = []
+    if correction.feddyn_alpha is not None:
+        steps.append(
+            feddyn_server(alpha=correction.feddyn_alpha, num_clients=num_clients)
+        )
+    if correction.scaffold:
+        steps.append(scaffold_server(num_clients=num_clients))
+    if oracle.name == "fedsmoo":
+        steps.append(fedsmoo_server(rho=oracle.rho))
+    if oracle.name == "lesam" or correction.mofedsam_alpha is not None:
+        steps.append(prev_update_broadcast())
+    return tuple(steps)
+
+
+def build_fedopt(name: str, *, lr: float, config: FedOptConfig) -> ServerStep:
+    """FedAdam / FedYogi / FedAdagrad step from its block (``adam`` = ``fedadam``)."""
+    key = name if name.startswith("fed") else f"fed{name}"
+    common = {
+        "lr": lr,
+        "beta1": config.beta1,
+        "tau": config.tau,
+        "bias_correction": config.bias_correction,
+        "initial_accumulator": config.initial_accumulator,
+    }
+    if key == "fedadam":
+        return fedadam(beta2=config.beta2, **common)
+    if key == "fedyogi":
+        return fedyogi(beta2=config.beta2, **common)
+    if key == "fedadagrad":
+        return fedadagrad(**common)
+    raise ValueError(
+        f"unknown adaptive server optimizer {name!r}; known: fedadam, fedyogi, "
+        "fedadagrad"
+    )
+
+
+def build_swa(config: SwaConfig, *, num_rounds: int) -> ServerStep | None:
+    """The SWA server step (last in the pipeline), or None when SWA is off."""
+    if not config.enabled:
+        return None
+    return swa_step(
+        start_round=swa_start_round(config.start, num_rounds),
+        cycle=config.cycle,
+        collect=config.collect,
+    )
+
+
 
 
 def byzantine_clients(sc: Scenario, num_clients: int) -> frozenset[int]:

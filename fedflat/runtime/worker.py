@@ -64,7 +64,9 @@ class ClientWorker:
         ds = fed.dataset
         self.x = ds.x_train.to(self.device)
         self.y = ds.y_train.to(self.device)
-        self.index = [torch.as_tensor(ix, device=self.device) for ix in fed.client_indices]
+        # Each client's examples gathered once (not every round, in the hot path).
+        self.client_data = [(self.x[ix], self.y[ix]) for ix in
+                            (torch.as_tensor(i, device=self.device) for i in fed.client_indices)]
         self.model = build_flat_model(scenario, ds, self.device)
         self.model.module.train()
         self.rule = build_local_rule(scenario)
@@ -82,18 +84,17 @@ class ClientWorker:
         broadcast = {k: v.to(self.device) for k, v in payload.broadcast.items()}
         out = []
         for job, state in zip(jobs, states, strict=True):
-            ix = self.index[job.client_id]
+            x, y = self.client_data[job.client_id]
             params = latest if job.version is None else versions[job.version]
             ctx = UpdateContext(
                 model=self.model, x_global=params, round=job.round, client_id=job.client_id,
-                num_samples=len(ix), broadcast=broadcast,
+                num_samples=len(y), broadcast=broadcast,
                 client_state={k: v.to(self.device) for k, v in state.items()},
             )
             gen = stream(self.sc.seed, "client", job.round, job.client_id, device=self.device)
-            y = self.y[ix]
             if job.client_id in self.flipped:
                 y = flip_labels(y, self.num_classes)
-            res = client_update(self.rule, ctx, self.x[ix], y, job.lr, gen,
+            res = client_update(self.rule, ctx, x, y, job.lr, gen,
                                 max_steps=job.max_steps)
             self._uplink(res, job, state)
             if self.device.type != "cpu":
