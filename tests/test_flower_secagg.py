@@ -203,6 +203,18 @@ def test_simulate_refuses_before_starting(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_simulate_refuses_inside_a_running_ray(tmp_path, ray_session):
+    """Flower's engine shuts Ray down when it ends: with Ray up (the test session's), a valid
+    scenario is refused before any run folder exists, and Ray is left running."""
+    from fedflat.flower.server_app import FlowerRunError
+    from fedflat.flower.simulate import simulate
+
+    with pytest.raises(FlowerRunError, match="fresh process"):
+        simulate(secagg_scenario(), out=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    assert ray_session.is_initialized()
+
+
 def test_flower_config_checks():
     assert FlowerConfig().secagg is False
     with pytest.raises(ValueError, match="less than secagg_num_shares"):

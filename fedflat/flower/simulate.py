@@ -90,10 +90,7 @@ def simulate(
     import ray
     from flwr.simulation import run_simulation
 
-    if ray.is_initialized():
-        raise FlowerRunError("Ray is already running in this process; Flower's simulation "
-                             "engine would use it and shut it down at the end. Run "
-                             "'fedflat flower simulate' in a fresh process.")
+    # Scenario errors come first: they name the user's mistake, whatever the process state.
     loaded = load_scenario(source, overrides)
     sc = loaded.scenario
     use_secagg = bool(secagg) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
@@ -101,6 +98,10 @@ def simulate(
         from fedflat.flower.secagg import check_secagg
 
         check_secagg(sc)
+    if ray.is_initialized():
+        raise FlowerRunError("Ray is already running in this process; Flower's simulation "
+                             "engine would use it and shut it down at the end. Run "
+                             "'fedflat flower simulate' in a fresh process.")
     fed = _load_data(loaded)
     run_dir = _new_run_dir(sc, out)
     settings = ServerSettings(out=run_dir, prepared=(loaded, fed), secagg=use_secagg)
