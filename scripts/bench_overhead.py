@@ -4,7 +4,8 @@ Workload (issue 2): 100 clients, 10 per round, 20 rounds, 200 samples per client
 batch 32, SGD lr 0.05, one local epoch. The same data, cohorts and initial model are used by
 all three: a plain PyTorch loop, fedflat `serial`, fedflat `ray` with 2 actors (1 CPU each).
 Prints each time and its ratio to the plain loop, end to end and per round in steady state
-(median of rounds 5..20). Usage: python scripts/bench_overhead.py [--rounds 20]
+(median of rounds 5..20), each backend measured --repeats times, interleaved; ratios are taken
+within a repeat. Usage: python scripts/bench_overhead.py [--rounds 20] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -84,19 +85,32 @@ def fedflat_run(rounds: int, backend: str) -> tuple[float, list[float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measure every backend this many times, interleaved (noisy machines)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     plain_loop(2)  # warm up imports and kernels so that neither side pays them in the timing
-    rows = [("plain PyTorch loop", *plain_loop(args.rounds)),
-            ("fedflat serial", *fedflat_run(args.rounds, "serial")),
-            ("fedflat ray, 2 actors", *fedflat_run(args.rounds, "ray"))]
-    base_total = rows[0][1]
-    base_round = statistics.median(rows[0][2][4:])
-    print(f"{'':24} {'end to end':>12} {'ratio':>7} {'round (steady)':>15} {'ratio':>7}")
-    for name, total, per_round in rows:
-        steady = statistics.median(per_round[4:])
-        print(f"{name:24} {total:10.2f} s {total / base_total:6.2f}x {steady * 1e3:12.1f} ms "
-              f"{steady / base_round:6.2f}x")
+    names = ["plain PyTorch loop", "fedflat serial", "fedflat ray, 2 actors"]
+    runs = [lambda: plain_loop(args.rounds), lambda: fedflat_run(args.rounds, "serial"),
+            lambda: fedflat_run(args.rounds, "ray")]
+    # Each repeat measures all three back to back and gives ratios to its own plain loop, so
+    # that a slow spell of a shared machine shifts a whole repeat, not one side of a ratio.
+    totals: dict[str, list[float]] = {n: [] for n in names}
+    rounds: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for name, run in zip(names, runs, strict=True):
+            total, per_round = run()
+            totals[name].append(total)
+            rounds[name].append(statistics.median(per_round[4:]))
+    print(f"{'':24} {'end to end':>12} {'ratio':>7} {'round (steady)':>15} {'ratio':>7}"
+          f"   (median of {args.repeats} interleaved repeats; ratio range)")
+    base_t, base_r = totals[names[0]], rounds[names[0]]
+    for name in names:
+        rt = [a / b for a, b in zip(totals[name], base_t, strict=True)]
+        rr = [a / b for a, b in zip(rounds[name], base_r, strict=True)]
+        print(f"{name:24} {statistics.median(totals[name]):10.2f} s {statistics.median(rt):6.2f}x "
+              f"{statistics.median(rounds[name]) * 1e3:12.1f} ms {statistics.median(rr):6.2f}x"
+              f"   [{min(rr):.2f}-{max(rr):.2f}]")
     print("targets: serial end to end <= 1.1x; ray steady-state round <= 1.0x")
 
 

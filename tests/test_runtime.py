@@ -87,6 +87,27 @@ def test_ray_equals_serial(tmp_path, ray_session, actors):
     assert ray_session.is_initialized(), "the run must not shut down a Ray it did not start"
 
 
+WIRE_CASES = {
+    # model versions travel in the payload; staleness weights in the jobs
+    "async": {"system.asynchronous": {"concurrency": 5, "buffer_size": 3},
+              "system.compute_speed": {"kind": "lognormal", "mean": 100.0, "sigma": 1.0}},
+    # per-client state (error-feedback residuals) goes out and comes back every round
+    "error_feedback": {"comm.uplink": {"codec": "top_k", "ratio": 0.05, "error_feedback": True}},
+}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(WIRE_CASES))
+def test_ray_equals_serial_for_what_travels_with_a_round(tmp_path, ray_session, case):
+    sc = tiny_scenario(**{"server.rounds": 5, **WIRE_CASES[case]})
+    serial = fedflat.run(sc, out=tmp_path / "s")
+    on_ray = fedflat.run({**sc, "runtime": {"backend": "ray", "num_actors": 2, "threads": 1}},
+                         out=tmp_path / "r")
+    assert torch.equal(serial.params, on_ray.params)
+    assert [m["clients"] for m in serial.metrics] == [m["clients"] for m in on_ray.metrics]
+
+
 # ---------------------------------------------------------------------------- kill and resume
 SLOW = {"server.rounds": 30, "client.local_epochs": 6, "data.synthetic.max_size": 400,
         "eval.every": 5}
