@@ -295,17 +295,23 @@ def main(argv: list[str] | None = None) -> int:
                     todo.append({"setting": name, "mechanism": mech, "epsilon": eps,
                                  "seed": seed, "scenario": sc, "overrides": over})
     t0 = time.perf_counter()
+
+    def report(r: dict[str, Any]) -> None:
+        print(f"{r['setting']:<9} {r['mechanism']:<6} ε={r['epsilon']:g} seed {r['seed']}: "
+              f"accuracy {r['final_acc']:.4f}, ε spent {r['epsilon_spent']:.3f}, "
+              f"σ={r['sigma']:.3f} ({r['wall_s']:.1f} s)", flush=True)
+
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(run_one, todo))
+            results = []
+            for r in pool.map(run_one, todo):  # in order, each reported as it is available
+                results.append(r)
+                report(r)
     else:
         results = []
         for s in todo:
             results.append(run_one(s))
-            r = results[-1]
-            print(f"{r['setting']:<9} {r['mechanism']:<6} ε={r['epsilon']:g} seed {r['seed']}: "
-                  f"accuracy {r['final_acc']:.4f}, ε spent {r['epsilon_spent']:.3f}, "
-                  f"σ={r['sigma']:.3f} ({r['wall_s']:.1f} s)", flush=True)
+            report(results[-1])
     text = table(results, profile, p, args.rho, time.perf_counter() - t0)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -562,6 +562,25 @@ def test_rule_step_all_rows_rejected_gives_zero() -> None:
     assert m["agg/num_inputs"] == 0.0
 
 
+def test_rule_step_skips_a_round_below_the_rules_condition() -> None:
+    # krum with f = 2 needs n >= 7 (Blanchard et al.): 6 valid rows (one NaN row of 7) leave
+    # the model where it is; bulyan with f = 1 needs n >= 7; with bucketing s = 2 the
+    # condition is on the ceil(n/2) buckets.
+    x = torch.randn(7, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    x[3] = math.nan
+    for rule, params in (("krum", {"num_byzantine": 2}), ("bulyan", {"num_byzantine": 1}),
+                         ("krum", {"num_byzantine": 1, "bucket_size": 2})):
+        step = rule_step(rule, params)
+        rnd, _, m = step.apply(_round(x, torch.ones(7, dtype=F64)), step.init(x[0]),
+                               stream(0, "server", 0))
+        torch.testing.assert_close(rnd.aggregate, torch.zeros(5, dtype=F64))
+        assert m["agg/skipped"] == 1.0 and m["agg/num_inputs"] == 6.0
+    # At the condition exactly the rule runs.
+    step = rule_step("krum", {"num_byzantine": 1})  # n >= 5
+    rnd, _, m = step.apply(_round(x, torch.ones(7, dtype=F64)), {}, stream(0, "server", 0))
+    assert "agg/skipped" not in m and rnd.aggregate.abs().sum() > 0
+
+
 # -------------------- scenario block
 
 

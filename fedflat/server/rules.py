@@ -410,6 +410,16 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     return dist
 
 
+_N_FACTOR = {"krum": 2, "multi_krum": 2, "bulyan": 4}  # rule needs n >= factor * f + 3
+
+
+def min_inputs(rule: str, params: Mapping[str, Any]) -> int:
+    """Fewest rows (buckets, with bucketing) ``rule`` with resolved ``params`` accepts."""
+    if rule not in _N_FACTOR:
+        return 1
+    return _N_FACTOR[rule] * int(params["num_byzantine"]) + 3
+
+
 def _require_n(rule: str, n: int, f: int, factor: int) -> None:
     if n < factor * f + 3:
         raise ValueError(
@@ -990,8 +1000,9 @@ def rule_step(
     Rows with NaN/Inf are dropped first (``sanitize``); the rule then sees the remaining
     rows with weights ``round.weights`` ("samples") or none ("uniform"). The step state
     is the rule state (centered clipping's v, zeros at the start). If every row is
-    rejected the aggregate is the zero vector (the round changes nothing) and
-    ``agg/num_rejected`` says so.
+    rejected, or fewer rows (buckets) remain than the rule's condition needs (krum
+    n >= 2f+3, bulyan n >= 4f+3), the aggregate is the zero vector (the round changes
+    nothing) and ``agg/num_rejected`` / ``agg/skipped`` say so.
 
     Args:
         rule: one of ``RULES``.
@@ -1004,8 +1015,7 @@ def rule_step(
         ``agg/selected_client`` (the client id).
 
     Raises:
-        ValueError: bad rule, parameters or weighting (at construction); too few valid
-            rows for the rule's condition (at apply).
+        ValueError: bad rule, parameters or weighting (at construction).
     """
     resolved = resolve_params(rule, params)
     if weighting not in WEIGHTINGS:
@@ -1029,7 +1039,12 @@ def rule_step(
             "agg/num_rejected": float(num_rejected),
             "agg/num_inputs": float(x.shape[0]),
         }
-        if x.shape[0] == 0:
+        bucket = resolved["bucket_size"]
+        n_eff = x.shape[0] if bucket is None else -(-x.shape[0] // bucket)
+        if n_eff < min_inputs(rule, resolved):
+            # Poisson sampling, dropouts or rejected rows can leave fewer inputs than the
+            # rule's condition: the round changes nothing and says so, the run goes on.
+            metrics["agg/skipped"] = 1.0
             agg = torch.zeros(d, dtype=rnd.deltas.dtype, device=rnd.deltas.device)
             return rnd.with_(aggregate=agg), state, metrics
         w = None
@@ -1066,6 +1081,7 @@ __all__ = [
     "krum_select",
     "mean",
     "median",
+    "min_inputs",
     "multi_krum",
     "pairwise_sq_dists",
     "resolve_params",
