@@ -209,3 +209,36 @@ def test_scaffold_state_on_ray_equals_serial(tmp_path, ray_session):
     on_ray = fedflat.run({**sc, "runtime": {"backend": "ray", "num_actors": 2, "threads": 1}},
                          out=tmp_path / "r")
     assert torch.equal(serial.params, on_ray.params)
+
+
+def test_wire_round_trip_is_exact_and_writable():
+    """What the Ray backend ships between processes comes back equal, with dtypes kept
+    (bfloat16, which numpy lacks, included) and writable (clients update in place)."""
+    import pickle
+
+    from fedflat.client.update import ClientResult
+    from fedflat.runtime.backends import pack_payload, pack_results, unpack_payload, unpack_results
+    from fedflat.runtime.worker import RoundPayload
+
+    g = torch.Generator().manual_seed(0)
+    payload = RoundPayload(round=3, params=torch.randn(7, generator=g),
+                           broadcast={"c": torch.randn(7, generator=g, dtype=torch.float64)},
+                           versions={1: torch.randn(7, generator=g).bfloat16()})
+    back = unpack_payload(pickle.loads(pickle.dumps(pack_payload(payload))))
+    assert back.round == 3 and torch.equal(back.params, payload.params)
+    assert back.broadcast["c"].dtype == torch.float64
+    assert torch.equal(back.broadcast["c"], payload.broadcast["c"])
+    assert back.versions[1].dtype == torch.bfloat16 and torch.equal(back.versions[1],
+                                                                     payload.versions[1])
+    back.params.add_(1.0)  # writable
+    results = [ClientResult(client_id=c, delta=torch.randn(7, generator=g), num_samples=10 + c,
+                            train_loss=0.5 * c, steps=c, client_state={"ef": torch.ones(7) * c},
+                            extras={"n": torch.tensor([c])}, metrics={"m": float(c)})
+               for c in (4, 9)]
+    again = unpack_results(pickle.loads(pickle.dumps(pack_results(results))))
+    for a, b in zip(results, again, strict=True):
+        assert (a.client_id, a.num_samples, a.train_loss, a.steps, a.metrics) == \
+            (b.client_id, b.num_samples, b.train_loss, b.steps, b.metrics)
+        assert torch.equal(a.delta, b.delta) and torch.equal(a.extras["n"], b.extras["n"])
+        assert torch.equal(a.client_state["ef"], b.client_state["ef"])
+    assert unpack_results(pack_results([])) == []

@@ -158,27 +158,36 @@ class _ServerActor:
 Wire = dict[str, Any]
 
 
-def _np(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+def _array(t: torch.Tensor) -> np.ndarray | torch.Tensor:
+    t = t.detach().cpu()
+    return t if t.dtype == torch.bfloat16 else t.numpy()  # numpy has no bfloat16
 
 
-def _torch(arrays: dict[Any, np.ndarray]) -> dict[Any, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}  # writable copies
+def _tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a  # writable copy
+
+
+def _np(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray | torch.Tensor]:
+    return {k: _array(v) for k, v in tensors.items()}
+
+
+def _torch(arrays: dict[Any, np.ndarray | torch.Tensor]) -> dict[Any, torch.Tensor]:
+    return {k: _tensor(v) for k, v in arrays.items()}
 
 
 def pack_payload(payload: RoundPayload) -> Wire:
-    return {"round": payload.round, "params": payload.params.detach().cpu().numpy(),
+    return {"round": payload.round, "params": _array(payload.params),
             "broadcast": _np(payload.broadcast), "versions": _np(payload.versions)}
 
 
 def unpack_payload(wire: Wire) -> RoundPayload:
-    return RoundPayload(round=wire["round"], params=torch.from_numpy(np.array(wire["params"])),
+    return RoundPayload(round=wire["round"], params=_tensor(wire["params"]),
                         broadcast=_torch(wire["broadcast"]), versions=_torch(wire["versions"]))
 
 
 def pack_results(results: list[ClientResult]) -> Wire:
     """A chunk's deltas as one [k, d] array (one buffer) plus plain per-client records."""
-    deltas = torch.stack([r.delta for r in results]).numpy() if results \
+    deltas = _array(torch.stack([r.delta for r in results])) if results \
         else np.zeros((0, 0), dtype=np.float32)
     return {"deltas": deltas, "clients": [
         {"client_id": r.client_id, "num_samples": r.num_samples, "train_loss": r.train_loss,
@@ -187,7 +196,7 @@ def pack_results(results: list[ClientResult]) -> Wire:
 
 
 def unpack_results(wire: Wire) -> list[ClientResult]:
-    deltas = torch.from_numpy(np.array(wire["deltas"]))
+    deltas = _tensor(wire["deltas"])
     return [ClientResult(client_id=c["client_id"], delta=deltas[i], num_samples=c["num_samples"],
                          train_loss=c["train_loss"], steps=c["steps"],
                          client_state=_torch(c["client_state"]), extras=_torch(c["extras"]),
@@ -199,7 +208,7 @@ class _ClientActor:
     def __init__(self, sc: Scenario, fed: FederatedData, device: str, threads: int) -> None:
         self.worker = ClientWorker(sc, fed, device=device, threads=threads)
 
-    def run(self, payload: Wire, states: list[dict[str, np.ndarray]],
+    def run(self, payload: Wire, states: list[dict[str, Any]],
             jobs: list[ClientJob]) -> Wire:
         return pack_results(self.worker.run(unpack_payload(payload), jobs,
                                             [_torch(s) for s in states]))
