@@ -108,6 +108,24 @@ def test_ray_equals_serial_for_what_travels_with_a_round(tmp_path, ray_session, 
     assert [m["clients"] for m in serial.metrics] == [m["clients"] for m in on_ray.metrics]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_stored_payload_equals_serial(tmp_path, ray_session):
+    """A payload above the inline limit goes into the object store once per round (forced
+    here with a limit of 0 bytes): same model as serial."""
+    from fedflat.runtime.backends import RayBackend
+    from fedflat.runtime.run import Runner, _load_data, _new_run_dir
+    from fedflat.scenario import load_scenario
+
+    sc = tiny_scenario(**{"server.rounds": 3})
+    serial = fedflat.run(sc, out=tmp_path / "s")
+    loaded = load_scenario({**sc, "runtime": {"backend": "ray", "num_actors": 2, "threads": 1}})
+    runner = Runner(loaded, _new_run_dir(loaded.scenario, tmp_path / "r"), _load_data(loaded))
+    runner.write_static_files()
+    stored = runner.execute(make_backend=lambda s, f, p: RayBackend(s, f, p, inline_bytes=0))
+    assert torch.equal(serial.params, stored.params)
+
+
 # ---------------------------------------------------------------------------- kill and resume
 SLOW = {"server.rounds": 30, "client.local_epochs": 6, "data.synthetic.max_size": 400,
         "eval.every": 5}
