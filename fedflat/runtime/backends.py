@@ -2,8 +2,10 @@
 
 ``SerialBackend`` is the in-process reference. ``RayBackend`` runs a pool of client actors
 (each training a chunk of the round's clients with its model and data resident) and one
-server actor that owns the global state; the round's payload (global model and broadcast)
-goes into the object store once. Both return the same records for the same scenario.
+server actor that owns the global state and hands each round's chunks to the client actors
+itself (the driver only asks for rounds and receives records). The round's payload (global
+model and broadcast) is packed once; it travels inline up to Ray's inline limit and through the
+object store, once, above it. Both return the same records for the same scenario.
 """
 
 from __future__ import annotations
