@@ -125,6 +125,12 @@ def test_readme_lists_every_key():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [k for k, *_ in iter_keys() if f"`{k}`" not in readme]
     assert not missing, f"README scenario reference lacks {missing}; regenerate it"
+    # Types read as a user writes them: no typing internals, no object addresses.
+    types = {k: t for k, t, *_ in iter_keys()}
+    assert not [k for k, t in types.items() if any(s in t for s in ("Annotated", "FieldInfo",
+                                                                     "0x", "fedflat."))]
+    assert types["system.compute_speed"] == ("{kind: 'constant', value} or {kind: 'lognormal', "
+                                             "mean, sigma} or {kind: 'trace', path} or None")
 
 
 def test_resolved_scenario_round_trips(tmp_path):

@@ -29,9 +29,30 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
 
 
 def _type_name(annotation: Any) -> str:
-    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    return (text.replace("typing.", "").replace("NoneType", "None")
-            .replace("Literal", "one of ").replace("|", "or"))
+    """A reader's name for a field's type: unions as "a or b", Annotated metadata dropped,
+    a nested model as the keys it takes (``{kind: 'trace', path}``)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if annotation is type(None):
+        return "None"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        keys = []
+        for name, fld in annotation.model_fields.items():
+            lit = typing.get_args(fld.annotation) \
+                if typing.get_origin(fld.annotation) is typing.Literal else ()
+            keys.append(f"{name}: {lit[0]!r}" if len(lit) == 1 else name)
+        return "{" + ", ".join(keys) + "}"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return repr(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
 def iter_keys(model: type[BaseModel] = Scenario, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
