@@ -20,7 +20,8 @@ def data_available(*parts: str) -> bool:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Start Ray once (2 CPUs) and shut it down after the last test."""
+    """Start Ray once per test process (one per xdist worker) and shut it down after its
+    last test."""
     ray = pytest.importorskip("ray")
     started = False
     if not ray.is_initialized():
