@@ -108,7 +108,7 @@ class _ServerActor:
         self.core = ServerCore(sc, fed, params, threads=threads)
         self.inline_bytes = inline_bytes
         self.actors: list[Any] = []
-        self._pending: tuple[int, list[list[int]], list[Any]] | None = None
+        self._pending: tuple[int, list[ClientJob], list[list[int]], list[Any]] | None = None
 
     def attach(self, actors: list[Any]) -> None:
         self.actors = list(actors)
@@ -134,10 +134,9 @@ class _ServerActor:
         runs while the driver records round t."""
         import ray
 
-        ids = [[jobs[i].client_id for i in c] for c in chunks]
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == round_ and pending[1] == ids:
-            refs = pending[2]
+        if pending is not None and pending[:3] == (round_, jobs, chunks):
+            refs = pending[3]  # sent out while round t-1 was being recorded
         else:
             refs = self._submit(round_, jobs, chunks)
         results: list[ClientResult | None] = [None] * len(jobs)
@@ -148,8 +147,7 @@ class _ServerActor:
                                   keep_versions)
         if following is not None:
             t1, jobs1, chunks1 = following
-            self._pending = (t1, [[jobs1[i].client_id for i in c] for c in chunks1],
-                             self._submit(t1, jobs1, chunks1))
+            self._pending = (t1, jobs1, chunks1, self._submit(t1, jobs1, chunks1))
         return rec
 
     def state_dict(self) -> dict[str, Any]:
