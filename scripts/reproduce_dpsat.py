@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke test (< 60 s)")
-    size.add_argument("--full", action="store_true", help="3× the rounds (≈ 3 h)")
+    size.add_argument("--full", action="store_true", help="3× the rounds (≈ 1 h with --jobs 2)")
     ap.add_argument("--settings", default=",".join(SETTINGS),
                     help=f"comma-separated subset of {list(SETTINGS)}")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds")
