@@ -122,7 +122,7 @@ class _ServerActor:
         payload: Any = pack_payload(self.core.begin_round(round_, _versions(jobs)))
         if _nbytes(payload) > self.inline_bytes:
             payload = ray.put(payload)
-        return [actor.run.remote(payload, [_np(s) for s in self.core.states_for(
+        return [actor.run.remote(payload, [_arrays(s) for s in self.core.states_for(
                     [jobs[i].client_id for i in c])], [jobs[i] for i in c])
                 for actor, c in zip(self.actors, chunks, strict=False)]
 
@@ -176,11 +176,11 @@ def _tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a  # writable copy
 
 
-def _np(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray | torch.Tensor]:
+def _arrays(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray | torch.Tensor]:
     return {k: _array(v) for k, v in tensors.items()}
 
 
-def _torch(arrays: dict[Any, np.ndarray | torch.Tensor]) -> dict[Any, torch.Tensor]:
+def _tensors(arrays: dict[Any, np.ndarray | torch.Tensor]) -> dict[Any, torch.Tensor]:
     return {k: _tensor(v) for k, v in arrays.items()}
 
 
@@ -191,12 +191,12 @@ def _nbytes(wire: Wire) -> int:
 
 def pack_payload(payload: RoundPayload) -> Wire:
     return {"round": payload.round, "params": _array(payload.params),
-            "broadcast": _np(payload.broadcast), "versions": _np(payload.versions)}
+            "broadcast": _arrays(payload.broadcast), "versions": _arrays(payload.versions)}
 
 
 def unpack_payload(wire: Wire) -> RoundPayload:
     return RoundPayload(round=wire["round"], params=_tensor(wire["params"]),
-                        broadcast=_torch(wire["broadcast"]), versions=_torch(wire["versions"]))
+                        broadcast=_tensors(wire["broadcast"]), versions=_tensors(wire["versions"]))
 
 
 def pack_results(results: list[ClientResult]) -> Wire:
@@ -205,7 +205,7 @@ def pack_results(results: list[ClientResult]) -> Wire:
         else np.zeros((0, 0), dtype=np.float32)
     return {"deltas": deltas, "clients": [
         {"client_id": r.client_id, "num_samples": r.num_samples, "train_loss": r.train_loss,
-         "steps": r.steps, "client_state": _np(r.client_state), "extras": _np(r.extras),
+         "steps": r.steps, "client_state": _arrays(r.client_state), "extras": _arrays(r.extras),
          "metrics": r.metrics} for r in results]}
 
 
@@ -213,7 +213,7 @@ def unpack_results(wire: Wire) -> list[ClientResult]:
     deltas = _tensor(wire["deltas"])
     return [ClientResult(client_id=c["client_id"], delta=deltas[i], num_samples=c["num_samples"],
                          train_loss=c["train_loss"], steps=c["steps"],
-                         client_state=_torch(c["client_state"]), extras=_torch(c["extras"]),
+                         client_state=_tensors(c["client_state"]), extras=_tensors(c["extras"]),
                          metrics=c["metrics"])
             for i, c in enumerate(wire["clients"])]
 
@@ -225,7 +225,7 @@ class _ClientActor:
     def run(self, payload: Wire, states: list[dict[str, Any]],
             jobs: list[ClientJob]) -> Wire:
         return pack_results(self.worker.run(unpack_payload(payload), jobs,
-                                            [_torch(s) for s in states]))
+                                            [_tensors(s) for s in states]))
 
 
 class RayBackend:

@@ -132,17 +132,27 @@ class SystemConfig(BaseModel):
     )
     downlink_bandwidth: Dist | None = Field(
         None,
-        description="Server -> client bandwidth (bytes/second). None: unlimited. A bare number is a constant.",
+        description=(
+            "Server -> client bandwidth (bytes/second). None: unlimited. A bare "
+            "number is a constant."
+        ),
     )
     uplink_bandwidth: Dist | None = Field(
         None,
-        description="Client -> server bandwidth (bytes/second). None: unlimited. A bare number is a constant.",
+        description=(
+            "Client -> server bandwidth (bytes/second). None: unlimited. A bare "
+            "number is a constant."
+        ),
     )
     downlink_latency: Dist | None = Field(
-        None, description="Fixed time added to each download (seconds). None: 0. A bare number is a constant."
+        None,
+        description="Fixed time added to each download (seconds). None: 0. A bare number is "
+        "a constant.",
     )
     uplink_latency: Dist | None = Field(
-        None, description="Fixed time added to each upload (seconds). None: 0. A bare number is a constant."
+        None,
+        description="Fixed time added to each upload (seconds). None: 0. A bare number is "
+        "a constant.",
     )
     availability: Annotated[float, Field(ge=0.0, le=1.0)] | AvailabilityTrace = Field(
         1.0,

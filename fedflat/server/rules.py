@@ -420,10 +420,11 @@ def min_inputs(rule: str, params: Mapping[str, Any]) -> int:
     return _N_FACTOR[rule] * int(params["num_byzantine"]) + 3
 
 
-def _require_n(rule: str, n: int, f: int, factor: int) -> None:
-    if n < factor * f + 3:
+def _require_n(rule: str, n: int, f: int) -> None:
+    need = min_inputs(rule, {"num_byzantine": f})
+    if n < need:
         raise ValueError(
-            f"{rule} needs n >= {factor}*num_byzantine+3 = {factor * f + 3} inputs, "
+            f"{rule} needs n >= {_N_FACTOR[rule]}*num_byzantine+3 = {need} inputs, "
             f"got n={n} with num_byzantine={f}"
         )
 
@@ -443,7 +444,7 @@ def krum_scores(dists: Tensor, *, num_byzantine: int) -> Tensor:
     """
     n = dists.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
-    _require_n("krum", n, f, 2)
+    _require_n("krum", n, f)
     off = dists.clone()
     off.fill_diagonal_(math.inf)  # a point is not its own neighbour
     return off.topk(n - f - 2, dim=1, largest=False).values.sum(dim=1)
@@ -470,7 +471,7 @@ def krum_select(x: Tensor, *, num_byzantine: int, num_selected: int = 1) -> Tens
     x = _check_updates(x)
     n = x.shape[0]
     _require_int("num_byzantine", num_byzantine, 0)
-    _require_n("krum", n, num_byzantine, 2)
+    _require_n("krum", n, num_byzantine)
     _require_int("num_selected", num_selected, 1)
     if num_selected > n:
         raise ValueError(f"num_selected must be <= n = {n}, got {num_selected}")
@@ -559,7 +560,7 @@ def bulyan_select(x: Tensor, *, num_byzantine: int) -> Tensor:
     x = _check_updates(x)
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
-    _require_n("bulyan", n, f, 4)
+    _require_n("bulyan", n, f)
     dists = pairwise_sq_dists(x)
     remaining = torch.ones(n, dtype=torch.bool, device=x.device)
     chosen: list[Tensor] = []
