@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import yaml
-
 from conftest import tiny_scenario
+
 from fedflat.errors import FedflatError
 from fedflat.privacy.audit import FAULTS
 from fedflat.privacy.audit_cli import register
@@ -68,9 +68,12 @@ def test_sample_level_correct_mechanism_is_not_flagged():
     res = audit_scenario(sample_level(), canaries=M)
     # σ was calibrated for ε = 1: the accountant's claim is just under 1.
     assert 0.95 <= res.claimed_epsilon <= 1.0 + 1e-9
-    assert res.level == "sample" and res.mechanism == "dp_sgd"
-    assert not res.flagged and res.epsilon_lower_bound < res.claimed_epsilon
-    assert res.guesses == 2 * (M // 5) and 0 < res.num_included < M
+    assert res.level == "sample"
+    assert res.mechanism == "dp_sgd"
+    assert not res.flagged
+    assert res.epsilon_lower_bound < res.claimed_epsilon
+    assert res.guesses == 2 * (M // 5)
+    assert 0 < res.num_included < M
     # With δ = 0, r guesses all right certify logit(α^(1/r)); δ > 0 only lowers it.
     p = 0.05 ** (1 / res.guesses)
     assert res.epsilon_lower_bound <= res.max_certifiable_epsilon <= math.log(p / (1 - p))
@@ -79,7 +82,8 @@ def test_sample_level_correct_mechanism_is_not_flagged():
 @pytest.mark.parametrize("fault", FAULTS)
 def test_sample_level_faults_are_flagged(fault):
     res = audit_scenario(sample_level(), canaries=M, fault=fault)
-    assert res.flagged and res.epsilon_lower_bound > 1.2
+    assert res.flagged
+    assert res.epsilon_lower_bound > 1.2
     assert 0.95 <= res.claimed_epsilon <= 1.0 + 1e-9  # the claim ignores the fault
 
 
@@ -87,22 +91,26 @@ def test_sample_level_faults_are_flagged(fault):
 def test_sample_level_variants_pass_and_noise_off_is_caught(mechanism):
     sc = sample_level(**{"privacy.sample_level.mechanism": mechanism})
     ok = audit_scenario(sc, canaries=M)
-    assert ok.mechanism == mechanism and not ok.flagged
+    assert ok.mechanism == mechanism
+    assert not ok.flagged
     assert audit_scenario(sc, canaries=M, fault="noise_off").flagged
 
 
 def test_user_level_correct_mechanism_is_not_flagged():
     res = audit_scenario(user_level(), canaries=M)
-    assert res.level == "user" and res.mechanism == "dp_fedavg"
+    assert res.level == "user"
+    assert res.mechanism == "dp_fedavg"
     assert 0.95 <= res.claimed_epsilon <= 1.0 + 1e-9
-    assert res.steps == 30 and res.sampling_rate == pytest.approx(0.1)
+    assert res.steps == 30
+    assert res.sampling_rate == pytest.approx(0.1)
     assert not res.flagged
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_user_level_faults_are_flagged(fault):
     res = audit_scenario(user_level(), canaries=M, fault=fault)
-    assert res.flagged and res.epsilon_lower_bound > 1.2
+    assert res.flagged
+    assert res.epsilon_lower_bound > 1.2
 
 
 @pytest.mark.parametrize("fault", [None, "clipping_off", "noise_scaled"])
@@ -153,14 +161,17 @@ def test_cli_json_output(tmp_path, capsys):
                 "sampling_rate", "steps", "clip_norm", "canary_norm", "fault", "notes",
                 "max_certifiable_epsilon"):
         assert key in out
-    assert out["num_canaries"] == 200 and out["steps"] == 20 and out["fault"] is None
+    assert out["num_canaries"] == 200
+    assert out["steps"] == 20
+    assert out["fault"] is None
     assert out["epsilon_lower_bound"] <= out["max_certifiable_epsilon"]
 
 
 def test_a_claim_beyond_reach_of_the_audit_is_said(tmp_path):
     res = audit_scenario(user_level(epsilon=8.0, delta=1e-3), canaries=200)
     assert res.claimed_epsilon > res.max_certifiable_epsilon
-    assert not res.flagged and any("cannot refute" in n for n in res.notes)
+    assert not res.flagged
+    assert any("cannot refute" in n for n in res.notes)
 
 
 def test_cli_text_output_and_exit_code_of_a_fault(tmp_path, capsys):
@@ -169,4 +180,5 @@ def test_cli_text_output_and_exit_code_of_a_fault(tmp_path, capsys):
     args, handlers = _cli(["audit", str(path), "--canaries", str(M), "--fault", "noise_off"])
     assert handlers["audit"](args) == 1
     text = capsys.readouterr().out
-    assert "FLAGGED" in text and "claimed ε" in text
+    assert "FLAGGED" in text
+    assert "claimed ε" in text

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_scenario
 
 import fedflat
-from conftest import tiny_scenario
 
 D = 60 * 10 + 10  # logistic regression on Synthetic: 60 features, 10 classes
 
@@ -18,8 +18,10 @@ def test_bytes_match_hand_computation(tmp_path):
     up = 4 + 61 * 4 + 61 * 4   # header + fp32 values + int32 indices
     down = 4 + 2 * D           # header + fp16 values
     for i, m in enumerate(res.metrics, start=1):
-        assert m["bytes_up"] == 4 * up and m["bytes_down"] == 4 * down
-        assert m["bytes_up_total"] == i * 4 * up and m["bytes_down_total"] == i * 4 * down
+        assert m["bytes_up"] == 4 * up
+        assert m["bytes_down"] == 4 * down
+        assert m["bytes_up_total"] == i * 4 * up
+        assert m["bytes_down_total"] == i * 4 * down
 
 
 def test_fp32_is_lossless_and_counts_full_vectors(tmp_path):
@@ -79,7 +81,8 @@ def test_async_mode_is_reproducible_and_resumes_exactly(tmp_path):
     assert torch.equal(a.params, b.params)
     assert [m["clients"] for m in a.metrics] == [m["clients"] for m in b.metrics]
     times = [m["sim_seconds"] for m in a.metrics]
-    assert times == sorted(times) and times[0] > 0
+    assert times == sorted(times)
+    assert times[0] > 0
     assert all(len(m["clients"]) == 3 for m in a.metrics)
     assert any(max(m["staleness"]) > 0 for m in a.metrics)
     for p in (b.run_dir / "checkpoints").iterdir():

@@ -33,6 +33,7 @@ from fedflat.privacy.mechanisms import (
     per_example_grads,
     releases_per_step,
 )
+
 torch.set_num_threads(1)
 
 
@@ -118,7 +119,8 @@ def test_no_noise_no_clip_equals_mean_gradient():
     ref_loss, ref_g = model.loss_grad(w, x, y)
     torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(loss, ref_loss)
-    assert m["dp_frac_clipped"] == 0.0 and m["dp_batch_size"] == 16.0
+    assert m["dp_frac_clipped"] == 0.0
+    assert m["dp_batch_size"] == 16.0
 
 
 @pytest.mark.parametrize("clip", [0.05, 0.5, 5.0])
@@ -180,7 +182,8 @@ def test_zero_gradient_examples_are_safe():
     c = ctx_for(model, w)
     _, g, _, m = o.grad(w, (x, y), o.init(c), gen(), c)
     assert torch.all(g == 0)
-    assert m["dp_grad_norm"] == 0.0 and m["dp_frac_clipped"] == 0.0
+    assert m["dp_grad_norm"] == 0.0
+    assert m["dp_frac_clipped"] == 0.0
 
 
 # ----------------------------------------------------------------------------- noise
@@ -211,7 +214,8 @@ def test_noise_is_one_draw_of_d_normals_from_the_generator():
     assert torch.equal(g_used.get_state(), g_ref.get_state())
     _, g2, _, _ = o.grad(p.w, (p.x, p.y), o.init(c), gen(7), c)
     _, g3, _, _ = o.grad(p.w, (p.x, p.y), o.init(c), gen(8), c)
-    assert torch.equal(g, g2) and not torch.equal(g, g3)
+    assert torch.equal(g, g2)
+    assert not torch.equal(g, g3)
 
 
 def test_empty_batch_gives_pure_noise_over_expected_size():
@@ -222,7 +226,8 @@ def test_empty_batch_gives_pure_noise_over_expected_size():
     empty = (p.x[:0], p.y[:0])
     loss, g, _, m = o.grad(p.w, empty, o.init(c), gen(3), c)
     assert math.isnan(float(loss))
-    assert all(math.isfinite(v) for v in m.values()) and m["dp_batch_size"] == 0.0
+    assert all(math.isfinite(v) for v in m.values())
+    assert m["dp_batch_size"] == 0.0
     assert chi2_std_ok(g, sigma * clip / big_l)
     quiet = dp_sgd(clip_norm=clip, noise_multiplier=0.0, expected_batch_size=big_l)
     _, g0, _, _ = quiet.grad(p.w, empty, quiet.init(c), gen(3), c)
@@ -243,7 +248,8 @@ def test_client_update_with_poisson_batches_and_empty_steps():
         schedule=LocalSchedule(batch_size=1, steps=40, batching="poisson"),
     )
     res = client_update(rule, ctx_for(model, w0, n=30), x, y, 0.1, gen(4))
-    assert res.steps == 40 and torch.isfinite(res.delta).all()
+    assert res.steps == 40
+    assert torch.isfinite(res.delta).all()
     assert math.isfinite(res.train_loss)
     assert 0.0 < res.metrics["dp_batch_size"] < 3.0  # mean realised size ≈ 1
 
@@ -327,7 +333,8 @@ def test_dp_sat_first_step_is_dp_sgd_then_perturbs_along_previous_release():
     batch = (p.x, p.y)
     _, g0, st, m0 = _run(sat, p.model, p.w, batch, sat.init(c), 5, c)
     _, r0, _, _ = _run(base, p.model, p.w, batch, base.init(c), 5, c)
-    assert torch.equal(g0, r0) and m0["dp_sat_perturbation"] == 0.0
+    assert torch.equal(g0, r0)
+    assert m0["dp_sat_perturbation"] == 0.0
     w1 = p.w - 0.1 * g0
     batch1 = (p.x[:6], p.y[:6])
     _, g1, _, m1 = _run(sat, p.model, w1, batch1, st, 6, c)
@@ -379,7 +386,8 @@ def test_releases_per_step_and_accounting_multiplier():
         o = factory(**kw) if name == "dp_sgd" else factory(rho=0.05, **kw)
         assert isinstance(o, DPOracle)
         k = 2 if name == "dp_sam" else 1
-        assert releases_per_step(o) == k and o.passes == k
+        assert releases_per_step(o) == k
+        assert o.passes == k
         assert accounting_segment(o, sampling_rate=0.01, steps=30) == pytest.approx(
             (1.2 / math.sqrt(k), 0.01, 30))
     assert releases_per_step(plain()) == 0
@@ -445,5 +453,6 @@ def test_dp_oracle_attributes_survive_cloudpickle():
     cloudpickle = pytest.importorskip("cloudpickle")
     o = dp_sam(rho=0.1, clip_norm=1.0, noise_multiplier=1.3, expected_batch_size=4)
     back = cloudpickle.loads(cloudpickle.dumps(o))
-    assert isinstance(back, DPOracle) and releases_per_step(back) == 2
+    assert isinstance(back, DPOracle)
+    assert releases_per_step(back) == 2
     assert back.accounting_noise_multiplier == pytest.approx(1.3 / math.sqrt(2))

@@ -9,35 +9,35 @@ import math
 import os
 import subprocess
 import sys
-import tomllib
 import uuid
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 import yaml
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from conftest import REPO, tiny_scenario
+from flwr.app import Context, Error, Message, RecordDict
 
-import fedflat  # noqa: E402
-from conftest import REPO, tiny_scenario  # noqa: E402
-from fedflat.client.update import ClientResult  # noqa: E402
-from fedflat.errors import ScenarioError  # noqa: E402
-from fedflat.flower import codec  # noqa: E402
-from fedflat.flower.app import write_app  # noqa: E402
-from fedflat.flower.client_app import ClientSettings, make_client_app  # noqa: E402
-from fedflat.flower.server_app import (  # noqa: E402
+import fedflat
+from fedflat.client.update import ClientResult
+from fedflat.errors import ScenarioError
+from fedflat.flower import codec
+from fedflat.flower.app import write_app
+from fedflat.flower.client_app import ClientSettings, make_client_app
+from fedflat.flower.server_app import (
     FlowerRunError,
     ServerSettings,
     run_server,
     settings_from_run_config,
 )
-from fedflat.runtime.build import build_data, build_flat_model, initial_params  # noqa: E402
-from fedflat.runtime.checkpoint import load_latest  # noqa: E402
-from fedflat.runtime.worker import EF_KEY, ClientJob, ClientWorker, RoundPayload  # noqa: E402
-from fedflat.scenario.loader import dump_scenario, load_scenario  # noqa: E402
+from fedflat.runtime.build import build_data, build_flat_model, initial_params
+from fedflat.runtime.checkpoint import load_latest
+from fedflat.runtime.worker import EF_KEY, ClientJob, ClientWorker, RoundPayload
+from fedflat.scenario.loader import dump_scenario, load_scenario
 
 TIMING_KEYS = {"round_seconds", "wall_seconds"}
 
@@ -124,7 +124,8 @@ def test_codec_round_trip_is_bit_exact():
     for job in (ClientJob(5, 11, 0.125), ClientJob(5, 11, 0.125, max_steps=7)):
         content = codec.encode_instruction(payload, job, state, "seed: 1\n")
         back = codec.decode_instruction(content)
-        assert back.job == job and back.payload.versions == {}
+        assert back.job == job
+        assert back.payload.versions == {}
         assert torch.equal(back.payload.params, payload.params)
         assert back.payload.params.dtype == torch.float32
         assert torch.equal(back.payload.broadcast["c"], payload.broadcast["c"])
@@ -137,15 +138,19 @@ def test_codec_round_trip_is_bit_exact():
     apayload = RoundPayload(round=9, params=payload.params, broadcast={}, versions={3: stale})
     ajob = ClientJob(round=14, client_id=2, lr=0.1, version=3, weight=0.25)
     back = codec.decode_instruction(codec.encode_instruction(apayload, ajob, {}, "seed: 1\n"))
-    assert back.job == ajob and back.payload.round == 9
-    assert torch.equal(back.payload.versions[3], stale) and torch.equal(back.payload.params, stale)
+    assert back.job == ajob
+    assert back.payload.round == 9
+    assert torch.equal(back.payload.versions[3], stale)
+    assert torch.equal(back.payload.params, stale)
     res = ClientResult(client_id=11, delta=torch.randn(257, generator=g), num_samples=40,
                        train_loss=float("nan"), steps=4, client_state={},
                        extras={"h": torch.ones(257)}, metrics={"bytes_up": 1032.0})
     out = codec.decode_result(codec.encode_result(res))
-    assert torch.equal(out.delta, res.delta) and math.isnan(out.train_loss)
+    assert torch.equal(out.delta, res.delta)
+    assert math.isnan(out.train_loss)
     assert (out.client_id, out.num_samples, out.steps) == (11, 40, 4)
-    assert out.client_state == {} and torch.equal(out.extras["h"], res.extras["h"])
+    assert out.client_state == {}
+    assert torch.equal(out.extras["h"], res.extras["h"])
     assert out.metrics == {"bytes_up": 1032.0}
 
 
@@ -188,7 +193,8 @@ def test_server_app_equals_serial(tmp_path, extra):
     assert torch.equal(res.params, serial.params)
     same_records(res.metrics, serial.metrics)
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["backend"] == "flower"
+    assert summary["status"] == "completed"
+    assert summary["backend"] == "flower"
     assert torch.equal(torch.load(tmp_path / "flower" / "final_model.pt"), serial.params)
     lines = (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [0, 1, 2, 3]
@@ -200,7 +206,8 @@ def test_server_app_equals_serial(tmp_path, extra):
         assert grid.nodes[m.metadata.dst_node_id].node_config["partition-id"] == cid
     if "method" in extra:
         states = load_latest(tmp_path / "flower")["server"]["client_states"]
-        assert states and all(EF_KEY in s and len(s) > 1 for s in states.values())
+        assert states
+        assert all(EF_KEY in s and len(s) > 1 for s in states.values())
         # a client sampled twice received the state its previous reply carried
         seen = {}
         for m in trains:
@@ -220,7 +227,8 @@ def test_failed_reply_aborts_with_the_client_named(tmp_path):
     with pytest.raises(FlowerRunError, match=r"round 0, client 5 .*disk full"):
         flower_run(sc, tmp_path / "f", LocalGrid(nodes_for(12), fail=fail))
     summary = json.loads((tmp_path / "f" / "summary.json").read_text())
-    assert summary["status"] == "failed" and "client 5" in summary["error"]
+    assert summary["status"] == "failed"
+    assert "client 5" in summary["error"]
 
 
 def test_failed_reply_dropped_when_asked(tmp_path):
@@ -232,9 +240,11 @@ def test_failed_reply_dropped_when_asked(tmp_path):
     sc = tiny_scenario(**{"runtime.threads": 1, "server.clients_per_round": 12,
                           "server.rounds": 1})
     res = flower_run(sc, tmp_path / "f", LocalGrid(nodes_for(12), fail=fail), on_failure="drop")
-    assert res.summary["status"] == "completed" and "client 5" in res.summary["failed_replies"][0]
+    assert res.summary["status"] == "completed"
+    assert "client 5" in res.summary["failed_replies"][0]
     [rec] = res.metrics
-    assert rec["failed_clients"] == [5] and "boom" in rec["failures"][0]
+    assert rec["failed_clients"] == [5]
+    assert "boom" in rec["failures"][0]
     assert rec["clients"] == [c for c in range(12) if c != 5]
     # the expected model, from the client updates of the 11 others: x0 + sum n_i d_i / sum n_i
     s = load_scenario(sc).scenario
@@ -289,9 +299,12 @@ def test_node_with_local_data_file(tmp_path):
         out[node] = grid.replies[mid]
     ref, by_file, by_npz, wrong = (out[n] for n in grid.nodes)
     a, b, c = (codec.decode_result(r.content) for r in (ref, by_file, by_npz))
-    assert a.num_samples == len(ix) and a.steps > 0
-    assert torch.equal(a.delta, b.delta) and torch.equal(a.delta, c.delta)
-    assert wrong.has_error() and "partition 6" in wrong.error.reason
+    assert a.num_samples == len(ix)
+    assert a.steps > 0
+    assert torch.equal(a.delta, b.delta)
+    assert torch.equal(a.delta, c.delta)
+    assert wrong.has_error()
+    assert "partition 6" in wrong.error.reason
 
 
 def test_node_finds_its_data_folder(tmp_path, monkeypatch):
@@ -332,12 +345,15 @@ def test_app_folder_is_a_valid_flower_app(tmp_path):
     assert isinstance(load_app(comps["clientapp"], ValueError, folder), ClientApp)
     run_config = flatten_dict(cfg["tool"]["flwr"]["app"]["config"])
     settings = settings_from_run_config(run_config)
-    assert settings.out == "/tmp/x" and settings.on_failure == "drop"
+    assert settings.out == "/tmp/x"
+    assert settings.on_failure == "drop"
     want = load_scenario(src, ["server.rounds=3"]).scenario
     assert load_scenario(yaml.safe_load(settings.scenario_yaml)).scenario == want
     assert yaml.safe_load((folder / "scenario.yaml").read_text()) == want.model_dump(mode="json")
     readme = (folder / "README.md").read_text()
-    assert "partition-id" in readme and "flwr run" in readme and "0..11" in readme
+    assert "partition-id" in readme
+    assert "flwr run" in readme
+    assert "0..11" in readme
     with pytest.raises(fedflat.errors.FedflatError, match="not empty"):
         write_app(src, folder)
     from fedflat.cli import main
@@ -352,7 +368,8 @@ def test_app_folder_is_a_valid_flower_app(tmp_path):
 def test_run_config_overrides_and_checks():
     s = settings_from_run_config({"scenario": "seed: 2\n", "set": "server.rounds=2; seed=5",
                                   "reply-timeout": 0.0, "on-failure": "abort"})
-    assert list(s.overrides) == ["server.rounds=2", "seed=5"] and s.reply_timeout_s is None
+    assert list(s.overrides) == ["server.rounds=2", "seed=5"]
+    assert s.reply_timeout_s is None
     with pytest.raises(FlowerRunError, match="no 'scenario'"):
         settings_from_run_config({})
     with pytest.raises(FlowerRunError, match="on-failure"):
@@ -400,4 +417,5 @@ def test_loopback_deployment(tmp_path):
                            "--workdir", str(tmp_path), "--rounds", "1"],
                           capture_output=True, text=True, env=_env(), timeout=280)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "PASS" in proc.stdout and "FAIL" not in proc.stdout
+    assert "PASS" in proc.stdout
+    assert "FAIL" not in proc.stdout

@@ -28,24 +28,24 @@ import yaml
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
+from conftest import REPO, tiny_scenario
+from flwr.app import Context, Error, Message, RecordDict
 
-import fedflat  # noqa: E402
-from conftest import REPO, tiny_scenario  # noqa: E402
-from fedflat.errors import ScenarioError  # noqa: E402
-from fedflat.flower.client_app import ClientSettings  # noqa: E402
-from fedflat.flower.secagg import (  # noqa: E402
+import fedflat
+from fedflat.errors import ScenarioError
+from fedflat.flower.client_app import ClientSettings
+from fedflat.flower.secagg import (
     check_secagg,
     decode_fit,
     encode_fit,
     make_secagg_client_app,
     run_secagg_server,
 )
-from fedflat.flower.server_app import ServerSettings  # noqa: E402
-from fedflat.runtime.build import build_data  # noqa: E402
-from fedflat.runtime.worker import ClientJob, RoundPayload  # noqa: E402
-from fedflat.scenario.flower import FlowerConfig  # noqa: E402
-from fedflat.scenario.loader import dump_scenario, load_scenario  # noqa: E402
+from fedflat.flower.server_app import ServerSettings
+from fedflat.runtime.build import build_data
+from fedflat.runtime.worker import ClientJob, RoundPayload
+from fedflat.scenario.flower import FlowerConfig
+from fedflat.scenario.loader import dump_scenario, load_scenario
 
 CLIP, LEVELS = 8.0, 2**22  # Flower's defaults = FlowerConfig's
 
@@ -141,7 +141,8 @@ def test_fit_codec_round_trip():
     from flwr.common import parameters_to_ndarrays
 
     back = decode_fit(parameters_to_ndarrays(fit.parameters), fit.config)
-    assert back.job == job and back.payload.round == 3
+    assert back.job == job
+    assert back.payload.round == 3
     assert torch.equal(back.payload.params, payload.params)
     assert torch.equal(back.payload.broadcast["prev_global_update"],
                        payload.broadcast["prev_global_update"])
@@ -160,7 +161,8 @@ def test_secagg_protocol_in_process_close_to_serial(tmp_path):
     res = run_secagg_server(grid, ctx, settings)
     check_close(sc, res.params, res.metrics, serial)
     summary = json.loads((tmp_path / "sa" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["secagg"]["max_weight"] > 1
+    assert summary["status"] == "completed"
+    assert summary["secagg"]["max_weight"] > 1
     # 2 rounds x 4 clients went through the 4 protocol stages
     stages = [m.content.config_records["secaggplus_configs"].get("stage") for m in grid.sent
               if m.metadata.message_type == "train"]
@@ -186,7 +188,8 @@ def test_refusals_name_the_key():
     for key, over in cases.items():
         with pytest.raises(ScenarioError, match="SecAgg") as err:
             check_secagg(load_scenario(secagg_scenario(**over)).scenario)
-        assert err.value.key == key and key in str(err.value)
+        assert err.value.key == key
+        assert key in str(err.value)
     check_secagg(load_scenario(secagg_scenario(**{"server.optimizer": "fedadam"})).scenario)
     check_secagg(load_scenario(secagg_scenario(**{"attack.kind": "label_flip",
                                                   "attack.fraction": 0.2})).scenario)
@@ -200,7 +203,8 @@ def test_simulate_refuses_before_starting(tmp_path):
                  secagg=True)
     with pytest.raises(ScenarioError, match="SCAFFOLD"):
         simulate(secagg_scenario(method="scaffold"), out=tmp_path / "b", secagg=True)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "b").exists()
 
 
 def test_simulate_refuses_inside_a_running_ray(tmp_path, ray_session):
@@ -254,4 +258,5 @@ def test_flower_simulate_secagg_close_to_serial(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedflat.cli", "flower", "simulate", str(bad),
                            "--secagg"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
                           timeout=60)
-    assert proc.returncode == 2 and "needs the individual client updates" in proc.stderr
+    assert proc.returncode == 2
+    assert "needs the individual client updates" in proc.stderr

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_scenario
 
 import fedflat
-from conftest import tiny_scenario
 from fedflat.errors import ScenarioError
 from fedflat.privacy import epsilon as eps_of
 
@@ -20,7 +20,8 @@ def test_sample_level_budget_is_calibrated_logged_and_never_exceeded(tmp_path):
     res = fedflat.run(sc, out=tmp_path / "r")
     info = json.loads((res.run_dir / "privacy.json").read_text())
     per_client = info["sample_level"]["epsilon_per_client"]
-    assert len(per_client) == 12 and max(per_client) <= 3.0
+    assert len(per_client) == 12
+    assert max(per_client) <= 3.0
     last = res.metrics[-1]
     assert last["epsilon_sample_max"] == pytest.approx(max(per_client))
     assert all(m["epsilon_sample_max"] <= 3.0 for m in res.metrics)
@@ -52,7 +53,8 @@ def test_user_level_epsilon_matches_the_accountant_and_run_stops_at_the_cap(tmp_
     assert res.metrics[-1]["epsilon_user"] == pytest.approx(
         eps_of(sampling_rate=q, steps=t, noise_multiplier=z, delta=delta), rel=1e-6)
     assert eps_of(sampling_rate=q, steps=t + 1, noise_multiplier=z, delta=delta) > 3.0
-    assert (res.run_dir / "final_model.pt").exists() and "stopped" in res.summary
+    assert (res.run_dir / "final_model.pt").exists()
+    assert "stopped" in res.summary
 
 
 def test_user_level_needs_poisson_sampling(tmp_path):

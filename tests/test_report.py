@@ -154,7 +154,9 @@ def test_optional_columns_only_when_some_run_has_them(tmp_path):
     plain = load_run(write_run(tmp_path / "p", scenario=base_scenario("plain"),
                                metrics=minimal_metrics({5: 0.6}), summary=summary_for("plain")))
     header = comparison_table([plain]).splitlines()[0]
-    assert "sim s" not in header and "bytes" not in header and "ε" not in header
+    assert "sim s" not in header
+    assert "bytes" not in header
+    assert "ε" not in header
     rich = load_run(write_run(tmp_path / "r", scenario=base_scenario("rich"),
                               metrics=full_metrics({5: 0.9}), summary=summary_for("rich")))
     table = comparison_table([plain, rich])
@@ -235,7 +237,9 @@ def test_aggregate_seeds_matches_numpy(tmp_path):
     assert g.final_std == pytest.approx(np.std(f, ddof=1))
     assert g.best_mean == pytest.approx(np.mean(b))
     assert g.best_std == pytest.approx(np.std(b, ddof=1))
-    assert len(h.records) == 1 and h.final_mean == pytest.approx(0.9) and math.isnan(h.final_std)
+    assert len(h.records) == 1
+    assert h.final_mean == pytest.approx(0.9)
+    assert math.isnan(h.final_std)
     # Same name, different configuration: the labels tell the groups apart.
     assert g.label != h.label
 
@@ -252,7 +256,8 @@ def test_aggregate_seeds_skips_runs_without_accuracy(tmp_path):
                                metrics=minimal_metrics(acc), summary=summary_for("fedavg")))
             for s, acc in ((0, {5: 0.4}), (1, {5: 0.6}), (2, {}))]
     (g,) = aggregate_seeds(recs)
-    assert len(g.records) == 3 and g.n_measured == 2
+    assert len(g.records) == 3
+    assert g.n_measured == 2
     assert g.final_mean == pytest.approx(0.5)
     assert g.final_std == pytest.approx(np.std([0.4, 0.6], ddof=1))
 
@@ -274,7 +279,8 @@ def test_non_run_folder_names_missing_file(tmp_path):
     (partial / "summary.json").write_text("{}")
     with pytest.raises(FedflatError, match="metrics.jsonl") as info:
         load_run(partial)
-    assert "scenario.yaml" not in str(info.value) and "summary.json" not in str(info.value)
+    assert "scenario.yaml" not in str(info.value)
+    assert "summary.json" not in str(info.value)
     with pytest.raises(FedflatError, match="does not exist"):
         load_run(tmp_path / "nowhere")
 
@@ -303,7 +309,8 @@ def test_plot_runs_writes_valid_pngs(tmp_path):
     written = plot_runs([a, b], out)
     assert {p.stem for p in written} == ALL_STEMS
     for p in written:
-        assert p.parent == out and p.suffix == ".png"
+        assert p.parent == out
+        assert p.suffix == ".png"
         assert p.read_bytes()[:8] == PNG_MAGIC
         assert p.stat().st_size > 5000  # axes, two lines and a legend: not an empty canvas
         assert png_size(p) == (640, 400)  # 6.4 x 4.0 inches at 100 dpi
@@ -379,7 +386,9 @@ def test_cli_report_prints_table_and_writes_plots(tmp_path, capsys):
             for s, acc in ((0, 0.6), (1, 0.8))]
     assert _cli(["report", *map(str, dirs), "--markdown"]) == 0
     out = capsys.readouterr().out
-    assert "| fedsam (stamp0)" in out and "0.6000" in out and "0.8000" in out
+    assert "| fedsam (stamp0)" in out
+    assert "0.6000" in out
+    assert "0.8000" in out
     assert "0.7000 ± 0.1414" in out  # mean, sample std of (0.6, 0.8)
     report = runs / "report"
     assert str(report) in out
@@ -401,8 +410,9 @@ def test_cli_report_rejects_non_run_folder(tmp_path):
 # ---------------------------------------------------------------------------- real runs
 def test_real_runs_round_trip(tmp_path):
     """Runs written by the runtime itself: the report reads what it writes."""
-    import fedflat
     from conftest import tiny_scenario
+
+    import fedflat
 
     results = [fedflat.run(tiny_scenario(seed=s), out=tmp_path / f"seed{s}") for s in (1, 2)]
     recs = [load_run(r.run_dir) for r in results]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_scenario
 
 import fedflat
-from conftest import tiny_scenario
 from fedflat.runtime.checkpoint import load_latest
 
 
@@ -30,13 +30,18 @@ def test_serial_run_folder(tmp_path):
     assert [m["round"] for m in lines] == [0, 1, 2, 3]
     for m in lines:
         assert {"round", "train_loss", "clients", "wall_seconds"} <= set(m)
-        assert len(m["clients"]) == 4 and len(set(m["clients"])) == 4
-    assert "test_accuracy" in lines[1] and "test_loss" in lines[3] and "test_accuracy" not in lines[0]
+        assert len(m["clients"]) == 4
+        assert len(set(m["clients"])) == 4
+    assert "test_accuracy" in lines[1]
+    assert "test_loss" in lines[3]
+    assert "test_accuracy" not in lines[0]
     summary = json.loads((d / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+    assert summary["status"] == "completed"
+    assert summary["rounds_completed"] == 4
     clients = json.loads((d / "clients.json").read_text())
     sizes = [c["num_samples"] for c in clients["clients"]]
-    assert len(sizes) == 12 and sum(sum(c["class_counts"]) for c in clients["clients"]) == sum(sizes)
+    assert len(sizes) == 12
+    assert sum(sum(c["class_counts"]) for c in clients["clients"]) == sum(sizes)
     assert torch.equal(torch.load(d / "final_model.pt"), res.params)
     assert res.params.ndim == 1
 
@@ -44,7 +49,8 @@ def test_serial_run_folder(tmp_path):
 def test_overrides_match_set_syntax(tmp_path):
     a = fedflat.run(tiny_scenario(), overrides={"server.rounds": 2}, out=tmp_path / "a")
     b = fedflat.run(tiny_scenario(), overrides=["server.rounds=2"], out=tmp_path / "b")
-    assert len(a.metrics) == 2 and torch.equal(a.params, b.params)
+    assert len(a.metrics) == 2
+    assert torch.equal(a.params, b.params)
 
 
 def test_same_seed_same_model_other_seed_other_model(tmp_path):
@@ -167,7 +173,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "running", "a killed run must not look complete"
     ckpt = load_latest(out)
-    assert ckpt is not None and 0 < ckpt["next_round"] < 30
+    assert ckpt is not None
+    assert 0 < ckpt["next_round"] < 30
     resumed = fedflat.resume(out)
     assert torch.equal(resumed.params, reference.params)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -189,7 +196,8 @@ def test_ctrl_c_leaves_checkpoint_and_interrupted_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     ckpt = load_latest(out)
-    assert ckpt is not None and ckpt["next_round"] == summary["rounds_completed"]
+    assert ckpt is not None
+    assert ckpt["next_round"] == summary["rounds_completed"]
     assert ckpt["next_round"] == len((out / "metrics.jsonl").read_text().splitlines())
     resumed = fedflat.resume(out)
     assert torch.equal(resumed.params, reference.params)
@@ -243,10 +251,12 @@ def test_wire_round_trip_is_exact_and_writable():
                            broadcast={"c": torch.randn(7, generator=g, dtype=torch.float64)},
                            versions={1: torch.randn(7, generator=g).bfloat16()})
     back = unpack_payload(pickle.loads(pickle.dumps(pack_payload(payload))))
-    assert back.round == 3 and torch.equal(back.params, payload.params)
+    assert back.round == 3
+    assert torch.equal(back.params, payload.params)
     assert back.broadcast["c"].dtype == torch.float64
     assert torch.equal(back.broadcast["c"], payload.broadcast["c"])
-    assert back.versions[1].dtype == torch.bfloat16 and torch.equal(back.versions[1],
+    assert back.versions[1].dtype == torch.bfloat16
+    assert torch.equal(back.versions[1],
                                                                      payload.versions[1])
     back.params.add_(1.0)  # writable
     results = [ClientResult(client_id=c, delta=torch.randn(7, generator=g), num_samples=10 + c,
@@ -257,6 +267,7 @@ def test_wire_round_trip_is_exact_and_writable():
     for a, b in zip(results, again, strict=True):
         assert (a.client_id, a.num_samples, a.train_loss, a.steps, a.metrics) == \
             (b.client_id, b.num_samples, b.train_loss, b.steps, b.metrics)
-        assert torch.equal(a.delta, b.delta) and torch.equal(a.extras["n"], b.extras["n"])
+        assert torch.equal(a.delta, b.delta)
+        assert torch.equal(a.extras["n"], b.extras["n"])
         assert torch.equal(a.client_state["ef"], b.client_state["ef"])
     assert unpack_results(pack_results([])) == []

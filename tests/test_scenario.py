@@ -47,44 +47,57 @@ def cli_error(tmp_path: Path, text: str, capsys, *extra: str) -> str:
 
 def test_good_scenario_validates(tmp_path):
     sc = load_scenario(write(tmp_path, GOOD)).scenario
-    assert sc.server.rounds == 2 and sc.data.num_clients == 10
+    assert sc.server.rounds == 2
+    assert sc.data.num_clients == 10
 
 
 def test_unknown_key_names_file_key_and_line(tmp_path, capsys):
     err = cli_error(tmp_path, GOOD.replace("  rounds: 2", "  rounds: 2\n  roundz: 3"), capsys)
-    assert "s.yaml:8:" in err and "server.roundz" in err and "did you mean 'rounds'" in err
+    assert "s.yaml:8:" in err
+    assert "server.roundz" in err
+    assert "did you mean 'rounds'" in err
 
 
 def test_wrong_type(tmp_path, capsys):
     err = cli_error(tmp_path, GOOD.replace("rounds: 2", "rounds: many"), capsys)
-    assert "s.yaml:7:" in err and "server.rounds" in err and "integer" in err
+    assert "s.yaml:7:" in err
+    assert "server.rounds" in err
+    assert "integer" in err
 
 
 def test_out_of_range_clients_per_round(tmp_path, capsys):
     err = cli_error(tmp_path, GOOD.replace("clients_per_round: 3", "clients_per_round: 11"), capsys)
-    assert "s.yaml:8:" in err and "server.clients_per_round" in err and "exceeds" in err
+    assert "s.yaml:8:" in err
+    assert "server.clients_per_round" in err
+    assert "exceeds" in err
 
 
 def test_alpha_must_be_positive(tmp_path, capsys):
     text = GOOD.replace("  num_clients: 10", "  num_clients: 10\n  partition:\n    alpha: 0")
     err = cli_error(tmp_path, text, capsys)
-    assert "s.yaml:7:" in err and "data.partition.alpha" in err and "greater than 0" in err
+    assert "s.yaml:7:" in err
+    assert "data.partition.alpha" in err
+    assert "greater than 0" in err
 
 
 def test_yaml_syntax_error(tmp_path, capsys):
     err = cli_error(tmp_path, GOOD.replace("seed: 1", "seed: [1"), capsys)
-    assert "s.yaml:" in err and "YAML syntax error" in err
+    assert "s.yaml:" in err
+    assert "YAML syntax error" in err
 
 
 def test_missing_data_file(tmp_path, capsys):
     text = GOOD.replace("dataset: synthetic", f"dataset: femnist\n  data_dir: {tmp_path}/nodata")
     err = cli_error(tmp_path, text, capsys)
-    assert "s.yaml:5:" in err and "data.data_dir" in err and "femnist" in err
+    assert "s.yaml:5:" in err
+    assert "data.data_dir" in err
+    assert "femnist" in err
 
 
 def test_bad_override_is_located(tmp_path, capsys):
     err = cli_error(tmp_path, GOOD, capsys, "--set", "server.rounds=-1")
-    assert "--set server.rounds" in err and "greater than or equal to 1" in err
+    assert "--set server.rounds" in err
+    assert "greater than or equal to 1" in err
 
 
 def test_unknown_override_key(tmp_path):
@@ -112,7 +125,8 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedflat.cli", "run", str(path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "server.rounds" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "server.rounds" in proc.stderr
 
 
 def test_shipped_scenarios_validate():

@@ -113,7 +113,7 @@ def load_local_data(path: str | Path, client_id: int, num_clients: int) -> Feder
                 blob: dict[str, Any] = {k: z[k] for k in z.files}
         else:
             blob = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+    except Exception as exc:
         raise FlowerClientError(f"node_config {DATA_PATH_KEY}: cannot read {p}: {exc}") from None
     missing = {"x", "y", "num_classes"} - set(blob)
     if missing:

@@ -133,7 +133,7 @@ def simulate(
                            verbose_logging=verbose)
     except FedflatError:
         raise
-    except BaseException as exc:  # noqa: BLE001 - reported below with the run's own status
+    except BaseException as exc:
         error = exc
     finally:
         flwr_log.setLevel(level)

@@ -323,7 +323,8 @@ def _sample_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan,
     per_part = schedule.num_steps(n)
     parts = participations(sc, fed.num_clients)
     total_steps = per_part * parts
-    assert plan.sample_sigma is not None and plan.sample_sigma_accounted is not None  # noqa: S101
+    assert plan.sample_sigma is not None
+    assert plan.sample_sigma_accounted is not None
     sigma, sigma_acc = plan.sample_sigma, plan.sample_sigma_accounted
     claimed = accounted_epsilon(sampling_rate=q, steps=total_steps, noise_multiplier=sigma_acc,
                                 delta=s.delta, accountant=sc.privacy.accountant,

@@ -285,7 +285,7 @@ class RayBackend:
         for a in [*self.actors, self.server]:
             try:
                 self.ray.kill(a)
-            except Exception:  # noqa: BLE001 - best effort during shutdown
+            except Exception:
                 pass
         if self._started:
             self.ray.shutdown()

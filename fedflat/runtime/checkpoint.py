@@ -46,7 +46,7 @@ def load_latest(run_dir: Path) -> dict[str, Any] | None:
     for path in reversed(list_checkpoints(run_dir)):
         try:
             ckpt = torch.load(path, weights_only=False)
-        except Exception:  # noqa: BLE001 - a torn file from a crash: try the previous one
+        except Exception:
             continue
         if ckpt.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: checkpoint format {ckpt.get('format')} is not {FORMAT_VERSION}")

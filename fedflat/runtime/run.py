@@ -218,7 +218,7 @@ class Runner:
             from fedflat.report.plots import plot_run
 
             plot_run(self.run_dir)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             warnings.warn(f"could not draw the run's plots: {exc}", stacklevel=2)
 
     def _checkpoint(self, backend: Any) -> None:

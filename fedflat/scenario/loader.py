@@ -119,9 +119,7 @@ def _apply_override(data: dict[str, Any], key: str, value: Any, overridden: set[
             raise ScenarioError(f"cannot set {key}: {part} is not a block", file=f"--set {key}", key=key)
         if not isinstance(node, dict | list):
             raise ScenarioError(f"cannot set {key}: {part} is not a block", file=f"--set {key}", key=key)
-    if isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node):
-        node[path[-1]] = value
-    elif isinstance(node, dict):
+    if (isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node)) or isinstance(node, dict):
         node[path[-1]] = value
     else:
         raise ScenarioError(f"cannot set {key}", file=f"--set {key}", key=key)
