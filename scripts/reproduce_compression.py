@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(text)
     curves = out.with_suffix(".json")
     curves.write_text(json.dumps({"profile": profile, "target": target, "runs": results},
-                                 default=lambda o: None if isinstance(o, float) and math.isnan(o) else o))
+                                 default=lambda o: (None if isinstance(o, float) and math.isnan(o)
+                                                    else o)))
     print(text)
     print(f"wrote {out} and {curves}")
     return 0

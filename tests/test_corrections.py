@@ -170,7 +170,7 @@ def test_scaffold_removes_the_client_drift_of_fedavg():
 
 def test_feddyn_reaches_the_global_optimum():
     lr, steps, alpha = 0.1, 10, 0.5
-    x_fa, x_star = closed_forms(make_clients(), lr, steps)
+    _x_fa, x_star = closed_forms(make_clients(), lr, steps)
     x_dyn = simulate(
         [feddyn(alpha=alpha)],
         [feddyn_server(alpha=alpha)],
@@ -255,14 +255,14 @@ def test_mofedsam_mixes_in_the_normalised_previous_update():
 
 
 def server_round(**kw) -> ServerRound:
-    base = dict(
-        round=0,
-        params=torch.tensor([1.0, 1.0]),
-        deltas=torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
-        weights=torch.ones(2),
-        client_ids=[4, 7],
-        num_clients=10,
-    )
+    base = {
+        "round": 0,
+        "params": torch.tensor([1.0, 1.0]),
+        "deltas": torch.tensor([[1.0, 0.0], [0.0, 2.0]]),
+        "weights": torch.ones(2),
+        "client_ids": [4, 7],
+        "num_clients": 10,
+    }
     base.update(kw)
     return ServerRound(**base)
 
@@ -323,7 +323,7 @@ def test_every_preset_validates_and_builds():
     for name, preset in PRESETS.items():
         oracle = OracleConfig(**preset["oracle"])
         corr = CorrectionConfig(**preset["correction"])
-        built, corrections = build_local_rule(oracle, corr)
+        built, _corrections = build_local_rule(oracle, corr)
         build_server_corrections(oracle, corr, num_clients=100)
         if "fedopt" in preset["server"]:
             FedOptConfig(**preset["server"]["fedopt"])

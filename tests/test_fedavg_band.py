@@ -45,7 +45,8 @@ def test_fedavg_synthetic_1_1_accuracy_band(tmp_path):
     with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
         accs = list(pool.map(final_accuracy, SEEDS, [str(tmp_path / f"seed{s}") for s in SEEDS]))
     mean = statistics.mean(accs)
-    print(f"FedAvg Synthetic(1,1) final accuracy per seed: {[round(a, 4) for a in accs]}, mean {mean:.4f}")
+    print(f"FedAvg Synthetic(1,1) final accuracy per seed: {[round(a, 4) for a in accs]}, "
+          f"mean {mean:.4f}")
     # §9.2: 83.3 / 86.6 (mean 84.9) on two seeds of the reference generator; every seed draws a
     # new data set (measured here: 78.1, 76.7, 86.4, 71.1, ... %), so the band is that of the
     # spread: a broken aggregation or sampler lands far below it.

@@ -225,7 +225,7 @@ def test_flower_config_checks():
         FlowerConfig(secagg_num_shares=5, secagg_reconstruction_threshold=5)
     with pytest.raises(ValueError, match="> 2"):
         FlowerConfig(secagg_num_shares=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="secaggg"):
         FlowerConfig(secaggg=True)
 
 

@@ -436,7 +436,7 @@ def test_registry_rejects_unknown_names_and_parameters():
         make_oracle("sam", rho=0.1, eta=0.2)
     with pytest.raises(ValueError, match="companion"):
         make_oracle("fedsmoo", rho=0.1)
-    with pytest.raises(ValueError, match="rho must be >= 0, got -0.1"):
+    with pytest.raises(ValueError, match=r"rho must be >= 0, got -0\.1"):
         make_oracle("sam", rho=-0.1)
 
 

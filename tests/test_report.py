@@ -29,7 +29,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ALL_STEMS = {p.stem for p in PLOTS}
 
 
-def base_scenario(name: str = "fedavg", seed: int = 0, lr: float = 0.1, out_dir: str = "runs") -> dict:
+def base_scenario(name: str = "fedavg", seed: int = 0, lr: float = 0.1,
+                  out_dir: str = "runs") -> dict:
     return {
         "name": name,
         "seed": seed,
@@ -166,8 +167,9 @@ def test_optional_columns_only_when_some_run_has_them(tmp_path):
 
 
 def test_markdown_table_shape(tmp_path):
-    recs = [load_run(write_run(tmp_path / n, scenario=base_scenario(n), metrics=minimal_metrics({5: 0.6}),
-                               summary=summary_for(n))) for n in ("one", "two", "three")]
+    recs = [load_run(write_run(tmp_path / n, scenario=base_scenario(n),
+                               metrics=minimal_metrics({5: 0.6}), summary=summary_for(n)))
+            for n in ("one", "two", "three")]
     lines = comparison_table(recs, markdown=True).splitlines()
     assert len(lines) == 2 + 3
     assert all(ln.startswith("|") and ln.endswith("|") for ln in lines)
@@ -186,7 +188,8 @@ def test_summary_used_when_metrics_have_no_accuracy(tmp_path):
 
 def test_null_and_unevaluated_rounds_are_skipped(tmp_path):
     # The runtime writes NaN as null; a null accuracy is no measurement.
-    rec = load_run(write_run(tmp_path / "n", scenario=base_scenario(), metrics=minimal_metrics({1: 0.3, 4: 0.6, 5: None}),
+    rec = load_run(write_run(tmp_path / "n", scenario=base_scenario(),
+                             metrics=minimal_metrics({1: 0.3, 4: 0.6, 5: None}),
                              summary=summary_for("fedavg")))
     row = run_row(rec)
     assert row["final_accuracy"] == pytest.approx(0.6)
@@ -223,7 +226,8 @@ def test_aggregate_seeds_matches_numpy(tmp_path):
         sc = base_scenario("fedsam", seed=seed, out_dir=f"runs/seed{seed}")
         sc["output"]["checkpoint_every"] = seed + 1
         accs = {2: bests[seed], 5: finals[seed]}
-        recs.append(load_run(write_run(tmp_path / f"s{seed}", scenario=sc, metrics=minimal_metrics(accs),
+        recs.append(load_run(write_run(tmp_path / f"s{seed}", scenario=sc,
+                                       metrics=minimal_metrics(accs),
                                        summary=summary_for("fedsam"))))
     other = load_run(write_run(tmp_path / "lr", scenario=base_scenario("fedsam", lr=0.05),
                                metrics=minimal_metrics({5: 0.9}), summary=summary_for("fedsam")))
@@ -271,13 +275,13 @@ def test_aggregate_seeds_rejects_negative_ddof():
 def test_non_run_folder_names_missing_file(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FedflatError, match="scenario.yaml"):
+    with pytest.raises(FedflatError, match=r"scenario\.yaml"):
         load_run(empty)
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "scenario.yaml").write_text("name: x\n")
     (partial / "summary.json").write_text("{}")
-    with pytest.raises(FedflatError, match="metrics.jsonl") as info:
+    with pytest.raises(FedflatError, match=r"metrics\.jsonl") as info:
         load_run(partial)
     assert "scenario.yaml" not in str(info.value)
     assert "summary.json" not in str(info.value)
@@ -317,10 +321,11 @@ def test_plot_runs_writes_valid_pngs(tmp_path):
 
 
 def test_plot_run_skips_plots_whose_metrics_are_missing(tmp_path):
-    run = write_run(tmp_path / "r", scenario=base_scenario(), metrics=minimal_metrics({1: 0.5, 5: 0.6}),
-                    summary=summary_for("fedavg"))
+    run = write_run(tmp_path / "r", scenario=base_scenario(),
+                    metrics=minimal_metrics({1: 0.5, 5: 0.6}), summary=summary_for("fedavg"))
     written = plot_run(run)
-    assert {p.stem for p in written} == {"test_accuracy_vs_round", "train_loss_vs_round", "test_loss_vs_round"}
+    assert {p.stem for p in written} == {
+        "test_accuracy_vs_round", "train_loss_vs_round", "test_loss_vs_round"}
     assert all(p.parent == run / "plots" and p.read_bytes()[:8] == PNG_MAGIC for p in written)
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(p.name for p in written)
 
@@ -341,7 +346,7 @@ def test_plot_run_without_any_evaluation_or_summary(tmp_path):
 
 
 def test_plot_run_on_non_run_folder_names_metrics_file(tmp_path):
-    with pytest.raises(FedflatError, match="metrics.jsonl"):
+    with pytest.raises(FedflatError, match=r"metrics\.jsonl"):
         plot_run(tmp_path)
 
 
@@ -358,8 +363,8 @@ def test_run_lacking_x_metric_is_left_out_of_that_plot(tmp_path):
 @pytest.mark.timeout(60)
 def test_plot_run_is_fast_for_200_rounds(tmp_path):
     accs = {t: 0.5 + t / 1000 for t in range(0, 200, 5)}
-    run = write_run(tmp_path / "r", scenario=base_scenario(), metrics=full_metrics(accs, rounds=200),
-                    summary=summary_for("fedavg"))
+    run = write_run(tmp_path / "r", scenario=base_scenario(),
+                    metrics=full_metrics(accs, rounds=200), summary=summary_for("fedavg"))
     plot_run(run)  # first call pays for matplotlib's font setup
     t0 = time.perf_counter()
     written = plot_run(run)
@@ -403,7 +408,7 @@ def test_cli_report_prints_table_and_writes_plots(tmp_path, capsys):
 
 def test_cli_report_rejects_non_run_folder(tmp_path):
     (tmp_path / "x").mkdir()
-    with pytest.raises(FedflatError, match="scenario.yaml"):
+    with pytest.raises(FedflatError, match=r"scenario\.yaml"):
         _cli(["report", str(tmp_path / "x")])
 
 

@@ -24,7 +24,8 @@ def test_serial_run_folder(tmp_path):
     res = fedflat.run(tiny_scenario(), out=tmp_path / "run")
     d = res.run_dir
     assert d == tmp_path / "run"
-    for name in ("scenario.yaml", "metrics.jsonl", "summary.json", "clients.json", "final_model.pt"):
+    for name in ("scenario.yaml", "metrics.jsonl", "summary.json", "clients.json",
+                 "final_model.pt"):
         assert (d / name).is_file(), name
     lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in lines] == [0, 1, 2, 3]
@@ -80,7 +81,8 @@ def test_poisson_sampling_can_be_empty_and_is_not_resampled(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("actors", [1, 2, 4])
 def test_ray_equals_serial(tmp_path, ray_session, actors):
-    sc = tiny_scenario(**{"server.rounds": 3, "server.optimizer": "fedavgm", "client.momentum": 0.5})
+    sc = tiny_scenario(**{"server.rounds": 3, "server.optimizer": "fedavgm",
+                          "client.momentum": 0.5})
     serial = fedflat.run(sc, out=tmp_path / "serial")
     ray_sc = tiny_scenario(**{"server.rounds": 3, "server.optimizer": "fedavgm",
                               "client.momentum": 0.5, "runtime.backend": "ray",
@@ -145,8 +147,9 @@ def _write(tmp_path: Path, sc: dict) -> Path:
 
 def _start(path: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedflat.cli", "run", str(path), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cmd = [sys.executable, "-m", "fedflat.cli", "run", str(path), "--out", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def _wait_rounds(out: Path, proc: subprocess.Popen, n: int, timeout: float = 120) -> None:

@@ -1,4 +1,5 @@
-"""Scenario errors: each class gives one located message, exit code 2, no traceback, no run folder."""
+"""Scenario errors: each class gives one located message, exit code 2, no traceback,
+no run folder."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def test_bad_override_is_located(tmp_path, capsys):
 
 
 def test_unknown_override_key(tmp_path):
-    with pytest.raises(ScenarioError, match="server.roundz"):
+    with pytest.raises(ScenarioError, match=r"server\.roundz"):
         load_scenario(write(tmp_path, GOOD), ["server.roundz=3"])
 
 

@@ -42,7 +42,9 @@ class LocalSchedule:
 
     def rate(self, n: int) -> float:
         """Poisson sampling rate q of a client with n examples."""
-        return self.sampling_rate if self.sampling_rate is not None else min(1.0, self.batch_size / n)
+        if self.sampling_rate is not None:
+            return self.sampling_rate
+        return min(1.0, self.batch_size / n)
 
     def num_steps(self, n: int) -> int:
         if self.steps is not None:

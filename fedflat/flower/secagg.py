@@ -329,7 +329,8 @@ def decode_fit(parameters: Sequence[np.ndarray], config: Mapping[str, Any]
     x = torch.from_numpy(np.array(parameters[0], copy=True))
     broadcast = {k: torch.from_numpy(np.array(a, copy=True))
                  for k, a in zip(keys, parameters[1:], strict=True)}
-    job = ClientJob(round=codec._int(config, "job_round"), client_id=codec._int(config, "client_id"),
+    job = ClientJob(round=codec._int(config, "job_round"),
+                    client_id=codec._int(config, "client_id"),
                     lr=codec._float(config, "lr"),
                     max_steps=codec._opt(config, "max_steps", codec._int))
     payload = RoundPayload(round=codec._int(config, "round"), params=x, broadcast=broadcast)

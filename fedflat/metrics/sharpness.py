@@ -150,7 +150,7 @@ def lambda_max(
         v = v / v.norm()
         lam_prev: float | None = None
         lam, it = 0.0, 0
-        for it in range(1, max_iter + 1):
+        for it in range(1, max_iter + 1):  # noqa: B007 - `it` is read after the loop
             hv = op(v)
             lam = float(torch.dot(hv, v))
             norm = hv.norm()

@@ -85,7 +85,8 @@ def build_model(
     if name == "cnn":
         if len(in_shape) != 3:
             raise ScenarioError(
-                f"model cnn needs image inputs [C, H, W]; this dataset gives shape {list(in_shape)}",
+                "model cnn needs image inputs [C, H, W]; "
+                f"this dataset gives shape {list(in_shape)}",
                 key="model.name",
             )
         return CNN(in_shape, num_classes, channels, hidden[0] if hidden else 512, norm, groups)

@@ -10,6 +10,7 @@ object store, once, above it. Both return the same records for the same scenario
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -256,7 +257,8 @@ class RayBackend:
         server_cls = ray.remote(num_cpus=0)(_ServerActor)
         client_cls = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus)(_ClientActor)
         self.server = server_cls.remote(sc, fed_ref, params, threads, inline_bytes)
-        self.actors = [client_cls.remote(sc, fed_ref, device, threads) for _ in range(rt.num_actors)]
+        self.actors = [client_cls.remote(sc, fed_ref, device, threads)
+                       for _ in range(rt.num_actors)]
         self.sizes = fed.client_sizes().tolist()
         ray.get(self.server.attach.remote(self.actors))  # surface construction errors now
 
@@ -283,10 +285,8 @@ class RayBackend:
 
     def close(self) -> None:
         for a in [*self.actors, self.server]:
-            try:
+            with contextlib.suppress(Exception):
                 self.ray.kill(a)
-            except Exception:
-                pass
         if self._started:
             self.ray.shutdown()
             self._started = False

@@ -87,7 +87,9 @@ def build_data(sc: Scenario) -> FederatedData:
     return FederatedData(ds, [np.asarray(ix, dtype=np.int64) for ix in parts])
 
 
-def _split(p, ds: Dataset, labels: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def _split(  # type: ignore[no-untyped-def]
+    p, ds: Dataset, labels: np.ndarray, n: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     if p.method == "natural":
         if ds.train_groups is None:
             raise DataError(f"dataset {ds.name!r} has no natural clients",
@@ -333,7 +335,8 @@ def buffer_scale(buffer_size: int) -> ServerStep:
     def apply(rnd: ServerRound, state: Any, gen: torch.Generator):
         assert rnd.aggregate is not None  # noqa: S101 - placed after the rule
         scale = float(rnd.weights.sum()) / buffer_size
-        return rnd.with_(aggregate=rnd.aggregate * scale), state, {"async/weight_sum": scale * buffer_size}
+        return (rnd.with_(aggregate=rnd.aggregate * scale), state,
+                {"async/weight_sum": scale * buffer_size})
 
     return ServerStep("buffer_scale", init=lambda p: (), apply=apply)
 

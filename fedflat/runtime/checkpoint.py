@@ -49,6 +49,7 @@ def load_latest(run_dir: Path) -> dict[str, Any] | None:
         except Exception:
             continue
         if ckpt.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: checkpoint format {ckpt.get('format')} is not {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path}: checkpoint format {ckpt.get('format')} is not {FORMAT_VERSION}")
         return ckpt
     return None

@@ -108,7 +108,8 @@ def _json_default(o: Any) -> Any:
 
 def _clean(rec: dict[str, Any]) -> dict[str, Any]:
     """JSON-safe record: NaN becomes null."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in rec.items()}
 
 
 class Runner:
@@ -147,7 +148,8 @@ class Runner:
             "best_test_accuracy": max(accs) if accs else None,
             "final_test_loss": next((m["test_loss"] for m in reversed(self.metrics)
                                      if m.get("test_loss") is not None), None),
-            "wall_seconds": self.elapsed_before + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "wall_seconds": self.elapsed_before
+            + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
             "fedflat_version": fedflat.__version__,
             **extra,
         }
@@ -157,7 +159,8 @@ class Runner:
     def _rewrite_metrics(self) -> None:
         path = self.run_dir / "metrics.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(_clean(m), default=_json_default) + "\n" for m in self.metrics))
+        tmp.write_text("".join(json.dumps(_clean(m), default=_json_default) + "\n"
+                               for m in self.metrics))
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ loop
@@ -204,7 +207,8 @@ class Runner:
                 if status in ("completed", "budget_exhausted"):
                     torch.save(params, self.run_dir / "final_model.pt")
                 if self.rsc.privacy.enabled:
-                    _write_json(self.run_dir / "privacy.json", self.plan.summary(self.fed.num_clients))
+                    _write_json(self.run_dir / "privacy.json",
+                                self.plan.summary(self.fed.num_clients))
                 summary = self.write_summary(status, **extra)
                 if self.sc.output.plots:
                     self._plots()

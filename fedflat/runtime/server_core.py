@@ -90,9 +90,12 @@ class ServerCore:
             for r in results:
                 self.client_states[r.client_id] = r.client_state
             d = self.params.numel()
-            deltas = torch.stack([r.delta for r in results]) if results else self.params.new_zeros(0, d)
-            weights = torch.tensor([float(j.weight) if j.weight is not None else float(r.num_samples)
-                                    for j, r in zip(jobs, results, strict=True)])
+            deltas = (torch.stack([r.delta for r in results]) if results
+                      else self.params.new_zeros(0, d))
+            weights = torch.tensor([
+                float(j.weight) if j.weight is not None else float(r.num_samples)
+                for j, r in zip(jobs, results, strict=True)
+            ])
             extras = {k: torch.stack([r.extras[k] for r in results]) for k in results[0].extras} \
                 if results else {}
             rnd = ServerRound(round=round_, params=self.params, deltas=deltas, weights=weights,
@@ -105,9 +108,11 @@ class ServerCore:
             self.params = rnd.new_params
             self.broadcast = rnd.broadcast
             self.eval_params = rnd.eval_params
-            losses = [(r.train_loss, r.num_samples) for r in results if not math.isnan(r.train_loss)]
+            losses = [(r.train_loss, r.num_samples) for r in results
+                      if not math.isnan(r.train_loss)]
             total = sum(n for _, n in losses)
-            rec["train_loss"] = sum(l * n for l, n in losses) / total if total else float("nan")
+            rec["train_loss"] = (sum(loss * n for loss, n in losses) / total if total
+                                 else float("nan"))
             rec["update_norm"] = float(rnd.aggregate.norm()) if rnd.aggregate is not None else 0.0
             rec["local_steps_mean"] = sum(r.steps for r in results) / max(len(results), 1)
             rec.update(metrics)
@@ -196,7 +201,8 @@ class ServerCore:
                 "versions": self.versions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"} - set(state)
+        required = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"}
+        missing = required - set(state)
         if missing:
             raise ValueError(f"server checkpoint lacks {sorted(missing)}")
         if len(state["pipeline_state"]) != len(self.pipeline.steps):

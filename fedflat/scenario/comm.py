@@ -95,7 +95,8 @@ class CodecConfig(BaseModel):
                     raise ValueError(
                         f"{name} applies to top_k / random_k only, not {self.codec}"
                     )
-        if self.codec != "random_k" and self.unbiased != type(self).model_fields["unbiased"].default:
+        default_unbiased = type(self).model_fields["unbiased"].default
+        if self.codec != "random_k" and self.unbiased != default_unbiased:
             raise ValueError(
                 f"unbiased applies to codec random_k only, not {self.codec}"
             )

@@ -52,7 +52,8 @@ def _construct(node: yaml.Node, path: Path_, lines: dict[Path_, int], file: str)
         for knode, vnode in node.value:
             key = knode.value
             if not isinstance(key, str) or not isinstance(knode, yaml.ScalarNode):
-                raise ScenarioError("keys must be plain names", file=file, line=knode.start_mark.line + 1)
+                raise ScenarioError("keys must be plain names", file=file,
+                                    line=knode.start_mark.line + 1)
             p = (*path, key)
             if key in out:
                 raise ScenarioError(f"duplicate key {key!r}", file=file, key=".".join(map(str, p)),
@@ -116,10 +117,13 @@ def _apply_override(data: dict[str, Any], key: str, value: Any, overridden: set[
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
         else:
-            raise ScenarioError(f"cannot set {key}: {part} is not a block", file=f"--set {key}", key=key)
+            raise ScenarioError(f"cannot set {key}: {part} is not a block",
+                                file=f"--set {key}", key=key)
         if not isinstance(node, dict | list):
-            raise ScenarioError(f"cannot set {key}: {part} is not a block", file=f"--set {key}", key=key)
-    if (isinstance(node, list) and isinstance(path[-1], int) and path[-1] < len(node)) or isinstance(node, dict):
+            raise ScenarioError(f"cannot set {key}: {part} is not a block",
+                                file=f"--set {key}", key=key)
+    if (isinstance(node, list) and isinstance(path[-1], int)
+            and path[-1] < len(node)) or isinstance(node, dict):
         node[path[-1]] = value
     else:
         raise ScenarioError(f"cannot set {key}", file=f"--set {key}", key=key)
@@ -130,7 +134,8 @@ def _suggest(model: type[BaseModel], path: Path_) -> str:
     cls: Any = model
     for part in path[:-1]:
         fld = cls.model_fields.get(part) if isinstance(part, str) else None
-        if fld is None or not isinstance(fld.annotation, type) or not issubclass(fld.annotation, BaseModel):
+        if (fld is None or not isinstance(fld.annotation, type)
+                or not issubclass(fld.annotation, BaseModel)):
             return ""
         cls = fld.annotation
     names = list(cls.model_fields)
@@ -166,7 +171,8 @@ def load_scenario(
         _apply_override(data, key, value, overridden)
     _expand_method(data, file, lines, overridden)
     data_section = data.get("data")
-    if isinstance(data_section, dict) and data_section.get("data_dir") is None and os.environ.get("FEDFLAT_DATA"):
+    if (isinstance(data_section, dict) and data_section.get("data_dir") is None
+            and os.environ.get("FEDFLAT_DATA")):
         data_section["data_dir"] = os.environ["FEDFLAT_DATA"]
     elif data_section is None and os.environ.get("FEDFLAT_DATA"):
         data["data"] = {"data_dir": os.environ["FEDFLAT_DATA"]}

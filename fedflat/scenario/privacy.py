@@ -69,7 +69,8 @@ class SampleLevelPrivacy(_Strict):
             "displacement); dp_sam (two private passes per step, accounted as such)."
         ),
     )
-    rho: float = Field(0.03, gt=0, description="Perturbation radius ρ of dp_sat / dp_sat_momentum / dp_sam.")
+    rho: float = Field(
+        0.03, gt=0, description="Perturbation radius ρ of dp_sat / dp_sat_momentum / dp_sam.")
     participation_quantile: float = Field(
         0.99, gt=0, le=1,
         description=(
@@ -246,7 +247,8 @@ class UserLevelPrivacy(_Strict):
     )
     clip_scope: Literal["global", "per_tensor"] = Field(
         "global",
-        description="noise_placement client: clip the whole delta (global) or each tensor to C (released DP-FedSAM code).",
+        description="noise_placement client: clip the whole delta (global) or each tensor to C "
+        "(released DP-FedSAM code).",
     )
 
     _epsilon_xor_noise = field_validator("epsilon")(_exactly_one_noise_spec)

@@ -55,7 +55,9 @@ def _type_name(annotation: Any) -> str:
     return repr(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
-def iter_keys(model: type[BaseModel] = Scenario, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+def iter_keys(
+    model: type[BaseModel] = Scenario, prefix: str = ""
+) -> Iterator[tuple[str, str, str, str]]:
     """(key path, type, default, description) for every leaf key, depth first."""
     for name, fld in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -75,7 +77,8 @@ def iter_keys(model: type[BaseModel] = Scenario, prefix: str = "") -> Iterator[t
 def markdown() -> str:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, typ, default, desc in iter_keys():
-        rows.append(f"| `{key}` | {typ.replace('|', '/')} | `{default}` | {desc.replace('|', '/')} |")
+        rows.append(f"| `{key}` | {typ.replace('|', '/')} | `{default}` "
+                    f"| {desc.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
 
 

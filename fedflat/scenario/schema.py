@@ -32,81 +32,117 @@ class Section(BaseModel):
 
 
 class SyntheticConfig(Section):
-    alpha: float = Field(1.0, ge=0, description="Synthetic(α, β): spread of the device model prior u_k ~ N(0, α).")
-    beta: float = Field(1.0, ge=0, description="Synthetic(α, β): spread of the device feature prior B_k ~ N(0, β).")
-    iid: bool = Field(False, description="Synthetic-IID: one global model and x ~ N(0, Σ) on every device.")
+    alpha: float = Field(
+        1.0, ge=0, description="Synthetic(α, β): spread of the device model prior u_k ~ N(0, α).")
+    beta: float = Field(
+        1.0, ge=0, description="Synthetic(α, β): spread of the device feature prior B_k ~ N(0, β).")
+    iid: bool = Field(
+        False, description="Synthetic-IID: one global model and x ~ N(0, Σ) on every device.")
     prior_scale: Literal["std", "variance"] = Field(
-        "std", description="How α and β are read: 'std' as the released FedProx code (np.random.normal scale), "
-        "'variance' as the paper writes them (std = sqrt). Identical for 0 and 1.")
+        "std", description="How α and β are read: 'std' as the released FedProx code "
+        "(np.random.normal scale), 'variance' as the paper writes them (std = sqrt). "
+        "Identical for 0 and 1.")
     num_features: int = Field(60, ge=1, description="Input dimension.")
     num_classes: int = Field(10, ge=2, description="Number of classes.")
-    size_mean: float = Field(4.0, description="Device sizes ⌊LogNormal(size_mean, size_sigma)⌋ + min_size.")
+    size_mean: float = Field(
+        4.0, description="Device sizes ⌊LogNormal(size_mean, size_sigma)⌋ + min_size.")
     size_sigma: float = Field(2.0, ge=0, description="Log-normal sigma of the device sizes.")
     min_size: int = Field(50, ge=1, description="Added to every device size (samples).")
-    max_size: int | None = Field(None, ge=1, description="Optional cap on a device's size (samples); None = no cap as in the paper.")
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="Per-device share of samples held out for testing.")
+    max_size: int | None = Field(
+        None, ge=1,
+        description="Optional cap on a device's size (samples); None = no cap as in the paper.")
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Per-device share of samples held out for testing.")
 
 
 class PartitionConfig(Section):
     method: Literal[
         "natural", "iid", "dirichlet_per_class", "dirichlet_per_client", "shards", "quantity_skew"
-    ] = Field("natural", description="How training samples are split across clients. 'natural' uses the "
-              "dataset's own clients (synthetic devices, FEMNIST writers); 'dirichlet_per_class' = Dir(α·1_N) "
-              "per class across clients (NIID-Bench, ALGORITHMS.md §6.1); 'dirichlet_per_client' = a class "
-              "prior per client (Hsu et al. / FL-Simulator, §6.2); 'shards' = McMahan's label-sorted shards; "
+    ] = Field("natural", description="How training samples are split across clients. "
+              "'natural' uses the dataset's own clients (synthetic devices, FEMNIST writers); "
+              "'dirichlet_per_class' = Dir(α·1_N) per class across clients (NIID-Bench, "
+              "ALGORITHMS.md §6.1); 'dirichlet_per_client' = a class prior per client "
+              "(Hsu et al. / FL-Simulator, §6.2); 'shards' = McMahan's label-sorted shards; "
               "'quantity_skew' = log-normal client sizes with iid labels.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (see alpha_scale).")
     alpha_scale: Literal["total_mass", "per_coordinate"] = Field(
-        "total_mass", description="dirichlet_per_client only: 'total_mass' = Dir(α·p), per-class concentration "
-        "α/C (Hsu et al., the FedSAM splits); 'per_coordinate' = Dir(α·1_C) (FL-Simulator, FedDyn).")
-    min_size: int = Field(10, ge=0, description="dirichlet_per_class: resample until every client has this many samples.")
+        "total_mass", description="dirichlet_per_client only: 'total_mass' = Dir(α·p), "
+        "per-class concentration α/C (Hsu et al., the FedSAM splits); 'per_coordinate' = "
+        "Dir(α·1_C) (FL-Simulator, FedDyn).")
+    min_size: int = Field(
+        10, ge=0,
+        description="dirichlet_per_class: resample until every client has this many samples.")
     shards_per_client: int = Field(2, ge=1, description="shards: shards per client.")
-    quantity_sigma: float = Field(1.0, ge=0, description="quantity_skew: log-normal sigma of client sizes (0 = balanced).")
-    allow_reuse: bool = Field(False, description="dirichlet_per_client: reset exhausted class pools (duplicates samples, as FL-Simulator).")
+    quantity_sigma: float = Field(
+        1.0, ge=0, description="quantity_skew: log-normal sigma of client sizes (0 = balanced).")
+    allow_reuse: bool = Field(
+        False, description="dirichlet_per_client: reset exhausted class pools (duplicates samples, "
+        "as FL-Simulator).")
 
 
 class DataConfig(Section):
     dataset: Literal["synthetic", "digits", "femnist", "mnist", "fashion_mnist", "cifar10"] = Field(
-        "synthetic", description="Dataset. synthetic and digits are built in; the others read files from data_dir.")
-    data_dir: str | None = Field(None, description="Directory holding the dataset folders (femnist/, mnist/, ...). "
+        "synthetic", description="Dataset. synthetic and digits are built in; the others read "
+        "files from data_dir.")
+    data_dir: str | None = Field(None, description="Directory holding the dataset folders "
+                                 "(femnist/, mnist/, ...). "
                                  "Defaults to the environment variable FEDFLAT_DATA.")
-    num_clients: int = Field(100, ge=1, description="Number of clients N (synthetic devices, FEMNIST writers, or partitions).")
+    num_clients: int = Field(
+        100, ge=1,
+        description="Number of clients N (synthetic devices, FEMNIST writers, or partitions).")
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
 
 
 class ModelConfig(Section):
-    name: Literal["logistic", "mlp", "cnn"] = Field("logistic", description="logistic = multinomial logistic regression; mlp; cnn = LeNet-style (images only).")
-    hidden: list[int] = Field([200], description="MLP hidden widths; the CNN uses hidden[0] for its dense layer.")
+    name: Literal["logistic", "mlp", "cnn"] = Field(
+        "logistic", description="logistic = multinomial logistic regression; mlp; cnn = "
+        "LeNet-style (images only).")
+    hidden: list[int] = Field(
+        [200], description="MLP hidden widths; the CNN uses hidden[0] for its dense layer.")
     channels: list[int] = Field([32, 64], description="CNN convolution widths.")
-    norm: Literal["none", "group", "batch", "layer"] = Field("none", description="CNN normalisation layer (GroupNorm for DP).")
+    norm: Literal["none", "group", "batch", "layer"] = Field(
+        "none", description="CNN normalisation layer (GroupNorm for DP).")
     groups: int = Field(8, ge=1, description="GroupNorm groups.")
 
 
 class ClientConfig(Section):
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Base local optimizer (PyTorch semantics).")
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="Base local optimizer (PyTorch semantics).")
     lr: float = Field(0.01, gt=0, description="Local learning rate η.")
-    lr_decay: float = Field(1.0, gt=0, le=1, description="Per-round multiplicative decay of the local lr (η_t = η·decay^t).")
-    momentum: float = Field(0.0, ge=0, lt=1, description="Local SGD momentum (buffers reset every round).")
+    lr_decay: float = Field(
+        1.0, gt=0, le=1,
+        description="Per-round multiplicative decay of the local lr (η_t = η·decay^t).")
+    momentum: float = Field(
+        0.0, ge=0, lt=1, description="Local SGD momentum (buffers reset every round).")
     nesterov: bool = Field(False, description="Nesterov momentum.")
     weight_decay: float = Field(0.0, ge=0, description="Coupled L2 weight decay λ.")
-    local_epochs: int | None = Field(1, ge=1, description="Local epochs E (ignored when local_steps is set).")
-    local_steps: int | None = Field(None, ge=1, description="Local steps K per round (overrides local_epochs).")
+    local_epochs: int | None = Field(
+        1, ge=1, description="Local epochs E (ignored when local_steps is set).")
+    local_steps: int | None = Field(
+        None, ge=1, description="Local steps K per round (overrides local_epochs).")
     batch_size: int = Field(10, ge=1, description="Local mini-batch size b.")
-    grad_clip: float | None = Field(None, gt=0, description="Optional global-norm clip of the local gradient (FL-Simulator uses 10).")
+    grad_clip: float | None = Field(
+        None, gt=0,
+        description="Optional global-norm clip of the local gradient (FL-Simulator uses 10).")
     oracle: OracleConfig = Field(default_factory=OracleConfig)
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
 
 
 class ServerConfig(Section):
     rounds: int = Field(100, ge=1, description="Number of communication rounds T.")
-    clients_per_round: int = Field(10, ge=1, description="Clients per round m (uniform sampling), or the expected number (Poisson).")
+    clients_per_round: int = Field(
+        10, ge=1,
+        description="Clients per round m (uniform sampling), or the expected number (Poisson).")
     sampling: Literal["uniform", "poisson"] = Field(
-        "uniform", description="'uniform' = m clients without replacement; 'poisson' = each client independently "
-        "with rate q (cohort size varies, may be empty; required for user-level DP accounting).")
-    sampling_rate: float | None = Field(None, gt=0, le=1, description="Poisson rate q; default clients_per_round / num_clients.")
+        "uniform", description="'uniform' = m clients without replacement; 'poisson' = each "
+        "client independently with rate q (cohort size varies, may be empty; required for "
+        "user-level DP accounting).")
+    sampling_rate: float | None = Field(
+        None, gt=0, le=1, description="Poisson rate q; default clients_per_round / num_clients.")
     optimizer: Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = Field(
-        "fedavg", description="Server optimizer on the aggregate (a negative pseudo-gradient), ALGORITHMS.md §3.5.")
+        "fedavg", description="Server optimizer on the aggregate (a negative pseudo-gradient), "
+        "ALGORITHMS.md §3.5.")
     lr: float = Field(1.0, gt=0, description="Server learning rate η_g.")
     momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum β.")
     fedopt: FedOptConfig = Field(default_factory=FedOptConfig)
@@ -115,41 +151,69 @@ class ServerConfig(Section):
 
 
 class RuntimeConfig(Section):
-    backend: Literal["serial", "ray"] = Field("serial", description="'serial' = in-process reference; 'ray' = a pool of client actors plus a server actor.")
+    backend: Literal["serial", "ray"] = Field(
+        "serial", description="'serial' = in-process reference; 'ray' = a pool of client actors "
+        "plus a server actor.")
     num_actors: int = Field(2, ge=1, description="Ray: number of client actors.")
-    num_cpus: float = Field(1.0, gt=0, description="Ray: CPUs per client actor (also its torch thread count, rounded up).")
-    num_gpus: float = Field(0.0, ge=0, description="Ray: GPUs per client actor (fractional allowed); > 0 trains on CUDA.")
-    address: str | None = Field(None, description="Ray: join an existing cluster ('auto' or 'ray://host:10001'); None starts a local Ray for the run.")
-    threads: int | None = Field(None, ge=1, description="torch threads in the serial backend / driver (None = torch default).")
+    num_cpus: float = Field(
+        1.0, gt=0,
+        description="Ray: CPUs per client actor (also its torch thread count, rounded up).")
+    num_gpus: float = Field(
+        0.0, ge=0,
+        description="Ray: GPUs per client actor (fractional allowed); > 0 trains on CUDA.")
+    address: str | None = Field(
+        None, description="Ray: join an existing cluster ('auto' or 'ray://host:10001'); None "
+        "starts a local Ray for the run.")
+    threads: int | None = Field(
+        None, ge=1,
+        description="torch threads in the serial backend / driver (None = torch default).")
 
 
 class SharpnessConfig(Section):
-    lambda_max: bool = Field(False, description="Log the top Hessian eigenvalue of the global model (power iteration with HVPs, §7.1).")
-    trace: bool = Field(False, description="Log the Hessian trace (Hutchinson, §7.2) and its standard error.")
-    m_sharpness: bool = Field(False, description="Log SAM's m-sharpness (§7.3) with subsets of size m.")
-    every: int = Field(10, ge=1, description="Compute the selected sharpness metrics every this many rounds (and after the last).")
-    num_samples: int = Field(512, ge=1, description="Fixed evaluation subset of the pooled training data (samples).")
+    lambda_max: bool = Field(
+        False, description="Log the top Hessian eigenvalue of the global model (power iteration "
+        "with HVPs, §7.1).")
+    trace: bool = Field(
+        False, description="Log the Hessian trace (Hutchinson, §7.2) and its standard error.")
+    m_sharpness: bool = Field(
+        False, description="Log SAM's m-sharpness (§7.3) with subsets of size m.")
+    every: int = Field(
+        10, ge=1, description="Compute the selected sharpness metrics every this many rounds (and "
+        "after the last).")
+    num_samples: int = Field(
+        512, ge=1, description="Fixed evaluation subset of the pooled training data (samples).")
     batch_size: int = Field(256, ge=1, description="Batch size for Hessian-vector products.")
     max_iter: int = Field(100, ge=1, description="Power-iteration / Hutchinson iterations at most.")
     tol: float = Field(1e-3, gt=0, description="Relative tolerance to stop early.")
     rho: float = Field(0.05, gt=0, description="m-sharpness radius ρ.")
     m: int = Field(32, ge=1, description="m-sharpness subset size m.")
-    ascent_steps: int = Field(1, ge=1, description="m-sharpness ascent steps k (1 = SAM's first-order ε).")
+    ascent_steps: int = Field(
+        1, ge=1, description="m-sharpness ascent steps k (1 = SAM's first-order ε).")
 
 
 class EvalConfig(Section):
-    every: int = Field(1, ge=1, description="Evaluate the global model every this many rounds (and after the last).")
-    split: Literal["test", "train", "both"] = Field("test", description="Which pooled split to evaluate.")
-    max_samples: int | None = Field(None, ge=1, description="Evaluate on at most this many samples (a fixed subset).")
+    every: int = Field(
+        1, ge=1,
+        description="Evaluate the global model every this many rounds (and after the last).")
+    split: Literal["test", "train", "both"] = Field(
+        "test", description="Which pooled split to evaluate.")
+    max_samples: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many samples (a fixed subset).")
     sharpness: SharpnessConfig = Field(default_factory=SharpnessConfig)
 
 
 class OutputConfig(Section):
-    dir: str = Field("runs", description="Parent directory of run folders (runs/<name>/<timestamp>/); --out overrides.")
-    checkpoint_every: int = Field(10, ge=0, description="Save a checkpoint every this many rounds (0 = only at the end).")
+    dir: str = Field(
+        "runs",
+        description="Parent directory of run folders (runs/<name>/<timestamp>/); --out overrides.")
+    checkpoint_every: int = Field(
+        10, ge=0, description="Save a checkpoint every this many rounds (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    progress: bool | None = Field(None, description="Progress bar: None = only when stderr is a terminal.")
-    plots: bool = Field(True, description="Draw the run's own plots into plots/ at the end (about 1 s; fedflat report draws them later too).")
+    progress: bool | None = Field(
+        None, description="Progress bar: None = only when stderr is a terminal.")
+    plots: bool = Field(
+        True, description="Draw the run's own plots into plots/ at the end (about 1 s; fedflat "
+        "report draws them later too).")
 
 
 class Scenario(Section):
@@ -157,10 +221,14 @@ class Scenario(Section):
 
     name: str = Field("scenario", description="Run name (folder runs/<name>/...).")
     description: str = Field("", description="Free text.")
-    seed: int = Field(0, ge=0, description="Root seed: every random stream derives from (seed, purpose, round, client).")
-    method: str | None = Field(None, description="Named method preset (fedsam, fedasam, fedsam_swa, fedasam_swa, mofedsam, fedgamma, "
-                               "fedsmoo, fedlesam, scaffold, fedprox, feddyn, fedadam, fedyogi, fedadagrad): fills "
-                               "client.oracle, client.correction, server.optimizer/lr/fedopt and server.swa; keys you set win.")
+    seed: int = Field(
+        0, ge=0,
+        description="Root seed: every random stream derives from (seed, purpose, round, client).")
+    method: str | None = Field(None, description="Named method preset (fedsam, fedasam, "
+                               "fedsam_swa, fedasam_swa, mofedsam, fedgamma, "
+                               "fedsmoo, fedlesam, scaffold, fedprox, feddyn, fedadam, fedyogi, "
+                               "fedadagrad): fills client.oracle, client.correction, "
+                               "server.optimizer/lr/fedopt and server.swa; keys you set win.")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
@@ -182,13 +250,15 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     n = sc.data.num_clients
     if sc.server.clients_per_round > n:
         errors.append(("server.clients_per_round",
-                       f"clients_per_round = {sc.server.clients_per_round} exceeds data.num_clients = {n}"))
+                       f"clients_per_round = {sc.server.clients_per_round} exceeds "
+                       f"data.num_clients = {n}"))
     if sc.client.local_epochs is None and sc.client.local_steps is None:
         errors.append(("client.local_epochs", "set local_epochs or local_steps"))
-    if sc.data.partition.method == "natural" and sc.data.dataset in ("digits", "mnist", "fashion_mnist", "cifar10"):
+    if sc.data.partition.method == "natural" and sc.data.dataset in (
+            "digits", "mnist", "fashion_mnist", "cifar10"):
         errors.append(("data.partition.method",
-                       f"dataset {sc.data.dataset!r} has no natural clients; choose iid, dirichlet_per_class, "
-                       "dirichlet_per_client, shards or quantity_skew"))
+                       f"dataset {sc.data.dataset!r} has no natural clients; choose iid, "
+                       "dirichlet_per_class, dirichlet_per_client, shards or quantity_skew"))
     for check in (check_aggregation(sc.server.aggregation, sc.server.clients_per_round),
                   check_attack(sc.attack, n)):
         if check:  # messages start with the full key path
@@ -197,26 +267,32 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     pv = sc.privacy
     if pv.user_level.enabled:
         if sc.server.sampling != "poisson":
-            errors.append(("server.sampling", "user-level DP is accounted for Poisson client sampling "
-                           "(each client with rate q); set server.sampling: poisson"))
+            errors.append(("server.sampling", "user-level DP is accounted for Poisson client "
+                           "sampling (each client with rate q); set server.sampling: poisson"))
         if sc.server.aggregation.rule != "mean" or sc.server.aggregation.bucket_size:
-            errors.append(("server.aggregation.rule", "user-level DP replaces the aggregation rule by "
-                           "the clipped noisy sum; robust rules are not differentially private here"))
+            errors.append(("server.aggregation.rule", "user-level DP replaces the aggregation "
+                           "rule by the clipped noisy sum; robust rules are not differentially "
+                           "private here"))
         if sc.system.asynchronous is not None:
-            errors.append(("system.asynchronous", "user-level DP is not accounted for asynchronous rounds"))
+            errors.append(("system.asynchronous",
+                           "user-level DP is not accounted for asynchronous rounds"))
     if pv.sample_level.enabled:
         if sc.model.norm == "batch":
             errors.append(("model.norm", "BatchNorm mixes examples of a batch, which DP-SGD cannot "
                            "bound; use norm: group (GroupNorm)"))
         if sc.client.oracle.name != "sgd":
-            errors.append(("client.oracle.name", "with sample-level DP the oracle is the DP mechanism: "
-                           "choose privacy.sample_level.mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam)"))
+            errors.append(("client.oracle.name", "with sample-level DP the oracle is the DP "
+                           "mechanism: choose privacy.sample_level.mechanism (dp_sgd, dp_sat, "
+                           "dp_sat_momentum, dp_sam)"))
     if sc.system.asynchronous is not None:
         if sc.system.asynchronous.buffer_size > n:
-            errors.append(("system.asynchronous.buffer_size", f"buffer_size exceeds data.num_clients = {n}"))
+            errors.append(("system.asynchronous.buffer_size",
+                           f"buffer_size exceeds data.num_clients = {n}"))
         if sc.comm.downlink.error_feedback:
             errors.append(("comm.downlink.error_feedback",
-                           "downlink error feedback needs one model per round; not available in asynchronous mode"))
+                           "downlink error feedback needs one model per round; not "
+                           "available in asynchronous mode"))
     if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
-        errors.append(("data.partition.method", "synthetic data is generated per device: use method 'natural'"))
+        errors.append(("data.partition.method",
+                       "synthetic data is generated per device: use method 'natural'"))
     return errors
