@@ -36,10 +36,10 @@ RULE_PARAMETERS: dict[str, tuple[str, ...]] = {
     "mean": (),
     "median": (),
     "trimmed_mean": ("trim_ratio",),
-    "krum": ("num_byzantine",),
-    "multi_krum": ("num_byzantine", "num_selected"),
+    "krum": ("num_byzantine", "krum_variant"),
+    "multi_krum": ("num_byzantine", "num_selected", "krum_variant"),
     "bulyan": ("num_byzantine",),
-    "geometric_median": ("nu", "max_iters", "tol", "init"),
+    "geometric_median": ("nu", "max_iters", "tol", "init", "max_update_norm"),
     "centered_clipping": ("tau", "iters"),
 }
 
@@ -105,9 +105,15 @@ class AggregationConfig(BaseModel):
         ),
     )
     max_iters: int = Field(
-        default=4,
+        default=100,
         ge=1,
-        description="geometric_median: maximum Weiszfeld iterations (RFA official: 4).",
+        description=(
+            "geometric_median: cap on the Weiszfeld iterations; they stop earlier once "
+            "the relative objective change is below tol (the iterations used are "
+            "logged as agg/gm_iters). 100 lets the iterations converge; 4 is RFA's "
+            "official budget (krishnap25/RFA), which under attack can stop far from "
+            "the geometric median."
+        ),
     )
     tol: float = Field(
         default=1e-6,
@@ -116,6 +122,24 @@ class AggregationConfig(BaseModel):
             "geometric_median: stop when the objective sum_i alpha_i ||z - x_i|| "
             "decreases by less than tol times its value (relative; RFA official: "
             "1e-6)."
+        ),
+    )
+    max_update_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "geometric_median: RFA's server guard; an aggregate whose L2 norm exceeds "
+            "this (units of the deltas) is discarded, the round changes nothing and "
+            "agg/gm_rejected = 1 is logged. null = off; 1000 in RFA's constants."
+        ),
+    )
+    krum_variant: Literal["paper", "epfml"] = Field(
+        default="paper",
+        description=(
+            "krum, multi_krum: 'paper' = Blanchard et al. 2017 (scores sum squared "
+            "distances, Multi-Krum averages the m selected); 'epfml' = the epfml "
+            "reference code (scores sum squared squared distances, Multi-Krum sums the "
+            "m selected), to reproduce its tables (ALGORITHMS.md §5.1)."
         ),
     )
     init: Literal["mean", "zero"] = Field(
