@@ -13,6 +13,7 @@ from scipy.spatial.distance import cdist
 
 from fedflat.rng import numpy_rng, stream
 from fedflat.scenario.aggregation import (
+    NEEDS_NUM_BYZANTINE,
     RULE_PARAMETERS,
     AggregationConfig,
     RuleName,
@@ -42,7 +43,7 @@ def _rand(n: int, d: int, key: int) -> torch.Tensor:
 
 
 def _params(rule: str, f: int = 1) -> dict:
-    return {"num_byzantine": f} if rule in ("krum", "multi_krum", "bulyan") else {}
+    return {"num_byzantine": f} if rule in NEEDS_NUM_BYZANTINE else {}
 
 
 @pytest.fixture(params=["numpy", "torch"])
@@ -448,8 +449,14 @@ def test_bucketing_uses_the_generator() -> None:
     c = aggregate(x, "median", gen=stream(0, "server", 5), bucket_size=2)
     torch.testing.assert_close(a, b)
     assert not torch.equal(a, c)
+    # Changed behaviour (hardening issue): aggregate() without a generator seeds one from
+    # its seed argument, stream(seed, "server", 0); bucket_means itself still needs one.
+    d = aggregate(x, "median", seed=3, bucket_size=2)
+    torch.testing.assert_close(
+        d, aggregate(x, "median", gen=stream(3, "server", 0), bucket_size=2)
+    )
     with pytest.raises(ValueError, match="Generator"):
-        aggregate(x, "median", bucket_size=2)
+        bucket_means(x, bucket_size=2, gen=None)
 
 
 # -------------------- sanitize / params
