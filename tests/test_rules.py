@@ -771,3 +771,145 @@ def test_geometric_median_max_update_norm_discards_long_aggregates() -> None:
     torch.testing.assert_close(z, torch.full((4,), 300.0, dtype=F64))
     _, _, m = apply_rule(x, None, rule="geometric_median", params={}, state={}, gen=None)
     assert "agg/gm_rejected" not in m
+
+
+# -------------------- MDA, MoNNA, Meamed, pre-aggregators (issue 14)
+
+
+def test_mda_picks_the_obvious_minimum_diameter_subset() -> None:
+    # Five points within 0.1 of the origin, two far apart: with f = 2 the only subset of
+    # five with a small diameter is the cluster.
+    rng = numpy_rng(0, "eval", 200)
+    cluster = 0.05 * rng.uniform(-1, 1, size=(5, 3))
+    x = np.vstack([cluster[:2], [[10.0, 0, 0]], cluster[2:], [[0, -7.0, 3.0]]])
+    got = aggregate(x, "mda", num_byzantine=2)
+    np.testing.assert_allclose(got.numpy(), cluster.mean(0))
+    perm = rng.permutation(7)
+    np.testing.assert_allclose(
+        aggregate(x[perm], "mda", num_byzantine=2).numpy(), cluster.mean(0)
+    )
+
+
+def test_mda_refuses_too_many_subsets_naming_n_and_f() -> None:
+    x = torch.zeros(30, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"n=30, f=6 gives 593775 > 100000"):
+        aggregate(x, "mda", num_byzantine=6)
+    msg = check_aggregation(AggregationConfig(rule="mda", num_byzantine=6), 30)
+    assert msg is not None
+    assert "n=30, f=6" in msg
+    assert check_aggregation(AggregationConfig(rule="mda", num_byzantine=5), 25) is None
+
+
+def test_meamed_matches_direct_numpy() -> None:
+    rng = numpy_rng(0, "eval", 201)
+    x = rng.standard_cauchy(size=(9, 300))
+    f = 3
+    med = np.median(x, 0)
+    closest = np.argsort(np.abs(x - med), axis=0, kind="stable")[: 9 - f]
+    want = np.take_along_axis(x, closest, axis=0).mean(0)
+    np.testing.assert_allclose(aggregate(x, "meamed", num_byzantine=f).numpy(), want)
+
+
+def test_monna_averages_the_trusted_inputs_neighbours() -> None:
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [5.0, 5.0], [-0.5, 0.0]])
+    # Trusted row 0; n - f = 3 nearest of it: itself, (-0.5, 0), (1, 0).
+    got = aggregate(x, "monna", num_byzantine=2, trusted_index=0)
+    np.testing.assert_allclose(got.numpy(), [(0 + 1 - 0.5) / 3, 0.0])
+    got = aggregate(x, "monna", num_byzantine=2, trusted_index=3)  # (5,5), (0,2), (1,0)
+    np.testing.assert_allclose(got.numpy(), [2.0, 7.0 / 3])
+
+
+def test_nnm_matches_bruteforce_nearest_neighbour_mean() -> None:
+    rng = numpy_rng(0, "eval", 202)
+    x = rng.normal(size=(8, 5))
+    f = 3
+    want = np.stack(
+        [
+            x[np.argsort(np.linalg.norm(x - x[i], axis=1), kind="stable")[: 8 - f]].mean(0)
+            for i in range(8)
+        ]
+    )
+    np.testing.assert_allclose(rules.nnm(torch.from_numpy(x), num_byzantine=f).numpy(), want)
+    # NNM then mean = mean of the mixed rows, through the pre list.
+    np.testing.assert_allclose(
+        aggregate(x, "mean", pre=["nnm"], num_byzantine=f).numpy(), want.mean(0)
+    )
+
+
+def test_arc_clips_to_the_formula_threshold() -> None:
+    rng = numpy_rng(0, "eval", 203)
+    n, f = 10, 2
+    x = rng.normal(size=(n, 4)) * np.arange(1, n + 1)[:, None]
+    k = math.floor(2 * (f / n) * (n - f))  # 3: the 3 largest are clipped
+    assert k == 3
+    norms = np.linalg.norm(x, axis=1)
+    thr = np.sort(norms)[::-1][k]  # the (k+1)-th largest
+    want = x * np.minimum(1.0, thr / norms)[:, None]
+    got, got_thr = rules.arc(torch.from_numpy(x), num_byzantine=f)
+    assert got_thr == pytest.approx(thr)
+    np.testing.assert_allclose(got.numpy(), want)
+    _, _, m = apply_rule(
+        torch.from_numpy(x), None, rule="mean", params={"pre": ["arc"], "num_byzantine": f},
+        state={}, gen=None,
+    )
+    assert (m["agg/arc_threshold"], m["agg/arc_num_clipped"]) == (pytest.approx(thr), 3.0)
+    clipped = aggregate(x, "mean", pre=["clip"], clip_norm=1.0).numpy()
+    np.testing.assert_allclose(clipped, (x / np.maximum(1.0, norms)[:, None]).mean(0))
+
+
+@pytest.mark.parametrize(
+    ("rule", "params"),
+    [
+        ("mda", {"num_byzantine": 3}),
+        ("meamed", {"num_byzantine": 3}),
+        ("median", {"pre": ["nnm"], "num_byzantine": 3}),
+        ("trimmed_mean", {"pre": ["arc"], "num_byzantine": 3, "trim_ratio": 0.3}),
+        ("krum", {"pre": ["nnm"], "num_byzantine": 3}),
+        ("geometric_median", {"pre": ["nnm", "arc"], "num_byzantine": 3}),
+    ],
+)
+def test_new_rules_and_pre_invariant_to_order_and_bounded(rule: str, params: dict) -> None:
+    honest, x = _three_of_eleven()
+    out = aggregate(x, rule, **params).numpy()
+    radius = np.max(np.linalg.norm(honest - honest.mean(0), axis=1))
+    assert np.linalg.norm(out - honest.mean(0)) <= radius
+    perm = numpy_rng(0, "eval", 204).permutation(11)
+    np.testing.assert_allclose(aggregate(x[perm], rule, **params).numpy(), out, atol=1e-9)
+
+
+def test_monna_with_an_honest_trusted_input_is_bounded() -> None:
+    honest, x = _three_of_eleven()
+    out = aggregate(x, "monna", num_byzantine=3, trusted_index=0).numpy()
+    radius = np.max(np.linalg.norm(honest - honest.mean(0), axis=1))
+    assert np.linalg.norm(out - honest.mean(0)) <= radius
+
+
+def test_bucket_size_alone_is_bucketing_last_in_pre() -> None:
+    x = _rand(12, 5, 205)
+    old = aggregate(x, "median", gen=stream(0, "server", 1), bucket_size=3)
+    new = aggregate(
+        x, "median", gen=stream(0, "server", 1), pre=["bucketing"], bucket_size=3
+    )
+    torch.testing.assert_close(old, new)
+    cfg = AggregationConfig(rule="median", pre=["nnm", "bucketing"], num_byzantine=2,
+                            bucket_size=3)
+    _, _, m = apply_rule(
+        x, None, rule="median", params=cfg.rule_params(), state={}, gen=stream(0, "server", 1)
+    )
+    assert m["agg/num_buckets"] == 4.0
+    assert "agg/nnm_mean_shift" in m
+    with pytest.raises(ValueError, match="num_byzantine is required when pre"):
+        AggregationConfig(rule="median", pre=["arc"])
+    with pytest.raises(ValueError, match="clip_norm is required"):
+        AggregationConfig(rule="median", pre=["clip"])
+    with pytest.raises(ValueError, match="unknown pre-aggregators"):
+        aggregate(x, "median", pre=["mix"])
+
+
+def test_aggregate_accepts_numpy_and_lists() -> None:
+    import fedflat
+
+    got = fedflat.aggregate([[1, 2], [3, 4], [10, -5]], "median")
+    torch.testing.assert_close(got, torch.tensor([3.0, 2.0], dtype=F64))
+    got = fedflat.aggregate(np.array([[1.0], [2.0], [4.0]]), "mean", weights=[1, 1, 2])
+    torch.testing.assert_close(got, torch.tensor([2.75], dtype=F64))
