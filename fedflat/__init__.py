@@ -24,11 +24,22 @@ def resume(run_dir: Any) -> RunResult:
     return _resume(run_dir)
 
 
-def aggregate(updates: Any, rule: str = "mean", weights: Any = None, **params: Any) -> Any:
-    """Aggregate an [n, d] tensor of updates with a named rule; returns a [d] tensor."""
+def aggregate(
+    updates: Any,
+    rule: str = "mean",
+    weights: Any = None,
+    *,
+    pre: Any = (),
+    seed: int = 0,
+    **params: Any,
+) -> Any:
+    """Aggregate [n, d] updates (tensor or numpy array / array-like) with a named rule,
+    after the ordered pre-aggregators ``pre``; returns a [d] tensor. ``seed`` seeds
+    bucketing's permutation unless ``gen=`` is given. See ``fedflat.server.rules.aggregate``.
+    """
     from fedflat.server.rules import aggregate as _aggregate
 
-    return _aggregate(updates, rule=rule, weights=weights, **params)
+    return _aggregate(updates, rule=rule, weights=weights, pre=pre, seed=seed, **params)
 
 
 __all__ = ["__version__", "aggregate", "resume", "run"]

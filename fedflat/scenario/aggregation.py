@@ -29,22 +29,48 @@ RuleName = Literal[
     "bulyan",
     "geometric_median",
     "centered_clipping",
+    "mda",
+    "monna",
+    "meamed",
 ]
+
+PreName = Literal["nnm", "arc", "clip", "bucketing"]
 
 # Parameters each rule reads (besides ``bucket_size``, which wraps any rule).
 RULE_PARAMETERS: dict[str, tuple[str, ...]] = {
     "mean": (),
     "median": (),
     "trimmed_mean": ("trim_ratio",),
-    "krum": ("num_byzantine",),
-    "multi_krum": ("num_byzantine", "num_selected"),
+    "krum": ("num_byzantine", "krum_variant"),
+    "multi_krum": ("num_byzantine", "num_selected", "krum_variant"),
     "bulyan": ("num_byzantine",),
-    "geometric_median": ("nu", "max_iters", "tol", "init"),
+    "geometric_median": ("nu", "max_iters", "tol", "init", "max_update_norm"),
     "centered_clipping": ("tau", "iters"),
+    "mda": ("num_byzantine",),
+    "monna": ("num_byzantine", "trusted_index"),
+    "meamed": ("num_byzantine",),
 }
 
-# Rules that need the assumed number of Byzantine inputs f.
-NEEDS_NUM_BYZANTINE = ("krum", "multi_krum", "bulyan")
+# The one table of the rules' conditions on the number n of inputs (rows, or buckets
+# with bucketing): rule -> (factor, offset), the rule needs n >= factor * f + offset.
+# The scenario check (check_aggregation) and the server (rules.min_inputs) both read it.
+N_CONDITIONS: dict[str, tuple[int, int]] = {
+    "krum": (2, 3),
+    "multi_krum": (2, 3),
+    "bulyan": (4, 3),
+    "mda": (2, 1),
+    "monna": (2, 1),
+    "meamed": (2, 1),
+}
+
+# Rules and pre-aggregators that need the assumed number of Byzantine inputs f.
+NEEDS_NUM_BYZANTINE = ("krum", "multi_krum", "bulyan", "mda", "monna", "meamed")
+PRE_NEEDS_NUM_BYZANTINE = ("nnm", "arc")
+
+# MDA enumerates the C(n, f) subsets of n - f inputs (cost C(n, f) * (n - f)^2 after the
+# O(n^2 d) distance matrix); configurations with more subsets than this are refused.
+# 100 000 subsets take about a second; C(25, 5) = 53 130 fits, C(30, 6) = 593 775 not.
+MAX_SUBSETS = 100_000
 
 _KEY = "server.aggregation"
 
@@ -105,9 +131,15 @@ class AggregationConfig(BaseModel):
         ),
     )
     max_iters: int = Field(
-        default=4,
+        default=100,
         ge=1,
-        description="geometric_median: maximum Weiszfeld iterations (RFA official: 4).",
+        description=(
+            "geometric_median: cap on the Weiszfeld iterations; they stop earlier once "
+            "the relative objective change is below tol (the iterations used are "
+            "logged as agg/gm_iters). 100 lets the iterations converge; 4 is RFA's "
+            "official budget (krishnap25/RFA), which under attack can stop far from "
+            "the geometric median."
+        ),
     )
     tol: float = Field(
         default=1e-6,
@@ -116,6 +148,24 @@ class AggregationConfig(BaseModel):
             "geometric_median: stop when the objective sum_i alpha_i ||z - x_i|| "
             "decreases by less than tol times its value (relative; RFA official: "
             "1e-6)."
+        ),
+    )
+    max_update_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "geometric_median: RFA's server guard; an aggregate whose L2 norm exceeds "
+            "this (units of the deltas) is discarded, the round changes nothing and "
+            "agg/gm_rejected = 1 is logged. null = off; 1000 in RFA's constants."
+        ),
+    )
+    krum_variant: Literal["paper", "epfml"] = Field(
+        default="paper",
+        description=(
+            "krum, multi_krum: 'paper' = Blanchard et al. 2017 (scores sum squared "
+            "distances, Multi-Krum averages the m selected); 'epfml' = the epfml "
+            "reference code (scores sum squared squared distances, Multi-Krum sums the "
+            "m selected), to reproduce its tables (ALGORITHMS.md §5.1)."
         ),
     )
     init: Literal["mean", "zero"] = Field(
@@ -142,13 +192,42 @@ class AggregationConfig(BaseModel):
             "bucketing paper, 1 in the CC paper's CIFAR-10 runs)."
         ),
     )
+    trusted_index: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "monna: row (after NaN/Inf rows are dropped, in the round's client order) "
+            "of the input the server trusts; the rule averages its n - f nearest "
+            "neighbours (itself included)."
+        ),
+    )
+    pre: list[PreName] = Field(
+        default_factory=list,
+        description=(
+            "Pre-aggregators applied in order before the rule: nnm (each input -> mean "
+            "of its n - f nearest neighbours, Allouah et al. 2023), arc (clip every "
+            "input to the norm of the floor(2(f/n)(n-f))+1-th largest, Allouah et al. "
+            "2024), clip (clip every input to clip_norm), bucketing (bucket means of "
+            "bucket_size). nnm and arc need num_byzantine."
+        ),
+    )
+    clip_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "pre 'clip': L2 norm every input is clipped to (units of the deltas); "
+            "required when pre lists clip."
+        ),
+    )
     bucket_size: int | None = Field(
         default=None,
         ge=1,
         description=(
             "Bucketing (Karimireddy, He, Jaggi 2022): randomly permute the deltas, "
             "average buckets of at most bucket_size, and apply the rule to the bucket "
-            "means. null = off; 2 in the paper."
+            "means. null = off; 2 in the paper. Required when pre lists bucketing; "
+            "set without listing bucketing in pre, it appends bucketing at the end of "
+            "pre (the key's meaning before pre existed)."
         ),
     )
 
@@ -159,12 +238,28 @@ class AggregationConfig(BaseModel):
                 f"num_byzantine is required when rule is {self.rule!r} "
                 "(the assumed number of Byzantine inputs f)"
             )
+        pre_f = [q for q in self.pre if q in PRE_NEEDS_NUM_BYZANTINE]
+        if pre_f and self.num_byzantine is None:
+            raise ValueError(
+                f"num_byzantine is required when pre lists {pre_f} "
+                "(the assumed number of Byzantine inputs f)"
+            )
+        if "clip" in self.pre and self.clip_norm is None:
+            raise ValueError("clip_norm is required when pre lists clip")
+        if "bucketing" in self.pre and self.bucket_size is None:
+            raise ValueError("bucket_size is required when pre lists bucketing")
         return self
 
     def rule_params(self) -> dict[str, Any]:
-        """The chosen rule's parameters plus ``bucket_size`` (for ``apply_rule``)."""
+        """The rule's parameters, ``pre`` and the pre-aggregators' (for ``apply_rule``)."""
         out: dict[str, Any] = {k: getattr(self, k) for k in RULE_PARAMETERS[self.rule]}
         out["bucket_size"] = self.bucket_size
+        if self.pre:
+            out["pre"] = list(self.pre)
+            if "clip" in self.pre:
+                out["clip_norm"] = self.clip_norm
+            if any(q in PRE_NEEDS_NUM_BYZANTINE for q in self.pre):
+                out["num_byzantine"] = self.num_byzantine
         return out
 
 
@@ -201,15 +296,15 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
     if cfg.rule in NEEDS_NUM_BYZANTINE:
         if f is None:  # the model validator prevents this; kept for mutated configs
             return f"{_KEY}.num_byzantine is required when rule is {cfg.rule!r}"
-        factor = 4 if cfg.rule == "bulyan" else 2
-        if n < factor * f + 3:
+        factor, offset = N_CONDITIONS[cfg.rule]
+        if n < factor * f + offset:
             return (
-                f"{_KEY}.num_byzantine: rule {cfg.rule!r} needs n >= {factor}f+3 "
-                f"inputs per aggregation, i.e. n >= {factor * f + 3} for "
+                f"{_KEY}.num_byzantine: rule {cfg.rule!r} needs n >= {factor}f+{offset} "
+                f"inputs per aggregation, i.e. n >= {factor * f + offset} for "
                 f"num_byzantine={f}, but the server gets n = {where}; "
                 + (
-                    f"lower num_byzantine to at most {(n - 3) // factor} or "
-                    if n >= 3
+                    f"lower num_byzantine to at most {(n - offset) // factor} or "
+                    if n >= offset
                     else ""
                 )
                 + "raise clients_per_round"
@@ -225,4 +320,16 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
                 f"num_selected={cfg.num_selected} inputs but the server gets only "
                 f"n = {where}"
             )
+        if cfg.rule == "mda" and math.comb(n, f) > MAX_SUBSETS:
+            return mda_limit_message(n, f, where)
     return None
+
+
+def mda_limit_message(n: int, f: int, where: str | None = None) -> str:
+    """The refusal of an MDA configuration with more than ``MAX_SUBSETS`` subsets."""
+    return (
+        f"{_KEY}.num_byzantine: rule 'mda' enumerates the C(n, f) subsets of n - f "
+        f"inputs; n={n}, f={f} gives {math.comb(n, f)} > {MAX_SUBSETS} (the limit)"
+        + ("" if where is None else f"; the server gets n = {where}")
+        + "; lower num_byzantine or clients_per_round"
+    )

@@ -22,7 +22,9 @@ Parameter names are those of the scenario block ``server.aggregation``
 
 from __future__ import annotations
 
+import itertools
 import math
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,15 +32,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedflat.rng import stream
 from fedflat.scenario.aggregation import (
+    MAX_SUBSETS,
+    N_CONDITIONS,
     NEEDS_NUM_BYZANTINE,
+    PRE_NEEDS_NUM_BYZANTINE,
     RULE_PARAMETERS,
     AggregationConfig,
+    PreName,
+    mda_limit_message,
 )
 from fedflat.server.pipeline import Metrics, ServerRound, ServerStep
 
 RULES: tuple[str, ...] = tuple(RULE_PARAMETERS)
 WEIGHTINGS: tuple[str, ...] = ("samples", "uniform")
+KRUM_VARIANTS: tuple[str, ...] = ("paper", "epfml")
+PRE_AGGREGATORS: tuple[str, ...] = typing.get_args(PreName)
 
 # Columns per block when accumulating the float64 Gram matrix: bounds the temporary
 # float64 copy to n * 65536 * 8 bytes (52 MB for n = 100).
@@ -90,7 +100,8 @@ def resolve_params(rule: str, params: Mapping[str, Any]) -> dict[str, Any]:
             optionally ``bucket_size``. Parameters of other rules are refused.
 
     Returns:
-        A new dict with every parameter of the rule plus ``bucket_size``.
+        A new dict with every parameter of the rule plus ``bucket_size`` and ``pre``
+        (the ordered pre-aggregators; ``bucket_size`` alone appends bucketing).
 
     Raises:
         ValueError: unknown rule, unknown parameter, missing ``num_byzantine`` or a
@@ -99,15 +110,39 @@ def resolve_params(rule: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """
     if rule not in RULE_PARAMETERS:
         raise ValueError(f"unknown aggregation rule {rule!r}; known: {list(RULES)}")
-    allowed = (*RULE_PARAMETERS[rule], "bucket_size")
+    pre = list(params.get("pre") or [])
+    bad_pre = [q for q in pre if q not in PRE_AGGREGATORS]
+    if bad_pre:
+        raise ValueError(
+            f"unknown pre-aggregators {bad_pre}; known: {list(PRE_AGGREGATORS)}"
+        )
+    allowed = (*RULE_PARAMETERS[rule], "bucket_size", "pre")
+    if "clip" in pre:
+        allowed = (*allowed, "clip_norm")
+    needs_f = rule in NEEDS_NUM_BYZANTINE or any(
+        q in PRE_NEEDS_NUM_BYZANTINE for q in pre
+    )
+    if needs_f and "num_byzantine" not in allowed:
+        allowed = (*allowed, "num_byzantine")
     unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise ValueError(
             f"rule {rule!r} takes parameters {list(allowed)}, got unknown {unknown}"
         )
-    p = {k: _default(k) for k in allowed}
+    p = {k: _default(k) for k in allowed if k != "pre"}
     p.update(params)
-    if rule in NEEDS_NUM_BYZANTINE:
+    if "bucketing" in pre and p["bucket_size"] is None:
+        raise ValueError("pre-aggregator 'bucketing' needs bucket_size, got None")
+    if p["bucket_size"] is not None and "bucketing" not in pre:
+        pre.append("bucketing")  # the bucket_size key alone: bucketing right before the rule
+    p["pre"] = pre
+    if "clip" in pre:
+        p["clip_norm"] = _require_float(
+            "clip_norm", p.get("clip_norm"), low=0.0, strict=True
+        )
+    if "trusted_index" in p:
+        _require_int("trusted_index", p["trusted_index"], 0)
+    if needs_f:
         if p["num_byzantine"] is None:
             raise ValueError(
                 f"rule {rule!r} needs num_byzantine (the assumed f), got None"
@@ -125,6 +160,14 @@ def resolve_params(rule: str, params: Mapping[str, Any]) -> dict[str, Any]:
         p["tol"] = _require_float("tol", p["tol"], low=0.0, strict=False)
         if p["init"] not in ("mean", "zero"):
             raise ValueError(f"init must be 'mean' or 'zero', got {p['init']!r}")
+        if p["max_update_norm"] is not None:
+            p["max_update_norm"] = _require_float(
+                "max_update_norm", p["max_update_norm"], low=0.0, strict=True
+            )
+    if "krum_variant" in p and p["krum_variant"] not in KRUM_VARIANTS:
+        raise ValueError(
+            f"krum_variant must be one of {list(KRUM_VARIANTS)}, got {p['krum_variant']!r}"
+        )
     if "tau" in p:
         p["tau"] = _require_float("tau", p["tau"], low=0.0, strict=True)
         _require_int("iters", p["iters"], 1)
@@ -410,31 +453,37 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     return dist
 
 
-_N_FACTOR = {"krum": 2, "multi_krum": 2, "bulyan": 4}  # rule needs n >= factor * f + 3
-
-
 def min_inputs(rule: str, params: Mapping[str, Any]) -> int:
-    """Fewest rows (buckets, with bucketing) ``rule`` with resolved ``params`` accepts."""
-    if rule not in _N_FACTOR:
+    """Fewest rows (buckets, with bucketing) ``rule`` with resolved ``params`` accepts.
+
+    Reads the one table of conditions, ``fedflat.scenario.aggregation.N_CONDITIONS``.
+    """
+    if rule not in N_CONDITIONS:
         return 1
-    return _N_FACTOR[rule] * int(params["num_byzantine"]) + 3
+    factor, offset = N_CONDITIONS[rule]
+    return factor * int(params["num_byzantine"]) + offset
 
 
 def _require_n(rule: str, n: int, f: int) -> None:
     need = min_inputs(rule, {"num_byzantine": f})
     if n < need:
+        factor, offset = N_CONDITIONS[rule]
         raise ValueError(
-            f"{rule} needs n >= {_N_FACTOR[rule]}*num_byzantine+3 = {need} inputs, "
+            f"{rule} needs n >= {factor}*num_byzantine+{offset} = {need} inputs, "
             f"got n={n} with num_byzantine={f}"
         )
 
 
-def krum_scores(dists: Tensor, *, num_byzantine: int) -> Tensor:
+def krum_scores(dists: Tensor, *, num_byzantine: int, variant: str = "paper") -> Tensor:
     """Krum scores s_i = sum of the squared distances to the n - f - 2 nearest others.
+
+    The nearest neighbours are the same in both variants; "epfml" sums the squares of
+    the squared distances (its ``krum.py`` squares ``torch.norm(...) ** 2`` again).
 
     Args:
         dists: [n, n] squared distances (``pairwise_sq_dists``).
         num_byzantine: f, with n >= 2f + 3.
+        variant: "paper" (squared distances) or "epfml" (distances to the 4th power).
 
     Returns:
         [n] scores (float64).
@@ -447,16 +496,24 @@ def krum_scores(dists: Tensor, *, num_byzantine: int) -> Tensor:
     _require_n("krum", n, f)
     off = dists.clone()
     off.fill_diagonal_(math.inf)  # a point is not its own neighbour
-    return off.topk(n - f - 2, dim=1, largest=False).values.sum(dim=1)
+    near = off.topk(n - f - 2, dim=1, largest=False).values
+    if variant == "epfml":
+        near = near.square()
+    elif variant != "paper":
+        raise ValueError(f"krum variant must be one of {list(KRUM_VARIANTS)}, got {variant!r}")
+    return near.sum(dim=1)
 
 
-def krum_select(x: Tensor, *, num_byzantine: int, num_selected: int = 1) -> Tensor:
+def krum_select(
+    x: Tensor, *, num_byzantine: int, num_selected: int = 1, variant: str = "paper"
+) -> Tensor:
     """Indices of the ``num_selected`` lowest Krum scores, best first (ties: low index).
 
     Args:
         x: [n, d] updates.
         num_byzantine: f, with n >= 2f + 3.
         num_selected: m in [1, n].
+        variant: Krum score, "paper" or "epfml" (``krum_scores``).
 
     Returns:
         [m] int64 indices into the rows of ``x``.
@@ -475,19 +532,22 @@ def krum_select(x: Tensor, *, num_byzantine: int, num_selected: int = 1) -> Tens
     _require_int("num_selected", num_selected, 1)
     if num_selected > n:
         raise ValueError(f"num_selected must be <= n = {n}, got {num_selected}")
-    scores = krum_scores(pairwise_sq_dists(x), num_byzantine=num_byzantine)
+    scores = krum_scores(
+        pairwise_sq_dists(x), num_byzantine=num_byzantine, variant=variant
+    )
     return torch.argsort(scores, stable=True)[:num_selected]
 
 
-def krum(x: Tensor, *, num_byzantine: int) -> Tensor:
+def krum(x: Tensor, *, num_byzantine: int, variant: str = "paper") -> Tensor:
     """Krum: the input with the smallest Krum score (weights play no role).
 
-    Scores use squared distances (Blanchard et al. 2017), not the squared-squared
-    distances of the epfml code.
+    Scores use squared distances (Blanchard et al. 2017) by default; ``variant="epfml"``
+    uses the squared-squared distances of the epfml code.
 
     Args:
         x: [n, d] updates.
         num_byzantine: f, with n >= 2f + 3.
+        variant: "paper" or "epfml".
 
     Returns:
         [d] the selected row (a copy).
@@ -495,7 +555,7 @@ def krum(x: Tensor, *, num_byzantine: int) -> Tensor:
     References:
         Blanchard et al., NeurIPS 2017.
     """
-    return x[krum_select(x, num_byzantine=num_byzantine)[0]].clone()
+    return x[krum_select(x, num_byzantine=num_byzantine, variant=variant)[0]].clone()
 
 
 def _mean_of(x: Tensor, alpha: Tensor | None) -> Tensor:
@@ -511,28 +571,34 @@ def multi_krum(
     *,
     num_byzantine: int,
     num_selected: int | None = None,
+    variant: str = "paper",
 ) -> Tensor:
     """Multi-Krum: the mean of the m inputs with the lowest Krum scores.
 
-    The mean (not the sum of the epfml code) of the selection, weighted by the selected
-    rows' weights if given. m = n - f by default; m = 1 is Krum.
+    "paper": the mean of the selection, weighted by the selected rows' weights if given.
+    "epfml": the epfml reference code, squared-squared distances in the scores and the
+    unweighted *sum* of the selection. m = n - f by default; m = 1 is Krum.
 
     Args:
         x: [n, d] updates.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 3.
         num_selected: m in [1, n], default n - f.
+        variant: "paper" or "epfml".
 
     Returns:
         [d] aggregate.
 
     References:
-        Blanchard et al., NeurIPS 2017 (Multi-Krum, section 5).
+        Blanchard et al., NeurIPS 2017 (Multi-Krum, section 5); epfml/byzantine-robust-
+        noniid-optimizer ``codes/aggregator/krum.py`` (variant "epfml").
     """
     x = _check_updates(x)
     w = _check_weights(weights, x.shape[0])
     m = x.shape[0] - num_byzantine if num_selected is None else num_selected
-    sel = krum_select(x, num_byzantine=num_byzantine, num_selected=m)
+    sel = krum_select(x, num_byzantine=num_byzantine, num_selected=m, variant=variant)
+    if variant == "epfml":
+        return x[sel].sum(dim=0)
     return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
 
 
@@ -671,16 +737,18 @@ def geometric_median(
 
     Approximately minimises sum_i alpha_i ||z - x_i|| with alpha_i = w_i / sum_j w_j:
     beta_i = alpha_i / max(nu, ||z - x_i||), z <- sum_i beta_i x_i / sum_i beta_i, at
-    most ``max_iters`` times, stopping once the objective decreases by less than ``tol``
-    times its value. Defaults are the official RFA ones (weighted-mean start, nu = 1e-5,
-    4 iterations, tol = 1e-6); the epfml variant is init="zero", nu=0.1, max_iters=8 or
-    3.
+    most ``max_iters`` times, stopping once the objective changes by less than ``tol``
+    times its value. Defaults: RFA's weighted-mean start, nu = 1e-5 and tol = 1e-6, with
+    a cap of 100 iterations so that the iterations converge (RFA's official budget of 4
+    iterations, ``max_iters=4``, can stop far from the geometric median under attack:
+    3 of 11 inputs at 1e6 leave coordinates of ~7e3). The epfml variant is init="zero",
+    nu=0.1, max_iters=8 or 3.
 
     Args:
         x: [n, d] updates.
         weights: optional [n] non-negative weights (alpha ∝ n_i in RFA).
         nu: smoothing > 0.
-        max_iters: iterations >= 1.
+        max_iters: cap on the iterations >= 1 (4 = RFA official).
         tol: relative objective decrease to stop at (>= 0).
         init: "mean" (weighted mean) or "zero".
 
@@ -831,6 +899,240 @@ def bucket_means(
     return means, (None if w is None else totals)
 
 
+# -------------------- minimum-diameter averaging, MoNNA, Meamed
+
+
+def mda(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tensor:
+    """Minimum-diameter averaging: the mean of the n - f inputs of smallest diameter.
+
+    Exact: all C(n, f) subsets of n - f rows are enumerated (vectorised in chunks) on
+    one float64 distance matrix; the first subset of smallest diameter (max pairwise
+    distance) in lexicographic order wins. Cost O(n^2 d + C(n, f) (n - f)^2); more than
+    ``MAX_SUBSETS`` subsets are refused.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights for the final average.
+        num_byzantine: f, with n >= 2f + 1.
+
+    Returns:
+        [d] aggregate.
+
+    Raises:
+        ValueError: n < 2f + 1, or C(n, f) > MAX_SUBSETS (the message names n and f).
+
+    References:
+        El Mhamdi, Guerraoui, Rouault, "Distributed Momentum for Byzantine-resilient
+        Stochastic Gradient Descent", ICLR 2021 (MDA); Rousseeuw 1985 (MVE idea).
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    sel = mda_select(x, num_byzantine=num_byzantine)
+    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+
+
+def mda_select(x: Tensor, *, num_byzantine: int) -> Tensor:
+    """Indices (ascending) of MDA's minimum-diameter subset of n - f rows."""
+    x = _check_updates(x)
+    n = x.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    _require_n("mda", n, f)
+    if math.comb(n, f) > MAX_SUBSETS:
+        raise ValueError(mda_limit_message(n, f))
+    dist = pairwise_sq_dists(x).cpu().numpy()
+    best, best_diam = np.arange(n - f), math.inf
+    combos = itertools.combinations(range(n), n - f)
+    while True:
+        chunk = np.array(list(itertools.islice(combos, 4096)), dtype=np.int64)
+        if chunk.size == 0:
+            break
+        diam = dist[chunk[:, :, None], chunk[:, None, :]].max(axis=(1, 2))
+        i = int(np.argmin(diam))
+        if diam[i] < best_diam:
+            best, best_diam = chunk[i], float(diam[i])
+    return torch.from_numpy(best).to(x.device)
+
+
+def monna(
+    x: Tensor, weights: Tensor | None = None, *, num_byzantine: int, trusted_index: int = 0
+) -> Tensor:
+    """MoNNA: the mean of the n - f nearest neighbours of a trusted input (itself included).
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights for the final average.
+        num_byzantine: f, with n >= 2f + 1.
+        trusted_index: row of the trusted input.
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        Farhadkhani, Guerraoui, Gupta, Hoang, Pinot, Stephan, "Robust Collaborative
+        Learning with Linear Gradient Overhead", ICML 2023.
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    n = x.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    _require_n("monna", n, f)
+    t = _require_int("trusted_index", trusted_index, 0)
+    if t >= n:
+        raise ValueError(f"trusted_index must be < n = {n}, got {t}")
+    dist = _dists_to(x, x[t]).clone()
+    dist[t] = -1.0  # the trusted input is always its own neighbour
+    sel = torch.argsort(dist, stable=True)[: n - f]
+    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+
+
+def meamed(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tensor:
+    """Mean around the median: per coordinate, the mean of the n - f values closest to
+    the coordinate-wise median (weighted by the rows' weights if given).
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights.
+        num_byzantine: f, with n >= 2f + 1.
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        Xie, Koyejo, Gupta, "Generalized Byzantine-tolerant SGD", 2018 (mean-around-
+        median); ties in the distance to the median are broken arbitrarily.
+    """
+    x = _check_updates(x)
+    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
+    n = x.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    _require_n("meamed", n, f)
+    a = None if w is None else _alpha(w, n, x).to(x.dtype)
+    return _by_blocks(x, lambda b: _closest_to_median_mean(b, n - f, a))
+
+
+def _closest_to_median_mean(b: Tensor, beta: int, a: Tensor | None) -> Tensor:
+    """Per row of a [C, m] block: mean of the beta values closest to the row's median."""
+    m = b.shape[1]
+    if a is None:
+        vals, idx = _sorted_rows(b), None
+    else:
+        vals, idx = _argsorted_rows(b)
+    med = _middle(vals)[:, None]
+    # In sorted order the beta values closest to the median are a contiguous window; it
+    # is the window [l, l + beta) of smallest radius max(med - v_l, v_{l+beta-1} - med).
+    radius = torch.maximum(med - vals[:, : m - beta + 1], vals[:, beta - 1 :] - med)
+    window = radius.argmin(dim=1, keepdim=True) + torch.arange(beta, device=b.device)
+    kept = vals.gather(1, window)
+    if a is None or idx is None:
+        return kept.mean(dim=1)
+    return _weighted_rows_mean(kept, _take(a, idx.gather(1, window)))
+
+
+# -------------------- pre-aggregators (NNM, ARC, static clipping; bucketing above)
+
+
+def nnm(x: Tensor, *, num_byzantine: int) -> Tensor:
+    """Nearest-neighbour mixing: each input -> the mean of its n - f nearest inputs.
+
+    Neighbours include the input itself (distance 0); ties go to the lower index.
+
+    Args:
+        x: [n, d] updates.
+        num_byzantine: f < n.
+
+    Returns:
+        [n, d] mixed inputs.
+
+    References:
+        Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, "Fixing by Mixing: A
+        Recipe for Optimal Byzantine ML under Heterogeneity", AISTATS 2023.
+    """
+    x = _check_updates(x)
+    n = x.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    if f >= n:
+        raise ValueError(f"nnm needs num_byzantine < n, got n={n}, num_byzantine={f}")
+    dist = pairwise_sq_dists(x)
+    dist.fill_diagonal_(-1.0)  # itself first, whatever the duplicates
+    near = torch.argsort(dist, dim=1, stable=True)[:, : n - f]  # [n, n - f]
+    mix = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    mix.scatter_(1, near, 1.0 / (n - f))
+    return mix.to(x.dtype) @ x
+
+
+def _clip_rows(x: Tensor, threshold: float) -> tuple[Tensor, int]:
+    norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+    scale = (threshold / norms.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0)
+    return x * scale.to(x.dtype)[:, None], int((scale < 1.0).sum())
+
+
+def arc_num_clipped(n: int, f: int) -> int:
+    """ARC's k = floor(2 (f/n) (n - f)): the k largest-norm inputs are clipped."""
+    return math.floor(2 * f * (n - f) / n + 1e-9)
+
+
+def arc(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
+    """Adaptive robust clipping: clip every input to the (k+1)-th largest norm.
+
+    k = floor(2 (f/n) (n - f)) (``arc_num_clipped``); with k = 0 nothing changes.
+
+    Args:
+        x: [n, d] updates.
+        num_byzantine: f < n.
+
+    Returns:
+        ([n, d] clipped inputs, the threshold; inf when k = 0).
+
+    References:
+        Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Adaptive Gradient Clipping
+        for Robust Federated Learning" (ARC), 2024.
+    """
+    x = _check_updates(x)
+    n = x.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    if f >= n:
+        raise ValueError(f"arc needs num_byzantine < n, got n={n}, num_byzantine={f}")
+    k = arc_num_clipped(n, f)
+    if k == 0:
+        return x, math.inf
+    norms = torch.linalg.vector_norm(x.to(torch.float64), dim=1)
+    threshold = float(torch.sort(norms, descending=True).values[k])
+    return _clip_rows(x, threshold)[0], threshold
+
+
+def clip(x: Tensor, *, clip_norm: float) -> Tensor:
+    """Static clipping: every input scaled to L2 norm at most ``clip_norm``."""
+    x = _check_updates(x)
+    return _clip_rows(x, _require_float("clip_norm", clip_norm, low=0.0, strict=True))[0]
+
+
+def _apply_pre(
+    x: Tensor, w: Tensor | None, p: dict[str, Any], gen: torch.Generator | None
+) -> tuple[Tensor, Tensor | None, Metrics]:
+    """Run the ordered pre-aggregators of resolved params ``p``."""
+    m: Metrics = {}
+    for q in p["pre"]:
+        if q == "nnm":
+            before = x
+            x = nnm(x, num_byzantine=p["num_byzantine"])
+            m["agg/nnm_mean_shift"] = float(
+                torch.linalg.vector_norm((x - before).to(torch.float64), dim=1).mean()
+            )
+        elif q == "arc":
+            x, thr = arc(x, num_byzantine=p["num_byzantine"])
+            m["agg/arc_threshold"] = thr
+            m["agg/arc_num_clipped"] = float(
+                arc_num_clipped(x.shape[0], p["num_byzantine"])
+            )
+        elif q == "clip":
+            x, num = _clip_rows(x, p["clip_norm"])
+            m["agg/clip_num_clipped"] = float(num)
+        else:  # bucketing
+            x, w = bucket_means(x, w, bucket_size=p["bucket_size"], gen=gen)
+            m["agg/num_buckets"] = float(x.shape[0])
+    return x, w, m
+
+
 # -------------------- dispatch
 
 _RuleOut = tuple[Tensor, RuleState, Metrics]
@@ -856,7 +1158,9 @@ def _r_trimmed(
 
 
 def _r_krum(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
-    idx = int(krum_select(x, num_byzantine=p["num_byzantine"])[0])
+    idx = int(
+        krum_select(x, num_byzantine=p["num_byzantine"], variant=p["krum_variant"])[0]
+    )
     return x[idx].clone(), dict(st), {"agg/selected_index": float(idx)}
 
 
@@ -865,7 +1169,7 @@ def _r_multi_krum(
 ) -> _RuleOut:
     f = p["num_byzantine"]
     m = x.shape[0] - f if p["num_selected"] is None else p["num_selected"]
-    agg = multi_krum(x, w, num_byzantine=f, num_selected=m)
+    agg = multi_krum(x, w, num_byzantine=f, num_selected=m, variant=p["krum_variant"])
     return agg, dict(st), {"agg/num_selected": float(m)}
 
 
@@ -891,7 +1195,16 @@ def _r_gm(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _Rul
         tol=p["tol"],
         init=p["init"],
     )
-    return z, dict(st), {"agg/gm_iters": float(iters), "agg/gm_objective": obj}
+    m = {"agg/gm_iters": float(iters), "agg/gm_objective": obj}
+    cap = p["max_update_norm"]
+    if cap is not None:
+        # RFA's server guard (krishnap25/RFA models/server.py, MAX_UPDATE_NORM = 1000):
+        # an aggregate that is too long is discarded and the round changes nothing.
+        rejected = float(torch.linalg.vector_norm(z.to(torch.float64))) > cap
+        m["agg/gm_rejected"] = float(rejected)
+        if rejected:
+            z = torch.zeros_like(z)
+    return z, dict(st), m
 
 
 def _r_cc(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
@@ -904,6 +1217,21 @@ def _r_cc(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _Rul
     return v, new_state, {"agg/cc_frac_clipped": frac, "agg/cc_shift": shift}
 
 
+def _r_mda(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
+    return mda(x, w, num_byzantine=p["num_byzantine"]), dict(st), {}
+
+
+def _r_monna(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
+    agg = monna(
+        x, w, num_byzantine=p["num_byzantine"], trusted_index=p["trusted_index"]
+    )
+    return agg, dict(st), {}
+
+
+def _r_meamed(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
+    return meamed(x, w, num_byzantine=p["num_byzantine"]), dict(st), {}
+
+
 _DISPATCH: dict[str, _RuleFn] = {
     "mean": _r_mean,
     "median": _r_median,
@@ -913,6 +1241,9 @@ _DISPATCH: dict[str, _RuleFn] = {
     "bulyan": _r_bulyan,
     "geometric_median": _r_gm,
     "centered_clipping": _r_cc,
+    "mda": _r_mda,
+    "monna": _r_monna,
+    "meamed": _r_meamed,
 }
 
 
@@ -942,7 +1273,7 @@ def apply_rule(
         ``agg/selected_index`` (krum; an index into the rows, or into the buckets),
         ``agg/num_selected``, ``agg/num_averaged``, ``agg/num_trimmed``,
         ``agg/gm_iters``, ``agg/gm_objective``, ``agg/cc_frac_clipped``,
-        ``agg/cc_shift``.
+        ``agg/cc_shift``, ``agg/gm_rejected`` (geometric_median with max_update_norm).
 
     Raises:
         ValueError: bad rule/parameters/inputs, or too few inputs for the rule's
@@ -952,41 +1283,49 @@ def apply_rule(
     p = resolve_params(rule, params)
     x = _check_updates(updates)
     w = _check_weights(weights, x.shape[0])
-    metrics: dict[str, float] = {}
-    bucket_size = p.pop("bucket_size")
-    if bucket_size is not None:
-        x, w = bucket_means(x, w, bucket_size=bucket_size, gen=gen)
-        metrics["agg/num_buckets"] = float(x.shape[0])
+    x, w, metrics = _apply_pre(x, w, p, gen)
     agg, new_state, m = _DISPATCH[rule](x, w, p, dict(state or {}))
     metrics.update(m)
     return agg, new_state, metrics
 
 
 def aggregate(
-    updates: Tensor,
+    updates: Any,
     rule: str = "median",
-    weights: Tensor | None = None,
+    weights: Any = None,
     *,
+    pre: list[str] | tuple[str, ...] = (),
+    seed: int = 0,
     gen: torch.Generator | None = None,
     state: Mapping[str, Tensor] | None = None,
     **params: Any,
 ) -> Tensor:
-    """One-call aggregation: ``aggregate(x, "krum", num_byzantine=2)``.
+    """One-call aggregation: ``aggregate(x, "krum", pre=["nnm"], num_byzantine=2)``.
 
     Args:
-        updates: [n, d] updates.
+        updates: [n, d] updates: a tensor, or a numpy array / nested list (converted
+            with ``torch.as_tensor``; integers become float64).
         rule: one of ``RULES``.
-        weights: optional [n] non-negative weights.
-        gen: generator, needed only with ``bucket_size``.
+        weights: optional [n] non-negative weights (tensor or array-like).
+        pre: pre-aggregators applied in order (``PRE_AGGREGATORS``).
+        seed: seeds the generator of bucketing's permutation when ``gen`` is None
+            (``fedflat.rng.stream(seed, "server", 0)``), so calls are reproducible.
+        gen: an explicit generator (overrides ``seed``).
         state: rule state (centered clipping's previous output ``{"v": ...}``).
         **params: the rule's parameters, named as in ``server.aggregation``.
 
     Returns:
-        [d] aggregate.
+        [d] aggregate (a tensor).
     """
-    agg, _, _ = apply_rule(
-        updates, weights, rule=rule, params=params, state=state, gen=gen
-    )
+    x = torch.as_tensor(updates)
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    w = None if weights is None else torch.as_tensor(weights)
+    if gen is None:
+        gen = stream(seed, "server", 0)
+    if pre:
+        params = {**params, "pre": list(pre)}
+    agg, _, _ = apply_rule(x, w, rule=rule, params=params, state=state, gen=gen)
     return agg
 
 
@@ -1041,7 +1380,7 @@ def rule_step(
             "agg/num_inputs": float(x.shape[0]),
         }
         bucket = resolved["bucket_size"]
-        n_eff = x.shape[0] if bucket is None else -(-x.shape[0] // bucket)
+        n_eff = x.shape[0] if "bucketing" not in resolved["pre"] else -(-x.shape[0] // bucket)
         if n_eff < min_inputs(rule, resolved):
             # Poisson sampling, dropouts or rejected rows can leave fewer inputs than the
             # rule's condition: the round changes nothing and says so, the run goes on.
@@ -1055,7 +1394,7 @@ def rule_step(
             x, w, rule=rule, params=resolved, state=state, gen=gen
         )
         metrics.update(m)
-        if "agg/selected_index" in m and resolved["bucket_size"] is None:
+        if "agg/selected_index" in m and "bucketing" not in resolved["pre"]:
             valid_ids = [
                 c for c, ok in zip(rnd.client_ids, mask.tolist(), strict=True) if ok
             ]
@@ -1068,22 +1407,32 @@ def rule_step(
 
 
 __all__ = [
+    "KRUM_VARIANTS",
+    "PRE_AGGREGATORS",
     "RULES",
     "WEIGHTINGS",
     "aggregate",
     "apply_rule",
+    "arc",
+    "arc_num_clipped",
     "bucket_means",
     "bulyan",
     "bulyan_select",
     "centered_clipping",
+    "clip",
     "geometric_median",
     "krum",
     "krum_scores",
     "krum_select",
+    "mda",
+    "mda_select",
+    "meamed",
     "mean",
     "median",
     "min_inputs",
+    "monna",
     "multi_krum",
+    "nnm",
     "pairwise_sq_dists",
     "resolve_params",
     "rule_step",
