@@ -323,8 +323,9 @@ def _sample_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan,
     per_part = schedule.num_steps(n)
     parts = participations(sc, fed.num_clients)
     total_steps = per_part * parts
-    assert plan.sample_sigma is not None
-    assert plan.sample_sigma_accounted is not None
+    if plan.sample_sigma is None or plan.sample_sigma_accounted is None:
+        raise RuntimeError("the privacy plan has no sample-level σ although "
+                           "privacy.sample_level is enabled")
     sigma, sigma_acc = plan.sample_sigma, plan.sample_sigma_accounted
     claimed = accounted_epsilon(sampling_rate=q, steps=total_steps, noise_multiplier=sigma_acc,
                                 delta=s.delta, accountant=sc.privacy.accountant,
