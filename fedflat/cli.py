@@ -88,7 +88,7 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction, dict[str, Handle
         regs.append(privacy_register)
     except ImportError:
         pass
-    from fedflat.privacy.audit_cli import register as audit_register
+    from fedflat.audit.cli import register as audit_register
     from fedflat.report.cli import register as report_register
 
     regs.extend([audit_register, report_register])

@@ -11,16 +11,16 @@ import torch
 import yaml
 from conftest import tiny_scenario
 
-from fedflat.errors import FedflatError
-from fedflat.privacy.audit import FAULTS
-from fedflat.privacy.audit_cli import register
-from fedflat.privacy.audit_run import (
+from fedflat.audit.cli import register
+from fedflat.audit.scenario_audit import (
     AuditInputError,
     audit_scenario,
     canary_block,
     canary_model,
     max_adaptive_clip,
 )
+from fedflat.errors import FedflatError
+from fedflat.privacy.audit import FAULTS
 from fedflat.privacy.mechanisms import per_example_grads
 from fedflat.runtime.build import build_data
 from fedflat.scenario.loader import load_scenario

@@ -4,7 +4,7 @@ fedflat audit scenarios/dp.yaml --canaries 1000
 fedflat audit scenarios/dp.yaml --set privacy.sample_level.epsilon=1 --json
 
 Exit code 0 when the claimed ε stands, 1 when the audit refutes it (ε lower bound above the
-claimed ε at confidence 1 − α), 2 for bad input. See ``fedflat.privacy.audit_run``.
+claimed ε at confidence 1 − α), 2 for bad input. See ``fedflat.audit.scenario_audit``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from fedflat.audit.scenario_audit import LEVELS, ScenarioAudit, audit_scenario
 from fedflat.privacy.audit import FAULTS
-from fedflat.privacy.audit_run import LEVELS, ScenarioAudit, audit_scenario
 
 Handler = Callable[[argparse.Namespace], int]
 EXIT_FLAGGED = 1
