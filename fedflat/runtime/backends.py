@@ -33,6 +33,7 @@ class Backend(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def final_params(self) -> torch.Tensor: ...
+    def final_buffers(self) -> torch.Tensor: ...
     def close(self) -> None: ...
 
 
@@ -50,6 +51,9 @@ class CoreBackend:
 
     def final_params(self) -> torch.Tensor:
         return self.core.params
+
+    def final_buffers(self) -> torch.Tensor:
+        return self.core.buffers
 
     def close(self) -> None:
         pass
@@ -160,6 +164,9 @@ class _ServerActor:
     def params(self) -> torch.Tensor:
         return self.core.params
 
+    def buffers(self) -> torch.Tensor:
+        return self.core.buffers
+
 
 # What crosses process boundaries is numpy and plain Python: Ray serialises a numpy array
 # with a zero-copy buffer, while each torch tensor goes through torch's own pickling (measured
@@ -186,20 +193,22 @@ def _tensors(arrays: dict[Any, np.ndarray | torch.Tensor]) -> dict[Any, torch.Te
 
 def _nbytes(wire: Wire) -> int:
     arrays = [wire["params"], wire["buffers"], *wire["broadcast"].values(),
-              *wire["versions"].values()]
+              *wire["versions"].values(), *wire["buffer_versions"].values()]
     return sum(a.nbytes for a in arrays)
 
 
 def pack_payload(payload: RoundPayload) -> Wire:
     return {"round": payload.round, "params": _array(payload.params),
             "broadcast": _arrays(payload.broadcast), "versions": _arrays(payload.versions),
-            "buffers": _array(payload.buffers)}
+            "buffers": _array(payload.buffers),
+            "buffer_versions": _arrays(payload.buffer_versions)}
 
 
 def unpack_payload(wire: Wire) -> RoundPayload:
     return RoundPayload(round=wire["round"], params=_tensor(wire["params"]),
                         broadcast=_tensors(wire["broadcast"]), versions=_tensors(wire["versions"]),
-                        buffers=_tensor(wire["buffers"]))
+                        buffers=_tensor(wire["buffers"]),
+                        buffer_versions=_tensors(wire["buffer_versions"]))
 
 
 def pack_results(results: list[ClientResult]) -> Wire:
@@ -286,6 +295,9 @@ class RayBackend:
 
     def final_params(self) -> torch.Tensor:
         return self.ray.get(self.server.params.remote())
+
+    def final_buffers(self) -> torch.Tensor:
+        return self.ray.get(self.server.buffers.remote())
 
     def close(self) -> None:
         for a in [*self.actors, self.server]:

@@ -52,6 +52,7 @@ class ServerCore:
         self.init_buffers = self.model.get_buffers()
         self.bn_local = self.model.num_buffers > 0 and scenario.model.bn_aggregation == "local"
         self.buffers = self.init_buffers.clone() if not self.bn_local else self.init_buffers[:0]
+        self.buffer_versions: dict[int, Tensor] = {0: self.buffers}  # asynchronous mode
         self._client_sizes = fed.client_sizes()
         self._eval_sets = self._make_eval_sets(fed)
         self._client_test = self._per_client_test(fed)
@@ -76,7 +77,9 @@ class ServerCore:
                                                             self.num_clients + 1 + v)).decoded
                    for v, x in old.items()}
         return RoundPayload(round=round_, params=params, broadcast=dict(self.broadcast),
-                            versions=old, buffers=self.buffers)
+                            versions=old, buffers=self.buffers,
+                            buffer_versions={v: self.buffer_versions[v] for v in versions}
+                            if self.buffers.numel() else {})
 
     def states_for(self, client_ids: Sequence[int]) -> list[dict[str, Tensor]]:
         return [self.client_states.get(c, {}) for c in client_ids]
@@ -134,6 +137,9 @@ class ServerCore:
             self.versions[round_ + 1] = self.params
             self.versions = {v: x for v, x in self.versions.items()
                              if v in set(keep_versions) | {round_ + 1}}
+            self.buffer_versions[round_ + 1] = self.buffers
+            self.buffer_versions = {v: x for v, x in self.buffer_versions.items()
+                                    if v in self.versions}
         ev = self.sc.eval
         last = round_ + 1 == self.sc.server.rounds
         if (round_ + 1) % ev.every == 0 or last:
@@ -143,7 +149,8 @@ class ServerCore:
             rec.update(self.sharpness(round_))
         return rec
 
-    def _average_buffers(self, jobs: Sequence[ClientJob], results: Sequence[ClientResult]) -> Tensor:
+    def _average_buffers(self, jobs: Sequence[ClientJob],
+                         results: Sequence[ClientResult]) -> Tensor:
         """The new global statistics: the clients' final statistics averaged with the
         weights of the mean rule (FedSAM's code averages the whole state dict, buffers
         included, with the clients' sample counts). Not the server optimizer, the robust
@@ -159,7 +166,8 @@ class ServerCore:
     def _per_client_test(self, fed: FederatedData) -> list[tuple[Tensor, Tensor]] | None:
         """Each client's own test split (natural partition of a dataset that has one)."""
         ds = fed.dataset
-        if not self.bn_local or ds.test_groups is None or self.sc.data.partition.method != "natural":
+        natural = self.sc.data.partition.method == "natural"
+        if not self.bn_local or ds.test_groups is None or not natural:
             return None
         return [(ds.x_test[torch.as_tensor(g)], ds.y_test[torch.as_tensor(g)])
                 for g in ds.test_groups[: fed.num_clients]]
@@ -279,7 +287,8 @@ class ServerCore:
         return {"params": self.params, "eval_params": self.eval_params,
                 "pipeline_state": self.pipeline_state, "client_states": self.client_states,
                 "broadcast": self.broadcast, "down_residual": self.down_residual,
-                "versions": self.versions, "buffers": self.buffers}
+                "versions": self.versions, "buffers": self.buffers,
+                "buffer_versions": self.buffer_versions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"} - set(state)
@@ -300,3 +309,5 @@ class ServerCore:
             raise ValueError(f"checkpoint holds {buffers.numel()} BatchNorm statistics, the "
                              f"model has {self.buffers.numel()}")
         self.buffers = buffers if buffers is not None else self.buffers
+        self.buffer_versions = state.get("buffer_versions",
+                                         dict.fromkeys(self.versions, self.buffers))

@@ -28,7 +28,7 @@ from fedflat.runtime.build import (
 from fedflat.scenario.schema import Scenario
 
 EF_KEY = "ef_residual"  # client state key of the uplink error-feedback residual
-BN_KEY = "bn_buffers"  # client state key of a client's own BatchNorm statistics (bn_aggregation local)
+BN_KEY = "bn_buffers"  # client state key of a client's own BatchNorm statistics (local mode)
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class RoundPayload:
     # The global BatchNorm running statistics (model.bn_aggregation: average); empty when the
     # model has none or the clients keep their own.
     buffers: Tensor = field(default_factory=lambda: torch.zeros(0))
+    buffer_versions: dict[int, Tensor] = field(default_factory=dict)  # asynchronous mode only
 
 
 class ClientWorker:
@@ -91,6 +92,7 @@ class ClientWorker:
         latest = payload.params.to(self.device)
         broadcast = {k: v.to(self.device) for k, v in payload.broadcast.items()}
         global_buffers = payload.buffers.to(self.device)
+        buffer_versions = {v: t.to(self.device) for v, t in payload.buffer_versions.items()}
         if not self.bn_local and global_buffers.numel() != self.model.num_buffers:
             raise ValueError(f"the payload carries {global_buffers.numel()} BatchNorm statistics, "
                              f"the model has {self.model.num_buffers}")
@@ -98,6 +100,8 @@ class ClientWorker:
         for job, state in zip(jobs, states, strict=True):
             x, y = self.client_data[job.client_id]
             params = latest if job.version is None else versions[job.version]
+            start_buffers = global_buffers if job.version is None or not global_buffers.numel() \
+                else buffer_versions[job.version]
             ctx = UpdateContext(
                 model=self.model, x_global=params, round=job.round, client_id=job.client_id,
                 num_samples=len(y), broadcast=broadcast,
@@ -109,8 +113,8 @@ class ClientWorker:
                 own = state.get(BN_KEY)
                 self.model.set_buffers(own.to(self.device) if own is not None
                                        else self.init_buffers)
-            elif global_buffers.numel():
-                self.model.set_buffers(global_buffers)
+            elif start_buffers.numel():
+                self.model.set_buffers(start_buffers)
             gen = stream(self.sc.seed, "client", job.round, job.client_id, device=self.device)
             if job.client_id in self.flipped:
                 y = flip_labels(y, self.num_classes)

@@ -82,9 +82,9 @@ class ModelConfig(Section):
     norm: Literal["none", "group", "batch", "layer"] = Field("none", description="CNN normalisation layer (GroupNorm for DP).")
     groups: int = Field(8, ge=1, description="GroupNorm groups.")
     bn_aggregation: Literal["average", "local"] = Field(
-        "average", description="With norm: batch, the BatchNorm running statistics: 'average' = part of the "
-        "global model, averaged with the client weights and broadcast (FedSAM's code); 'local' = each client "
-        "keeps its own (FedBN), evaluation then per client.")
+        "average", description="With norm: batch, the BatchNorm running statistics: 'average' = "
+        "part of the global model, averaged with the client weights and broadcast (FedSAM's code); "
+        "'local' = each client keeps its own (FedBN), evaluation then per client.")
 
 
 class ClientConfig(Section):
