@@ -77,6 +77,9 @@ class ClientResult:
     client_state: dict[str, Tensor] = field(default_factory=dict)
     extras: dict[str, Tensor] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    # The model's BatchNorm running statistics after the update (``model.bn_aggregation:
+    # average``), averaged by the server like the parameters; empty otherwise.
+    buffers: Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 def batch_indices(

@@ -223,6 +223,10 @@ def handle_train(msg: Message, ctx: Context, settings: ClientSettings) -> Messag
         raise FlowerClientError(f"the node's model has {worker.model.num_params} parameters, "
                                 f"the server's {instr.payload.params.numel()}: the node's data "
                                 "has another input shape or number of classes")
+    nb = instr.payload.buffers.numel()
+    if nb and nb != worker.model.num_buffers:
+        raise FlowerClientError(f"the node's model has {worker.model.num_buffers} BatchNorm "
+                                f"statistics, the server sent {nb}")
     if instr.job.client_id >= len(worker.client_data):
         raise FlowerClientError(f"client {instr.job.client_id} is outside this node's "
                                 f"{len(worker.client_data)} partitions")

@@ -1,12 +1,13 @@
 """fedflat's round objects <-> Flower ``RecordDict`` (the content of a Flower ``Message``).
 
 A train instruction carries one client's job: the round payload (flat global parameters,
-or in asynchronous mode the model version the client starts from, and the server
-broadcast), the client's persistent state (SCAFFOLD control variates, error
-feedback, ...), the job's round, client id, learning rate and step cap, and the resolved
-scenario so that the node builds the same model and local rule as the server. A reply
-carries the ``ClientResult``: the flat delta, the updated client state, the extras for the
-server pipeline and the scalar fields.
+or in asynchronous mode the model version the client starts from, the global BatchNorm
+running statistics of that model, and the server broadcast), the client's persistent state
+(SCAFFOLD control variates, error feedback, ...), the job's round, client id, learning rate
+and step cap, and the resolved scenario so that the node builds the same model and local
+rule as the server. A reply carries the ``ClientResult``: the flat delta, the client's final
+BatchNorm statistics, the updated client state, the extras for the server pipeline and the
+scalar fields.
 
 Tensors travel in ``ArrayRecord`` s (numpy ``.npy`` bytes: float32 and every other numpy
 dtype round-trip bit for bit), scalars in ``ConfigRecord`` / ``MetricRecord`` s. The
@@ -32,6 +33,7 @@ from fedflat.runtime.worker import ClientJob, RoundPayload
 # format: a SuperNode and a SuperLink running different fedflat versions must agree.
 PARAMS = "fedflat.params"
 BROADCAST = "fedflat.broadcast"
+BUFFERS = "fedflat.buffers"
 STATE = "fedflat.state"
 JOB = "fedflat.job"
 SCENARIO = "fedflat.scenario"
@@ -41,7 +43,7 @@ RESULT = "fedflat.result"
 METRICS = "fedflat.metrics"
 NODE = "fedflat.node"
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: BatchNorm statistics (fedflat.buffers) both ways
 
 T = TypeVar("T")
 
@@ -110,16 +112,18 @@ def encode_instruction(payload: RoundPayload, job: ClientJob, state: Mapping[str
         cfg["max_steps"] = int(job.max_steps)
     if job.weight is not None:
         cfg["weight"] = float(job.weight)
-    params = payload.params
+    params, buffers = payload.params, payload.buffers
     if job.version is not None:  # asynchronous mode: only the model this client starts from
         if job.version not in payload.versions:
             raise CodecError(f"job of client {job.client_id} starts from model version "
                              f"{job.version}, which the payload lacks")
         cfg["version"] = int(job.version)
         params = payload.versions[job.version]
+        buffers = payload.buffer_versions.get(job.version, buffers)
     sha = scenario_sha256 or scenario_digest(scenario_yaml)
     return RecordDict({
         PARAMS: tensors_to_record({"params": params}),
+        BUFFERS: tensors_to_record({"buffers": buffers}),
         BROADCAST: tensors_to_record(payload.broadcast),
         STATE: tensors_to_record(state),
         JOB: ConfigRecord(cfg),
@@ -134,7 +138,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
         CodecError: a missing record or key, a wire-version mismatch, or a scenario whose
             digest does not match its text.
     """
-    _require(content, (PARAMS, BROADCAST, STATE, JOB, SCENARIO), "train instruction")
+    _require(content, (PARAMS, BUFFERS, BROADCAST, STATE, JOB, SCENARIO), "train instruction")
     cfg = content.config_records[JOB]
     version = cfg.get("wire_version")
     if version != WIRE_VERSION:
@@ -147,9 +151,12 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
                     lr=_float(cfg, "lr"), max_steps=_opt(cfg, "max_steps", _int),
                     version=_opt(cfg, "version", _int), weight=_opt(cfg, "weight", _float))
     x = params["params"]
+    b = _one(content, BUFFERS, "buffers")
     payload = RoundPayload(round=_int(cfg, "round"), params=x,
                            broadcast=record_to_tensors(content.array_records[BROADCAST]),
-                           versions={} if job.version is None else {job.version: x})
+                           versions={} if job.version is None else {job.version: x},
+                           buffers=b, buffer_versions={} if job.version is None or not b.numel()
+                           else {job.version: b})
     scen = content.config_records[SCENARIO]
     text, sha = str(scen["yaml"]), str(scen["sha256"])
     if scenario_digest(text) != sha:
@@ -171,6 +178,7 @@ def encode_result(res: ClientResult) -> RecordDict:
     }
     return RecordDict({
         DELTA: tensors_to_record({"delta": res.delta}),
+        BUFFERS: tensors_to_record({"buffers": res.buffers}),
         STATE: tensors_to_record(res.client_state),
         EXTRAS: tensors_to_record(res.extras),
         RESULT: MetricRecord(scalars),
@@ -184,7 +192,7 @@ def decode_result(content: RecordDict) -> ClientResult:
     Raises:
         CodecError: a missing record or key.
     """
-    _require(content, (DELTA, STATE, EXTRAS, RESULT, METRICS), "train reply")
+    _require(content, (DELTA, BUFFERS, STATE, EXTRAS, RESULT, METRICS), "train reply")
     delta = record_to_tensors(content.array_records[DELTA])
     if "delta" not in delta:
         raise CodecError(f"record {DELTA!r} lacks 'delta'")
@@ -203,6 +211,7 @@ def decode_result(content: RecordDict) -> ClientResult:
         extras=record_to_tensors(content.array_records[EXTRAS]),
         metrics={k: _float(content.metric_records[METRICS], k)
                  for k in content.metric_records[METRICS]},
+        buffers=_one(content, BUFFERS, "buffers"),
     )
 
 
@@ -224,6 +233,13 @@ def decode_node_info(content: RecordDict) -> int | None:
                          f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
     pid = _int(info, "partition_id")
     return None if pid < 0 else pid
+
+
+def _one(content: RecordDict, record: str, key: str) -> Tensor:
+    tensors = record_to_tensors(content.array_records[record])
+    if key not in tensors:
+        raise CodecError(f"record {record!r} lacks {key!r}")
+    return tensors[key]
 
 
 def _require(content: RecordDict, names: tuple[str, ...], what: str) -> None:

@@ -179,6 +179,12 @@ def secagg_refusals(sc: Scenario) -> list[tuple[str, str]]:
         out.append(("attack.kind",
                     f"attack {sc.attack.kind!r} is simulated on the server from the individual "
                     "deltas; under SecAgg+ only 'label_flip' (client-side) can run"))
+    if sc.model.norm == "batch":
+        out.append(("model.norm",
+                    "BatchNorm statistics travel next to the masked sum: averaged (bn_aggregation "
+                    "average) each client's would reach the server in the clear, and kept "
+                    "locally they need the client state SecAgg+ rounds do not carry; use "
+                    "norm: group"))
     user = sc.privacy.user_level
     if user.enabled:
         if user.noise_placement == "server":

@@ -351,6 +351,9 @@ class FlowerGridBackend(CoreBackend):
                     elif res.delta.shape != self.core.params.shape:
                         reason = (f"delta of shape {tuple(res.delta.shape)}, expected "
                                   f"{tuple(self.core.params.shape)}")
+                    elif res.buffers.shape != self.core.buffers.shape:
+                        reason = (f"{res.buffers.numel()} BatchNorm statistics, expected "
+                                  f"{self.core.buffers.numel()}")
                     else:
                         ok_jobs.append(job)
                         results.append(res)

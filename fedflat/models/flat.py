@@ -113,6 +113,15 @@ class FlatModel:
         return m
 
     # ----------------------------------------------------------------- buffers (BN)
+    # The floating-point buffers (BatchNorm running_mean / running_var, in module order) are
+    # model state next to the parameters: they travel as their own flat vector. The integer
+    # ``num_batches_tracked`` is left out: with BatchNorm's default momentum (0.1) it never
+    # enters the forward pass, so carrying it would change no number.
+    @property
+    def num_buffers(self) -> int:
+        """Length of the flat buffer vector (0 without BatchNorm)."""
+        return sum(b.numel() for b in self.module.buffers() if b.is_floating_point())
+
     def get_buffers(self) -> Tensor:
         """Floating-point buffers (BatchNorm running statistics) as one flat vector."""
         bufs = [b.reshape(-1) for b in self.module.buffers() if b.is_floating_point()]
@@ -121,6 +130,9 @@ class FlatModel:
         return torch.cat(bufs).detach().clone()
 
     def set_buffers(self, flat: Tensor) -> None:
+        """Make ``flat`` (as ``get_buffers`` returns it) the module's running statistics."""
+        if flat.numel() != self.num_buffers:
+            raise ValueError(f"{flat.numel()} buffer values for a model with {self.num_buffers}")
         off = 0
         for b in self.module.buffers():
             if b.is_floating_point():

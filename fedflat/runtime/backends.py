@@ -34,6 +34,7 @@ class Backend(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def final_params(self) -> torch.Tensor: ...
+    def final_buffers(self) -> torch.Tensor: ...
     def close(self) -> None: ...
 
 
@@ -51,6 +52,9 @@ class CoreBackend:
 
     def final_params(self) -> torch.Tensor:
         return self.core.params
+
+    def final_buffers(self) -> torch.Tensor:
+        return self.core.buffers
 
     def close(self) -> None:
         pass
@@ -161,6 +165,9 @@ class _ServerActor:
     def params(self) -> torch.Tensor:
         return self.core.params
 
+    def buffers(self) -> torch.Tensor:
+        return self.core.buffers
+
 
 # What crosses process boundaries is numpy and plain Python: Ray serialises a numpy array
 # with a zero-copy buffer, while each torch tensor goes through torch's own pickling (measured
@@ -186,36 +193,44 @@ def _tensors(arrays: dict[Any, np.ndarray | torch.Tensor]) -> dict[Any, torch.Te
 
 
 def _nbytes(wire: Wire) -> int:
-    arrays = [wire["params"], *wire["broadcast"].values(), *wire["versions"].values()]
+    arrays = [wire["params"], wire["buffers"], *wire["broadcast"].values(),
+              *wire["versions"].values(), *wire["buffer_versions"].values()]
     return sum(a.nbytes for a in arrays)
 
 
 def pack_payload(payload: RoundPayload) -> Wire:
     return {"round": payload.round, "params": _array(payload.params),
-            "broadcast": _arrays(payload.broadcast), "versions": _arrays(payload.versions)}
+            "broadcast": _arrays(payload.broadcast), "versions": _arrays(payload.versions),
+            "buffers": _array(payload.buffers),
+            "buffer_versions": _arrays(payload.buffer_versions)}
 
 
 def unpack_payload(wire: Wire) -> RoundPayload:
     return RoundPayload(round=wire["round"], params=_tensor(wire["params"]),
-                        broadcast=_tensors(wire["broadcast"]), versions=_tensors(wire["versions"]))
+                        broadcast=_tensors(wire["broadcast"]), versions=_tensors(wire["versions"]),
+                        buffers=_tensor(wire["buffers"]),
+                        buffer_versions=_tensors(wire["buffer_versions"]))
 
 
 def pack_results(results: list[ClientResult]) -> Wire:
-    """A chunk's deltas as one [k, d] array (one buffer) plus plain per-client records."""
+    """A chunk's deltas as one [k, d] array (one buffer), its BatchNorm statistics as one
+    [k, b] array, plus plain per-client records."""
     deltas = _array(torch.stack([r.delta for r in results])) if results \
         else np.zeros((0, 0), dtype=np.float32)
-    return {"deltas": deltas, "clients": [
+    buffers = _array(torch.stack([r.buffers for r in results])) if results \
+        else np.zeros((0, 0), dtype=np.float32)
+    return {"deltas": deltas, "buffers": buffers, "clients": [
         {"client_id": r.client_id, "num_samples": r.num_samples, "train_loss": r.train_loss,
          "steps": r.steps, "client_state": _arrays(r.client_state), "extras": _arrays(r.extras),
          "metrics": r.metrics} for r in results]}
 
 
 def unpack_results(wire: Wire) -> list[ClientResult]:
-    deltas = _tensor(wire["deltas"])
+    deltas, buffers = _tensor(wire["deltas"]), _tensor(wire["buffers"])
     return [ClientResult(client_id=c["client_id"], delta=deltas[i], num_samples=c["num_samples"],
                          train_loss=c["train_loss"], steps=c["steps"],
                          client_state=_tensors(c["client_state"]), extras=_tensors(c["extras"]),
-                         metrics=c["metrics"])
+                         metrics=c["metrics"], buffers=buffers[i])
             for i, c in enumerate(wire["clients"])]
 
 
@@ -282,6 +297,9 @@ class RayBackend:
 
     def final_params(self) -> torch.Tensor:
         return self.ray.get(self.server.params.remote())
+
+    def final_buffers(self) -> torch.Tensor:
+        return self.ray.get(self.server.buffers.remote())
 
     def close(self) -> None:
         for a in [*self.actors, self.server]:

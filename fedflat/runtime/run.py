@@ -62,6 +62,9 @@ class RunResult:
     metrics: list[dict[str, Any]]
     run_dir: Path
     summary: dict[str, Any] = field(default_factory=dict)
+    # The global BatchNorm running statistics (model.norm batch, bn_aggregation average;
+    # also in final_buffers.pt), empty otherwise.
+    buffers: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
 
 def _load_data(loaded: LoadedScenario) -> FederatedData:
@@ -204,8 +207,11 @@ class Runner:
         finally:
             try:
                 params = backend.final_params()
+                buffers = backend.final_buffers()
                 if status in ("completed", "budget_exhausted"):
                     torch.save(params, self.run_dir / "final_model.pt")
+                    if buffers.numel():
+                        torch.save(buffers, self.run_dir / "final_buffers.pt")
                 if self.rsc.privacy.enabled:
                     _write_json(self.run_dir / "privacy.json",
                                 self.plan.summary(self.fed.num_clients))
@@ -214,7 +220,8 @@ class Runner:
                     self._plots()
             finally:
                 backend.close()
-        return RunResult(params=params, metrics=self.metrics, run_dir=self.run_dir, summary=summary)
+        return RunResult(params=params, metrics=self.metrics, run_dir=self.run_dir, summary=summary,
+                         buffers=buffers)
 
     def _plots(self) -> None:
         """The run's own plots (plots/*.png); plotting never fails a run."""
@@ -437,6 +444,9 @@ def resume(run_dir: str | Path) -> RunResult:
     if runner.next_round >= loaded.scenario.server.rounds and (run_dir / "final_model.pt").exists():
         params = torch.load(run_dir / "final_model.pt")
         summary = json.loads((run_dir / "summary.json").read_text())
-        return RunResult(params=params, metrics=runner.metrics, run_dir=run_dir, summary=summary)
+        bpath = run_dir / "final_buffers.pt"
+        buffers = torch.load(bpath) if bpath.exists() else torch.zeros(0)
+        return RunResult(params=params, metrics=runner.metrics, run_dir=run_dir, summary=summary,
+                         buffers=buffers)
     runner.write_summary("running", resumed_from_round=runner.next_round)
     return runner.execute(backend_state=state)

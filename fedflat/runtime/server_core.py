@@ -20,7 +20,7 @@ from fedflat.comm.codecs import HEADER_NBYTES, codec_from_config, transmit
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
-from fedflat.runtime.worker import ClientJob, RoundPayload
+from fedflat.runtime.worker import BN_KEY, ClientJob, RoundPayload
 from fedflat.scenario.schema import Scenario
 from fedflat.server.pipeline import ServerRound
 
@@ -46,7 +46,16 @@ class ServerCore:
         self._pending_down_residual: Tensor | None = None
         self._down_nbytes = 0
         self.broadcast: dict[str, Tensor] = {}
+        # BatchNorm running statistics: with bn_aggregation average they are global model
+        # state (averaged, broadcast, checkpointed); with local the clients keep their own
+        # (in their client state) and the server holds none.
+        self.init_buffers = self.model.get_buffers()
+        self.bn_local = self.model.num_buffers > 0 and scenario.model.bn_aggregation == "local"
+        self.buffers = self.init_buffers.clone() if not self.bn_local else self.init_buffers[:0]
+        self.buffer_versions: dict[int, Tensor] = {0: self.buffers}  # asynchronous mode
+        self._client_sizes = fed.client_sizes()
         self._eval_sets = self._make_eval_sets(fed)
+        self._client_test = self._per_client_test(fed)
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, round_: int, versions: Sequence[int] = ()) -> RoundPayload:
@@ -58,6 +67,8 @@ class ServerCore:
         # the round runs) must not advance the residual.
         self._pending_down_residual = tx.residual
         extra = sum(HEADER_NBYTES + 4 * v.numel() for v in self.broadcast.values())
+        if self.buffers.numel():  # the statistics go down uncompressed (fp32)
+            extra += HEADER_NBYTES + 4 * self.buffers.numel()
         self._down_nbytes = tx.nbytes + extra
         params = self.params if self.sc.comm.downlink.codec == "fp32" else tx.decoded
         old = {v: self.versions[v] for v in versions}
@@ -66,7 +77,9 @@ class ServerCore:
                                                             self.num_clients + 1 + v)).decoded
                    for v, x in old.items()}
         return RoundPayload(round=round_, params=params, broadcast=dict(self.broadcast),
-                            versions=old)
+                            versions=old, buffers=self.buffers,
+                            buffer_versions={v: self.buffer_versions[v] for v in versions}
+                            if self.buffers.numel() else {})
 
     def states_for(self, client_ids: Sequence[int]) -> list[dict[str, Tensor]]:
         return [self.client_states.get(c, {}) for c in client_ids]
@@ -106,6 +119,8 @@ class ServerCore:
             rnd, self.pipeline_state, metrics = self.pipeline.apply(rnd, self.pipeline_state, gen)
             assert rnd.new_params is not None  # noqa: S101 - Pipeline.apply guarantees it
             self.params = rnd.new_params
+            if self.buffers.numel() and results:
+                self.buffers = self._average_buffers(jobs, results)
             self.broadcast = rnd.broadcast
             self.eval_params = rnd.eval_params
             losses = [(r.train_loss, r.num_samples) for r in results
@@ -127,6 +142,9 @@ class ServerCore:
             self.versions[round_ + 1] = self.params
             self.versions = {v: x for v, x in self.versions.items()
                              if v in set(keep_versions) | {round_ + 1}}
+            self.buffer_versions[round_ + 1] = self.buffers
+            self.buffer_versions = {v: x for v, x in self.buffer_versions.items()
+                                    if v in self.versions}
         ev = self.sc.eval
         last = round_ + 1 == self.sc.server.rounds
         if (round_ + 1) % ev.every == 0 or last:
@@ -136,7 +154,45 @@ class ServerCore:
             rec.update(self.sharpness(round_))
         return rec
 
+    def _average_buffers(self, jobs: Sequence[ClientJob],
+                         results: Sequence[ClientResult]) -> Tensor:
+        """The new global statistics: the clients' final statistics averaged with the
+        weights of the mean rule (FedSAM's code averages the whole state dict, buffers
+        included, with the clients' sample counts). Not the server optimizer, the robust
+        rule or DP noise: those act on parameter deltas only."""
+        uniform = self.sc.server.aggregation.weighting == "uniform"
+        w = torch.tensor([float(j.weight) if j.weight is not None
+                          else (1.0 if uniform else float(r.num_samples))
+                          for j, r in zip(jobs, results, strict=True)], dtype=torch.float64)
+        stacked = torch.stack([r.buffers for r in results]).to(torch.float64)
+        return ((w / w.sum()) @ stacked).to(self.buffers.dtype)
+
     # ------------------------------------------------------------------ evaluation
+    def _per_client_test(self, fed: FederatedData) -> list[tuple[Tensor, Tensor]] | None:
+        """Each client's own test split (natural partition of a dataset that has one)."""
+        ds = fed.dataset
+        natural = self.sc.data.partition.method == "natural"
+        if not self.bn_local or ds.test_groups is None or not natural:
+            return None
+        return [(ds.x_test[torch.as_tensor(g)], ds.y_test[torch.as_tensor(g)])
+                for g in ds.test_groups[: fed.num_clients]]
+
+    def _local_buffers(self) -> dict[int, Tensor]:
+        """bn_aggregation local: the statistics of every client that has trained so far."""
+        return {c: s[BN_KEY] for c, s in sorted(self.client_states.items()) if BN_KEY in s}
+
+    def eval_buffers(self) -> Tensor:
+        """The statistics the server evaluates a single model with: the global ones, or
+        (local mode, sharpness) the client-size-weighted mean of the clients' own."""
+        if not self.bn_local:
+            return self.buffers
+        own = self._local_buffers()
+        if not own:
+            return self.init_buffers
+        w = torch.tensor([float(self._client_sizes[c]) for c in own], dtype=torch.float64)
+        stacked = torch.stack(list(own.values())).to(torch.float64)
+        return ((w / w.sum()) @ stacked).to(self.init_buffers.dtype)
+
     def _make_eval_sets(self, fed: FederatedData) -> dict[str, tuple[Tensor, Tensor]]:
         ds, ev = fed.dataset, self.sc.eval
         sets: dict[str, tuple[Tensor, Tensor]] = {}
@@ -162,17 +218,55 @@ class ServerCore:
 
     def evaluate(self) -> dict[str, float]:
         w = self.eval_params if self.eval_params is not None else self.params
+        if self.bn_local:
+            return self._evaluate_per_client(w)
         out: dict[str, float] = {}
+        if self.buffers.numel():
+            self.model.set_buffers(self.buffers)
         for name, (x, y) in self._eval_sets.items():
             loss_sum, correct, n = self.model.evaluate(w, x, y)
             out[f"{name}_loss"] = loss_sum / max(n, 1)
             out[f"{name}_accuracy"] = correct / max(n, 1)
         return out
 
+    def _evaluate_per_client(self, w: Tensor) -> dict[str, float]:
+        """bn_aggregation local (FedBN): each client evaluates the global parameters with
+        its own statistics. With a per-client test split (natural partition of femnist),
+        client i on its own test data, pooled over all clients (test_* = totals over every
+        client's test data; clients that have not trained yet use the initial statistics).
+        Without one, every client that has trained so far evaluates the whole eval set
+        and test_* / train_* are the mean over those clients (before any has trained: the
+        initial statistics)."""
+        out: dict[str, float] = {}
+        own = self._local_buffers()
+        if self._client_test is not None and "test" in self._eval_sets:
+            loss_sum = correct = n = 0.0
+            for c, (x, y) in enumerate(self._client_test):
+                self.model.set_buffers(own.get(c, self.init_buffers))
+                ls, cor, k = self.model.evaluate(w, x, y)
+                loss_sum, correct, n = loss_sum + ls, correct + cor, n + k
+            out["test_loss"] = loss_sum / max(n, 1)
+            out["test_accuracy"] = correct / max(n, 1)
+        stats = list(own.values()) or [self.init_buffers]
+        for name, (x, y) in self._eval_sets.items():
+            if f"{name}_loss" in out:
+                continue
+            losses, accs = [], []
+            for b in stats:
+                self.model.set_buffers(b)
+                ls, cor, k = self.model.evaluate(w, x, y)
+                losses.append(ls / max(k, 1))
+                accs.append(cor / max(k, 1))
+            out[f"{name}_loss"] = sum(losses) / len(losses)
+            out[f"{name}_accuracy"] = sum(accs) / len(accs)
+        return out
+
     def sharpness(self, round_: int) -> dict[str, float]:
         """Sharpness of the evaluated global model on a fixed training subset (§7)."""
         sh = self.sc.eval.sharpness
         w = self.eval_params if self.eval_params is not None else self.params
+        if self.model.num_buffers:  # sharpness of the model as evaluated (running statistics)
+            self.model.set_buffers(self.eval_buffers())
         x, y = self._sharp_set
         batches = [(x[i : i + sh.batch_size], y[i : i + sh.batch_size])
                    for i in range(0, len(y), sh.batch_size)]
@@ -198,7 +292,8 @@ class ServerCore:
         return {"params": self.params, "eval_params": self.eval_params,
                 "pipeline_state": self.pipeline_state, "client_states": self.client_states,
                 "broadcast": self.broadcast, "down_residual": self.down_residual,
-                "versions": self.versions}
+                "versions": self.versions, "buffers": self.buffers,
+                "buffer_versions": self.buffer_versions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         required = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"}
@@ -214,3 +309,11 @@ class ServerCore:
         self.broadcast = state["broadcast"]
         self.down_residual = state.get("down_residual")
         self.versions = state.get("versions", {0: self.params})
+        # A checkpoint from before BatchNorm statistics were global state has none.
+        buffers = state.get("buffers")
+        if buffers is not None and buffers.numel() != self.buffers.numel():
+            raise ValueError(f"checkpoint holds {buffers.numel()} BatchNorm statistics, the "
+                             f"model has {self.buffers.numel()}")
+        self.buffers = buffers if buffers is not None else self.buffers
+        self.buffer_versions = state.get("buffer_versions",
+                                         dict.fromkeys(self.versions, self.buffers))

@@ -28,6 +28,7 @@ from fedflat.runtime.build import (
 from fedflat.scenario.schema import Scenario
 
 EF_KEY = "ef_residual"  # client state key of the uplink error-feedback residual
+BN_KEY = "bn_buffers"  # client state key of a client's own BatchNorm statistics (local mode)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ class RoundPayload:
     params: Tensor
     broadcast: dict[str, Tensor]
     versions: dict[int, Tensor] = field(default_factory=dict)  # asynchronous mode only
+    # The global BatchNorm running statistics (model.bn_aggregation: average); empty when the
+    # model has none or the clients keep their own.
+    buffers: Tensor = field(default_factory=lambda: torch.zeros(0))
+    buffer_versions: dict[int, Tensor] = field(default_factory=dict)  # asynchronous mode only
 
 
 class ClientWorker:
@@ -69,6 +74,10 @@ class ClientWorker:
                             (torch.as_tensor(i, device=self.device) for i in fed.client_indices)]
         self.model = build_flat_model(scenario, ds, self.device)
         self.model.module.train()
+        # A client's BatchNorm statistics before its first round (local mode): the module's
+        # initial running_mean 0 / running_var 1, as on the server.
+        self.init_buffers = self.model.get_buffers()
+        self.bn_local = self.model.num_buffers > 0 and scenario.model.bn_aggregation == "local"
         self.rule = build_local_rule(scenario)
         self.uplink = codec_from_config(scenario.comm.uplink)
         # Label-flipping Byzantine clients train honestly on flipped labels (§5.2).
@@ -82,23 +91,45 @@ class ClientWorker:
         versions = {v: t.to(self.device) for v, t in payload.versions.items()}
         latest = payload.params.to(self.device)
         broadcast = {k: v.to(self.device) for k, v in payload.broadcast.items()}
+        global_buffers = payload.buffers.to(self.device)
+        buffer_versions = {v: t.to(self.device) for v, t in payload.buffer_versions.items()}
+        if not self.bn_local and global_buffers.numel() != self.model.num_buffers:
+            raise ValueError(f"the payload carries {global_buffers.numel()} BatchNorm statistics, "
+                             f"the model has {self.model.num_buffers}")
         out = []
         for job, state in zip(jobs, states, strict=True):
             x, y = self.client_data[job.client_id]
             params = latest if job.version is None else versions[job.version]
+            start_buffers = global_buffers if job.version is None or not global_buffers.numel() \
+                else buffer_versions[job.version]
             ctx = UpdateContext(
                 model=self.model, x_global=params, round=job.round, client_id=job.client_id,
                 num_samples=len(y), broadcast=broadcast,
                 client_state={k: v.to(self.device) for k, v in state.items()},
             )
+            # Every client starts from the global statistics (or its own, local mode), never
+            # from whatever the previous client on this worker left in the module.
+            if self.bn_local:
+                own = state.get(BN_KEY)
+                self.model.set_buffers(own.to(self.device) if own is not None
+                                       else self.init_buffers)
+            elif start_buffers.numel():
+                self.model.set_buffers(start_buffers)
             gen = stream(self.sc.seed, "client", job.round, job.client_id, device=self.device)
             if job.client_id in self.flipped:
                 y = flip_labels(y, self.num_classes)
             res = client_update(self.rule, ctx, x, y, job.lr, gen,
                                 max_steps=job.max_steps)
             self._uplink(res, job, state)
+            if self.bn_local:
+                res.client_state[BN_KEY] = self.model.get_buffers()
+            elif global_buffers.numel():
+                # The statistics go up uncompressed (fp32, one header) next to the delta.
+                res.buffers = self.model.get_buffers()
+                res.metrics["bytes_up"] += float(FP32_HEADER + 4 * res.buffers.numel())
             if self.device.type != "cpu":
                 res.delta = res.delta.cpu()
+                res.buffers = res.buffers.cpu()
                 res.client_state = {k: v.cpu() for k, v in res.client_state.items()}
                 res.extras = {k: v.cpu() for k, v in res.extras.items()}
             out.append(res)

@@ -104,6 +104,10 @@ class ModelConfig(Section):
     norm: Literal["none", "group", "batch", "layer"] = Field(
         "none", description="CNN normalisation layer (GroupNorm for DP).")
     groups: int = Field(8, ge=1, description="GroupNorm groups.")
+    bn_aggregation: Literal["average", "local"] = Field(
+        "average", description="With norm: batch, the BatchNorm running statistics: 'average' = "
+        "part of the global model, averaged with the client weights and broadcast (FedSAM's code); "
+        "'local' = each client keeps its own (FedBN), evaluation then per client.")
 
 
 class ClientConfig(Section):
@@ -274,8 +278,16 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
                            "rule by the clipped noisy sum; robust rules are not differentially "
                            "private here"))
         if sc.system.asynchronous is not None:
+<<<<<<< HEAD
             errors.append(("system.asynchronous",
                            "user-level DP is not accounted for asynchronous rounds"))
+=======
+            errors.append(("system.asynchronous", "user-level DP is not accounted for asynchronous rounds"))
+        if sc.model.norm == "batch" and sc.model.bn_aggregation == "average":
+            errors.append(("model.norm", "with bn_aggregation: average the clients' BatchNorm "
+                           "statistics reach the server unclipped and unnoised, outside the DP "
+                           "guarantee; use norm: group (GroupNorm) or model.bn_aggregation: local"))
+>>>>>>> bn
     if pv.sample_level.enabled:
         if sc.model.norm == "batch":
             errors.append(("model.norm", "BatchNorm mixes examples of a batch, which DP-SGD cannot "
