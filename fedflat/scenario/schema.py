@@ -273,21 +273,18 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
         if sc.server.sampling != "poisson":
             errors.append(("server.sampling", "user-level DP is accounted for Poisson client "
                            "sampling (each client with rate q); set server.sampling: poisson"))
-        if sc.server.aggregation.rule != "mean" or sc.server.aggregation.bucket_size:
+        if (sc.server.aggregation.rule != "mean" or sc.server.aggregation.bucket_size
+                or sc.server.aggregation.pre):
             errors.append(("server.aggregation.rule", "user-level DP replaces the aggregation "
                            "rule by the clipped noisy sum; robust rules are not differentially "
                            "private here"))
         if sc.system.asynchronous is not None:
-<<<<<<< HEAD
             errors.append(("system.asynchronous",
                            "user-level DP is not accounted for asynchronous rounds"))
-=======
-            errors.append(("system.asynchronous", "user-level DP is not accounted for asynchronous rounds"))
         if sc.model.norm == "batch" and sc.model.bn_aggregation == "average":
             errors.append(("model.norm", "with bn_aggregation: average the clients' BatchNorm "
                            "statistics reach the server unclipped and unnoised, outside the DP "
                            "guarantee; use norm: group (GroupNorm) or model.bn_aggregation: local"))
->>>>>>> bn
     if pv.sample_level.enabled:
         if sc.model.norm == "batch":
             errors.append(("model.norm", "BatchNorm mixes examples of a batch, which DP-SGD cannot "
