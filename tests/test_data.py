@@ -155,12 +155,11 @@ def test_per_device_90_10_split():
     assert len(data.x_test) == n_test.sum()
 
 
-def test_synthetic_is_fast():
-    import time
-
-    t0 = time.perf_counter()
-    generate_synthetic(rng(6), 1000, alpha=1.0, beta=1.0, max_size=1000)
-    assert time.perf_counter() - t0 < 5.0
+@pytest.mark.timeout(60)
+def test_synthetic_generates_1000_devices():
+    # No timed assert (shared machine): the timeout only catches a generator gone quadratic.
+    data = generate_synthetic(rng(6), 1000, alpha=1.0, beta=1.0, max_size=1000)
+    assert len(data.train_groups) == 1000
 
 
 def test_load_synthetic_dataset_deterministic():
