@@ -50,8 +50,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from fedflat.sweep.plots import draw_sweep_plots
     from fedflat.sweep.results import write_tables
     from fedflat.sweep.runner import FINISHED, default_sweep_dir, run_sweep
-    from fedflat.sweep.spec import SweepSpec, is_sweep_file, load_sweep_file, parse_grid_args, \
-        parse_seeds
+    from fedflat.sweep.spec import (
+        SweepSpec,
+        is_sweep_file,
+        load_sweep_file,
+        parse_grid_args,
+        parse_seeds,
+    )
 
     if is_sweep_file(args.scenario):
         spec = load_sweep_file(args.scenario)

@@ -56,6 +56,7 @@ class SweepRun:
     run_dir: Path
     status: str = "pending"
     detail: str = ""
+    resumed_from: int | None = None
 
     @property
     def name(self) -> str:
@@ -91,8 +92,9 @@ def write_index(spec: SweepSpec, sweep_dir: Path, runs: list[SweepRun]) -> None:
         p["runs"].append({"seed": r.seed, "dir": str(r.run_dir.relative_to(sweep_dir)),
                           "status": run_status(r.run_dir)})
     _write_json(sweep_dir / INDEX, {
-        "format": 1, "fedflat_version": fedflat.__version__, **spec.identity(),
-        "grid": spec.grid, "zip": spec.zip, "seeds": spec.seeds, "sets": spec.sets,
+        "format": 1, "fedflat_version": fedflat.__version__, "identity": spec.identity(),
+        "scenario": spec.scenario, "grid": spec.grid, "zip": spec.zip, "seeds": spec.seeds,
+        "sets": spec.sets,
         "forced": forced_overrides(spec), "target": spec.target,
         "points": list(points.values()),
     })
@@ -119,7 +121,7 @@ def _check_same_sweep(spec: SweepSpec, sweep_dir: Path) -> None:
             raise ScenarioError(f"{sweep_dir} holds runs but no {INDEX}; choose another --out",
                                 file="--out")
         return
-    old = read_index(sweep_dir)
+    old = read_index(sweep_dir).get("identity", {})
     new = json.loads(json.dumps(spec.identity()))
     for key in ("scenario", "sets", "points"):
         if old.get(key) != new[key]:
@@ -224,7 +226,9 @@ def _execute(spec: SweepSpec, todo: list[SweepRun], folder: Path, total: int, do
         while pending or running:
             while pending and len(running) < spec.jobs:
                 r = pending.pop(0)
-                r.status = "resuming" if list_checkpoints(r.run_dir) else "running"
+                ckpts = list_checkpoints(r.run_dir)
+                r.status = "running"
+                r.resumed_from = int(ckpts[-1].stem.split("_")[1]) if ckpts else None
                 log = open(folder / "logs" / f"{r.name}.log", "ab")  # noqa: SIM115 - child owns it
                 proc = subprocess.Popen(_command(spec, r), stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec)
@@ -240,6 +244,8 @@ def _execute(spec: SweepSpec, todo: list[SweepRun], folder: Path, total: int, do
                     r.detail = _last_line(folder / "logs" / f"{r.name}.log")
                 acc = _summary_acc(r.run_dir)
                 echo(f"[{done}/{total}] {r.name}: {r.status}"
+                     + (f" (resumed from round {r.resumed_from})"
+                        if r.resumed_from is not None else "")
                      + (f", final test accuracy {acc:.4f}" if acc is not None else "")
                      + f" ({time.perf_counter() - t0:.1f} s)"
                      + (f": {r.detail}" if r.detail else ""))
