@@ -90,8 +90,9 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction, dict[str, Handle
         pass
     from fedflat.audit.cli import register as audit_register
     from fedflat.report.cli import register as report_register
+    from fedflat.sweep.cli import register as sweep_register
 
-    regs.extend([audit_register, report_register])
+    regs.extend([audit_register, report_register, sweep_register])
     try:  # needs the optional flwr package: pip install -e '.[flower]'
         from fedflat.flower.cli import register as flower_register
 
