@@ -23,6 +23,7 @@ from fedflat.scenario.local_rule import (
 )
 from fedflat.scenario.privacy import PrivacyConfig
 from fedflat.scenario.system import SystemConfig
+from fedflat.scenario.vectorize import vectorize_checks
 
 
 class Section(BaseModel):
@@ -115,12 +116,14 @@ class ServerConfig(Section):
 
 
 class RuntimeConfig(Section):
-    backend: Literal["serial", "ray"] = Field("serial", description="'serial' = in-process reference; 'ray' = a pool of client actors plus a server actor.")
+    backend: Literal["serial", "ray", "vmap"] = Field("serial", description="'serial' = in-process reference; 'ray' = a pool of client actors plus a server actor; "
+                                                      "'vmap' = in-process, all clients of a round trained at once (torch.func.vmap).")
     num_actors: int = Field(2, ge=1, description="Ray: number of client actors.")
     num_cpus: float = Field(1.0, gt=0, description="Ray: CPUs per client actor (also its torch thread count, rounded up).")
     num_gpus: float = Field(0.0, ge=0, description="Ray: GPUs per client actor (fractional allowed); > 0 trains on CUDA.")
     address: str | None = Field(None, description="Ray: join an existing cluster ('auto' or 'ray://host:10001'); None starts a local Ray for the run.")
     threads: int | None = Field(None, ge=1, description="torch threads in the serial backend / driver (None = torch default).")
+    vectorize: bool = Field(False, description="Ray: each client actor trains its chunk at once with the vmap engine instead of one client after another.")
 
 
 class SharpnessConfig(Section):
@@ -217,6 +220,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
         if sc.comm.downlink.error_feedback:
             errors.append(("comm.downlink.error_feedback",
                            "downlink error feedback needs one model per round; not available in asynchronous mode"))
+    errors.extend(vectorize_checks(sc))
     if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
         errors.append(("data.partition.method", "synthetic data is generated per device: use method 'natural'"))
     return errors
