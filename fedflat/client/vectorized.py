@@ -404,7 +404,8 @@ class ChunkEngine:
                 g = g * _col(clip / _rownorm(g).clamp_min(clip))
             dv = g + rule.weight_decay * w if rule.weight_decay else g
             if rule.optimizer == "adam":
-                assert adam_m is not None and adam_v is not None  # noqa: S101
+                assert adam_m is not None  # noqa: S101
+                assert adam_v is not None  # noqa: S101
                 t = (steps + 1).to(dt)
                 adam_m = torch.where(a, 0.9 * adam_m + (1 - 0.9) * dv, adam_m)
                 adam_v = torch.where(a, 0.999 * adam_v + (1 - 0.999) * dv * dv, adam_v)
