@@ -313,4 +313,8 @@ class RayBackend:
 def make_backend(sc: Scenario, fed: FederatedData, params: torch.Tensor) -> Backend:
     if sc.runtime.backend == "ray":
         return RayBackend(sc, fed, params)
+    if sc.runtime.backend == "vmap":
+        from fedflat.runtime.vmap_backend import VmapBackend  # it builds on SerialBackend
+
+        return VmapBackend(sc, fed, params)
     return SerialBackend(sc, fed, params)

@@ -84,10 +84,18 @@ class ClientWorker:
         self.flipped = byzantine_clients(scenario, fed.num_clients) \
             if scenario.attack.kind == "label_flip" else frozenset()
         self.num_classes = ds.num_classes
+        # runtime.backend vmap / runtime.vectorize: a chunk's clients trained at once, with
+        # the same batches, noise and results (imported here: vmap_backend imports this module).
+        self.chunks = None
+        if scenario.runtime.backend == "vmap" or scenario.runtime.vectorize:
+            from fedflat.runtime.vmap_backend import ChunkRunner
+            self.chunks = ChunkRunner(self)
 
     def run(self, payload: RoundPayload, jobs: Sequence[ClientJob],
             states: Sequence[dict[str, Tensor]]) -> list[ClientResult]:
         """Run ``jobs`` in order from the payload's global model; results in job order."""
+        if self.chunks is not None:
+            return self.chunks.run(payload, jobs, states)
         versions = {v: t.to(self.device) for v, t in payload.versions.items()}
         latest = payload.params.to(self.device)
         broadcast = {k: v.to(self.device) for k, v in payload.broadcast.items()}

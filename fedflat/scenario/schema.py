@@ -23,6 +23,7 @@ from fedflat.scenario.local_rule import (
 )
 from fedflat.scenario.privacy import PrivacyConfig
 from fedflat.scenario.system import SystemConfig
+from fedflat.scenario.vectorize import vectorize_checks
 
 
 class Section(BaseModel):
@@ -155,9 +156,10 @@ class ServerConfig(Section):
 
 
 class RuntimeConfig(Section):
-    backend: Literal["serial", "ray"] = Field(
+    backend: Literal["serial", "ray", "vmap"] = Field(
         "serial", description="'serial' = in-process reference; 'ray' = a pool of client actors "
-        "plus a server actor.")
+        "plus a server actor; 'vmap' = in-process, all clients of a round trained at once "
+        "(torch.func.vmap).")
     num_actors: int = Field(2, ge=1, description="Ray: number of client actors.")
     num_cpus: float = Field(
         1.0, gt=0,
@@ -171,6 +173,9 @@ class RuntimeConfig(Section):
     threads: int | None = Field(
         None, ge=1,
         description="torch threads in the serial backend / driver (None = torch default).")
+    vectorize: bool = Field(
+        False, description="Ray: each client actor trains its chunk at once with the vmap "
+        "engine instead of one client after another.")
 
 
 class SharpnessConfig(Section):
@@ -301,6 +306,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             errors.append(("comm.downlink.error_feedback",
                            "downlink error feedback needs one model per round; not "
                            "available in asynchronous mode"))
+    errors.extend(vectorize_checks(sc))
     if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
         errors.append(("data.partition.method",
                        "synthetic data is generated per device: use method 'natural'"))
