@@ -8,7 +8,7 @@ class FedflatError(Exception):
 
 
 class ScenarioError(FedflatError):
-    """A scenario problem, located by file, key path and line."""
+    """A scenario problem, located by file, key path and line (and column)."""
 
     def __init__(
         self,
@@ -17,17 +17,21 @@ class ScenarioError(FedflatError):
         file: str | None = None,
         key: str | None = None,
         line: int | None = None,
+        column: int | None = None,
     ) -> None:
         self.message = message
         self.file = file
         self.key = key
         self.line = line
+        self.column = column  # 1-based, for files read as tables (system traces)
         super().__init__(str(self))
 
     def __str__(self) -> str:
         where = self.file or "<scenario>"
         if self.line is not None:
             where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
         key = f" {self.key}:" if self.key else ""
         return f"{where}:{key} {self.message}"
 

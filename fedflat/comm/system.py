@@ -152,58 +152,95 @@ def _resolve(path: str, base_dir: str | Path | None) -> Path:
     return p if p.is_absolute() or base_dir is None else Path(base_dir) / p
 
 
-def _read_rows(path: Path, ncols: int, key: str) -> list[list[float]]:
-    """Numeric rows of a CSV; a non-numeric first row is a header and is skipped."""
+_VALUE_COLUMNS = ("client_id", "value")
+_AVAILABILITY_COLUMNS = ("client_id", "round", "available")
+
+
+def _read_rows(path: Path, columns: tuple[str, ...], key: str) -> list[tuple[int, list[float]]]:
+    """(line number, numeric cells) of each data row of a CSV trace.
+
+    A first row whose cells are not all numbers is a header and is skipped; blank lines are
+    ignored. Errors name the trace file, its line and column (1-based) and ``key``.
+    """
+    ncols = len(columns)
     try:
-        with path.open(newline="") as f:
-            raw = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
-    except OSError as exc:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            raw = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+    except FileNotFoundError:
+        raise ScenarioError(f"trace file not found: {path}", key=key) from None
+    except IsADirectoryError:
+        raise ScenarioError(f"trace path is a folder, not a CSV file: {path}", key=key) from None
+    except UnicodeDecodeError as exc:
         raise ScenarioError(
-            f"cannot read trace {str(path)!r}: {exc}", key=key
-        ) from None
-    rows: list[list[float]] = []
-    for lineno, r in enumerate(raw, start=1):
-        if len(r) != ncols:
-            raise ScenarioError(
-                f"{path}:{lineno}: expected {ncols} columns, got {len(r)}", key=key
-            )
-        try:
-            rows.append([float(c) for c in r])
-        except ValueError:
-            if lineno == 1:
-                continue  # header
-            raise ScenarioError(
-                f"{path}:{lineno}: non-numeric value in {r}", key=key
-            ) from None
+            f"not UTF-8 text: byte 0x{exc.object[exc.start]:02x} at byte offset {exc.start} "
+            "(a trace is a CSV text file)", file=str(path), key=key) from None
+    except (OSError, csv.Error) as exc:
+        raise ScenarioError(f"cannot read trace file {path}: {exc}", key=key) from None
+    header = ",".join(columns)
+    rows: list[tuple[int, list[float]]] = []
+    for i, (lineno, r) in enumerate(raw):
+        where = {"file": str(path), "key": key, "line": lineno}
+        if len(r) != ncols:  # the column is the first missing (or first extra) one
+            raise ScenarioError(f"expected {ncols} columns ({header}), got {len(r)}", **where,
+                                column=min(len(r), ncols) + 1)
+        if i == 0 and not any(_is_number(c) for c in r):
+            continue  # a header row
+        cells: list[float] = []
+        for col, (name, cell) in enumerate(zip(columns, r, strict=True), start=1):
+            if not _is_number(cell):
+                raise ScenarioError(f"{name}: {cell.strip()!r} is not a number", **where,
+                                    column=col)
+            value = float(cell)
+            if not math.isfinite(value):
+                raise ScenarioError(f"{name}: {cell.strip()!r} is not a finite number", **where,
+                                    column=col)
+            cells.append(value)
+        rows.append((lineno, cells))
+    if not rows:
+        raise ScenarioError(f"empty trace: no data rows (expected rows {header})",
+                            file=str(path), key=key)
     return rows
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _integer(path: Path, key: str, lineno: int, column: int, name: str, x: float) -> int:
+    if x != int(x) or x < 0:
+        raise ScenarioError(f"{name} must be a non-negative integer, got {x:g}", file=str(path),
+                            key=key, line=lineno, column=column)
+    return int(x)
 
 
 def _read_value_trace(
     path: Path, num_clients: int, key: str, *, positive: bool
 ) -> np.ndarray:
-    rows = _read_rows(path, 2, key)
+    rows = _read_rows(path, _VALUE_COLUMNS, key)
     values = np.full(num_clients, np.nan)
-    for cid, value in rows:
-        if cid != int(cid) or cid < 0:
-            raise ScenarioError(
-                f"{path}: client_id must be a non-negative integer, got {cid}", key=key
-            )
+    for lineno, (cid_raw, value) in rows:
+        cid = _integer(path, key, lineno, 1, "client_id", cid_raw)
+        if (value <= 0) if positive else (value < 0):
+            bound = "> 0 (a rate)" if positive else ">= 0"
+            raise ScenarioError(f"value must be {bound}, got {value:g}", file=str(path),
+                                key=key, line=lineno, column=2)
         if cid >= num_clients:
             continue  # a trace may describe a larger population
-        if not np.isnan(values[int(cid)]):
-            raise ScenarioError(f"{path}: client {int(cid)} listed twice", key=key)
-        if (value <= 0) if positive else (value < 0):
-            bound = "> 0" if positive else ">= 0"
-            raise ScenarioError(
-                f"{path}: client {int(cid)} value must be {bound}, got {value}", key=key
-            )
-        values[int(cid)] = value
+        if not np.isnan(values[cid]):
+            raise ScenarioError(f"client {cid} listed twice", file=str(path), key=key,
+                                line=lineno, column=1)
+        values[cid] = value
     missing = np.flatnonzero(np.isnan(values))
     if missing.size:
         raise ScenarioError(
-            f"{path}: no value for {missing.size} of {num_clients} clients "
-            f"(first: {missing[:5].tolist()})",
-            key=key,
+            f"no value for {missing.size} of {num_clients} clients "
+            f"(first: {missing[:5].tolist()}); a value trace lists every client",
+            file=str(path), key=key,
         )
     return values
 
@@ -211,27 +248,21 @@ def _read_value_trace(
 def _read_availability_trace(
     path: Path, num_clients: int, key: str
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    rows = _read_rows(path, 3, key)
+    rows = _read_rows(path, _AVAILABILITY_COLUMNS, key)
     by_round: dict[int, dict[int, bool]] = {}
-    for cid, rnd, avail in rows:
-        if cid != int(cid) or cid < 0 or rnd != int(rnd) or rnd < 0:
-            raise ScenarioError(
-                f"{path}: client_id and round must be non-negative integers, "
-                f"got {cid}, {rnd}",
-                key=key,
-            )
+    for lineno, (cid_raw, rnd_raw, avail) in rows:
+        cid = _integer(path, key, lineno, 1, "client_id", cid_raw)
+        rnd = _integer(path, key, lineno, 2, "round", rnd_raw)
         if avail not in (0.0, 1.0):
-            raise ScenarioError(
-                f"{path}: available must be 0 or 1, got {avail}", key=key
-            )
+            raise ScenarioError(f"available must be 0 or 1, got {avail:g}", file=str(path),
+                                key=key, line=lineno, column=3)
         if cid >= num_clients:
             continue
-        entries = by_round.setdefault(int(rnd), {})
-        if int(cid) in entries:
-            raise ScenarioError(
-                f"{path}: client {int(cid)} round {int(rnd)} listed twice", key=key
-            )
-        entries[int(cid)] = bool(avail)
+        entries = by_round.setdefault(rnd, {})
+        if cid in entries:
+            raise ScenarioError(f"client {cid} round {rnd} listed twice", file=str(path),
+                                key=key, line=lineno, column=1)
+        entries[cid] = bool(avail)
     return {
         r: (
             np.fromiter(e.keys(), dtype=np.int64, count=len(e)),

@@ -74,11 +74,21 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[Path_, int]]:
     """Parse a YAML file into a dict and a map from key path to line number."""
     file = str(path)
     try:
-        text = Path(path).read_text()
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ScenarioError("scenario file not found", file=file) from None
+    except IsADirectoryError:
+        raise ScenarioError("is a folder, not a scenario file", file=file) from None
     except OSError as exc:
         raise ScenarioError(f"cannot read scenario file: {exc.strerror}", file=file) from None
+    try:
+        # Decoded here, not with the locale's encoding: YAML files are UTF-8 (a BOM is allowed).
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ScenarioError(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset "
+                            f"{exc.start} cannot be decoded (save the file as UTF-8)",
+                            file=file, line=line) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -86,8 +96,18 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[Path_, int]]:
         line = mark.line + 1 if mark else None
         raise ScenarioError(f"YAML syntax error: {exc.problem or exc.context}", file=file,
                             line=line) from None
-    if node is None:
-        return {}, {}
+    except yaml.reader.ReaderError as exc:  # a control character (e.g. NUL) in the text
+        line = text.count("\n", 0, exc.position) + 1
+        char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+        raise ScenarioError(f"not a text file: control character {char} at character "
+                            f"{exc.position} is not allowed in YAML", file=file,
+                            line=line) from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"YAML error: {exc}", file=file) from None
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"):
+        # An empty file would silently run every default; ask for an explicit `{}`.
+        raise ScenarioError("empty scenario (no keys); to run every default write `{}` or "
+                            "`name: NAME`", file=file)
     lines: dict[Path_, int] = {}
     data = _construct(node, (), lines, file)
     if not isinstance(data, dict):
