@@ -35,6 +35,17 @@ def ray_session():
         ray.shutdown()
 
 
+def set_keys(sc: dict, over: dict) -> dict:
+    """Set dotted keys (``{"client.lr": 0.1}``) in a scenario dict, in place; returns it."""
+    for key, value in over.items():
+        node = sc
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return sc
+
+
 def tiny_scenario(**over) -> dict:
     """A small synthetic scenario as a dict; ``over`` maps dotted keys to values."""
     sc = {
@@ -49,10 +60,4 @@ def tiny_scenario(**over) -> dict:
         "eval": {"every": 2},
         "output": {"checkpoint_every": 1},
     }
-    for key, value in over.items():
-        node = sc
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return sc
+    return set_keys(sc, over)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import set_keys
 
 import fedflat
 from fedflat.runtime.build import build_data, build_flat_model, initial_params
@@ -18,13 +19,7 @@ def bn_scenario(**over) -> dict:
           "server": {"rounds": 15, "clients_per_round": 5},
           "runtime": {"threads": 1}, "eval": {"every": 15},
           "output": {"checkpoint_every": 0, "progress": False, "plots": False}}
-    for key, value in over.items():
-        node = sc
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return sc
+    return set_keys(sc, over)
 
 
 def test_global_statistics_are_the_weighted_mean_of_the_clients(tmp_path):

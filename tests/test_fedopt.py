@@ -175,3 +175,37 @@ def test_swa_start_resolution():
         swa_start_round(1.5, 100)
     with pytest.raises(ValueError, match="collect"):
         swa_step(start_round=0, cycle=2, collect="highest")
+
+
+
+def three_rounds_of_half(step) -> float:
+    """x after three rounds of the constant pseudo-gradient 0.5, from x = 0."""
+    x = torch.zeros(1, dtype=torch.float64)
+    state = step.init(x)
+    for k in range(3):
+        rnd = ServerRound(round=k, params=x, deltas=torch.zeros(1, 1), weights=torch.ones(1),
+                          client_ids=[0], num_clients=1,
+                          aggregate=torch.tensor([0.5], dtype=torch.float64))
+        rnd, state, _ = step.apply(rnd, state, stream(0, "server", k))
+        x = rnd.new_params
+    return float(x[0])
+
+
+def test_fedadagrad_default_has_no_first_moment_closed_form():
+    # Reddi et al. / Flower FedAdagrad: β1 = 0. Three rounds of a constant pseudo-gradient
+    # Δ = 0.5, η = 0.1, τ = 1e-3 from x = 0: v_t = t Δ², x_3 = Σ_t η Δ / (√(t Δ²) + τ).
+    from fedflat.runtime.build import build_fedopt
+    from fedflat.scenario.local_rule import FedOptConfig
+
+    expected = sum(0.1 * 0.5 / (math.sqrt(t * 0.25) + 1e-3) for t in (1, 2, 3))
+    assert expected == pytest.approx(0.2281, abs=1e-4)
+    from_scenario = build_fedopt("fedadagrad", lr=0.1, config=FedOptConfig(tau=1e-3))
+    assert three_rounds_of_half(from_scenario) == pytest.approx(expected, rel=1e-12)
+    assert three_rounds_of_half(fedadagrad(lr=0.1, tau=1e-3)) == pytest.approx(expected, rel=1e-12)
+    # A user's β1 still wins: 0.9 on Adagrad gives the issue's slow start (0.039, not 0.228).
+    user = build_fedopt("fedadagrad", lr=0.1, config=FedOptConfig(beta1=0.9, tau=1e-3))
+    assert three_rounds_of_half(user) == pytest.approx(0.039, abs=1e-3)
+    # FedAdam keeps β1 = 0.9 when the key is left unset.
+    unset = build_fedopt("fedadam", lr=0.1, config=FedOptConfig())
+    explicit = build_fedopt("fedadam", lr=0.1, config=FedOptConfig(beta1=0.9))
+    assert three_rounds_of_half(unset) == three_rounds_of_half(explicit)

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_scenario
+from conftest import set_keys, tiny_scenario
 
 import fedflat
 from fedflat.client.correction import (
@@ -32,21 +32,11 @@ from fedflat.scenario import load_scenario
 TOL = 1e-5  # per-client deltas after one local update (float32, other summation order)
 
 
-def _set(sc: dict, over: dict) -> dict:
-    for key, value in over.items():
-        node = sc
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return sc
-
-
 def _workers(over: dict, base: dict | None = None):
     raw = base if base is not None else tiny_scenario()
-    raw = _set(raw, over)
+    raw = set_keys(raw, over)
     serial = load_scenario(raw).scenario
-    vm = load_scenario(_set(dict(raw), {"runtime.backend": "vmap"})).scenario
+    vm = load_scenario(set_keys(dict(raw), {"runtime.backend": "vmap"})).scenario
     fed = build_data(serial)
     a, b = ClientWorker(serial, fed), ClientWorker(vm, fed)
     assert a.chunks is None
@@ -153,7 +143,7 @@ def test_dp_chunk_equals_serial_loop(case):
 
 
 def _digits_cnn(**over) -> dict:
-    return _set({"name": "cnn", "seed": 1,
+    return set_keys({"name": "cnn", "seed": 1,
                  "data": {"dataset": "digits", "num_clients": 12,
                           "partition": {"method": "dirichlet_per_class", "alpha": 0.5,
                                         "min_size": 5}},
@@ -199,7 +189,7 @@ def _quickstart(**over) -> dict:
             "server": {"rounds": 3, "clients_per_round": 10},
             "runtime": {"threads": 1}, "eval": {"every": 3},
             "output": {"checkpoint_every": 0, "progress": False, "plots": False}}
-    return _set(base, over)
+    return set_keys(base, over)
 
 
 RUNS = {
@@ -218,7 +208,7 @@ RUNS = {
 def test_run_equals_serial_after_three_rounds(tmp_path, case):
     sc = _quickstart(**RUNS[case])
     serial = fedflat.run(sc, out=tmp_path / "s")
-    vm = fedflat.run(_set(sc, {"runtime.backend": "vmap"}), out=tmp_path / "v")
+    vm = fedflat.run(set_keys(sc, {"runtime.backend": "vmap"}), out=tmp_path / "v")
     assert (serial.params - vm.params).abs().max() <= 1e-4
     assert [m["clients"] for m in serial.metrics] == [m["clients"] for m in vm.metrics]
     assert vm.summary["status"] == "completed"
@@ -229,7 +219,7 @@ def test_run_equals_serial_after_three_rounds(tmp_path, case):
 def test_ray_actors_running_vmap_equal_serial(tmp_path, ray_session):
     sc = _quickstart(**RUNS["scaffold"])
     serial = fedflat.run(sc, out=tmp_path / "s")
-    on_ray = fedflat.run(_set(sc, {"runtime": {"backend": "ray", "num_actors": 2, "threads": 1,
+    on_ray = fedflat.run(set_keys(sc, {"runtime": {"backend": "ray", "num_actors": 2, "threads": 1,
                                                "vectorize": True}}), out=tmp_path / "r")
     assert (serial.params - on_ray.params).abs().max() <= 1e-4
 

@@ -205,7 +205,8 @@ def build_fedopt(name: str, *, lr: float, config: FedOptConfig) -> ServerStep:
     key = name if name.startswith("fed") else f"fed{name}"
     common = {
         "lr": lr,
-        "beta1": config.beta1,
+        "beta1": config.beta1 if config.beta1 is not None else (
+            0.0 if key == "fedadagrad" else 0.9),
         "tau": config.tau,
         "bias_correction": config.bias_correction,
         "initial_accumulator": config.initial_accumulator,

@@ -148,8 +148,11 @@ class FedOptConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    beta1: float = Field(
-        0.9, ge=0, lt=1, description="First-moment decay β1. Default 0.9."
+    beta1: float | None = Field(
+        None, ge=0, lt=1,
+        description="First-moment decay β1. None: 0.9 for FedAdam / FedYogi, 0 for FedAdagrad "
+        "(Reddi et al. and Flower: Adagrad's accumulator never forgets, so a β1 > 0 slow start "
+        "persists).",
     )
     beta2: float = Field(
         0.99,
@@ -277,7 +280,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "server": {
             "optimizer": "fedadagrad",
             "lr": 0.1,
-            "fedopt": {"beta1": 0.9, "tau": 1e-2},
+            "fedopt": {"tau": 1e-2},
         },
     },
 }

@@ -164,7 +164,7 @@ def fedyogi(
 def fedadagrad(
     *,
     lr: float,
-    beta1: float = 0.9,
+    beta1: float = 0.0,
     tau: float = 1e-3,
     bias_correction: bool = False,
     initial_accumulator: float = 0.0,
