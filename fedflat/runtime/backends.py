@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -258,6 +259,10 @@ class RayBackend:
         rt = sc.runtime
         self._started = False
         if not ray.is_initialized():
+            # Ray warns on every start that it will stop overriding CUDA_VISIBLE_DEVICES for
+            # actors with num_gpus=0; opting in now is harmless (such actors train on "cpu")
+            # and leaves the console to fedflat's own lines.
+            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             if rt.address:
                 ray.init(address=rt.address, log_to_driver=False)
             else:
