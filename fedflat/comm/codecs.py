@@ -44,6 +44,11 @@ if TYPE_CHECKING:
     from fedflat.scenario.comm import CodecConfig
 
 HEADER_NBYTES = 4
+
+
+def fp32_nbytes(t: Tensor) -> int:
+    """Bytes of a tensor sent uncompressed next to a delta or model: one header, 4 per value."""
+    return HEADER_NBYTES + 4 * t.numel()
 """Bytes of the per-message header: one uint32 count of coordinates carried."""
 
 CODEC_NAMES: tuple[str, ...] = (

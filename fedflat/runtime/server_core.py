@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fedflat.client.update import ClientResult
-from fedflat.comm.codecs import HEADER_NBYTES, codec_from_config, transmit
+from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
@@ -66,9 +66,9 @@ class ServerCore:
         # Committed by end_round: a payload prepared ahead (and a checkpoint taken before
         # the round runs) must not advance the residual.
         self._pending_down_residual = tx.residual
-        extra = sum(HEADER_NBYTES + 4 * v.numel() for v in self.broadcast.values())
+        extra = sum(fp32_nbytes(v) for v in self.broadcast.values())
         if self.buffers.numel():  # the statistics go down uncompressed (fp32)
-            extra += HEADER_NBYTES + 4 * self.buffers.numel()
+            extra += fp32_nbytes(self.buffers)
         self._down_nbytes = tx.nbytes + extra
         params = self.params if self.sc.comm.downlink.codec == "fp32" else tx.decoded
         old = {v: self.versions[v] for v in versions}
@@ -164,8 +164,7 @@ class ServerCore:
         w = torch.tensor([float(j.weight) if j.weight is not None
                           else (1.0 if uniform else float(r.num_samples))
                           for j, r in zip(jobs, results, strict=True)], dtype=torch.float64)
-        stacked = torch.stack([r.buffers for r in results]).to(torch.float64)
-        return ((w / w.sum()) @ stacked).to(self.buffers.dtype)
+        return _weighted_mean([r.buffers for r in results], w)
 
     # ------------------------------------------------------------------ evaluation
     def _per_client_test(self, fed: FederatedData) -> list[tuple[Tensor, Tensor]] | None:
@@ -190,8 +189,7 @@ class ServerCore:
         if not own:
             return self.init_buffers
         w = torch.tensor([float(self._client_sizes[c]) for c in own], dtype=torch.float64)
-        stacked = torch.stack(list(own.values())).to(torch.float64)
-        return ((w / w.sum()) @ stacked).to(self.init_buffers.dtype)
+        return _weighted_mean(list(own.values()), w)
 
     def _make_eval_sets(self, fed: FederatedData) -> dict[str, tuple[Tensor, Tensor]]:
         ds, ev = fed.dataset, self.sc.eval
@@ -317,3 +315,9 @@ class ServerCore:
         self.buffers = buffers if buffers is not None else self.buffers
         self.buffer_versions = state.get("buffer_versions",
                                          dict.fromkeys(self.versions, self.buffers))
+
+
+def _weighted_mean(rows: Sequence[Tensor], w: Tensor) -> Tensor:
+    """Σ w_i row_i / Σ w_i, accumulated in float64, in the rows' dtype."""
+    stacked = torch.stack(list(rows)).to(torch.float64)
+    return ((w / w.sum()) @ stacked).to(rows[0].dtype)

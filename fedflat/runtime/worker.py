@@ -16,8 +16,7 @@ from torch import Tensor
 from fedflat.attacks.byzantine import flip_labels
 from fedflat.client.oracle import UpdateContext
 from fedflat.client.update import ClientResult, client_update
-from fedflat.comm.codecs import HEADER_NBYTES as FP32_HEADER
-from fedflat.comm.codecs import codec_from_config, transmit
+from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
 from fedflat.rng import stream
 from fedflat.runtime.build import (
     FederatedData,
@@ -134,7 +133,7 @@ class ClientWorker:
             elif global_buffers.numel():
                 # The statistics go up uncompressed (fp32, one header) next to the delta.
                 res.buffers = self.model.get_buffers()
-                res.metrics["bytes_up"] += float(FP32_HEADER + 4 * res.buffers.numel())
+                res.metrics["bytes_up"] += float(fp32_nbytes(res.buffers))
             if self.device.type != "cpu":
                 res.delta = res.delta.cpu()
                 res.buffers = res.buffers.cpu()
@@ -151,5 +150,5 @@ class ClientWorker:
         res.delta = tx.decoded
         if tx.residual is not None:
             res.client_state[EF_KEY] = tx.residual
-        extra_bytes = sum(FP32_HEADER + 4 * v.numel() for v in res.extras.values())
+        extra_bytes = sum(fp32_nbytes(v) for v in res.extras.values())
         res.metrics["bytes_up"] = float(tx.nbytes + extra_bytes)
