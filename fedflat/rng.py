@@ -26,6 +26,7 @@ PURPOSES: dict[str, int] = {
     "audit": 10,  # privacy audit canaries
     "server": 11,  # server-side randomness (bucketing permutations, ...)
     "split": 12,  # train/test splits
+    "client_noise": 13,  # user-level DP noise a client adds to its own delta (DP-FedSAM)
 }
 
 

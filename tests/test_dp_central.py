@@ -10,14 +10,15 @@ import pytest
 import torch
 from scipy import stats
 
+from fedflat.client.uplink import UplinkContext, chain
 from fedflat.models import FlatModel, build_model
 from fedflat.privacy.central import (
     adaptive_clipping,
     capped_weights,
     clip_updates,
     gaussian_sum_noise,
-    local_noise,
 )
+from fedflat.privacy.client_noise import client_noise_steps
 from fedflat.server.optimizers import fedavg
 from fedflat.server.pipeline import Pipeline, ServerRound
 from fedflat.server.rules import rule_step
@@ -220,10 +221,18 @@ def test_adaptive_state_survives_torch_save():
 
 
 # --------------------------------------------------------------------------- DP-FedSAM
+# The clip and the noise run in each client's uplink chain (fedflat.privacy.client_noise);
+# these apply that chain to every row as the m clients would.
+def client_rows(steps, x, seed=0):
+    up = chain(*steps)
+    return torch.stack([up.update(row, {}, UplinkContext(seed, 0, i))[0]
+                        for i, row in enumerate(x)])
+
+
 def test_local_noise_per_client_std_and_mean_std():
     m, d, c, sigma = 10, 4000, 0.5, 0.95
-    step = local_noise(clip_norm=c, noise_multiplier=sigma, clients_per_round=m)
-    out, _, _ = run_step(step, make_round(torch.zeros(m, d)), seed=3)
+    steps = client_noise_steps(clip_norm=c, noise_multiplier=sigma, clients_per_round=m)
+    out = make_round(client_rows(steps, torch.zeros(m, d), seed=3))
     assert chi2_std_ok(out.deltas, sigma * c / math.sqrt(m))
     mean = rule_step("mean", {}, weighting="uniform")
     agg, _, _ = run_step(mean, out)
@@ -234,20 +243,21 @@ def test_local_noise_clips_globally_or_per_tensor():
     model = FlatModel(build_model("mlp", (6,), 3, hidden=(5,)))
     d = model.num_params
     x = torch.randn(4, d, generator=gen(5)) * 3.0
-    glob = local_noise(clip_norm=1.0, noise_multiplier=0.0, clients_per_round=4)
-    out, _, m = run_step(glob, make_round(x))
-    assert torch.all(out.deltas.norm(dim=1) <= 1.0 + 1e-5)
-    assert m["dp/frac_clipped"] == 1.0
-    per = local_noise(clip_norm=1.0, noise_multiplier=0.0, clients_per_round=4,
-                      clip_scope="per_tensor", segments=model.segments)
-    out, _, _ = run_step(per, make_round(x))
+    glob = client_noise_steps(clip_norm=1.0, noise_multiplier=0.0, clients_per_round=4)
+    out = client_rows(glob, x)
+    assert torch.all(out.norm(dim=1) <= 1.0 + 1e-5)
+    assert all(glob[0].update(row, {}, UplinkContext(0, 0, 0))[2]["dp/frac_clipped"] == 1.0
+               for row in x)
+    per = client_noise_steps(clip_norm=1.0, noise_multiplier=0.0, clients_per_round=4,
+                             clip_scope="per_tensor", segments=model.segments)
+    out = client_rows(per, x)
     for s in model.segments:
-        blk, orig = out.deltas[:, s.slice], x[:, s.slice]
+        blk, orig = out[:, s.slice], x[:, s.slice]
         expected = orig * torch.clamp(1.0 / orig.norm(dim=1, keepdim=True), max=1.0)
         torch.testing.assert_close(blk, expected)
     with pytest.raises(ValueError, match="segments"):
-        local_noise(clip_norm=1.0, noise_multiplier=1.0, clients_per_round=4,
-                    clip_scope="per_tensor")
+        client_noise_steps(clip_norm=1.0, noise_multiplier=1.0, clients_per_round=4,
+                           clip_scope="per_tensor")
     with pytest.raises(ValueError, match="clip_scope"):
-        local_noise(clip_norm=1.0, noise_multiplier=1.0, clients_per_round=4,
-                    clip_scope="layer")
+        client_noise_steps(clip_norm=1.0, noise_multiplier=1.0, clients_per_round=4,
+                           clip_scope="layer")

@@ -16,7 +16,8 @@ https://arxiv.org/abs/2305.08846; PRIVACY.md "Empirical audit"):
   clipping, noise on the sum) for the steps of all the client's planned participations.
   Scores are the canary coordinates of the released gradients, summed over steps.
 * **user level** (DP-FedAvg with a fixed or adaptive clip, or DP-FedSAM's client-side
-  noise, §4.3-4.5): the server steps of ``fedflat.runtime.build.user_level_steps`` are
+  noise, §4.3-4.5): the server steps of ``fedflat.runtime.build.user_level_steps`` (after
+  each canary client's own clip and noise, ``client_noise_steps``, for DP-FedSAM) are
   applied for T = ``server.rounds`` rounds to cohorts of canary clients drawn by
   ``fedflat.runtime.sampling.sample_cohort`` (Poisson, the scenario's q; excluded
   canaries are never eligible). Canary client i sends the delta c·e_i. Scores are the
@@ -52,6 +53,7 @@ from torch import Tensor, nn
 
 from fedflat.client.oracle import Batch, Metrics, Oracle, UpdateContext
 from fedflat.client.update import LocalRule, LocalSchedule, client_update
+from fedflat.client.uplink import UplinkContext, chain
 from fedflat.errors import FedflatError
 from fedflat.models.flat import FlatModel, Segment
 from fedflat.models.zoo import build_model
@@ -70,6 +72,7 @@ from fedflat.runtime.build import (
     FederatedData,
     build_local_rule,
     build_schedule,
+    client_noise_steps,
     initial_params,
     user_level_steps,
 )
@@ -430,8 +433,10 @@ def _user_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan, *
     u = sc.privacy.user_level
     n_pop = fed.num_clients
     assert plan.user_sigma is not None  # noqa: S101 - user level is enabled
+    assert plan.user_sigma_accounted is not None  # noqa: S101 - set with user_sigma
     z, q, rounds = plan.user_sigma, plan.user_q, sc.server.rounds
-    claimed = accounted_epsilon(sampling_rate=q, steps=rounds, noise_multiplier=z,
+    claimed = accounted_epsilon(sampling_rate=q, steps=rounds,
+                                noise_multiplier=plan.user_sigma_accounted,
                                 delta=u.delta, accountant=sc.privacy.accountant,
                                 conversion=sc.privacy.conversion)
     mechanism = _user_mechanism(sc)
@@ -461,7 +466,9 @@ def _user_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan, *
         "user_level": u.model_copy(update=update)})})
     segments = [Segment("canary", (num_canaries,), 0, num_canaries, nn.Module)]
     try:
-        steps = user_level_steps(faulty, n_pop, segments)
+        steps = user_level_steps(faulty, n_pop)
+        # DP-FedSAM: each canary client clips and noises its own delta (its uplink chain).
+        uplink = chain(*client_noise_steps(faulty, n_pop, segments))
     except ValueError as exc:  # e.g. adaptive clipping with z ≥ 2σ_b, as a run would fail
         raise loaded.error("privacy.user_level", str(exc)) from None
     m_exp = expected_cohort(sc, n_pop)
@@ -479,6 +486,9 @@ def _user_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan, *
         ids = torch.as_tensor(cohort, dtype=torch.long)
         deltas = torch.zeros(len(cohort), num_canaries)
         deltas[torch.arange(len(cohort)), ids] = c  # canary i sends c·e_i
+        if uplink.steps and cohort:
+            deltas = torch.stack([uplink.update(row, {}, UplinkContext(sc.seed, t, cid))[0]
+                                  for row, cid in zip(deltas, cohort, strict=True)])
         rnd = ServerRound(round=t, params=params, deltas=deltas,
                           weights=torch.ones(len(cohort)), client_ids=list(cohort),
                           num_clients=num_canaries)
@@ -497,8 +507,9 @@ def _user_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan, *
         claimed_epsilon=result.claimed_epsilon, flagged=result.flagged, delta=u.delta,
         alpha=alpha, num_canaries=num_canaries, num_included=int(included.sum()),
         guesses=result.guesses, correct=result.correct, noise_multiplier=z,
-        accounted_noise_multiplier=z, sampling_rate=q, steps=rounds, clip_norm=clip,
-        canary_norm=c, accountant=sc.privacy.accountant, fault=fault, notes=tuple(notes))
+        accounted_noise_multiplier=plan.user_sigma_accounted, sampling_rate=q, steps=rounds,
+        clip_norm=clip, canary_norm=c, accountant=sc.privacy.accountant, fault=fault,
+        notes=tuple(notes))
 
 
 # ----------------------------------------------------------------------------- entry
@@ -553,7 +564,9 @@ def audit_scenario(
     chosen = _choose_level(sc, level)
     fed = _load_data(loaded)
     try:
-        plan = resolve_privacy(sc, fed.client_sizes(), build_schedule(sc))
+        # num_tensors: the user-level canaries form one tensor; the sample-level audit
+        # claims per client and never reads it.
+        plan = resolve_privacy(sc, fed.client_sizes(), build_schedule(sc), num_tensors=1)
     except ValueError as exc:  # an impossible budget, as in a run
         raise loaded.error("privacy", str(exc)) from None
     common = {"num_canaries": canaries, "fault": fault, "canary_norm": canary_norm,

@@ -1,4 +1,4 @@
-"""User-level (client-level) DP at the server: DP-FedAvg, adaptive clipping, DP-FedSAM.
+"""User-level (client-level) DP at the server: DP-FedAvg and adaptive clipping.
 
 Server steps (``fedflat.server.pipeline.ServerStep``) that make one round's aggregate
 (ε, δ)-DP with respect to adding or removing one client. Where each goes:
@@ -24,21 +24,16 @@ Server steps (``fedflat.server.pipeline.ServerStep``) that make one round's aggr
 
   One step clips, counts, sums, noises and updates the clip norm (kept in its state).
 
-* DP-FedSAM's client-side noise (Shi et al. 2023, §4.5)::
-
-      Pipeline([local_noise(clip_norm=C, noise_multiplier=σ, clients_per_round=m),
-                rule_step("mean", {}, weighting="samples"), fedavg(lr=1.0)])
-
-  Each row is clipped and gets its own N(0, σ²C²/m) as if the client had added it;
-  the ordinary (sample-weighted, as in the released code) mean follows.
+DP-FedSAM's client-side noise (Shi et al. 2023, §4.5) is not a server step: each client
+clips and noises its own delta in its uplink chain (``fedflat.privacy.client_noise``), and
+the server takes the uniform mean.
 
 Accounting (the lead's part; user level, separate from any sample-level budget):
 record ``accountant.step(z, q, 1)`` once per round with q = expected clients per
 round / population N (Poisson cohort sampling, ``sample_cohort(method="poisson")``; a
 uniform fixed-size cohort is a different mechanism) and T = rounds. With adaptive
 clipping record the TOTAL z (the update sum gets z_Δ ≥ z, see
-``adaptive_clip_noise_split``). With ``local_noise`` record σ (global clip) or σ/√K
-(``clip_scope="per_tensor"`` with K tensors: the sensitivity is C√K).
+``adaptive_clip_noise_split``).
 
 All noise comes from the generator handed to ``apply`` (the ``"noise"`` stream); it is
 not cryptographic (fine for simulation, opacus#616).
@@ -48,7 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,8 +52,6 @@ from fedflat.models.flat import Segment
 from fedflat.privacy.accounting import adaptive_clip_noise_split
 from fedflat.server.pipeline import Metrics, ServerRound, ServerStep
 
-ClipScope = Literal["global", "per_tensor"]
-CLIP_SCOPES: tuple[str, ...] = ("global", "per_tensor")
 CLIP_UPDATES: tuple[str, ...] = ("geometric", "arithmetic")
 
 _TINY = 1e-12
@@ -397,97 +390,3 @@ def adaptive_clipping(
 
     return ServerStep("dp_adaptive_clip", init=init, apply=apply)
 
-
-def clip_and_noise_delta(
-    deltas: Tensor,
-    gen: torch.Generator,
-    *,
-    clip_norm: float,
-    noise_multiplier: float,
-    clients_per_round: float,
-    clip_scope: str = "global",
-    segments: Sequence[Segment] | None = None,
-) -> tuple[Tensor, float]:
-    """DP-FedSAM client-side privatisation of deltas [m, d] (or one delta [d]).
-
-    Each row is clipped to C (globally, or per parameter tensor) and gets independent
-    N(0, σ²C²/m · I): the m clients' noise sums to N(0, σ²C² I).
-
-    Returns:
-        ``(noisy deltas, fraction clipped)`` (rows for global, (row, tensor) blocks for
-        per_tensor).
-    """
-    single = deltas.dim() == 1
-    x = deltas.unsqueeze(0) if single else deltas
-    if clip_scope == "global":
-        clipped, _, mask = clip_rows(x, clip_norm)
-        frac = float(mask.float().mean()) if mask.numel() else 0.0
-    else:
-        _require(
-            clip_scope == "per_tensor" and bool(segments),
-            f"clip_scope must be 'global', or 'per_tensor' with segments; got "
-            f"clip_scope={clip_scope!r}, segments={'given' if segments else None}",
-        )
-        clipped, frac_t = clip_rows_per_tensor(x, clip_norm, segments or ())
-        frac = float(frac_t)
-    if noise_multiplier > 0 and clipped.shape[0]:
-        std = noise_multiplier * clip_norm / math.sqrt(clients_per_round)
-        clipped = clipped + _normal(tuple(clipped.shape), gen, clipped) * std
-    return (clipped[0] if single else clipped), frac
-
-
-def local_noise(
-    *,
-    clip_norm: float,
-    noise_multiplier: float,
-    clients_per_round: float,
-    clip_scope: str = "global",
-    segments: Sequence[Segment] | None = None,
-) -> ServerStep:
-    """DP-FedSAM's local noise: clip each delta to C, add N(0, σ²C²/m) to each.
-
-    Simulates what each client does before upload (Shi et al. 2023, §4.5); follow it
-    with an ordinary mean rule (``rule_step("mean", {}, weighting="samples")`` as the
-    released code, or ``"uniform"``, which the uniform-weight analysis assumes). With
-    m clients and uniform weights the mean carries noise std σC/m, as central
-    DP-FedAvg.
-
-    Args:
-        clip_norm: C > 0.
-        noise_multiplier: σ ≥ 0.
-        clients_per_round: m > 0 (the m in σ²C²/m).
-        clip_scope: "global" (flat, sensitivity C; default) or "per_tensor" (each
-            parameter tensor to C as the released code; sensitivity C√K, account σ/√K).
-        segments: ``FlatModel.segments``, required with ``per_tensor``.
-
-    Returns:
-        A ``ServerStep`` named ``"dp_local_noise"`` that edits ``round.deltas``. Metrics
-        ``dp/frac_clipped``.
-
-    References:
-        Shi et al., "Make Landscape Flatter in Differentially Private Federated
-        Learning", CVPR 2023, https://arxiv.org/abs/2303.11242 (ALGORITHMS.md §4.5).
-    """
-    c = _number("clip_norm", clip_norm, strict=True)
-    z = _number("noise_multiplier", noise_multiplier, strict=False)
-    m = _number("clients_per_round", clients_per_round, strict=True)
-    _require(
-        clip_scope in CLIP_SCOPES,
-        f"clip_scope must be one of {list(CLIP_SCOPES)}, got {clip_scope!r}",
-    )
-    _require(
-        clip_scope == "global" or bool(segments),
-        "clip_scope='per_tensor' needs segments (FlatModel.segments)",
-    )
-    segs = None if segments is None else tuple(segments)
-
-    def apply(
-        rnd: ServerRound, state: Any, gen: torch.Generator
-    ) -> tuple[ServerRound, Any, Metrics]:
-        noisy, frac = clip_and_noise_delta(
-            rnd.deltas, gen, clip_norm=c, noise_multiplier=z, clients_per_round=m,
-            clip_scope=clip_scope, segments=segs,
-        )
-        return rnd.with_(deltas=noisy), state, {"dp/frac_clipped": frac}
-
-    return ServerStep("dp_local_noise", init=lambda params: (), apply=apply)

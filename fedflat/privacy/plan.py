@@ -20,6 +20,7 @@ from scipy import stats
 from fedflat.client.update import LocalSchedule
 from fedflat.privacy.accountant import Accountant, epsilons
 from fedflat.privacy.accounting import noise_multiplier as calibrate
+from fedflat.privacy.client_noise import accounted_noise_multiplier
 from fedflat.scenario.schema import Scenario
 
 
@@ -42,7 +43,8 @@ class PrivacyPlan:
     scenario: Scenario  # with noise multipliers filled in (what workers build from)
     sample_sigma: float | None = None  # σ of each release in DP-SGD
     sample_sigma_accounted: float | None = None  # σ per step for the accountant (DP-SAM: σ/√2)
-    user_sigma: float | None = None
+    user_sigma: float | None = None  # z (or DP-FedSAM's σ) the mechanism applies
+    user_sigma_accounted: float | None = None  # per round for the accountant (per_tensor: σ/√K)
     user_q: float = 0.0
     clients: dict[int, Accountant] = field(default_factory=dict)
     user: Accountant | None = None
@@ -78,12 +80,12 @@ class PrivacyPlan:
         if not self.user_cfg.enabled or self.user_cfg.epsilon is None:
             return True
         assert self.user is not None  # noqa: S101 - built with the plan
-        return not self.user.would_exceed(self.user_sigma, self.user_q, 1,
+        return not self.user.would_exceed(self.user_sigma_accounted, self.user_q, 1,
                                           self.user_cfg.epsilon, self.user_cfg.delta)
 
     def record_round(self) -> None:
         if self.user is not None:
-            self.user.step(self.user_sigma, self.user_q, 1)
+            self.user.step(self.user_sigma_accounted, self.user_q, 1)
 
     # ---------------------------------------------------------------- reporting
     def metrics(self, num_clients: int) -> dict[str, float]:
@@ -112,7 +114,9 @@ class PrivacyPlan:
                 "epsilon_budget": self.sample.epsilon, "delta": self.sample.delta,
                 "epsilon_per_client": self.client_epsilons(num_clients).tolist()},
             "user_level": None if self.user is None else {
-                "noise_multiplier": self.user_sigma, "sampling_rate": self.user_q,
+                "noise_multiplier": self.user_sigma,
+                "accounted_noise_multiplier": self.user_sigma_accounted,
+                "sampling_rate": self.user_q,
                 "rounds_accounted": self.user.total_steps,
                 "epsilon": self.user.epsilon(self.user_cfg.delta),
                 "epsilon_budget": self.user_cfg.epsilon, "delta": self.user_cfg.delta},
@@ -133,13 +137,23 @@ class PrivacyPlan:
             self.user.load_state_dict(state["user"])
 
 
-def resolve_privacy(sc: Scenario, client_sizes: np.ndarray, schedule: LocalSchedule) -> PrivacyPlan:
+def resolve_privacy(sc: Scenario, client_sizes: np.ndarray, schedule: LocalSchedule, *,
+                    num_tensors: int) -> PrivacyPlan:
     """Calibrate σ where the scenario gives a target ε and build the accountants.
 
     Sample level: the worst client is the one with the largest sampling rate q = L/n (for a
     fixed number of epochs q·T is the same for every client, and ε grows with q at fixed
     q·T); it is assumed to take part in the ``participation_quantile`` of the binomial
-    number of participations. User level: q = expected clients per round / N, T = rounds.
+    number of participations. User level: q = expected clients per round / N, T = rounds;
+    with DP-FedSAM's ``clip_scope: per_tensor`` the K = ``num_tensors`` parameter tensors are
+    each clipped to C, so the sensitivity is C√K and the accountant records σ/√K (a target ε
+    is met by calibrating σ/√K and applying σ).
+
+    Args:
+        sc: the scenario.
+        client_sizes: [N] training samples per client.
+        schedule: the local schedule (sample-level steps and rates).
+        num_tensors: K, the model's parameter tensors (``len(FlatModel.segments)``).
     """
     p = sc.privacy
     plan = PrivacyPlan(scenario=sc)
@@ -168,13 +182,24 @@ def resolve_privacy(sc: Scenario, client_sizes: np.ndarray, schedule: LocalSched
     if p.user_level.enabled:
         u = p.user_level
         plan.user_q = user_sampling_rate(sc, n_clients)
+        # Applied / accounted: 1 unless per-tensor clipping widens the sensitivity to C√K.
+        scope = u.clip_scope if u.noise_placement == "client" else "global"
+        ratio = 1.0 / accounted_noise_multiplier(1.0, clip_scope=scope, num_tensors=num_tensors)
         z = u.noise_multiplier
         if z is None:
-            z = calibrate(sampling_rate=plan.user_q, steps=sc.server.rounds, epsilon=u.epsilon,
-                          delta=u.delta, accountant=p.accountant, conversion=p.conversion)
+            z_acc = calibrate(sampling_rate=plan.user_q, steps=sc.server.rounds,
+                              epsilon=u.epsilon, delta=u.delta, accountant=p.accountant,
+                              conversion=p.conversion)
+            z = z_acc * ratio
             plan.notes.append(f"user-level z={z:.4f} calibrated for ε={u.epsilon}, δ={u.delta}, "
                               f"q={plan.user_q:.4f}, T={sc.server.rounds} rounds")
         plan.user_sigma = float(z)
+        plan.user_sigma_accounted = float(z) / ratio
+        if ratio != 1.0:
+            plan.notes.append(
+                f"user-level clip_scope per_tensor: {num_tensors} tensors each clipped to C give "
+                f"sensitivity C·√{num_tensors}; accounted noise multiplier "
+                f"σ/√{num_tensors} = {plan.user_sigma_accounted:.4f} (applied σ = {z:.4f})")
         plan.user = plan._acc()
         updates["user_level"] = u.model_copy(update={"noise_multiplier": float(z)})
     if updates:

@@ -19,13 +19,16 @@ from fedflat.client.optim import LocalOptimizer, adam, sgd
 from fedflat.client.oracle import Oracle
 from fedflat.client.oracles import fedsmoo, make_oracle
 from fedflat.client.update import LocalRule, LocalSchedule
+from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
+from fedflat.comm.codecs import codec_from_config
 from fedflat.data import partition as part
 from fedflat.data.datasets import Dataset, load_dataset
 from fedflat.errors import DataError
 from fedflat.models.flat import FlatModel, Segment
 from fedflat.models.zoo import build_model
-from fedflat.privacy import central
+from fedflat.privacy import central, client_noise
 from fedflat.privacy.mechanisms import dp_sam, dp_sat, dp_sat_momentum, dp_sgd
+from fedflat.privacy.plan import expected_cohort
 from fedflat.rng import numpy_rng, stream
 from fedflat.scenario.local_rule import (
     CorrectionConfig,
@@ -301,20 +304,51 @@ def client_lr(sc: Scenario, round_: int) -> float:
     return lr
 
 
-def user_level_steps(sc: Scenario, num_clients: int,
-                     segments: Sequence[Segment] | None = None) -> list[ServerStep]:
+def _client_noise_weighting(sc: Scenario) -> None:
+    # The clients' N(0, σ²C²/m) is calibrated for a uniform mean: a sample-weighted one gives
+    # the heaviest client a smaller multiplier than the accountant records (cross_checks
+    # refuses it in a scenario file; this catches a Scenario built another way).
+    if sc.server.aggregation.weighting != "uniform":
+        raise ValueError(
+            "privacy.user_level.noise_placement: client needs server.aggregation.weighting: "
+            f"uniform, got {sc.server.aggregation.weighting!r}")
+
+
+def client_noise_steps(sc: Scenario, num_clients: int,
+                       segments: Sequence[Segment] | None = None) -> tuple[UplinkStep, ...]:
+    """DP-FedSAM's clip and noise for the uplink chain (empty unless user-level DP with
+    ``noise_placement: client``)."""
+    u = sc.privacy.user_level
+    if not (u.enabled and u.noise_placement == "client"):
+        return ()
+    if u.noise_multiplier is None:
+        raise ValueError("user-level DP needs a resolved noise multiplier (resolve_privacy)")
+    _client_noise_weighting(sc)
+    return client_noise.client_noise_steps(
+        clip_norm=u.clip_norm, noise_multiplier=u.noise_multiplier,
+        clients_per_round=expected_cohort(sc, num_clients), clip_scope=u.clip_scope,
+        segments=segments)
+
+
+def build_uplink(sc: Scenario, num_clients: int,
+                 segments: Sequence[Segment] | None = None) -> UplinkChain:
+    """The client's uplink chain: [clip -> noise (DP-FedSAM)] -> codec, in that order, so
+    that the codec and its error-feedback residual only see the privatised delta."""
+    return chain(*client_noise_steps(sc, num_clients, segments),
+                 encode(codec_from_config(sc.comm.uplink)))
+
+
+def user_level_steps(sc: Scenario, num_clients: int) -> list[ServerStep]:
     """User-level DP in place of the rule: clip -> noisy sum over the expected cohort
-    (DP-FedAvg), the adaptive-clipping variant, or DP-FedSAM's client-side noise."""
+    (DP-FedAvg), the adaptive-clipping variant, or, with DP-FedSAM's client-side noise
+    (added in the clients' uplink chain, ``build_uplink``), the uniform mean."""
     u = sc.privacy.user_level
     if u.noise_multiplier is None:
         raise ValueError("user-level DP needs a resolved noise multiplier (resolve_privacy)")
-    m = sc.server.clients_per_round if sc.server.sampling == "uniform" else (
-        (sc.server.sampling_rate or sc.server.clients_per_round / num_clients) * num_clients)
+    m = expected_cohort(sc, num_clients)
     if u.noise_placement == "client":
-        return [central.local_noise(clip_norm=u.clip_norm, noise_multiplier=u.noise_multiplier,
-                                    clients_per_round=m, clip_scope=u.clip_scope,
-                                    segments=segments),
-                rule_step("mean", {}, weighting=sc.server.aggregation.weighting)]
+        _client_noise_weighting(sc)
+        return [rule_step("mean", {}, weighting="uniform")]
     ac = u.adaptive_clipping
     if ac.enabled:
         return [central.adaptive_clipping(
@@ -342,8 +376,7 @@ def buffer_scale(buffer_size: int) -> ServerStep:
     return ServerStep("buffer_scale", init=lambda p: (), apply=apply)
 
 
-def build_pipeline(sc: Scenario, num_clients: int,
-                   segments: Sequence[Segment] | None = None) -> Pipeline:
+def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
     """The server pipeline, in order: attack (replaces Byzantine rows) -> rule -> server
     optimizer -> corrections' server steps (FedDyn, SCAFFOLD, FedSMOO, broadcasts) -> SWA."""
     s = sc.server
@@ -354,7 +387,7 @@ def build_pipeline(sc: Scenario, num_clients: int,
     agg = s.aggregation
     user = sc.privacy.user_level
     if user.enabled:
-        steps.extend(user_level_steps(sc, num_clients, segments))
+        steps.extend(user_level_steps(sc, num_clients))
     else:
         steps.append(rule_step(agg.rule, agg.rule_params(), weighting=agg.weighting))
     if sc.system.asynchronous is not None:

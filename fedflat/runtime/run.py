@@ -176,7 +176,8 @@ class Runner:
         params0 = initial_params(sc, model)
         self.num_params = model.num_params
         try:
-            self.plan = resolve_privacy(sc, self.fed.client_sizes(), build_schedule(sc))
+            self.plan = resolve_privacy(sc, self.fed.client_sizes(), build_schedule(sc),
+                                        num_tensors=len(model.segments))
         except ValueError as exc:  # an impossible budget
             raise self.loaded.error("privacy", str(exc)) from None
         if self.privacy_state is not None:

@@ -35,7 +35,7 @@ class ServerCore:
         self.sc = scenario
         self.num_clients = fed.num_clients
         self.model = build_flat_model(scenario, fed.dataset)
-        self.pipeline = build_pipeline(scenario, fed.num_clients, self.model.segments)
+        self.pipeline = build_pipeline(scenario, fed.num_clients)
         self.params = params.clone()
         self.eval_params: Tensor | None = None
         self.pipeline_state = self.pipeline.init(self.params)

@@ -16,17 +16,19 @@ from torch import Tensor
 from fedflat.attacks.byzantine import flip_labels
 from fedflat.client.oracle import UpdateContext
 from fedflat.client.update import ClientResult, client_update
-from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
+from fedflat.client.uplink import BYTES_KEY, STATE_PREFIX, UplinkContext, state_key
+from fedflat.comm.codecs import fp32_nbytes
 from fedflat.rng import stream
 from fedflat.runtime.build import (
     FederatedData,
     build_flat_model,
     build_local_rule,
+    build_uplink,
     byzantine_clients,
 )
 from fedflat.scenario.schema import Scenario
 
-EF_KEY = "ef_residual"  # client state key of the uplink error-feedback residual
+EF_KEY = state_key("codec", "residual")  # client state key of the uplink error-feedback residual
 BN_KEY = "bn_buffers"  # client state key of a client's own BatchNorm statistics (local mode)
 
 
@@ -78,7 +80,7 @@ class ClientWorker:
         self.init_buffers = self.model.get_buffers()
         self.bn_local = self.model.num_buffers > 0 and scenario.model.bn_aggregation == "local"
         self.rule = build_local_rule(scenario)
-        self.uplink = codec_from_config(scenario.comm.uplink)
+        self.uplink = build_uplink(scenario, fed.num_clients, self.model.segments)
         # Label-flipping Byzantine clients train honestly on flipped labels (§5.2).
         self.flipped = byzantine_clients(scenario, fed.num_clients) \
             if scenario.attack.kind == "label_flip" else frozenset()
@@ -143,12 +145,13 @@ class ClientWorker:
         return out
 
     def _uplink(self, res: ClientResult, job: ClientJob, state: dict[str, Tensor]) -> None:
-        """Send the delta through the uplink codec: the server sees the decoded vector;
-        error-feedback residuals stay with the client (in its persistent state)."""
-        gen = stream(self.sc.seed, "codec", job.round, job.client_id, device=self.device)
-        tx = transmit(self.uplink, res.delta, state.get(EF_KEY), gen)
-        res.delta = tx.decoded
-        if tx.residual is not None:
-            res.client_state[EF_KEY] = tx.residual
+        """Send the delta through the uplink chain ([clip -> noise] -> codec): the server
+        sees what the chain returns; the chain's state (error-feedback residual) stays with
+        the client, in its persistent state."""
+        ctx = UplinkContext(self.sc.seed, job.round, job.client_id, self.device)
+        res.delta, chain_state, metrics = self.uplink.update(res.delta, state, ctx)
+        res.client_state = {k: v for k, v in res.client_state.items()
+                            if not k.startswith(STATE_PREFIX)} | chain_state
         extra_bytes = sum(fp32_nbytes(v) for v in res.extras.values())
-        res.metrics["bytes_up"] = float(tx.nbytes + extra_bytes)
+        res.metrics.update(metrics)
+        res.metrics[BYTES_KEY] = float(metrics[BYTES_KEY] + extra_bytes)

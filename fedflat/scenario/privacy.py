@@ -242,13 +242,14 @@ class UserLevelPrivacy(_Strict):
         "server",
         description=(
             "server: DP-FedAvg, Gaussian noise on the clipped sum at the server; client: "
-            "DP-FedSAM, each client clips and adds N(0, σ²C²/m) to its own delta."
+            "DP-FedSAM, each client clips and adds N(0, σ²C²/m) to its own delta before its "
+            "uplink codec (needs server.aggregation.weighting: uniform)."
         ),
     )
     clip_scope: Literal["global", "per_tensor"] = Field(
         "global",
         description="noise_placement client: clip the whole delta (global) or each tensor to C "
-        "(released DP-FedSAM code).",
+        "(released DP-FedSAM code; K tensors give sensitivity C√K, accounted as σ/√K).",
     )
 
     _epsilon_xor_noise = field_validator("epsilon")(_exactly_one_noise_spec)

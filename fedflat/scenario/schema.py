@@ -286,6 +286,14 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
         if sc.system.asynchronous is not None:
             errors.append(("system.asynchronous",
                            "user-level DP is not accounted for asynchronous rounds"))
+        if (pv.user_level.noise_placement == "client"
+                and sc.server.aggregation.weighting != "uniform"):
+            # N(0, σ²C²/m) per client is σ on a uniform mean only; weighted by n_i the
+            # heaviest client's multiplier is σ·√(Σw²)/(√m·w_max) < σ (ε under-reported).
+            errors.append(("server.aggregation.weighting",
+                           "privacy.user_level.noise_placement: client adds noise calibrated "
+                           "for a uniform mean; set server.aggregation.weighting: uniform "
+                           f"(got {sc.server.aggregation.weighting!r})"))
         if sc.model.norm == "batch" and sc.model.bn_aggregation == "average":
             errors.append(("model.norm", "with bn_aggregation: average the clients' BatchNorm "
                            "statistics reach the server unclipped and unnoised, outside the DP "
