@@ -16,8 +16,10 @@ by the node's ``node_config``:
 The node answers two message types: ``query`` (which partition it holds; the server maps
 node ids to client ids with it) and ``train`` (one ``ClientJob``: the payload, the client's
 state and the resolved scenario arrive in the message, the ``ClientResult`` goes back).
-The ``ClientWorker`` (model, data, local rule) is built once per process and scenario and
-cached, exactly as a Ray client actor keeps it resident.
+The ``ClientWorker`` (model, data, local rule, uplink chain) is built once per process and
+scenario and cached, exactly as a Ray client actor keeps it resident. The reply's delta is
+what the worker's uplink chain returns: with DP-FedSAM's client-side noise it is clipped,
+noised and encoded on the node, so no raw delta leaves it.
 """
 
 from __future__ import annotations

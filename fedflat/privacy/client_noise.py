@@ -77,8 +77,8 @@ def clip_delta(*, clip_norm: float, clip_scope: str = "global",
         segments: ``FlatModel.segments``, required with ``per_tensor``.
 
     Returns:
-        An ``UplinkStep`` named ``"clip"`` (stateless); metric ``dp/frac_clipped`` (1 or 0
-        for global, the fraction of tensors scaled down for per_tensor).
+        An ``UplinkStep`` named ``"clip"`` (stateless, no metrics: whether a client was
+        clipped is a bit about its data that would travel outside the DP guarantee).
     """
     c = _positive("clip_norm", clip_norm, strict=True)
     if clip_scope not in CLIP_SCOPES:
@@ -90,12 +90,10 @@ def clip_delta(*, clip_norm: float, clip_scope: str = "global",
     def update(delta: Tensor, state: State, ctx: UplinkContext) -> tuple[Tensor, State, Metrics]:
         row = delta.unsqueeze(0)
         if clip_scope == "global":
-            clipped, _, mask = clip_rows(row, c)
-            frac = float(mask[0])
+            clipped = clip_rows(row, c)[0]
         else:
-            clipped, frac_t = clip_rows_per_tensor(row, c, segs)
-            frac = float(frac_t)
-        return clipped[0], state, {"dp/frac_clipped": frac}
+            clipped = clip_rows_per_tensor(row, c, segs)[0]
+        return clipped[0], state, {}
 
     return UplinkStep("clip", init=lambda delta: {}, update=update)
 

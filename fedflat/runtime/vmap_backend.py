@@ -5,7 +5,8 @@
 when ``runtime.vectorize`` is on. This module only moves data: it draws each client's
 batches (``batch_indices``) and DP noise from the client's own stream, in the order the
 serial loop draws them, pads them into one step, and sends the deltas through the worker's
-uplink codec as the serial worker does. The server side is ``ServerCore``, unchanged.
+uplink chain (DP-FedSAM's clip and noise, then the codec) as the serial worker does, one
+client at a time from each client's own streams. The server side is ``ServerCore``.
 """
 
 from __future__ import annotations
