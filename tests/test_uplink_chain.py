@@ -29,6 +29,7 @@ from fedflat.privacy.client_noise import clip_delta
 from fedflat.privacy.plan import resolve_privacy
 from fedflat.rng import stream
 from fedflat.runtime.build import build_data, build_pipeline, build_schedule, initial_params
+from fedflat.runtime.checkpoint import load_latest
 from fedflat.runtime.worker import EF_KEY, ClientJob, ClientWorker, RoundPayload
 from fedflat.scenario.loader import dump_scenario, load_scenario
 from fedflat.server.pipeline import ServerRound
@@ -280,16 +281,31 @@ WIRE = {"server.rounds": 3, "output.keep_checkpoints": 10,
         "comm.uplink": {"codec": "top_k", "k": TOP_K, "error_feedback": True}}
 
 
+@pytest.mark.slow
 def test_resumed_equals_uninterrupted_with_the_residual_of_noisy_deltas(tmp_path):
-    sc = dp_scenario(**WIRE)
-    ref = fedflat.run(sc, out=tmp_path / "ref")
-    again = fedflat.run(sc, out=tmp_path / "again")
-    for p in (again.run_dir / "checkpoints").iterdir():
+    ref = fedflat.run(dp_scenario(**WIRE), out=tmp_path / "r")
+    assert any(EF_KEY in st for st in
+               load_latest(ref.run_dir)["server"]["client_states"].values())
+    for p in (ref.run_dir / "checkpoints").iterdir():
         if int(p.stem.split("_")[1]) > 1:
             p.unlink()
-    (again.run_dir / "final_model.pt").unlink()
-    resumed = fedflat.resume(again.run_dir)
+    (ref.run_dir / "final_model.pt").unlink()
+    resumed = fedflat.resume(ref.run_dir)
     assert torch.equal(resumed.params, ref.params)
+
+
+def test_audit_runs_the_clients_own_clip_and_noise():
+    from fedflat.audit.scenario_audit import audit_scenario
+
+    sc = tiny_scenario(**{
+        "privacy.user_level": {"enabled": True, "epsilon": 1.0, "delta": 1e-5,
+                               "clip_norm": 1.0, "noise_placement": "client"},
+        "server.sampling": "poisson", "server.sampling_rate": 0.1, "server.rounds": 30,
+        "server.aggregation.weighting": "uniform"})
+    ok = audit_scenario(sc, canaries=500)
+    assert ok.mechanism == "local_noise"
+    assert not ok.flagged
+    assert audit_scenario(sc, canaries=500, fault="noise_off").flagged
 
 
 @pytest.mark.ray
