@@ -65,7 +65,9 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _number(name: str, value: Any, *, strict: bool) -> float:
+def checked_number(name: str, value: Any, *, strict: bool) -> float:
+    """``value`` as a float; raises ValueError naming ``name`` unless finite and > 0
+    (``strict``) or >= 0."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     _require(
         ok and math.isfinite(value), f"{name} must be a finite number, got {value!r}"
@@ -150,7 +152,7 @@ def capped_weights(num_samples: Tensor, weight_cap: float) -> Tensor:
     Returns:
         Float weights in [0, 1] (float64).
     """
-    cap = _number("weight_cap", weight_cap, strict=True)
+    cap = checked_number("weight_cap", weight_cap, strict=True)
     return (torch.as_tensor(num_samples, dtype=torch.float64) / cap).clamp(max=1.0)
 
 
@@ -172,7 +174,7 @@ def clip_updates(*, clip_norm: float) -> ServerStep:
         McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent
         Language Models", ICLR 2018, https://arxiv.org/abs/1710.06963 (§4.3).
     """
-    s = _number("clip_norm", clip_norm, strict=True)
+    s = checked_number("clip_norm", clip_norm, strict=True)
 
     def apply(
         rnd: ServerRound, state: Any, gen: torch.Generator
@@ -234,19 +236,19 @@ def gaussian_sum_noise(
         McMahan et al., ICLR 2018, https://arxiv.org/abs/1710.06963
         (ALGORITHMS.md §4.3).
     """
-    z = _number("noise_multiplier", noise_multiplier, strict=False)
-    s = _number("clip_norm", clip_norm, strict=True)
-    m_exp = _number("expected_clients", expected_clients, strict=True)
+    z = checked_number("noise_multiplier", noise_multiplier, strict=False)
+    s = checked_number("clip_norm", clip_norm, strict=True)
+    m_exp = checked_number("expected_clients", expected_clients, strict=True)
     _require(
         (weight_cap is None) == (total_weight is None),
         "give both weight_cap and total_weight (weighted estimator) or neither, got "
         f"weight_cap={weight_cap}, total_weight={total_weight}",
     )
-    cap = None if weight_cap is None else _number("weight_cap", weight_cap, strict=True)
+    cap = None if weight_cap is None else checked_number("weight_cap", weight_cap, strict=True)
     w_total = (
         None
         if total_weight is None
-        else _number("total_weight", total_weight, strict=True)
+        else checked_number("total_weight", total_weight, strict=True)
     )
 
     def apply(
@@ -325,13 +327,13 @@ def adaptive_clipping(
         Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with
         Adaptive Clipping", NeurIPS 2021, https://arxiv.org/abs/1905.03871 (§4.4).
     """
-    c0 = _number("initial_clip", initial_clip, strict=True)
-    gamma = _number("target_quantile", target_quantile, strict=True)
+    c0 = checked_number("initial_clip", initial_clip, strict=True)
+    gamma = checked_number("target_quantile", target_quantile, strict=True)
     _require(gamma < 1.0, f"target_quantile must be < 1, got {target_quantile}")
-    eta = _number("clip_lr", clip_lr, strict=True)
-    sigma_b = _number("count_noise", count_noise, strict=False)
-    z = _number("noise_multiplier", noise_multiplier, strict=False)
-    m_exp = _number("expected_clients", expected_clients, strict=True)
+    eta = checked_number("clip_lr", clip_lr, strict=True)
+    sigma_b = checked_number("count_noise", count_noise, strict=False)
+    z = checked_number("noise_multiplier", noise_multiplier, strict=False)
+    m_exp = checked_number("expected_clients", expected_clients, strict=True)
     _require(
         update in CLIP_UPDATES,
         f"update must be one of {list(CLIP_UPDATES)}, got {update!r}",

@@ -31,18 +31,10 @@ from torch import Tensor
 
 from fedflat.client.uplink import Metrics, State, UplinkContext, UplinkStep
 from fedflat.models.flat import Segment
-from fedflat.privacy.central import clip_rows, clip_rows_per_tensor
+from fedflat.privacy.central import checked_number, clip_rows, clip_rows_per_tensor
 
 CLIP_SCOPES: tuple[str, ...] = ("global", "per_tensor")
 NOISE_PURPOSE = "client_noise"  # the fedflat.rng purpose of the clients' DP noise
-
-
-def _positive(name: str, value: float, *, strict: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (value > 0 if strict else value >= 0):
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0, "
-                         f"got {value!r}")
-    return float(value)
 
 
 def accounted_noise_multiplier(noise_multiplier: float, *, clip_scope: str,
@@ -80,7 +72,7 @@ def clip_delta(*, clip_norm: float, clip_scope: str = "global",
         An ``UplinkStep`` named ``"clip"`` (stateless, no metrics: whether a client was
         clipped is a bit about its data that would travel outside the DP guarantee).
     """
-    c = _positive("clip_norm", clip_norm, strict=True)
+    c = checked_number("clip_norm", clip_norm, strict=True)
     if clip_scope not in CLIP_SCOPES:
         raise ValueError(f"clip_scope must be one of {list(CLIP_SCOPES)}, got {clip_scope!r}")
     if clip_scope == "per_tensor" and not segments:
@@ -115,9 +107,9 @@ def gaussian_noise(*, noise_multiplier: float, clip_norm: float,
         Shi et al., "Make Landscape Flatter in Differentially Private Federated Learning",
         CVPR 2023, https://arxiv.org/abs/2303.11242 (ALGORITHMS.md §4.5).
     """
-    z = _positive("noise_multiplier", noise_multiplier, strict=False)
-    c = _positive("clip_norm", clip_norm, strict=True)
-    m = _positive("clients_per_round", clients_per_round, strict=True)
+    z = checked_number("noise_multiplier", noise_multiplier, strict=False)
+    c = checked_number("clip_norm", clip_norm, strict=True)
+    m = checked_number("clients_per_round", clients_per_round, strict=True)
     std = z * c / math.sqrt(m)
 
     def update(delta: Tensor, state: State, ctx: UplinkContext) -> tuple[Tensor, State, Metrics]:
