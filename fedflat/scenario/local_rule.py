@@ -130,7 +130,8 @@ class SwaConfig(BaseModel):
     collect: Literal["lowest_lr", "official"] = Field(
         "lowest_lr",
         description="Which round of a cycle is averaged: lowest_lr ((r+1) mod c == 0) "
-        "or official ((r − start) mod c == 0, the reference code). Default lowest_lr.",
+        "or official (r > start and (r − start) mod c == 0, the reference code). "
+        "Default lowest_lr.",
     )
 
     @field_validator("start")
