@@ -133,7 +133,7 @@ _ORACLE_PARAMS: dict[str, tuple[str, ...]] = {
     "sam": ("rho", "wd_in_perturbation"),
     "asam": ("rho", "eta", "variant"),
     "gam": ("grad_rho", "grad_norm_rho", "beta0", "beta1", "gamma"),
-    "sam_on": ("rho", "adaptive", "eta", "normalize_bias"),
+    "sam_on": ("rho", "adaptive", "eta", "normalize_bias", "p", "layerwise"),
     "fisher_sam": ("rho", "eta_f"),
     "lesam": ("rho",),
 }
