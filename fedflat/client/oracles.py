@@ -458,9 +458,27 @@ def lesam(*, rho: float, eps: float = 1e-12) -> Oracle:
 
     ``u = ctx.broadcast["prev_global_update"]`` is ``x_t − x_{t−1}`` (set by
     ``fedflat.server.corrections.prev_update_broadcast``), so ``−u = x_{t−1} − x_t`` and
-    ``ε = ρ (−u)/‖u‖`` (a global L2 norm, not the released code's sum of per-tensor
-    norms). ε is fixed for the whole client update and zero when ``u`` is missing
-    (round 0) or zero.
+    ``ε = ρ (−u)/‖u‖``. ε is fixed for the whole client update and zero when ``u`` is
+    missing (round 0) or zero.
+
+    Paper and released code (MediaBrain-SJTU/FedLESAM ``optimizer/LESAM.py``,
+    ``server/FedLESAM.py``, ``client/fedlesam.py``):
+
+    * Direction. The paper uses, per client, the global model it received in its
+      previous active round minus the current one, ``w_i^old − w_t``. The released
+      server broadcasts the last round's global update ``η_g Δ̄_{t−1}`` to every client
+      and perturbs along its negative. fedflat takes the released code's direction
+      (``prev_global_update``); the two coincide when the client also took part in
+      round ``t − 1`` (always under full participation).
+    * Norm. Here the paper's global ℓ2 norm, so ‖ε‖ = ρ. The released ``first_step``
+      divides by ``Σ_l ‖u[l]‖ + 1e-7`` and perturbs tensor ``l`` by ``−u[l]·scale``,
+      where ``u`` is the *flat* update vector: ``u[l]`` is its l-th coordinate, a
+      scalar, so every tensor is shifted by one constant taken from the first L
+      coordinates of ``u`` (L = number of parameter tensors). fedflat does not copy
+      this (ALGORITHMS.md §3.8: implement the definition).
+    * The released client clips the gradient at ``w + ε`` to norm 10
+      (``clip_grad_norm_(max_norm=10)``, as all its clients do); here that is the
+      separate ``client.grad_clip: 10`` (off by default, also in the ``fedlesam`` preset).
 
     Note: the returned ``loss`` is the mini-batch loss at the perturbed point ``w + ε``
     (the only pass taken; an extra forward at ``w`` would cost ~1/3 pass). BatchNorm
