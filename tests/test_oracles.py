@@ -572,3 +572,19 @@ def test_sam_on_variants_from_the_scenario_block():
                          ({"name": "sam_on", "p": 1}, "infinity")):
         with pytest.raises(ValidationError, match=match):
             OracleConfig.model_validate(block)
+
+
+@pytest.mark.parametrize(("over", "key"), [({"p": "infinity"}, "client.oracle.p"),
+                                           ({"adaptive": True, "layerwise": True},
+                                            "client.oracle.layerwise")])
+def test_vmap_backend_refuses_the_sam_on_variants_by_name(over, key):
+    # The vectorised engine implements only the l2 / element-wise SAM-ON: the serial and
+    # Ray backends run the variants, vmap must refuse rather than silently run l2.
+    from conftest import tiny_scenario
+
+    from fedflat.errors import ScenarioError
+    from fedflat.scenario.loader import load_scenario
+
+    sc = tiny_scenario(**{"runtime.backend": "vmap", "client.oracle": {"name": "sam_on", **over}})
+    with pytest.raises(ScenarioError, match=key):
+        load_scenario(sc)
