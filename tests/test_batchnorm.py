@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import set_keys
@@ -66,3 +68,74 @@ def test_batchnorm_ray_equals_serial(tmp_path, ray_session):
                          out=tmp_path / "r")
     assert torch.equal(serial.params, on_ray.params)
     assert torch.equal(serial.buffers, on_ray.buffers)
+
+
+def _rewind(run_dir, to_round: int) -> None:
+    """Make a finished run folder look as if it had been killed after ``to_round`` rounds
+    (as tests/test_runtime.py does)."""
+    for p in (run_dir / "checkpoints").iterdir():
+        if int(p.stem.split("_")[1]) > to_round:
+            p.unlink()
+    (run_dir / "final_model.pt").unlink()
+
+
+SMALL = {"data.num_clients": 4, "server.clients_per_round": 2, "server.rounds": 3,
+         "eval.every": 1, "output.checkpoint_every": 1, "output.keep_checkpoints": 10}
+
+
+@pytest.mark.parametrize("aggregation", ["average", "local"])
+def test_resume_with_batchnorm_equals_uninterrupted(tmp_path, aggregation):
+    # The statistics are checkpointed model state: global ones (average) or each client's
+    # own (local); a resumed run must continue from them, not from 0 / 1. Training forwards
+    # use batch statistics, so the evaluations (running statistics) are what would differ.
+    sc = bn_scenario(**{**SMALL, "model.bn_aggregation": aggregation})
+    reference = fedflat.run(sc, out=tmp_path / "ref")
+    again = fedflat.run(sc, out=tmp_path / "again")
+    _rewind(again.run_dir, 1)
+    resumed = fedflat.resume(again.run_dir)
+    assert torch.equal(resumed.params, reference.params)
+    assert torch.equal(resumed.buffers, reference.buffers)
+    assert [m.get("test_accuracy") for m in resumed.metrics] == \
+        [m.get("test_accuracy") for m in reference.metrics]
+
+
+def test_flower_server_app_with_batchnorm_equals_serial(tmp_path):
+    # The statistics travel in the Flower messages (broadcast down, each client's up):
+    # the ServerApp over in-process ClientApps gives the serial run bit for bit.
+    pytest.importorskip("flwr")
+    from test_flower import LocalGrid, flower_run, nodes_for, same_records
+
+    sc = bn_scenario(**{**SMALL, "output.checkpoint_every": 0})
+    serial = fedflat.run(sc, out=tmp_path / "serial")
+    res = flower_run(sc, tmp_path / "flower", LocalGrid(nodes_for(4)))
+    assert torch.equal(res.params, serial.params)
+    assert serial.buffers.numel() > 0
+    assert torch.equal(res.buffers, serial.buffers)
+    same_records(res.metrics, serial.metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_flower_simulation_with_batchnorm_equals_serial(tmp_path):
+    # `fedflat flower simulate` (Flower's Ray simulation engine, in a fresh process as in
+    # tests/test_flower.py): the same model, statistics and records as the serial backend.
+    pytest.importorskip("flwr")
+    import subprocess
+    import sys
+
+    import yaml
+    from test_flower import _env, same_records
+
+    sc = bn_scenario(**{**SMALL, "output.checkpoint_every": 0})
+    src = tmp_path / "bn.yaml"
+    src.write_text(yaml.safe_dump(sc))
+    proc = subprocess.run([sys.executable, "-m", "fedflat.cli", "flower", "simulate", str(src),
+                           "--out", str(tmp_path / "flower")], capture_output=True, text=True,
+                          env=_env(), cwd=tmp_path, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    serial = fedflat.run(src, out=tmp_path / "serial")
+    assert torch.equal(torch.load(tmp_path / "flower" / "final_model.pt"), serial.params)
+    assert torch.equal(torch.load(tmp_path / "flower" / "final_buffers.pt"), serial.buffers)
+    read = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("flower", "serial")]
+    same_records(*read)

@@ -145,6 +145,94 @@ def test_qsgd_unbiased_and_on_grid():
     assert torch.all(err <= 5 * se + 1e-6)
 
 
+def _bucket_norms(x: np.ndarray, size: int) -> np.ndarray:
+    """Per-coordinate norm of the coordinate's bucket, computed here in float64."""
+    out = np.empty_like(x)
+    for start in range(0, x.size, size):
+        out[start : start + size] = np.linalg.norm(x[start : start + size])
+    return out
+
+
+def _qsgd_draws(codec: C.Codec, x: torch.Tensor, n: int, i: int = 0) -> np.ndarray:
+    g = gen(i)
+    return torch.stack([codec.decode(codec.encode(x, g)) for _ in range(n)]).double().numpy()
+
+
+def test_qsgd_buckets_unbiased_and_on_each_buckets_grid():
+    # 5 buckets of 64 (the last one 44 long) whose scales differ by 100x, so that one
+    # norm for the whole vector and one per bucket give different grids.
+    d, size, s, n = 300, 64, 3, 3000
+    x = vec(d, seed=5) * torch.repeat_interleave(
+        torch.tensor([10.0, 0.1, 1.0, 3.0, 0.5]), torch.tensor([64, 64, 64, 64, 44]))
+    samples = _qsgd_draws(C.qsgd(levels=s, bucket_size=size), x, n, i=3)
+    xd = x.double().numpy()
+    norm_b = _bucket_norms(xd, size)
+    r = np.abs(xd) * s / norm_b  # in [0, s]
+    levels = np.abs(samples) * s / norm_b
+    on_floor = np.abs(levels - np.floor(r)) < 1e-4
+    on_ceil = np.abs(levels - np.floor(r) - 1) < 1e-4
+    assert np.all(on_floor | on_ceil)
+    # Closed form per coordinate: (||x_b|| / s)^2 p (1 - p); mean within 5 standard errors.
+    p = r % 1.0
+    se = (norm_b / s) * np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(samples.mean(0) - xd) <= 5 * se + 1e-6)
+
+
+@pytest.mark.parametrize(("d", "size", "s"), [(1000, 64, 2), (1000, 0, 2), (2048, 512, 15)])
+def test_qsgd_relative_variance_within_lemma_bound(d: int, size: int, s: int):
+    x = vec(d, seed=6)
+    n = 400
+    samples = _qsgd_draws(C.qsgd(levels=s, bucket_size=size), x, n, i=4)
+    xd = x.double().numpy()
+    rel = ((samples - xd) ** 2).sum(1) / (xd**2).sum()  # [n] draws of ||Q(x)-x||^2/||x||^2
+    # QSGD Lemma 3.1 per bucket of B coordinates: E||Q(x_b)-x_b||^2 <= min(B/s^2,
+    # sqrt(B)/s) ||x_b||^2; summed over buckets the same factor bounds the whole vector.
+    b = size or d
+    bound = min(b / s**2, math.sqrt(b) / s)
+    # The exact expectation, sum_i (||x_b|| / s)^2 p_i (1 - p_i), by hand.
+    norm_b = _bucket_norms(xd, b)
+    p = (np.abs(xd) * s / norm_b) % 1.0
+    expected = ((norm_b / s) ** 2 * p * (1 - p)).sum() / (xd**2).sum()
+    assert expected <= bound
+    assert abs(rel.mean() - expected) <= 5 * rel.std(ddof=1) / math.sqrt(n)
+    assert rel.mean() <= bound
+
+
+def test_qsgd_buckets_cut_the_variance_at_issue_size():
+    # The issue's case: d = 196,608, s = 15. One norm: ~22.5 (bound sqrt(d)/s = 29.6);
+    # buckets of 512: ~0.38 (bound sqrt(512)/15 = 1.51), for 4 B more per 512 coordinates.
+    d, s = 196_608, 15
+    x = vec(d, seed=7)
+    xd = x.double().numpy()
+    rel = {}
+    for size in (0, 512):
+        draws = _qsgd_draws(C.qsgd(levels=s, bucket_size=size), x, 3, i=5)
+        rel[size] = float((((draws - xd) ** 2).sum(1) / (xd**2).sum()).mean())
+    assert rel[0] <= math.sqrt(d) / s
+    assert rel[512] <= math.sqrt(512) / s
+    assert rel[512] < rel[0] / 20
+    assert C.qsgd(levels=s).wire_nbytes(d) - C.qsgd(levels=s, bucket_size=0).wire_nbytes(d) == (
+        4 * (d // 512 - 1))
+
+
+def test_qsgd_zero_bucket_decodes_to_zeros():
+    x = torch.cat([torch.zeros(8), vec(8, seed=8)])
+    codec = C.qsgd(levels=4, bucket_size=8)
+    y = codec.decode(codec.encode(x, gen()))
+    assert torch.equal(y[:8], torch.zeros(8))
+    assert torch.isfinite(y).all()
+
+
+def test_qsgd_one_bucket_is_the_whole_vector_scheme():
+    # bucket_size 0, None, or >= d: the same single norm, so the same message.
+    x = vec(700, seed=9)
+    ref = C.qsgd(levels=5, bucket_size=0)
+    enc = ref.encode(x, gen(6))
+    torch.testing.assert_close(enc.payload["norms"], torch.linalg.vector_norm(x).reshape(1))
+    for other in (C.qsgd(levels=5, bucket_size=None), C.qsgd(levels=5, bucket_size=700)):
+        assert torch.equal(other.decode(other.encode(x, gen(6))), ref.decode(enc))
+
+
 def test_random_k_unbiased_in_mean():
     d, k, n = 10, 3, 6000
     x = vec(d, seed=11)
@@ -185,6 +273,13 @@ def test_same_generator_same_encoding():
             10,
             4 + 4 + 12,
         ),  # 257 codes -> 9 bits -> 90 bits -> 12 bytes
+        # qsgd buckets: one float32 norm per ceil(d / B) bucket.
+        (C.qsgd(levels=4, bucket_size=512), 1000, 4 + 4 * 2 + 500),  # 4 bits * 1000
+        (C.qsgd(levels=4, bucket_size=500), 1000, 4 + 4 * 2 + 500),
+        (C.qsgd(levels=4, bucket_size=0), 1000, 4 + 4 + 500),
+        (C.qsgd(levels=4, bucket_size=None), 1000, 4 + 4 + 500),
+        (C.qsgd(levels=1, bucket_size=3), 10, 4 + 4 * 4 + 3),  # buckets 3+3+3+1
+        (C.qsgd(levels=15), 196_608, 4 + 4 * 384 + 196_608 * 5 // 8),  # default B = 512
         (C.top_k(k=10), 100, 4 + 40 + 40),
         (
             C.top_k(k=10, index_encoding="packed"),
@@ -320,6 +415,11 @@ def test_codec_from_config():
     assert not down.unbiased
     q = C.codec_from_config(CodecConfig(codec="qsgd", levels=4))
     assert q.wire_nbytes(10) == 4 + 4 + 5
+    assert q.wire_nbytes(1025) == 4 + 4 * 3 + math.ceil(1025 * 4 / 8)  # default B = 512
+    q0 = C.codec_from_config(CodecConfig(codec="qsgd", levels=4, bucket_size=0))
+    assert q0.wire_nbytes(1025) == 4 + 4 + math.ceil(1025 * 4 / 8)
+    assert C.codec_from_config(CodecConfig(codec="qsgd", levels=4, bucket_size=None)).params[
+        "bucket_size"] == 0
     assert isinstance(C.codec_from_config(CommConfig().uplink), C.Codec)
 
 
@@ -328,6 +428,8 @@ def test_codec_from_config():
     [
         ({"codec": "qsgd"}, "levels is required"),
         ({"codec": "fp16", "levels": 4}, "levels applies"),
+        ({"codec": "fp16", "bucket_size": 64}, "bucket_size applies"),
+        ({"codec": "qsgd", "levels": 4, "bucket_size": -1}, "greater than or equal to 0"),
         ({"codec": "top_k"}, "exactly one of k or ratio"),
         ({"codec": "top_k", "k": 3, "ratio": 0.1}, "exactly one of k or ratio"),
         ({"codec": "sign", "k": 3}, "k applies"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_scenario
@@ -100,3 +102,41 @@ def test_async_fedbuff_step_is_sum_over_buffer(tmp_path):
                                                   "staleness": "constant"}})
     res = fedflat.run(sc, out=tmp_path / "a")
     assert res.metrics[0]["async/weight_sum"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "samples"])
+def test_fedbuff_weights_each_update_by_its_staleness(weighting: str):
+    # FedBuff, Algorithm 1 (Nguyen et al. 2022): Δ̄ += s(τ_i) Δ_i for each arrival, then
+    # x += η_g Δ̄ / K. Default s(τ) = (1 + τ)^(-1/2); K = 2 updates of staleness 0 and 2:
+    # the coefficients are s(0)/K = 1/2 and s(2)/K = 1/(2√3), whatever the weighting.
+    from fedflat.runtime.build import build_pipeline
+    from fedflat.scenario.loader import load_scenario
+    from fedflat.server.pipeline import ServerRound
+
+    sc = load_scenario(tiny_scenario(**{
+        "system.asynchronous": {"concurrency": 3, "buffer_size": 2},
+        "server.aggregation.weighting": weighting})).scenario
+    pipe = build_pipeline(sc, 12)
+    d = 3
+    params = torch.zeros(d)
+    deltas = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 2.0]])
+    # The runtime's weights in async mode: staleness_weights(sched, [0, 2]) (tests/test_system.py)
+    weights = torch.tensor([1.0, 3.0 ** -0.5])
+    rnd = ServerRound(round=0, params=params, deltas=deltas, weights=weights,
+                      client_ids=[0, 1], num_clients=12)
+    out, _, metrics = pipe.apply(rnd, pipe.init(params), torch.Generator().manual_seed(0))
+    c = [1 / 2, 1 / (2 * math.sqrt(3))]  # ≈ [0.5, 0.289]
+    expected = torch.tensor([c[0], c[1], 2 * (c[0] + c[1])])
+    torch.testing.assert_close(out.new_params, expected, rtol=1e-6, atol=1e-7)
+    assert metrics["async/weight_sum"] == pytest.approx(1 + 3**-0.5)
+
+
+def test_fedbuff_uniform_equals_samples_weighting(tmp_path):
+    # Both weightings are FedBuff's Σ s(τ_i) Δ_i / K under the mean rule (the async weights
+    # replace n_i), so a run with stale updates ends at the same model up to rounding.
+    runs = {w: fedflat.run(tiny_scenario(**{**ASYNC, "server.rounds": 4,
+                                            "server.aggregation.weighting": w}),
+                           out=tmp_path / w) for w in ("uniform", "samples")}
+    assert any(max(m["staleness"]) > 0 for m in runs["uniform"].metrics)
+    torch.testing.assert_close(runs["uniform"].params, runs["samples"].params,
+                               rtol=1e-5, atol=1e-6)

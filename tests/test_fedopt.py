@@ -140,7 +140,8 @@ def test_swa_collection_rounds_for_both_conventions():
 
     low, official = rounds("lowest_lr"), rounds("official")
     assert low == [11, 15, 19]
-    assert official == [8, 12, 16]
+    # The reference collects at r > start only (debcaldarola/fedsam models/main.py).
+    assert official == [12, 16]
     # lowest_lr collects exactly the rounds trained at swa_lr
     for r in low:
         lr = swa_client_lr(r, base_lr=0.1, swa_lr=1e-4, start_round=8, cycle=4)
@@ -148,7 +149,7 @@ def test_swa_collection_rounds_for_both_conventions():
 
 
 @pytest.mark.parametrize(
-    ("collect", "rounds"), [("lowest_lr", [5, 8]), ("official", [3, 6, 9])]
+    ("collect", "rounds"), [("lowest_lr", [5, 8]), ("official", [6, 9])]
 )
 def test_swa_step_averages_the_collected_global_models(collect, rounds):
     step = swa_step(start_round=3, cycle=3, collect=collect)

@@ -331,6 +331,106 @@ def test_sam_on_without_norm_layers_is_refused():
         oracle.init(prob.ctx())
 
 
+def two_norm_net() -> FlatModel:
+    # Two normalisation layers of different scale, so that a per-layer operator differs
+    # from one shared value and from the element-wise one.
+    module = nn.Sequential(OrderedDict(
+        lin=nn.Linear(4, 6), n1=nn.LayerNorm(6), act=nn.Tanh(), mid=nn.Linear(6, 5),
+        n2=nn.LayerNorm(5), head=nn.Linear(5, 3)))
+    return FlatModel(module)
+
+
+def _sam_on_epsilon(oracle) -> tuple[FlatModel, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(model, w, g at w, ε the oracle took) on two_norm_net with distinct norm weights."""
+    model = two_norm_net()
+    w = model.init_params(stream(2, "init"))
+    w = w + 0.3 * torch.randn(w.shape, generator=stream(3, "init"))
+    for name, scale in (("n1.weight", 0.5), ("n2.weight", 3.0)):
+        seg = next(s for s in model.segments if s.name == name)
+        w[seg.slice] *= scale
+    x = torch.randn(10, 4, generator=stream(4, "data"))
+    y = torch.randint(0, 3, (10,), generator=stream(5, "data"))
+    points = record_points(model)
+    ctx = UpdateContext(model=model, x_global=w, round=0, client_id=0, num_samples=10)
+    oracle.grad(w, (x, y), oracle.init(ctx), stream(0, "client"), ctx)
+    _, g = model.loss_grad(w, x, y)
+    return model, w, g, points[1] - points[0]
+
+
+def _segment(model: FlatModel, name: str) -> slice:
+    return next(s for s in model.segments if s.name == name).slice
+
+
+def test_sam_on_linf_is_rho_sign_of_the_norm_gradient():
+    # Reference p='infinity' (sam_bn.py): ε = ρ·sign(g) on the perturbed tensors, no
+    # division by a norm; here with T = 1 (adaptive off).
+    rho = 0.3
+    model, _, g, e = _sam_on_epsilon(sam_on(rho=rho, p="infinity"))
+    sel = model.mask(lambda s: s.name.startswith(("n1.", "n2.")))
+    assert int(sel.sum()) == 2 * 6 + 2 * 5
+    expected = rho * np.sign(g[sel].double().numpy())
+    np.testing.assert_allclose(e[sel].double().numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.count_nonzero(e[~sel]) == 0
+    assert float(e.abs().max()) == pytest.approx(rho, rel=1e-6)
+
+
+def test_asam_on_linf_scales_the_sign_by_t_on_weights_only():
+    # ASAM_BN with p='infinity', elementwise: weights get ρ·(|w| + η)·sign(g), biases
+    # (normalize_bias off) ρ·sign(g).
+    rho, eta = 0.5, 0.1
+    model, w, g, e = _sam_on_epsilon(sam_on(rho=rho, adaptive=True, eta=eta, p="infinity"))
+    for name in ("n1.weight", "n1.bias", "n2.weight", "n2.bias"):
+        sl = _segment(model, name)
+        wn, gn = w[sl].double().numpy(), g[sl].double().numpy()
+        t = np.abs(wn) + eta if name.endswith("weight") else np.ones_like(wn)
+        np.testing.assert_allclose(e[sl].double().numpy(), rho * t * np.sign(gn),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_asam_on_layerwise_uses_one_norm_per_layer():
+    # ASAM_BN --layerwise, p='2': T = ‖w_l‖₂·(1 + η) on each weight tensor w_l, 1 on biases;
+    # ε = ρ T² g / ‖T g‖ with the norm over all perturbed tensors together.
+    rho, eta = 2.0, 0.05
+    model, w, g, e = _sam_on_epsilon(sam_on(rho=rho, adaptive=True, eta=eta, layerwise=True))
+    names = ("n1.weight", "n1.bias", "n2.weight", "n2.bias")
+    t, gs = {}, {}
+    for name in names:
+        sl = _segment(model, name)
+        wn = w[sl].double().numpy()
+        gs[name] = g[sl].double().numpy()
+        scale = np.linalg.norm(wn) * (1 + eta) if name.endswith("weight") else 1.0
+        t[name] = np.full_like(wn, scale)
+    denom = np.sqrt(sum(float(np.sum((t[n] * gs[n]) ** 2)) for n in names))
+    for name in names:
+        expected = rho * t[name] ** 2 * gs[name] / denom
+        np.testing.assert_allclose(e[_segment(model, name)].double().numpy(), expected,
+                                   rtol=1e-5, atol=1e-7)
+    # The two layers' weights differ 6x in scale, so their T differ (not one shared value).
+    assert t["n1.weight"][0] != pytest.approx(t["n2.weight"][0], rel=0.5)
+    sel = model.mask(lambda s: s.name.startswith(("n1.", "n2.")))
+    assert torch.count_nonzero(e[~sel]) == 0
+
+
+def test_asam_on_layerwise_linf_with_bias():
+    # p='infinity', --layerwise --normalize_bias: ε = ρ·‖w_l‖(1 + η)·sign(g) on every tensor.
+    rho, eta = 0.2, 0.0
+    model, w, g, e = _sam_on_epsilon(sam_on(rho=rho, adaptive=True, eta=eta, p="infinity",
+                                            layerwise=True, normalize_bias=True))
+    for name in ("n1.weight", "n1.bias", "n2.weight", "n2.bias"):
+        sl = _segment(model, name)
+        wn, gn = w[sl].double().numpy(), g[sl].double().numpy()
+        expected = rho * np.linalg.norm(wn) * (1 + eta) * np.sign(gn)
+        np.testing.assert_allclose(e[sl].double().numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sam_on_rejects_bad_variants():
+    with pytest.raises(ValueError, match="p must be"):
+        sam_on(rho=1.0, p=1)
+    with pytest.raises(ValueError, match="layerwise applies"):
+        sam_on(rho=1.0, layerwise=True)
+    assert make_oracle("sam_on", rho=1.0, p="2", adaptive=True, layerwise=True).passes == 2
+
+
 # --------------------------------------------------------------------------- Fisher-SAM
 def test_fisher_sam_matches_closed_form():
     prob = Problem()
@@ -454,3 +554,37 @@ def test_zero_gradient_gives_no_perturbation_instead_of_nan():
         _, g, _, _ = run(oracle, prob)
         assert torch.equal(g, torch.zeros_like(g))
         assert torch.equal(points[1], prob.w)
+
+
+def test_sam_on_variants_from_the_scenario_block():
+    from pydantic import ValidationError
+
+    from fedflat.runtime.build import local_rule_parts
+    from fedflat.scenario.local_rule import CorrectionConfig, OracleConfig
+
+    cfg = OracleConfig.model_validate({"name": "sam_on", "rho": 0.3, "p": "infinity"})
+    oracle, _ = local_rule_parts(cfg, CorrectionConfig())
+    model, _, g, e = _sam_on_epsilon(oracle)
+    sel = model.mask(lambda s: s.name.startswith(("n1.", "n2.")))
+    torch.testing.assert_close(e[sel], 0.3 * g[sel].sign(), rtol=1e-6, atol=1e-7)
+    for block, match in (({"name": "sam", "p": "infinity"}, "sam_on only"),
+                         ({"name": "sam_on", "layerwise": True}, "adaptive: true"),
+                         ({"name": "sam_on", "p": 1}, "infinity")):
+        with pytest.raises(ValidationError, match=match):
+            OracleConfig.model_validate(block)
+
+
+@pytest.mark.parametrize(("over", "key"), [({"p": "infinity"}, "client.oracle.p"),
+                                           ({"adaptive": True, "layerwise": True},
+                                            "client.oracle.layerwise")])
+def test_vmap_backend_refuses_the_sam_on_variants_by_name(over, key):
+    # The vectorised engine implements only the l2 / element-wise SAM-ON: the serial and
+    # Ray backends run the variants, vmap must refuse rather than silently run l2.
+    from conftest import tiny_scenario
+
+    from fedflat.errors import ScenarioError
+    from fedflat.scenario.loader import load_scenario
+
+    sc = tiny_scenario(**{"runtime.backend": "vmap", "client.oracle": {"name": "sam_on", **over}})
+    with pytest.raises(ScenarioError, match=key):
+        load_scenario(sc)

@@ -279,7 +279,14 @@ def gam(
 # ----------------------------------------------------------------------------- SAM-ON
 class _SamOnState(NamedTuple):
     idx: Tensor  # [k] int64 positions of the perturbed (normalisation) parameters
-    scaled: Tensor | None  # [k] bool: T = |w| + η there (adaptive only)
+    scaled: Tensor | None  # [k] bool: T ≠ 1 there (adaptive only)
+    # layerwise only: [k] int64 index of each position's parameter tensor among the
+    # selected ones, and how many there are (T = ‖w_tensor‖ (1 + η) is one value per tensor).
+    tensor_id: Tensor | None = None
+    num_tensors: int = 0
+
+
+SAM_ON_P = ("2", "infinity")
 
 
 def sam_on(
@@ -288,6 +295,8 @@ def sam_on(
     adaptive: bool = False,
     eta: float = 0.0,
     normalize_bias: bool = False,
+    p: int | str = 2,
+    layerwise: bool = False,
     select: SegmentSelector | None = None,
     eps: float = 1e-16,
 ) -> Oracle:
@@ -295,19 +304,37 @@ def sam_on(
 
     The selected coordinates S come from ``FlatModel.segments`` through ``select``
     (default ``is_norm_segment``: by module type). Pass 1 takes the full gradient ``g``;
-    ε is zero outside S and, on S, ``ρ g_S/‖g_S‖`` (SAM-ON) or ``ρ T² g_S/‖T g_S‖``
-    (ASAM-ON, ``T = |w| + η`` on tensors whose name contains ``"weight"``, also on
-    biases if ``normalize_bias``). Norms are over S only. Pass 2 returns the gradient
-    w.r.t. *all* parameters at ``w + ε``.
+    ε is zero outside S and, on S (norms over S only):
+
+    * ``p = 2`` (ℓ2 ball): ``ρ g_S/‖g_S‖`` (SAM-ON) or ``ρ T² g_S/‖T g_S‖`` (ASAM-ON);
+    * ``p = "infinity"`` (ℓ∞ ball): ``ρ sign(g_S)`` or, adaptive, ``ρ T sign(g_S)``,
+      with no normalisation (the reference's ``p='infinity'``).
+
+    The ASAM-ON operator T is ``|w| + η`` element-wise, or with ``layerwise``
+    ``‖w_l‖₂ (1 + η)``, one value per parameter tensor ``w_l`` (the reference's
+    ``--layerwise``: ``torch.norm(p) * ones_like(p).add_(eta)``), on tensors whose name
+    contains ``"weight"`` (also on biases if ``normalize_bias``); T = 1 elsewhere. Pass 2
+    returns the gradient w.r.t. *all* parameters at ``w + ε``.
+
+    Differences from the released code (mueller-mp/SAM-ON ``sam_bn.py``, used by
+    ``train.py``): its ℓ∞ option exists only in the adaptive class ``ASAM_BN``, whose
+    plain-SAM sibling ``SAM_BN`` ignores ``p``; here ``p = "infinity"`` without
+    ``adaptive`` is ε = ρ sign(g_S) (T = 1). With neither ``--elementwise`` nor
+    ``--layerwise`` the released ``ASAM_BN`` uses the signed T = w (its ``train.py``
+    default); that undocumented case is not offered (for ``p = 2`` it equals
+    element-wise with η = 0, since only T² and ‖T g‖ enter). The reference selects the
+    perturbed tensors by name (``"norm"`` or ``"bn"``); here by module type.
 
     Args:
         rho: ρ ≥ 0 (larger than full SAM's is typical; the SAM-ON example uses 10 with
             ASAM-ON).
-        adaptive: use the ASAM-ON element-wise operator.
+        adaptive: use the ASAM-ON element-wise (or layer-wise) operator T.
         eta: η_a ≥ 0 for ``adaptive``.
         normalize_bias: apply T to bias tensors too (``--normalize_bias``).
+        p: the perturbation ball, ``2`` or ``"infinity"`` (the reference's ``--p``).
+        layerwise: T = ‖w_l‖ (1 + η) per tensor instead of |w| + η (adaptive only).
         select: pluggable selector of perturbed segments.
-        eps: denominator guard (released code: 1e-16).
+        eps: denominator guard of the ℓ2 ball (released code: 1e-16).
 
     Returns:
         An ``Oracle`` with ``passes=2``. ``init`` raises ``ValueError`` when the model
@@ -320,6 +347,12 @@ def sam_on(
     _require(rho >= 0, f"sam_on rho must be >= 0, got {rho}")
     _require(eta >= 0, f"sam_on eta must be >= 0, got {eta}")
     _require(eps >= 0, f"sam_on eps must be >= 0, got {eps}")
+    ball = str(p)
+    _require(ball in SAM_ON_P, f"sam_on p must be 2 or 'infinity', got {p!r}")
+    _require(
+        adaptive or not layerwise,
+        "sam_on layerwise applies to the adaptive (ASAM-ON) operator; set adaptive: true",
+    )
     chosen = select if select is not None else is_norm_segment
 
     def init(ctx: UpdateContext) -> _SamOnState:
@@ -330,13 +363,29 @@ def sam_on(
                 "sam_on: the model has no parameters accepted by the selector "
                 "(no normalisation layers); use sam instead"
             )
-        scaled = None
-        if adaptive:
-            tmask = ctx.model.mask(
-                lambda s: chosen(s) and (normalize_bias or "weight" in s.name)
-            )
-            scaled = tmask[idx]
-        return _SamOnState(idx=idx, scaled=scaled)
+        if not adaptive:
+            return _SamOnState(idx=idx, scaled=None)
+        tmask = ctx.model.mask(
+            lambda s: chosen(s) and (normalize_bias or "weight" in s.name)
+        )
+        if not layerwise:
+            return _SamOnState(idx=idx, scaled=tmask[idx])
+        owner = torch.full((mask.numel(),), -1, dtype=torch.int64, device=mask.device)
+        selected = [s for s in ctx.model.segments if chosen(s)]
+        for j, s in enumerate(selected):
+            owner[s.slice] = j
+        return _SamOnState(idx=idx, scaled=tmask[idx], tensor_id=owner[idx],
+                           num_tensors=len(selected))
+
+    def operator(w_s: Tensor, state: _SamOnState) -> Tensor:
+        """T on S (a fresh tensor): |w| + η, or ‖w_l‖ (1 + η); 1 where not scaled."""
+        if state.tensor_id is None:
+            base = w_s.abs() + eta
+        else:
+            sq = w_s.new_zeros(state.num_tensors).index_add_(0, state.tensor_id, w_s * w_s)
+            base = sq.sqrt_().mul_(1.0 + eta)[state.tensor_id]
+        assert state.scaled is not None  # noqa: S101 - adaptive only
+        return torch.where(state.scaled, base, 1.0)
 
     def grad(
         w: Tensor,
@@ -349,10 +398,14 @@ def sam_on(
         loss, g = model.loss_grad(w, *batch)
         snap = _snapshot_buffers(model)
         g_s = g[state.idx]
-        if state.scaled is None:
+        if ball == "infinity":
+            e_s = g_s.sign().mul_(rho)
+            if state.scaled is not None:
+                e_s.mul_(operator(w[state.idx], state))
+        elif state.scaled is None:
             e_s = g_s * _factor(rho, g_s.norm(), eps)
         else:
-            t = torch.where(state.scaled, w[state.idx].abs() + eta, 1.0)
+            t = operator(w[state.idx], state)
             u = t * g_s
             e_s = t.mul_(u).mul_(_factor(rho, u.norm(), eps))
         loss_p, g_p = model.loss_grad(w.index_add(0, state.idx, e_s), *batch)
@@ -405,9 +458,27 @@ def lesam(*, rho: float, eps: float = 1e-12) -> Oracle:
 
     ``u = ctx.broadcast["prev_global_update"]`` is ``x_t − x_{t−1}`` (set by
     ``fedflat.server.corrections.prev_update_broadcast``), so ``−u = x_{t−1} − x_t`` and
-    ``ε = ρ (−u)/‖u‖`` (a global L2 norm, not the released code's sum of per-tensor
-    norms). ε is fixed for the whole client update and zero when ``u`` is missing
-    (round 0) or zero.
+    ``ε = ρ (−u)/‖u‖``. ε is fixed for the whole client update and zero when ``u`` is
+    missing (round 0) or zero.
+
+    Paper and released code (MediaBrain-SJTU/FedLESAM ``optimizer/LESAM.py``,
+    ``server/FedLESAM.py``, ``client/fedlesam.py``):
+
+    * Direction. The paper uses, per client, the global model it received in its
+      previous active round minus the current one, ``w_i^old − w_t``. The released
+      server broadcasts the last round's global update ``η_g Δ̄_{t−1}`` to every client
+      and perturbs along its negative. fedflat takes the released code's direction
+      (``prev_global_update``); the two coincide when the client also took part in
+      round ``t − 1`` (always under full participation).
+    * Norm. Here the paper's global ℓ2 norm, so ‖ε‖ = ρ. The released ``first_step``
+      divides by ``Σ_l ‖u[l]‖ + 1e-7`` and perturbs tensor ``l`` by ``−u[l]·scale``,
+      where ``u`` is the *flat* update vector: ``u[l]`` is its l-th coordinate, a
+      scalar, so every tensor is shifted by one constant taken from the first L
+      coordinates of ``u`` (L = number of parameter tensors). fedflat does not copy
+      this (ALGORITHMS.md §3.8: implement the definition).
+    * The released client clips the gradient at ``w + ε`` to norm 10
+      (``clip_grad_norm_(max_norm=10)``, as all its clients do); here that is the
+      separate ``client.grad_clip: 10`` (off by default, also in the ``fedlesam`` preset).
 
     Note: the returned ``loss`` is the mini-batch loss at the perturbed point ``w + ε``
     (the only pass taken; an extra forward at ``w`` would cost ~1/3 pass). BatchNorm

@@ -23,6 +23,11 @@ The lead's loop::
         deltas = [client_update(models[j.start_version], j.client_id) for j in jobs]
         w = staleness_weights(sched, [j.staleness for j in jobs])
         x = x + server_lr * sum(w_i * delta_i) / K            # FedBuff, Algorithm 1
+
+Each update gets its own ``w_i`` under either ``server.aggregation.weighting`` (the
+staleness weight replaces the sample count n_i): ``samples`` passes the ``w_i`` to the
+rule as weights and rescales its weighted mean by ``sum(w_i) / K``; ``uniform`` scales
+the rows to ``w_i * delta_i`` before the unweighted rule (``fedflat.runtime.build``).
         models[state.version] = x; drop versions not in versions_in_use(state)
 
 References:

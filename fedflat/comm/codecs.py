@@ -14,8 +14,10 @@ Wire format (documented so that byte counts can be checked by hand):
   The codec, its parameters, the vector length ``d`` and the dtype of the decoded vector
   are fixed for a whole run, agreed at setup, and are not sent per message.
 * ``fp32`` / ``fp16`` / ``bf16``: ``d`` values of 4 / 2 / 2 bytes.
-* ``qsgd``: one ``float32`` norm (4 bytes) + ``ceil(d * bits / 8)`` bytes of packed
-  codes, ``bits = ceil(log2(2 s + 1))`` (a signed level in ``{-s, ..., s}``).
+* ``qsgd``: one ``float32`` norm per bucket (``4 * ceil(d / B)`` bytes, ``B`` the
+  bucket size; 4 bytes when ``B`` is 0, one norm for the whole vector) +
+  ``ceil(d * bits / 8)`` bytes of packed codes, ``bits = ceil(log2(2 s + 1))`` (a signed
+  level in ``{-s, ..., s}``).
 * ``top_k`` / ``random_k``: ``k`` ``float32`` values (4 k bytes) + indices, either
   ``int32`` (4 k bytes, ``index_encoding="int32"``), bit-packed with
   ``ceil(log2 d)`` bits each (``ceil(k * ceil(log2 d) / 8)`` bytes,
@@ -319,25 +321,34 @@ def _float_codec(name: str, wire_dtype: torch.dtype) -> Codec:
     )
 
 
-def qsgd(*, levels: int) -> Codec:
+def qsgd(*, levels: int, bucket_size: int | None = 512) -> Codec:
     """QSGD stochastic uniform quantisation with ``s = levels`` levels (unbiased).
 
-    Each coordinate is sent as ``||x||_2 * sign(x_i) * l_i / s`` where ``l_i`` is
-    ``floor(s |x_i| / ||x||)`` or that plus one, the latter with probability equal to
-    the remainder, so ``E[q_i] = x_i``. The variance per coordinate is
-    ``(||x|| / s)^2 p_i (1 - p_i)`` with ``p_i`` the remainder. The signed level
-    ``sign(x_i) l_i`` in ``{-s, ..., s}`` is sent as the code ``sign(x_i) l_i + s`` with
-    ``bits = ceil(log2(2 s + 1))`` bits, plus one float32 norm. Dense bit-packing, not
-    the Elias coding of the paper.
+    The vector is cut into consecutive buckets of ``B = bucket_size`` coordinates (the
+    last one shorter when ``B`` does not divide ``d``), each with its own norm. Each
+    coordinate is sent as ``||x_b||_2 * sign(x_i) * l_i / s``, ``x_b`` being its bucket,
+    where ``l_i`` is ``floor(s |x_i| / ||x_b||)`` or that plus one, the latter with
+    probability equal to the remainder, so ``E[q_i] = x_i``. The variance per coordinate
+    is ``(||x_b|| / s)^2 p_i (1 - p_i)`` with ``p_i`` the remainder, and per bucket
+    ``E||Q(x_b) - x_b||^2 <= min(B / s^2, sqrt(B) / s) ||x_b||^2`` (the paper's Lemma 3.1
+    with ``n = B``), so buckets trade 4 bytes per ``B`` coordinates for a variance that
+    no longer grows with ``d``. The signed level ``sign(x_i) l_i`` in ``{-s, ..., s}`` is
+    sent as the code ``sign(x_i) l_i + s`` with ``bits = ceil(log2(2 s + 1))`` bits,
+    plus one float32 norm per bucket. Dense bit-packing, not the Elias coding of the
+    paper.
 
     Args:
         levels: number of quantisation levels ``s >= 1`` per sign.
+        bucket_size: coordinates per norm, ``B >= 1``; 512 as in the reference
+            implementations (the paper's experiments and IST-DASLab's code; GRACE uses
+            128). ``0`` or ``None``: one norm for the whole vector (the paper's plain
+            scheme, whose variance bound grows as ``sqrt(d) / s``).
 
     Returns:
         The codec.
 
     Raises:
-        ValueError: if ``levels < 1``.
+        ValueError: if ``levels < 1`` or ``bucket_size < 0``.
 
     References:
         Alistarh, Grubic, Li, Tomioka, Vojnovic. "QSGD: Communication-Efficient SGD via
@@ -346,38 +357,55 @@ def qsgd(*, levels: int) -> Codec:
     """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"qsgd: levels must be an integer >= 1, got {levels!r}")
+    if bucket_size is not None and (
+        isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 0
+    ):
+        raise ValueError(
+            f"qsgd: bucket_size must be an integer >= 0 or None, got {bucket_size!r}"
+        )
     s = levels
     bits = bits_for(2 * s)
+    bucket = bucket_size or 0  # 0: a single bucket spanning the vector
+
+    def layout(d: int) -> tuple[int, int]:
+        """(bucket length, number of buckets); a zero-length vector still sends one norm."""
+        size = bucket if bucket else max(d, 1)
+        return size, max(1, math.ceil(d / size))
 
     def encode(x: Tensor, gen: torch.Generator) -> Encoded:
         _check_vector(x, "qsgd")
+        d = x.numel()
+        size, nb = layout(d)
         xf = x.to(torch.float32)
-        norm = torch.linalg.vector_norm(xf)
-        # A zero vector has no direction: send level 0 everywhere (decodes to zeros).
-        ratio = (
-            xf.abs() / norm.clamp_min(torch.finfo(torch.float32).tiny) * s
-        )  # [d] in [0,s]
+        # Zero padding completes the last bucket; it changes no norm and is not sent.
+        rows = torch.cat([xf, xf.new_zeros(nb * size - d)]).view(nb, size)
+        norms = torch.linalg.vector_norm(rows, dim=1)  # [nb]
+        # A zero bucket has no direction: level 0 everywhere (decodes to zeros).
+        tiny = torch.finfo(torch.float32).tiny
+        ratio = (rows.abs() / norms.clamp_min(tiny).unsqueeze(1) * s).reshape(-1)[:d]
         low = ratio.floor()
         u = torch.rand(xf.shape, generator=gen, device=xf.device, dtype=torch.float32)
-        level = (low + (u < ratio - low).to(torch.float32)).clamp(max=s)  # [d]
+        level = (low + (u < ratio - low).to(torch.float32)).clamp(max=s)  # [d] in [0,s]
         signed = torch.where(xf < 0, -level, level).to(torch.int64)
         codes = pack_bits(signed + s, bits)
-        return Encoded(
-            "qsgd", x.numel(), x.dtype, {"norm": norm.reshape(()), "codes": codes}
-        )
+        return Encoded("qsgd", d, x.dtype, {"norms": norms, "codes": codes})
 
     def decode(enc: Encoded) -> Tensor:
         _check_message(enc, "qsgd")
-        signed = unpack_bits(enc.payload["codes"], enc.numel, bits) - s
-        return (enc.payload["norm"] * signed.to(torch.float32) / s).to(enc.dtype)
+        d = enc.numel
+        size, nb = layout(d)
+        signed = (unpack_bits(enc.payload["codes"], d, bits) - s).to(torch.float32)
+        rows = torch.cat([signed, signed.new_zeros(nb * size - d)]).view(nb, size)
+        values = enc.payload["norms"].unsqueeze(1) * rows / s
+        return values.reshape(-1)[:d].to(enc.dtype)
 
     return Codec(
         name="qsgd",
         encode=encode,
         decode=decode,
-        wire_nbytes=lambda d: HEADER_NBYTES + 4 + math.ceil(d * bits / 8),
+        wire_nbytes=lambda d: HEADER_NBYTES + 4 * layout(d)[1] + math.ceil(d * bits / 8),
         unbiased=True,
-        params={"levels": s, "bits": bits},
+        params={"levels": s, "bits": bits, "bucket_size": bucket},
     )
 
 
@@ -700,7 +728,7 @@ def codec_from_config(cfg: CodecConfig) -> Codec | ErrorFeedbackCodec:
     """Build the codec a ``comm.uplink`` / ``comm.downlink`` block describes."""
     params: dict[str, Any] = {}
     if cfg.codec == "qsgd":
-        params["levels"] = cfg.levels
+        params.update(levels=cfg.levels, bucket_size=cfg.bucket_size)
     elif cfg.codec in ("top_k", "random_k"):
         params.update(k=cfg.k, ratio=cfg.ratio, index_encoding=cfg.index_encoding)
         if cfg.codec == "random_k":

@@ -136,7 +136,7 @@ _ORACLE_PARAMS: dict[str, tuple[str, ...]] = {
     "sam": ("rho", "wd_in_perturbation"),
     "asam": ("rho", "eta", "variant"),
     "gam": ("grad_rho", "grad_norm_rho", "beta0", "beta1", "gamma"),
-    "sam_on": ("rho", "adaptive", "eta", "normalize_bias"),
+    "sam_on": ("rho", "adaptive", "eta", "normalize_bias", "p", "layerwise"),
     "fisher_sam": ("rho", "eta_f"),
     "lesam": ("rho",),
 }
@@ -363,8 +363,8 @@ def user_level_steps(sc: Scenario, num_clients: int) -> list[ServerStep]:
 def buffer_scale(buffer_size: int) -> ServerStep:
     """FedBuff (Nguyen et al. 2022, Alg. 1): the step is Σ w_i Δ_i / K, not a weighted mean.
 
-    Placed after a weighted rule whose weights are the staleness weights w_i, it rescales
-    the mean Σ w_i Δ_i / Σ w_i by Σ w_i / K.
+    Placed after a weighted rule (``weighting: samples``) whose weights are the staleness
+    weights w_i, it rescales the mean Σ w_i Δ_i / Σ w_i by Σ w_i / K.
     """
 
     def apply(rnd: ServerRound, state: Any, gen: torch.Generator):
@@ -374,6 +374,24 @@ def buffer_scale(buffer_size: int) -> ServerStep:
                 {"async/weight_sum": scale * buffer_size})
 
     return ServerStep("buffer_scale", init=lambda p: (), apply=apply)
+
+
+def staleness_scale() -> ServerStep:
+    """FedBuff under ``weighting: uniform``: each update times its own staleness weight.
+
+    An unweighted rule never sees the weights, so rescaling its mean afterwards (as
+    :func:`buffer_scale` does) would give every update the same Σ w_j / K² instead of its
+    own w_i / K. Placed before the rule, this step makes the rows w_i Δ_i, so the plain
+    mean over the K buffered updates is Algorithm 1's Σ w_i Δ_i / K; a robust rule then
+    aggregates the staleness-damped updates.
+    """
+
+    def apply(rnd: ServerRound, state: Any, gen: torch.Generator):
+        w = rnd.weights.to(dtype=rnd.deltas.dtype, device=rnd.deltas.device)
+        return (rnd.with_(deltas=rnd.deltas * w.unsqueeze(1)), state,
+                {"async/weight_sum": float(w.sum())})
+
+    return ServerStep("staleness_scale", init=lambda p: (), apply=apply)
 
 
 def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
@@ -389,9 +407,14 @@ def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
     if user.enabled:
         steps.extend(user_level_steps(sc, num_clients))
     else:
+        # FedBuff applies s(τ_i) to each update in either weighting: as the weights of a
+        # weighted rule, rescaled after it, or on the rows before an unweighted one.
+        asynchronous = sc.system.asynchronous
+        if asynchronous is not None and agg.weighting == "uniform":
+            steps.append(staleness_scale())
         steps.append(rule_step(agg.rule, agg.rule_params(), weighting=agg.weighting))
-    if sc.system.asynchronous is not None:
-        steps.append(buffer_scale(sc.system.asynchronous.buffer_size))
+        if asynchronous is not None and agg.weighting == "samples":
+            steps.append(buffer_scale(asynchronous.buffer_size))
     if s.optimizer == "fedavgm":
         steps.append(server_opt.fedavgm(lr=s.lr, momentum=s.momentum))
     elif s.optimizer in ("fedadam", "fedyogi", "fedadagrad"):

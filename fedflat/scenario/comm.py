@@ -28,14 +28,25 @@ class CodecConfig(BaseModel):
         description=(
             "Codec: fp32 (uncompressed, 4 B/coordinate), fp16 / bf16 (2 B/coordinate), "
             "qsgd (stochastic quantisation, ceil(log2(2*levels+1)) bits/coordinate + a "
-            "4 B norm), top_k / random_k (k float32 values + indices), sign (1 bit/"
-            "coordinate + a 4 B scale). Every message also carries a 4 B header."
+            "4 B norm per bucket_size coordinates), top_k / random_k (k float32 values + "
+            "indices), sign (1 bit/coordinate + a 4 B scale). Every message also carries a "
+            "4 B header."
         ),
     )
     levels: int | None = Field(
         None,
         ge=1,
         description="qsgd only, required: quantisation levels s per sign (count, >=1).",
+    )
+    bucket_size: int | None = Field(
+        512,
+        ge=0,
+        description=(
+            "qsgd only: coordinates per bucket, each bucket quantised with its own 4 B "
+            "float32 norm (count; 512 as in the reference implementations). 0 or null: "
+            "one norm for the whole vector (variance bound sqrt(d)/levels instead of "
+            "min(B/levels^2, sqrt(B)/levels))."
+        ),
     )
     ratio: float | None = Field(
         None,
@@ -81,6 +92,9 @@ class CodecConfig(BaseModel):
             raise ValueError("levels is required for codec qsgd (an integer >= 1)")
         if self.codec != "qsgd" and self.levels is not None:
             raise ValueError(f"levels applies to codec qsgd only, not {self.codec}")
+        default_bucket = type(self).model_fields["bucket_size"].default
+        if self.codec != "qsgd" and self.bucket_size != default_bucket:
+            raise ValueError(f"bucket_size applies to codec qsgd only, not {self.codec}")
         if sparse and (self.k is None) == (self.ratio is None):
             raise ValueError(
                 f"codec {self.codec} needs exactly one of k or ratio, "

@@ -9,9 +9,14 @@ Collection conventions (``collect``):
     ``lowest_lr`` (default): after round r when ``r ≥ start`` and
         ``(r + 1) mod c == 0``, i.e. the round that trained at ``swa_lr``, the low end
         of the cycle (SWA's rule).
-    ``official``: after round r when ``r ≥ start`` and ``(r − start) mod c == 0``, the
-        debcaldarola/fedsam test, which fires after the round with the *largest* lr of a
-        new cycle (kept for parity).
+    ``official``: after round r when ``r > start`` and ``(r − start) mod c == 0``, the
+        debcaldarola/fedsam test (models/main.py: ``i > swa_start and (i - swa_start)
+        % swa_c == 0``), which fires after the round with the *largest* lr of a new cycle
+        and never at ``r == start`` (kept for parity). One difference remains: the
+        reference copies the global model into its SWA model at ``r == start`` and
+        evaluates that copy until the first collection replaces it (weight 1/(0+1) = 1);
+        here the current global model is evaluated until then. The average itself is the
+        same.
 
 Only the flat parameters are averaged. BatchNorm running statistics are not part of
 them: re-estimate them for ``x_SWA`` before evaluating, or use GroupNorm.
@@ -70,11 +75,10 @@ def swa_collects(
     _check(start_round, cycle)
     if collect not in COLLECT_MODES:
         raise ValueError(f"swa collect must be one of {COLLECT_MODES}, got {collect!r}")
-    if round_ < start_round:
-        return False
     if collect == "lowest_lr":
-        return (round_ + 1) % cycle == 0
-    return (round_ - start_round) % cycle == 0
+        return round_ >= start_round and (round_ + 1) % cycle == 0
+    # The reference's strict r > start: the cycle starting at `start` is not collected.
+    return round_ > start_round and (round_ - start_round) % cycle == 0
 
 
 def swa_client_lr(
