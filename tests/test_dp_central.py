@@ -16,6 +16,7 @@ from fedflat.privacy.central import (
     adaptive_clipping,
     capped_weights,
     clip_updates,
+    cohort_noise_topup,
     gaussian_sum_noise,
 )
 from fedflat.privacy.client_noise import client_noise_steps
@@ -237,6 +238,26 @@ def test_local_noise_per_client_std_and_mean_std():
     mean = rule_step("mean", {}, weighting="uniform")
     agg, _, _ = run_step(mean, out)
     assert chi2_std_ok(agg.aggregate, sigma * c / m)  # = central DP-FedAvg on the mean
+
+
+def test_small_cohort_gets_topped_up_to_the_accounted_multiplier():
+    # Calibrated for m = 10 clients but only 4 arrive (a small Poisson draw): the sum of
+    # their noise alone has std σC·√(4/10); after the top-up the released sum has σC.
+    m, arrived, d, c, sigma = 10, 4, 20000, 0.5, 0.95
+    steps = client_noise_steps(clip_norm=c, noise_multiplier=sigma, clients_per_round=m)
+    out = make_round(client_rows(steps, torch.zeros(arrived, d), seed=5))
+    agg, _, _ = run_step(rule_step("mean", {}, weighting="uniform"), out)
+    assert chi2_std_ok(agg.aggregate * arrived, sigma * c * math.sqrt(arrived / m))
+    topup = cohort_noise_topup(noise_multiplier=sigma, clip_norm=c, expected_clients=m)
+    released, _, metrics = run_step(topup, agg, seed=6)
+    assert chi2_std_ok(released.aggregate * arrived, sigma * c)
+    assert metrics["dp/topup_std"] == pytest.approx(sigma * c * math.sqrt(1 - 0.4) / arrived)
+    # a full (or larger) cohort is released as it is
+    full = make_round(client_rows(steps, torch.zeros(m, d), seed=7))
+    agg_full, _, _ = run_step(rule_step("mean", {}, weighting="uniform"), full)
+    same, _, metrics = run_step(topup, agg_full, seed=8)
+    assert torch.equal(same.aggregate, agg_full.aggregate)
+    assert metrics["dp/topup_std"] == 0.0
 
 
 def test_local_noise_clips_globally_or_per_tensor():

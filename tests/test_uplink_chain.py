@@ -208,13 +208,17 @@ def test_sample_weighted_mean_is_refused_with_client_noise():
 def test_server_takes_the_uniform_mean_of_what_clients_sent():
     sc = load_scenario(dp_scenario()).scenario
     pipe = build_pipeline(sc, sc.data.num_clients)
-    deltas = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]])
-    rnd = ServerRound(round=0, params=torch.zeros(2), deltas=deltas,
-                      weights=torch.tensor([100.0, 1.0, 7.0]), client_ids=[0, 1, 2],
-                      num_clients=sc.data.num_clients)
+    # A full expected cohort of M rows (fewer would be topped up with noise, see
+    # test_dp_central): rows 1..3 differ, the rest are zero.
+    deltas = torch.zeros(M, 2)
+    deltas[:3] = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]])
+    weights = torch.ones(M)
+    weights[:3] = torch.tensor([100.0, 1.0, 7.0])
+    rnd = ServerRound(round=0, params=torch.zeros(2), deltas=deltas, weights=weights,
+                      client_ids=list(range(M)), num_clients=sc.data.num_clients)
     out, _, _ = pipe.apply(rnd, pipe.init(rnd.params), torch.Generator().manual_seed(0))
-    # (Δ1 + Δ2 + Δ3)/3 by hand, whatever the sample counts; server lr 1
-    torch.testing.assert_close(out.new_params, torch.tensor([1.0, 5.0 / 3.0]))
+    # (Δ1 + Δ2 + Δ3)/M by hand, whatever the sample counts; server lr 1
+    torch.testing.assert_close(out.new_params, torch.tensor([3.0, 5.0]) / M)
 
 
 def test_per_tensor_clipping_is_accounted_at_sigma_over_sqrt_k():

@@ -192,6 +192,42 @@ def clip_updates(*, clip_norm: float) -> ServerStep:
     return ServerStep("dp_clip", init=lambda params: (), apply=apply)
 
 
+def cohort_noise_topup(*, noise_multiplier: float, clip_norm: float,
+                       expected_clients: float) -> ServerStep:
+    """Top up client-side noise when fewer clients arrive than it was calibrated for.
+
+    With ``noise_placement: client`` each of the m' arriving clients adds N(0, σ²C²/m)
+    for the EXPECTED cohort m, so the sum carries variance m'σ²C²/m: a multiplier
+    σ·√(m'/m), below the accounted σ whenever m' < m (a small Poisson draw, dropped
+    stragglers). This step, after the uniform mean, adds the missing
+    N(0, σ²C²(1 − m'/m)) to the sum (divided by m' on the mean) so that the released
+    model always carries multiplier ≥ σ. In such rounds the guarantee against the server
+    itself is the clients' σ√(m'/m) only (it adds the rest); the ledger records σ for the
+    released model. An empty cohort releases nothing (zero update).
+
+    Returns:
+        A ``ServerStep`` named ``"dp_cohort_topup"``; metric ``dp/topup_std`` (std added
+        to the mean, 0 when m' ≥ m).
+    """
+    z = checked_number("noise_multiplier", noise_multiplier, strict=False)
+    c = checked_number("clip_norm", clip_norm, strict=True)
+    m = checked_number("expected_clients", expected_clients, strict=True)
+
+    def apply(rnd: ServerRound, state: Any, gen: torch.Generator
+              ) -> tuple[ServerRound, Any, Metrics]:
+        _require(rnd.aggregate is not None,
+                 "cohort_noise_topup follows the uniform mean (an aggregate must be set)")
+        arrived = rnd.deltas.shape[0]
+        std = 0.0
+        if 0 < arrived < m and z > 0:
+            std = z * c * math.sqrt(1.0 - arrived / m) / arrived
+            agg = rnd.aggregate + _normal(tuple(rnd.aggregate.shape), gen, rnd.aggregate) * std
+            rnd = rnd.with_(aggregate=agg)
+        return rnd, state, {"dp/topup_std": std}
+
+    return ServerStep("dp_cohort_topup", init=lambda params: (), apply=apply)
+
+
 def gaussian_sum_noise(
     *,
     noise_multiplier: float,

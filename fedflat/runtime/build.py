@@ -348,7 +348,9 @@ def user_level_steps(sc: Scenario, num_clients: int) -> list[ServerStep]:
     m = expected_cohort(sc, num_clients)
     if u.noise_placement == "client":
         _client_noise_weighting(sc)
-        return [rule_step("mean", {}, weighting="uniform")]
+        return [rule_step("mean", {}, weighting="uniform"),
+                central.cohort_noise_topup(noise_multiplier=u.noise_multiplier,
+                                           clip_norm=u.clip_norm, expected_clients=m)]
     ac = u.adaptive_clipping
     if ac.enabled:
         return [central.adaptive_clipping(
