@@ -243,7 +243,8 @@ class UserLevelPrivacy(_Strict):
         description=(
             "server: DP-FedAvg, Gaussian noise on the clipped sum at the server; client: "
             "DP-FedSAM, each client clips and adds N(0, σ²C²/m) to its own delta before its "
-            "uplink codec (needs server.aggregation.weighting: uniform)."
+            "uplink codec (needs server.aggregation.weighting: uniform); when fewer than m "
+            "clients arrive the server tops the noise up to σC on the sum."
         ),
     )
     clip_scope: Literal["global", "per_tensor"] = Field(
