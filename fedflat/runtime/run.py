@@ -165,6 +165,18 @@ class Runner:
         tmp.write_text("".join(json.dumps(_clean(m), default=_json_default) + "\n"
                                for m in self.metrics))
         os.replace(tmp, path)
+        # eval.per_client rows past the checkpoint are rewritten by the resumed rounds.
+        rows = self.run_dir / "per_client.jsonl"
+        if rows.exists():
+            keep = []
+            for ln in rows.read_text().splitlines():
+                try:
+                    if json.loads(ln)["round"] < self.next_round:
+                        keep.append(ln + "\n")
+                except ValueError:  # a line cut short by a kill
+                    continue
+            rows.with_suffix(".jsonl.tmp").write_text("".join(keep))
+            os.replace(rows.with_suffix(".jsonl.tmp"), rows)
 
     # ------------------------------------------------------------------ loop
     def execute(self, backend_state: dict[str, Any] | None = None,
@@ -287,12 +299,16 @@ class Runner:
                 rec = backend.round(t, plan.jobs, plan.keep_versions,
                                     following=None if following is None or following.stop
                                     else (t + 1, following.jobs))
+                per_client_rows = rec.pop("per_client_rows", None)
                 rec = self._finish_record(plan, rec)
                 rec["round_seconds"] = time.perf_counter() - t_start
                 rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
                 self.metrics.append(rec)
                 metrics_file.write(json.dumps(_clean(rec), default=_json_default) + "\n")
                 metrics_file.flush()
+                if per_client_rows:
+                    with open(self.run_dir / "per_client.jsonl", "a") as f:
+                        f.writelines(json.dumps(_clean(r)) + "\n" for r in per_client_rows)
                 self.next_round = t + 1
                 self._between_rounds = True
                 every = sc.output.checkpoint_every
