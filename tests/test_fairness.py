@@ -179,3 +179,14 @@ def test_fairness_plots(tmp_path):
     for name in ("per_client_accuracy_hist.png", "per_client_worst10_vs_round.png"):
         assert (res.run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_per_client_rows_on_ray_equal_serial(tmp_path, ray_session):
+    sc = _scenario()
+    serial = fedflat.run(sc, out=tmp_path / "s")
+    on_ray = fedflat.run({**sc, "runtime": {"backend": "ray", "num_actors": 2, "threads": 1}},
+                         out=tmp_path / "r")
+    assert (serial.run_dir / "per_client.jsonl").read_text() == \
+        (on_ray.run_dir / "per_client.jsonl").read_text()
