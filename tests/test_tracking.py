@@ -71,7 +71,7 @@ def test_resumed_tensorboard_has_one_value_per_round(tmp_path):
     (cut / "checkpoints" / "round_000004.pt").unlink()  # the last round runs again
     fedflat.resume(cut)
     a, b = _events(full), _events(cut)
-    for key in ("train_loss", "test_accuracy", "bytes_up_total"):
+    for key in ("update_norm", "test_accuracy", "bytes_up_total"):
         assert [(e.step, e.value) for e in a.Scalars(key)] == \
             [(e.step, e.value) for e in b.Scalars(key)]
 
@@ -96,7 +96,7 @@ def test_mlflow_file_store_holds_params_metrics_and_artifacts(tmp_path):
     assert run.data.params["data.synthetic.max_size"] == "120"
     expected = _numeric(_metrics(res.run_dir))
     assert set(run.data.metrics) == set(expected)
-    for key in ("test_accuracy", "train_loss", "bytes_up_total", "wall_seconds"):
+    for key in ("test_accuracy", "update_norm", "bytes_up_total", "wall_seconds"):
         hist = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
         assert [s for s, _ in hist] == [s for s, _ in expected[key]]
         for (_, a), (_, b) in zip(hist, expected[key], strict=True):
