@@ -106,6 +106,26 @@ def test_mlflow_file_store_holds_params_metrics_and_artifacts(tmp_path):
     assert "checkpoints" not in names
 
 
+def test_resumed_mlflow_run_continues_without_duplicates(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlruns"
+    sc = tiny_scenario(**{"output.mlflow": {"tracking_uri": str(store), "experiment": "r"},
+                          "output.plots": False})
+    full = fedflat.run(sc, out=tmp_path / "full").run_dir
+    run_id = json.loads((full / "mlflow_run.json").read_text())["run_id"]
+    # Killed after round 3 reached MLflow but before its checkpoint: round 3 runs again.
+    (full / "final_model.pt").unlink()
+    (full / "checkpoints" / "round_000004.pt").unlink()
+    fedflat.resume(full)
+    client = MlflowClient(tracking_uri=str(store))
+    assert len(client.search_runs([client.get_experiment_by_name("r").experiment_id])) == 1
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "update_norm"))
+    assert hist == [(m["round"], m["update_norm"]) for m in _metrics(full)]  # once each
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_missing_library_is_one_clear_error_before_any_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow -> ImportError
     sc = tiny_scenario(**{"output.mlflow": {"tracking_uri": str(tmp_path / "ml")}})

@@ -113,9 +113,13 @@ class MlflowTracker:
             uri = str(Path(uri).resolve())
         self.client = MlflowClient(tracking_uri=uri)
         self.run_dir = run_dir
-        ref = run_dir / MLFLOW_RUN_FILE
-        if ref.is_file():
-            self.run_id = json.loads(ref.read_text())["run_id"]
+        self.ref = run_dir / MLFLOW_RUN_FILE
+        self.uri = uri
+        if self.ref.is_file():
+            saved = json.loads(self.ref.read_text())
+            self.run_id = saved["run_id"]
+            # Rounds run again after a resume have the values already logged: not twice.
+            self.logged = int(saved.get("logged_round", -1))
             self.client.update_run(self.run_id, status="RUNNING")
             return
         exp = self.client.get_experiment_by_name(cfg.experiment)
@@ -124,7 +128,8 @@ class MlflowTracker:
         run = self.client.create_run(exp_id, run_name=f"{sc.name}/{run_dir.name}",
                                      tags={"fedflat.run_dir": str(run_dir.resolve())})
         self.run_id = run.info.run_id
-        ref.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": uri}) + "\n")
+        self.logged = -1
+        self._save()
         from mlflow.entities import Param
 
         params = [Param(k, v[:6000]) for k, v in flatten(sc.model_dump(mode="json")).items()]
@@ -135,9 +140,19 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         step, now = int(rec["round"]), int(time.time() * 1000)
+        if step <= self.logged:
+            return
         metrics = [Metric(k, v, now, step) for k, v in scalars(rec).items()]
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+        self.logged = step
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.ref.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri,
+                                   "logged_round": self.logged}) + "\n")
+        os.replace(tmp, self.ref)
 
     def close(self, status: str) -> None:
         for p in sorted(self.run_dir.iterdir()):
