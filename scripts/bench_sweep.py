@@ -81,9 +81,13 @@ def main() -> int:
     mode = f"sweep --jobs {args.jobs}" + (" --ray" if args.ray else "")
     print(f"{len(runs)} runs x {args.rounds} rounds")
     print(f"one after another: {serial:.2f} s wall, {serial_cpu:.2f} s CPU")
-    print(f"{mode}: {swept:.2f} s wall, {swept_cpu:.2f} s CPU")
-    print(f"ratio (sweep / one after another): {swept / serial:.3f} wall, "
-          f"{swept_cpu / serial_cpu:.3f} CPU")
+    if args.ray:  # Ray's workers are the raylet's children, not ours: their CPU is not seen
+        print(f"{mode}: {swept:.2f} s wall")
+        print(f"ratio (sweep / one after another): {swept / serial:.3f} wall")
+    else:
+        print(f"{mode}: {swept:.2f} s wall, {swept_cpu:.2f} s CPU")
+        print(f"ratio (sweep / one after another): {swept / serial:.3f} wall, "
+              f"{swept_cpu / serial_cpu:.3f} CPU")
     return 0
 
 
