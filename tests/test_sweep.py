@@ -214,3 +214,37 @@ def test_sigkill_of_the_sweep_then_rerun_equals_uninterrupted(tmp_path):
                            timeout=120)
     assert "2 already finished" in third.stdout
     assert json.loads((out / "results.json").read_text()) == got
+
+
+# ---------------------------------------------------------------------------- --ray
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_dispatch_equals_the_runs_made_directly(tmp_path, ray_session):
+    from fedflat.sweep.runner import run_sweep
+
+    base = _write(tmp_path / "base.yaml", tiny_scenario(**{"output.plots": False}))
+    spec = SweepSpec(scenario=str(base), grid={"client.lr": [0.05, 0.2]}, seeds=[0], jobs=2,
+                     ray=True)
+    runs = run_sweep(spec, tmp_path / "sw", echo=lambda _: None)
+    assert [r.status for r in runs] == ["completed", "completed"]
+    for r in runs:  # the same command in this process: the same metrics, bit for bit
+        direct = fedflat.run(str(base), overrides=run_overrides(spec, r.point, r.seed),
+                             out=tmp_path / "direct" / r.name)
+        got = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+        clock = {"wall_seconds", "round_seconds"}
+        for a, b in zip(got, direct.metrics, strict=True):
+            assert {k: v for k, v in a.items() if k not in clock} == \
+                {k: v for k, v in b.items() if k not in clock}
+    # A rerun finds every run finished and starts nothing (no Ray task either).
+    again = run_sweep(spec, tmp_path / "sw", echo=lambda _: None)
+    assert [r.status for r in again] == ["completed", "completed"]
+
+
+def test_sweep_file_ray_key(tmp_path):
+    base = _write(tmp_path / "base.yaml", tiny_scenario())
+    (tmp_path / "s.yaml").write_text(f"scenario: {base.name}\ngrid: {{client.lr: [0.1]}}\n"
+                                     "ray: true\n")
+    assert load_sweep_file(str(tmp_path / "s.yaml")).ray is True
+    (tmp_path / "bad.yaml").write_text(f"scenario: {base.name}\nray: 3\n")
+    with pytest.raises(ScenarioError, match="true or false"):
+        load_sweep_file(str(tmp_path / "bad.yaml"))

@@ -2,6 +2,7 @@
 
 fedflat report runs/fedavg/20250101-120000 runs/fedsam/20250101-130000
 fedflat report runs/fedsam --markdown --out figures/
+fedflat report runs/sweeps/quickstart --html report.html   # one self-contained page
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def add_report_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder for the plots (default: <first run's parent>/report)")
     p.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    p.add_argument("--html", default=None, metavar="FILE",
+                   help="write one self-contained HTML page (tables, embedded plots, per-client "
+                   "fairness, privacy ledger, resolved scenarios) instead of a plots folder; "
+                   "RUN_DIR may also be a sweep folder")
     return p
 
 
@@ -41,24 +46,25 @@ def run_report(args: argparse.Namespace) -> int:
         FedflatError: a folder is not a run (the message names the missing file).
     """
     # Imported here so that ``fedflat --help`` does not pay for matplotlib.
+    from fedflat.report.html import collect, write_html
     from fedflat.report.plots import draw_plots
     from fedflat.report.tables import (
         aggregate_seeds,
         comparison_table,
-        expand_run_dirs,
-        load_run,
         seed_table,
     )
 
-    dirs = expand_run_dirs(args.run_dirs)
-    if not dirs:
-        raise FedflatError("no run folders given")
-    records = [load_run(d) for d in dirs]
+    records, _ = collect(args.run_dirs)
+    dirs = [r.run_dir for r in records]
     print(comparison_table(records, markdown=args.markdown))
     groups = aggregate_seeds(records)
     if any(len(g.records) > 1 for g in groups):
         print()
         print(seed_table(groups, markdown=args.markdown))
+    if args.html is not None:
+        page = write_html(args.run_dirs, args.html)
+        print(f"\nHTML report written to {page}")
+        return 0
     out = Path(args.out) if args.out is not None else dirs[0].parent / "report"
     if out.exists() and not out.is_dir():
         raise FedflatError(f"--out {out} exists and is not a folder")

@@ -54,6 +54,15 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("lambda_max_vs_round", "round", ("lambda_max",), "Hessian λ_max"),
 )
 
+#: eval.per_client figures, drawn after ``PLOTS`` when a run has them (with the
+#: distribution of the final per-client accuracies, per_client_accuracy_hist.png).
+FAIRNESS_PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("per_client_worst10_vs_round", "round", ("per_client/accuracy_worst10",),
+             "worst-10 % client accuracy"),
+)
+
+PER_CLIENT_FILE = "per_client.jsonl"  # eval.per_client rows (round, client_id, n, accuracy, ...)
+
 _FIGSIZE = (6.4, 4.0)
 _DPI = 100
 _MARKER_MAX_POINTS = 40  # draw markers on sparse lines (e.g. evaluated every 10 rounds)
@@ -197,7 +206,8 @@ def draw_plots(
     if len(labels) != len(records):
         raise ValueError(f"labels must have one entry per run ({len(records)}), got {len(labels)}")
     out = Path(out_dir)
-    specs = list(PLOTS) + [PlotSpec(f"{k}_vs_round", "round", (k,), k) for k in extra]
+    specs = [*PLOTS, *FAIRNESS_PLOTS,
+             *(PlotSpec(f"{k}_vs_round", "round", (k,), k) for k in extra)]
     written: list[Path] = []
     for spec in specs:
         series = []
@@ -211,7 +221,59 @@ def draw_plots(
         path = out / f"{spec.stem}.png"
         _draw(spec, series, title, path)
         written.append(path)
+    dist = _per_client_distribution(records, labels, title, out)
+    if dist is not None:
+        written.append(dist)
     return written
+
+
+def read_per_client(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's per_client.jsonl (empty when eval.per_client was off)."""
+    path = Path(run_dir) / PER_CLIENT_FILE
+    return read_metrics(path) if path.is_file() else []
+
+
+def final_per_client(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-client rows of the last evaluated round, clients with test data only."""
+    rows = read_per_client(run_dir)
+    if not rows:
+        return []
+    last = max(r["round"] for r in rows)
+    return [r for r in rows if r["round"] == last and r.get("n") and r.get("accuracy") is not None]
+
+
+def _per_client_distribution(records: Sequence[RunRecord], labels: Sequence[str],
+                             title: str | None, out: Path) -> Path | None:
+    """Histogram of the final round's per-client accuracy (global model; each client's
+    own local model dashed where recorded), one outline per run."""
+    finals = [(label, final_per_client(r.run_dir)) for label, r in zip(labels, records,
+                                                                          strict=True)]
+    finals = [(label, rows) for label, rows in finals if rows]
+    if not finals:
+        return None
+    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bins = np.linspace(0.0, 1.0, 21)
+    for i, (label, rows) in enumerate(finals):
+        color = f"C{i % 10}"
+        ax.hist([r["accuracy"] for r in rows], bins=bins, histtype="step", linewidth=1.6,
+                color=color, label=f"{label} (global)" if len(finals) > 1 else "global model")
+        local = [r["local_accuracy"] for r in rows if r.get("local_accuracy") is not None]
+        if local:
+            ax.hist(local, bins=bins, histtype="step", linestyle="--", linewidth=1.2,
+                    color=color, label=f"{label} (local)" if len(finals) > 1 else "local models")
+    ax.set_xlabel("client test accuracy (final evaluation)")
+    ax.set_ylabel("clients")
+    if title:
+        ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.13, top=0.91 if title else 0.96)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "per_client_accuracy_hist.png"
+    fig.savefig(path, format="png")
+    return path
 
 
 def plot_runs(

@@ -130,6 +130,7 @@ class Runner:
         self.async_state: AsyncState | None = None
         self.privacy_state: dict[str, Any] | None = None
         self.base_dir = Path(loaded.file).parent if Path(loaded.file).is_file() else None
+        self.trackers: list[Any] = []  # output.tensorboard / output.mlflow
 
     # ------------------------------------------------------------------ files
     def write_static_files(self) -> None:
@@ -165,6 +166,18 @@ class Runner:
         tmp.write_text("".join(json.dumps(_clean(m), default=_json_default) + "\n"
                                for m in self.metrics))
         os.replace(tmp, path)
+        # eval.per_client rows past the checkpoint are rewritten by the resumed rounds.
+        rows = self.run_dir / "per_client.jsonl"
+        if rows.exists():
+            keep = []
+            for ln in rows.read_text().splitlines():
+                try:
+                    if json.loads(ln)["round"] < self.next_round:
+                        keep.append(ln + "\n")
+                except ValueError:  # a line cut short by a kill
+                    continue
+            rows.with_suffix(".jsonl.tmp").write_text("".join(keep))
+            os.replace(rows.with_suffix(".jsonl.tmp"), rows)
 
     # ------------------------------------------------------------------ loop
     def execute(self, backend_state: dict[str, Any] | None = None,
@@ -191,6 +204,7 @@ class Runner:
             if backend_state is not None:
                 backend.load_state_dict(backend_state)
             self._rewrite_metrics()
+            self._open_trackers()
             status = self._loop(backend)
         except BudgetExhausted as exc:
             status = "budget_exhausted"
@@ -219,6 +233,8 @@ class Runner:
                 summary = self.write_summary(status, **extra)
                 if self.sc.output.plots:
                     self._plots()
+                for tracker in self.trackers:  # last: the artifacts include the plots
+                    tracker.close(status)
             finally:
                 backend.close()
         return RunResult(params=params, metrics=self.metrics, run_dir=self.run_dir, summary=summary,
@@ -232,6 +248,12 @@ class Runner:
             plot_run(self.run_dir)
         except Exception as exc:
             warnings.warn(f"could not draw the run's plots: {exc}", stacklevel=2)
+
+    def _open_trackers(self) -> None:
+        if self.sc.output.tensorboard or self.sc.output.mlflow is not None:
+            from fedflat.report.tracking import open_trackers
+
+            self.trackers = open_trackers(self.sc, self.run_dir, self.next_round)
 
     def _checkpoint(self, backend: Any) -> None:
         state = {"server": backend.state_dict(), "metrics": self.metrics,
@@ -288,12 +310,18 @@ class Runner:
                 rec = backend.round(t, plan.jobs, plan.keep_versions,
                                     following=None if following is None or following.stop
                                     else (t + 1, following.jobs))
+                per_client_rows = rec.pop("per_client_rows", None)
                 rec = self._finish_record(plan, rec)
                 rec["round_seconds"] = time.perf_counter() - t_start
                 rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
                 self.metrics.append(rec)
                 metrics_file.write(json.dumps(_clean(rec), default=_json_default) + "\n")
                 metrics_file.flush()
+                if per_client_rows:
+                    with open(self.run_dir / "per_client.jsonl", "a") as f:
+                        f.writelines(json.dumps(_clean(r)) + "\n" for r in per_client_rows)
+                for tracker in self.trackers:
+                    tracker.log_round(rec, per_client_rows)
                 self.next_round = t + 1
                 self._between_rounds = True
                 every = sc.output.checkpoint_every
@@ -397,6 +425,16 @@ class RoundPlan:
     stop: str | None = None
 
 
+def _check_trackers(loaded: LoadedScenario) -> None:
+    """A tracker whose library is missing: refused before any folder is made."""
+    sc = loaded.scenario
+    if sc.output.tensorboard or sc.output.mlflow is not None:
+        from fedflat.report.tracking import missing_libraries
+
+        for key, msg in missing_libraries(sc):
+            raise loaded.error(key, msg)
+
+
 def run(
     source: str | Path | dict[str, Any] | Scenario,
     overrides: dict[str, Any] | list[str] | None = None,
@@ -416,6 +454,7 @@ def run(
         ScenarioError: invalid scenario or missing data; nothing is written then.
     """
     loaded = load_scenario(source, overrides)
+    _check_trackers(loaded)
     fed = _load_data(loaded)
     run_dir = _new_run_dir(loaded.scenario, out)
     runner = Runner(loaded, run_dir, fed)
@@ -430,6 +469,7 @@ def resume(run_dir: str | Path) -> RunResult:
     if not (run_dir / "scenario.yaml").is_file():
         raise FedflatError(f"{run_dir} is not a run folder (no scenario.yaml)")
     loaded = load_scenario(run_dir / "scenario.yaml")
+    _check_trackers(loaded)
     fed = _load_data(loaded)
     runner = Runner(loaded, run_dir, fed)
     ckpt = load_latest(run_dir)

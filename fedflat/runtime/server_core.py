@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fedflat.client.update import ClientResult
 from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
+from fedflat.metrics.fairness import PerClientEvaluator
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
@@ -56,6 +57,8 @@ class ServerCore:
         self._client_sizes = fed.client_sizes()
         self._eval_sets = self._make_eval_sets(fed)
         self._client_test = self._per_client_test(fed)
+        self.per_client = (PerClientEvaluator(scenario, fed.dataset, fed.client_indices)
+                           if scenario.eval.per_client else None)
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, round_: int, versions: Sequence[int] = ()) -> RoundPayload:
@@ -102,6 +105,9 @@ class ServerCore:
             # mechanism adds it every round, whoever took part.
             for r in results:
                 self.client_states[r.client_id] = r.client_state
+            if self.per_client is not None:
+                self.per_client.record(round_, [r.client_id for r in results],
+                                       [r.metrics for r in results])
             d = self.params.numel()
             deltas = (torch.stack([r.delta for r in results]) if results
                       else self.params.new_zeros(0, d))
@@ -149,6 +155,11 @@ class ServerCore:
         last = round_ + 1 == self.sc.server.rounds
         if (round_ + 1) % ev.every == 0 or last:
             rec.update(self.evaluate())
+            if self.per_client is not None:  # rows go to per_client.jsonl (the driver pops them)
+                rec["per_client_rows"], summary = self.per_client.evaluate(
+                    self.model, self.eval_params if self.eval_params is not None else self.params,
+                    round_, self._client_buffers)
+                rec.update(summary)
         sh = ev.sharpness
         if (sh.lambda_max or sh.trace or sh.m_sharpness) and ((round_ + 1) % sh.every == 0 or last):
             rec.update(self.sharpness(round_))
@@ -175,6 +186,13 @@ class ServerCore:
             return None
         return [(ds.x_test[torch.as_tensor(g)], ds.y_test[torch.as_tensor(g)])
                 for g in ds.test_groups[: fed.num_clients]]
+
+    def _client_buffers(self, client_id: int) -> Tensor:
+        """The BatchNorm statistics client ``client_id`` evaluates the global model with."""
+        if self.bn_local:
+            own = self.client_states.get(client_id, {}).get(BN_KEY)
+            return own if own is not None else self.init_buffers
+        return self.buffers
 
     def _local_buffers(self) -> dict[int, Tensor]:
         """bn_aggregation local: the statistics of every client that has trained so far."""
@@ -291,7 +309,8 @@ class ServerCore:
                 "pipeline_state": self.pipeline_state, "client_states": self.client_states,
                 "broadcast": self.broadcast, "down_residual": self.down_residual,
                 "versions": self.versions, "buffers": self.buffers,
-                "buffer_versions": self.buffer_versions}
+                "buffer_versions": self.buffer_versions,
+                "per_client": self.per_client.state_dict() if self.per_client else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         required = {"params", "eval_params", "pipeline_state", "client_states", "broadcast"}
@@ -315,6 +334,8 @@ class ServerCore:
         self.buffers = buffers if buffers is not None else self.buffers
         self.buffer_versions = state.get("buffer_versions",
                                          dict.fromkeys(self.versions, self.buffers))
+        if self.per_client is not None:
+            self.per_client.load_state_dict(state.get("per_client"))
 
 
 def _weighted_mean(rows: Sequence[Tensor], w: Tensor) -> Tensor:

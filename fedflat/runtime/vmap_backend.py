@@ -101,7 +101,8 @@ class ChunkRunner:
         results = self.engine.train(
             start, lr, [j.client_id for j in jobs], sizes,
             self._steps(jobs, data, gens, start.shape[1]), broadcast, dev_states, expected)
-        for res, job, state in zip(results, jobs, states, strict=True):
+        for i, (res, job, state) in enumerate(zip(results, jobs, states, strict=True)):
+            wk.local_eval(res, start[i])
             wk._uplink(res, job, state)
             if dev.type != "cpu":
                 res.delta = res.delta.cpu()

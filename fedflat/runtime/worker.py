@@ -18,6 +18,7 @@ from fedflat.client.oracle import UpdateContext
 from fedflat.client.update import ClientResult, client_update
 from fedflat.client.uplink import BYTES_KEY, STATE_PREFIX, UplinkContext, state_key
 from fedflat.comm.codecs import fp32_nbytes
+from fedflat.metrics.fairness import client_splits, local_metrics
 from fedflat.rng import stream
 from fedflat.runtime.build import (
     FederatedData,
@@ -85,6 +86,12 @@ class ClientWorker:
         self.flipped = byzantine_clients(scenario, fed.num_clients) \
             if scenario.attack.kind == "label_flip" else frozenset()
         self.num_classes = ds.num_classes
+        # eval.per_client: each client's own test split, for its local model after the update.
+        self.own_test = (client_splits(ds, fed.client_indices, scenario.seed,
+                                       scenario.data.partition.method == "natural")
+                         if scenario.eval.per_client else None)
+        if self.own_test is not None:
+            self.own_test = [(x.to(self.device), y.to(self.device)) for x, y in self.own_test]
         # runtime.backend vmap / runtime.vectorize: a chunk's clients trained at once, with
         # the same batches, noise and results (imported here: vmap_backend imports this module).
         self.chunks = None
@@ -129,6 +136,7 @@ class ClientWorker:
                 y = flip_labels(y, self.num_classes)
             res = client_update(self.rule, ctx, x, y, job.lr, gen,
                                 max_steps=job.max_steps)
+            self.local_eval(res, params)
             self._uplink(res, job, state)
             if self.bn_local:
                 res.client_state[BN_KEY] = self.model.get_buffers()
@@ -143,6 +151,13 @@ class ClientWorker:
                 res.extras = {k: v.cpu() for k, v in res.extras.items()}
             out.append(res)
         return out
+
+    def local_eval(self, res: ClientResult, start: Tensor) -> None:
+        """eval.per_client: the client's own model (start + delta, before the uplink codec)
+        on its own test split, into the client's metrics."""
+        if self.own_test is not None:
+            res.metrics.update(local_metrics(self.model, start + res.delta,
+                                             self.own_test[res.client_id]))
 
     def _uplink(self, res: ClientResult, job: ClientJob, state: dict[str, Tensor]) -> None:
         """Send the delta through the uplink chain ([clip -> noise] -> codec): the server

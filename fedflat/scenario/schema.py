@@ -209,6 +209,20 @@ class EvalConfig(Section):
     max_samples: int | None = Field(
         None, ge=1, description="Evaluate on at most this many samples (a fixed subset).")
     sharpness: SharpnessConfig = Field(default_factory=SharpnessConfig)
+    per_client: bool = Field(
+        False, description="Also evaluate the global model on each client's own test split "
+        "(every eval.every rounds): per_client.jsonl plus mean, std, worst/best-10 % and Gini "
+        "summaries in metrics.jsonl; each trained client also evaluates its own local model.")
+    per_client_sample: int | None = Field(
+        None, ge=1, description="Evaluate a fixed seeded sample of this many clients (clients); "
+        "None = all.")
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = Field(
+        "mlruns", description="MLflow tracking URI (a path = a local file store, relative to the "
+        "working directory).")
+    experiment: str = Field("fedflat", description="MLflow experiment name.")
 
 
 class OutputConfig(Section):
@@ -223,6 +237,12 @@ class OutputConfig(Section):
     plots: bool = Field(
         True, description="Draw the run's own plots into plots/ at the end (about 1 s; fedflat "
         "report draws them later too).")
+    tensorboard: bool = Field(
+        False, description="Write every metric as TensorBoard scalars (and per-client accuracy "
+        "histograms) under <run folder>/tensorboard (pip extra: tracking).")
+    mlflow: MlflowConfig | None = Field(
+        None, description="Log the run to MLflow: params (the resolved scenario, flattened), "
+        "metrics per round, the run folder as artifacts (pip extra: tracking); None = off.")
 
 
 class Scenario(Section):

@@ -34,6 +34,9 @@ def add_sweep_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--seeds", default=None, metavar="K|S1,S2",
                    help="K seeds 0..K-1, or a list (default 1)")
     p.add_argument("--jobs", type=int, default=None, help="runs at a time (default 1)")
+    p.add_argument("--ray", action="store_true",
+                   help="start the runs as Ray tasks (a local Ray, or the cluster of the "
+                   "scenario's runtime.address; the sweep folder must be visible to every node)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a key of every run (repeatable)")
     p.add_argument("--out", default=None,
@@ -72,6 +75,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if args.jobs < 1:
             raise FedflatError(f"--jobs must be >= 1, got {args.jobs}")
         spec.jobs = args.jobs
+    if args.ray:
+        spec.ray = True
     if args.target is not None:
         spec.target = args.target
     if args.out is not None:

@@ -131,7 +131,7 @@ def sweep_results(sweep_dir: str | Path, target: float | None = None) -> list[di
     return out
 
 
-def _cell(s: dict[str, Any], spec: str) -> str:
+def format_cell(s: dict[str, Any], spec: str) -> str:
     def f(v: float) -> str:
         return format_bytes(v) if spec == "bytes" else format(v, spec)
 
@@ -153,7 +153,7 @@ def markdown_table(results: list[dict[str, Any]], target: float | None) -> str:
     for r in results:
         cells = [r["label"], f"{len(r['seeds'])}/{r['runs_planned']}"]
         for key, _, spec in cols:
-            text = _cell(r[key], spec)
+            text = format_cell(r[key], spec)
             if key == "rounds_to_target":
                 text += f" (reached {r[key]['n']}/{len(r['seeds'])})"
             cells.append(text)

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -216,12 +215,21 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path | None = None, *,
     return runs
 
 
+def _launcher(spec: SweepSpec) -> Any:
+    from fedflat.sweep.launch import RayLauncher, SubprocessLauncher
+
+    if not spec.ray:
+        return SubprocessLauncher()
+    address = load_scenario(spec.scenario, spec.sets).scenario.runtime.address
+    return RayLauncher(address, spec.jobs)
+
+
 def _execute(spec: SweepSpec, todo: list[SweepRun], folder: Path, total: int, done: int,
              echo: Callable[[str], None]) -> None:
     pending = list(todo)
-    running: dict[subprocess.Popen[bytes], tuple[SweepRun, float]] = {}
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    running: dict[Any, tuple[SweepRun, float]] = {}
     env = _env()
+    launcher = _launcher(spec) if todo else None
     try:
         while pending or running:
             while pending and len(running) < spec.jobs:
@@ -229,17 +237,15 @@ def _execute(spec: SweepSpec, todo: list[SweepRun], folder: Path, total: int, do
                 ckpts = list_checkpoints(r.run_dir)
                 r.status = "running"
                 r.resumed_from = int(ckpts[-1].stem.split("_")[1]) if ckpts else None
-                log = open(folder / "logs" / f"{r.name}.log", "ab")  # noqa: SIM115 - child owns it
-                proc = subprocess.Popen(_command(spec, r), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env, preexec_fn=preexec)
-                log.close()
-                running[proc] = (r, time.perf_counter())
-            for proc in [p for p in running if p.poll() is not None]:
-                r, t0 = running.pop(proc)
+                handle = launcher.start(_command(spec, r), folder / "logs" / f"{r.name}.log", env)
+                running[handle] = (r, time.perf_counter())
+            finished = [(h, rc) for h in list(running) if (rc := launcher.poll(h)) is not None]
+            for handle, returncode in finished:
+                r, t0 = running.pop(handle)
                 done += 1
                 status = run_status(r.run_dir)
-                r.status = status if proc.returncode == 0 else (
-                    "interrupted" if proc.returncode == 130 else "failed")
+                r.status = status if returncode == 0 else (
+                    "interrupted" if returncode == 130 else "failed")
                 if r.status == "failed":
                     r.detail = _last_line(folder / "logs" / f"{r.name}.log")
                 acc = _summary_acc(r.run_dir)
@@ -252,18 +258,13 @@ def _execute(spec: SweepSpec, todo: list[SweepRun], folder: Path, total: int, do
             if running:
                 time.sleep(_POLL_S)
     except KeyboardInterrupt:
-        # The terminal's Ctrl-C reached the runs too; a signal to the sweep alone is passed
-        # on, so that each run checkpoints at its round boundary.
-        deadline = time.perf_counter() + 1.0
-        while time.perf_counter() < deadline and any(p.poll() is None for p in running):
-            time.sleep(_POLL_S)
-        for proc in running:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc, (r, _) in running.items():
-            proc.wait()
+        launcher.interrupt(list(running))
+        for r, _ in running.values():
             r.status = "interrupted"
         raise
+    finally:
+        if launcher is not None:
+            launcher.close()
 
 
 def _summary_acc(run_dir: Path) -> float | None:

@@ -11,6 +11,7 @@ A sweep file (YAML) holds the same as the command line::
     zip: [[method, client.oracle.rho]]   # these vary together (optional)
     seeds: 3                         # 0, 1, 2; or a list [0, 4, 7]
     jobs: 2
+    ray: false                       # true: runs as Ray tasks (optional)
     target: 0.8
     out: runs/sweeps/fedsam-rho
 """
@@ -30,8 +31,8 @@ from fedflat.errors import ScenarioError
 from fedflat.scenario.loader import LoadedScenario, load_scenario, parse_override, read_yaml
 
 #: Keys a sweep file may hold.
-SWEEP_FILE_KEYS: tuple[str, ...] = ("scenario", "set", "grid", "zip", "seeds", "jobs", "target",
-                                    "out")
+SWEEP_FILE_KEYS: tuple[str, ...] = ("scenario", "set", "grid", "zip", "seeds", "jobs", "ray",
+                                    "target", "out")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class SweepSpec:
     zip: list[list[str]] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     jobs: int = 1
+    ray: bool = False  # dispatch runs as Ray tasks (local Ray, or the base's runtime.address)
     target: float | None = None
     out: str | None = None
     source: str = "--grid"  # where grid keys came from, for error messages
@@ -166,6 +168,9 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
     jobs = data.get("jobs", 1)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise err("jobs", f"expected a whole number >= 1, got {jobs!r}")
+    use_ray = data.get("ray", False)
+    if not isinstance(use_ray, bool):
+        raise err("ray", f"expected true or false, got {use_ray!r}")
     target = data.get("target")
     if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)):
         raise err("target", f"expected a number, got {target!r}")
@@ -176,7 +181,7 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
         grid={str(k): list(v) for k, v in grid.items()},
         zip=[list(g) for g in zips],
         seeds=parse_seeds(data.get("seeds", 1), f"{file}:{seeds_line}" if seeds_line else file),
-        jobs=jobs, target=None if target is None else float(target),
+        jobs=jobs, ray=use_ray, target=None if target is None else float(target),
         out=None if data.get("out") is None else str(data["out"]),
         source=file,
     )
