@@ -265,11 +265,11 @@ try:
     res = fedflat.run(scenario, out=work + "/ray", overrides={"runtime.placement": "spread"})
     out["ray_params"] = res.params.tolist()
     out["summary"] = res.summary
-    out["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
     # The inline limit reaches processes of a cluster fedflat did not start: a 1 MB result
     # stays out of the object store (no location) with it, and goes into it without.
     ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+    out["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
 
     @ray.remote(num_cpus=0)
     class Probe:
