@@ -335,4 +335,4 @@ def test_two_node_cluster_spreads_actors_and_equals_serial(two_nodes):
     assert nodes == set(seen["nodes"])
     assert len(nodes) == 2
     assert seen["inline_locations"]["with"] == []
-    assert len(seen["inline_locations"]["without"]) == 1
+    assert seen["inline_locations"]["without"]  # stored: on a node (or two, once fetched)
