@@ -336,3 +336,41 @@ def test_two_node_cluster_spreads_actors_and_equals_serial(two_nodes):
     assert len(nodes) == 2
     assert seen["inline_locations"]["with"] == []
     assert seen["inline_locations"]["without"]  # stored: on a node (or two, once fetched)
+
+
+# ---------------------------------------------------------------------------- GPUs
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_batch_indices_draw_on_a_cuda_generator():
+    from fedflat.client.update import LocalSchedule, batch_indices
+    from fedflat.rng import stream
+
+    gen = stream(0, "client", 0, 0, device="cuda")
+    shuffle = list(batch_indices(23, LocalSchedule(batch_size=5, epochs=2), gen))
+    assert all(b.device.type == "cuda" for b in shuffle)
+    # each epoch is a permutation of the 23 examples (5 batches: 5+5+5+5+3)
+    for epoch in (shuffle[:5], shuffle[5:]):
+        assert sorted(torch.cat(epoch).tolist()) == list(range(23))
+    poisson = list(batch_indices(23, LocalSchedule(batch_size=5, epochs=1, batching="poisson"),
+                                 gen))
+    assert len(poisson) == round(23 / 5)
+    assert all(b.device.type == "cuda" for b in poisson)
+
+
+@CUDA
+@pytest.mark.ray
+@pytest.mark.slow
+def test_actors_sharing_a_gpu_train_alike_one_by_one_and_vectorised(tmp_path, ray_session):
+    """Two actors on half a GPU each; the chunk loop and the vmap engine draw the same
+    CUDA streams, so they agree within float tolerance."""
+    if ray_session.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the shared Ray session has no GPU")
+    runs = {}
+    for vec in (False, True):
+        sc = tiny_scenario(**{"server.rounds": 3, "runtime.backend": "ray",
+                              "runtime.num_actors": 2, "runtime.num_gpus": 0.5,
+                              "runtime.vectorize": vec})
+        runs[vec] = fedflat.run(sc, out=tmp_path / f"v{vec}")
+    assert (runs[False].params - runs[True].params).abs().max() <= 1e-4
