@@ -93,19 +93,27 @@ def _write(path: Path, sc: dict) -> Path:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
-def test_num_gpus_without_cuda_is_refused_by_validate_and_run(tmp_path):
+def test_num_gpus_without_cuda_is_refused_by_validate_and_run(tmp_path, capsys):
+    from fedflat.cli import main
+
     sc = tiny_scenario(**{"runtime.backend": "ray", "runtime.num_gpus": 0.5})
     path = _write(tmp_path / "gpu.yaml", sc)
     line = next(i for i, t in enumerate(path.read_text().splitlines(), 1)
                 if t.strip().startswith("num_gpus:"))
-    for cmd in (["validate", str(path)], ["run", str(path), "--out", str(tmp_path / "run")]):
-        proc = subprocess.run([sys.executable, "-m", "fedflat.cli", *cmd], env=ENV,
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2, proc.stderr
-        err = proc.stderr.strip().splitlines()
-        assert len(err) == 1, proc.stderr
-        assert err[0].startswith(f"error: {path}:{line}: runtime.num_gpus:")
-        assert "no CUDA device" in err[0]
+    expected = f"error: {path}:{line}: runtime.num_gpus:"
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(expected)
+    # `fedflat run` as a user starts it: one line, exit 2, no run folder.
+    proc = subprocess.run([sys.executable, "-m", "fedflat.cli", "run", str(path), "--out",
+                           str(tmp_path / "run")], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    assert err[0].startswith(expected)
+    assert "no CUDA device" in err[0]
     assert not (tmp_path / "run").exists()
 
 
