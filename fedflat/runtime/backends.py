@@ -416,7 +416,9 @@ def _cluster_address(rt: RuntimeConfig) -> str | None:
 class RayBackend:
     """Client actors plus a server actor. Starts a local Ray unless one is running or an
     address is given (``runtime.address`` or ``RAY_ADDRESS``); shuts down only what it
-    started. Refuses, before any actor starts, a cluster that cannot hold the actors."""
+    started. Refuses, before any actor starts, a cluster that cannot hold the actors.
+    A Ray the caller initialised keeps the caller's settings (its inline limit included:
+    a dedicated worker environment per actor would cost ~2 s of start-up each)."""
 
     def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor,
                  inline_bytes: int = INLINE_BYTES) -> None:
@@ -437,7 +439,10 @@ class RayBackend:
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
             address = _cluster_address(rt)
             if address:
+                # A cluster started elsewhere keeps Ray's 100 KB inline limit unless each of
+                # our processes (this driver, the actors) reads it from its environment.
                 os.environ.setdefault(INLINE_ENV, str(INLINE_BYTES))
+                runtime_env = INLINE_RUNTIME_ENV
                 try:
                     ray.init(address=address, log_to_driver=False, configure_logging=False)
                 except Exception as exc:  # ConnectionError, or a malformed address
@@ -450,10 +455,6 @@ class RayBackend:
                          include_dashboard=False, log_to_driver=False,
                          configure_logging=False, _system_config=RAY_SYSTEM_CONFIG)
             self._started = True
-        if not (self._started and not _cluster_address(rt)):
-            # A cluster started elsewhere keeps Ray's 100 KB inline limit unless each of our
-            # processes is told otherwise.
-            runtime_env = INLINE_RUNTIME_ENV
         try:
             self._setup(sc, fed, params, inline_bytes, runtime_env)
         except BaseException:
