@@ -89,15 +89,18 @@ def batch_indices(
     total = schedule.num_steps(n)
     if max_steps is not None:
         total = min(total, max_steps)
+    # Drawn on the generator's device (CUDA refuses a CUDA generator for a CPU draw); the
+    # indices then live where the worker's data lives.
+    dev = gen.device
     if schedule.batching == "poisson":
         q = schedule.rate(n)
         for _ in range(total):
-            yield torch.nonzero(torch.rand(n, generator=gen) < q).squeeze(1)
+            yield torch.nonzero(torch.rand(n, generator=gen, device=dev) < q).squeeze(1)
         return
     b = schedule.batch_size
     done = 0
     while done < total:
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen, device=dev)
         for i in range(0, n, b):
             yield perm[i : i + b]
             done += 1

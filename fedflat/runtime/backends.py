@@ -13,17 +13,20 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from fedflat.client.update import ClientResult
+from fedflat.errors import FedflatError, ScenarioError
 from fedflat.runtime.build import FederatedData
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
-from fedflat.scenario.schema import Scenario
+from fedflat.scenario.schema import RuntimeConfig, Scenario
 
 Following = tuple[int, Sequence[ClientJob]] | None  # the next round's (index, jobs), if known
 
@@ -102,24 +105,77 @@ def balance_chunks(jobs: Sequence[ClientJob], sizes: Sequence[int], k: int) -> l
 # ~0.7 ms inline against ~3 ms through the store (Ray's default inlines only < 100 KB).
 INLINE_BYTES = 8 * 1024 * 1024
 RAY_SYSTEM_CONFIG = {"max_direct_call_object_size": INLINE_BYTES}
+# A cluster fedflat did not start keeps its own system config; every Ray process reads this
+# variable at start-up instead, so the driver and the actors get it through their environment.
+INLINE_ENV = "RAY_max_direct_call_object_size"
+INLINE_RUNTIME_ENV = {"env_vars": {INLINE_ENV: str(INLINE_BYTES)}}
+MAX_CHUNK_RETRIES = 3  # fresh actors tried per chunk and round before the run fails
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
+
+
+class ClusterError(FedflatError):
+    """The Ray cluster lost a part of the run it cannot replace (the server actor, or a
+    client actor that keeps failing)."""
+
+
+@dataclass
+class ActorSpec:
+    """How to (re)start client actor ``i``: its resources, runtime env and placement-group
+    bundle. The server actor keeps it to replace a lost client actor in the same place."""
+
+    options: dict[str, Any]
+    args: tuple[Any, ...]  # (scenario, data ref, device, threads); the ref resolves in the actor
+    placement_group: Any = None
+
+    def spawn(self, i: int) -> Any:
+        import ray
+
+        opts = dict(self.options)
+        if self.placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=i)
+        return ray.remote(_ClientActor).options(**opts).remote(*self.args)
+
+
+def _where() -> dict[str, Any]:
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
 class _ServerActor:
     """Server actor body: a ServerCore that sends the round's work to the client actors
     itself, so that payloads and results travel server <-> client actor directly (the
-    driver is not on the round's critical path)."""
+    driver is not on the round's critical path). A client actor that dies is replaced from
+    its ``ActorSpec``; its chunk is retried on the replacement (``on_actor_failure: retry``:
+    a chunk's random streams are functions of (seed, round, client), so the retry returns
+    what the lost actor would have) or its clients are left out of the round (``drop``)."""
 
     def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor, threads: int,
-                 inline_bytes: int = INLINE_BYTES) -> None:
+                 inline_bytes: int = INLINE_BYTES, spec: ActorSpec | None = None) -> None:
         self.core = ServerCore(sc, fed, params, threads=threads)
         self.inline_bytes = inline_bytes
+        self.policy = sc.runtime.on_actor_failure
+        self.spec = spec
         self.actors: list[Any] = []
-        self._pending: tuple[int, list[ClientJob], list[list[int]], list[Any]] | None = None
+        self.placement: list[dict[str, Any]] = []
+        self.failures_total = 0
+        self._pending: tuple[int, list[ClientJob], list[list[int]], _Sent] | None = None
 
-    def attach(self, actors: list[Any]) -> None:
+    def where(self) -> dict[str, Any]:
+        return _where()
+
+    def attach(self, actors: list[Any], placement: list[dict[str, Any]] | None = None) -> None:
         self.actors = list(actors)
+        self.placement = [dict(p, actor=i, replaced=0)
+                          for i, p in enumerate(placement or [{}] * len(actors))]
 
-    def _submit(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]]) -> list[Any]:
+    def describe(self) -> dict[str, Any]:
+        return {"ray_actors": self.placement, "actor_failures": self.failures_total}
+
+    def _submit(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]]) -> _Sent:
         import ray
 
         # The payload is packed once. Up to the inline limit it travels inside each chunk's
@@ -128,9 +184,59 @@ class _ServerActor:
         payload: Any = pack_payload(self.core.begin_round(round_, _versions(jobs)))
         if _nbytes(payload) > self.inline_bytes:
             payload = ray.put(payload)
-        return [actor.run.remote(payload, [_arrays(s) for s in self.core.states_for(
-                    [jobs[i].client_id for i in c])], [jobs[i] for i in c])
-                for actor, c in zip(self.actors, chunks, strict=False)]
+        args = [(payload, [_arrays(s) for s in self.core.states_for(
+                    [jobs[i].client_id for i in c])], [jobs[i] for i in c]) for c in chunks]
+        return _Sent(args, [self.actors[a].run.remote(*args[a]) for a in range(len(chunks))])
+
+    def _replace(self, a: int, err: Exception) -> None:
+        """Start a fresh client actor in place of actor ``a`` (same resources and bundle)."""
+        import ray
+
+        if self.spec is None:
+            raise ClusterError(f"client actor {a} died and cannot be replaced: {err}") from err
+        actor = self.spec.spawn(a)
+        try:
+            where = ray.get(actor.where.remote(), timeout=300)
+        except Exception as exc:
+            raise ClusterError(f"client actor {a} died ({_reason(err)}) and no replacement "
+                               f"could start: {_reason(exc)}") from exc
+        self.actors[a] = actor
+        old = self.placement[a]
+        self.placement[a] = {**where, "actor": a, "replaced": old.get("replaced", 0) + 1}
+
+    def _collect(self, round_: int, sent: _Sent, chunks: list[list[int]],
+                 jobs: list[ClientJob]) -> tuple[list[ClientResult | None], int]:
+        """The chunk results, replacing lost actors; None where a chunk's clients were
+        dropped. Returns the results by job position and the number of actor failures."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        results: list[ClientResult | None] = [None] * len(jobs)
+        failures = 0
+        for a, positions in enumerate(chunks):
+            ref, tries = sent.refs[a], 0
+            while True:
+                try:
+                    packed = ray.get(ref)
+                    break
+                except RayActorError as err:
+                    failures += 1
+                    tries += 1
+                    self._replace(a, err)
+                    if self.policy == "drop":
+                        packed = None
+                        break
+                    if tries > MAX_CHUNK_RETRIES:
+                        raise ClusterError(
+                            f"round {round_}: the chunk of clients "
+                            f"{[jobs[i].client_id for i in positions]} lost {tries} client "
+                            f"actors in a row (last: {_reason(err)})") from err
+                    ref = self.actors[a].run.remote(*sent.args[a])
+            if packed is not None:
+                for pos, r in zip(positions, unpack_results(packed), strict=True):
+                    results[pos] = r
+        self.failures_total += failures
+        return results, failures
 
     def step(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]],
              keep_versions: list[int] | None,
@@ -138,19 +244,20 @@ class _ServerActor:
         """Run round ``round_`` and return its record. With ``following`` (round t+1's jobs
         and chunks) the next round's client work is sent out before returning, so that it
         runs while the driver records round t."""
-        import ray
-
         pending, self._pending = self._pending, None
         if pending is not None and pending[:3] == (round_, jobs, chunks):
-            refs = pending[3]  # sent out while round t-1 was being recorded
+            sent = pending[3]  # sent out while round t-1 was being recorded
         else:
-            refs = self._submit(round_, jobs, chunks)
-        results: list[ClientResult | None] = [None] * len(jobs)
-        for positions, packed in zip(chunks, ray.get(refs), strict=True):
-            for pos, r in zip(positions, unpack_results(packed), strict=True):
-                results[pos] = r
-        rec = self.core.end_round(round_, jobs, [r for r in results if r is not None],
-                                  keep_versions)
+            sent = self._submit(round_, jobs, chunks)
+        results, failures = self._collect(round_, sent, chunks, jobs)
+        kept = [i for i, r in enumerate(results) if r is not None]
+        rec = self.core.end_round(round_, [jobs[i] for i in kept],
+                                  [r for r in results if r is not None], keep_versions)
+        if failures:
+            rec["actor_failures"] = failures
+            if self.policy == "drop":
+                rec["actor_dropped"] = [jobs[i].client_id for i, r in enumerate(results)
+                                        if r is None]
         if following is not None:
             t1, jobs1, chunks1 = following
             self._pending = (t1, jobs1, chunks1, self._submit(t1, jobs1, chunks1))
@@ -168,6 +275,20 @@ class _ServerActor:
 
     def buffers(self) -> torch.Tensor:
         return self.core.buffers
+
+
+@dataclass
+class _Sent:
+    """One round's chunk tasks: their arguments (kept to resend a chunk) and result refs."""
+
+    args: list[tuple[Any, ...]]
+    refs: list[Any]
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of a Ray error (its full text repeats the actor's traceback)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 # What crosses process boundaries is numpy and plain Python: Ray serialises a numpy array
@@ -239,15 +360,65 @@ class _ClientActor:
     def __init__(self, sc: Scenario, fed: FederatedData, device: str, threads: int) -> None:
         self.worker = ClientWorker(sc, fed, device=device, threads=threads)
 
+    def where(self) -> dict[str, Any]:
+        return _where()
+
     def run(self, payload: Wire, states: list[dict[str, Any]],
             jobs: list[ClientJob]) -> Wire:
         return pack_results(self.worker.run(unpack_payload(payload), jobs,
                                             [_tensors(s) for s in states]))
 
 
+def check_resources(rt: RuntimeConfig, nodes: Sequence[dict[str, float]]) -> tuple[str, str] | None:
+    """(key, message) when the cluster's alive nodes (their total resources) cannot hold
+    ``num_actors`` client actors of ``num_cpus`` CPUs and ``num_gpus`` GPUs, else None.
+
+    An actor must fit on one node, so the room is counted node by node.
+    """
+    n, c, g = rt.num_actors, rt.num_cpus, rt.num_gpus
+    eps = 1e-9  # fractional GPUs: 4 × 0.25 fills one GPU exactly
+
+    def room(node: dict[str, float]) -> int:
+        k = math.floor(node.get("CPU", 0.0) / c + eps)
+        if g > 0:
+            k = min(k, math.floor(node.get("GPU", 0.0) / g + eps))
+        return k
+
+    fits = [room(node) for node in nodes]
+    if rt.placement == "strict_spread":
+        fits = [min(k, 1) for k in fits]
+    if sum(fits) >= n:
+        return None
+    cpus = sum(node.get("CPU", 0.0) for node in nodes)
+    gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    gpu_short = g > 0 and (n * g > gpus + eps or all(
+        math.floor(node.get("GPU", 0.0) / g + eps) < math.floor(node.get("CPU", 0.0) / c + eps)
+        for node in nodes))
+    spread = " on distinct nodes (placement: strict_spread)" if rt.placement == "strict_spread" \
+        else ""
+    msg = (f"{n} client actors of {c:g} CPU and {g:g} GPU each need {n * c:g} CPUs and "
+           f"{n * g:g} GPUs{spread}; the Ray cluster offers {cpus:g} CPUs and {gpus:g} GPUs on "
+           f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, room for {sum(fits)} such "
+           f"actor{'s' if sum(fits) != 1 else ''}; lower runtime.num_actors, num_cpus or "
+           f"num_gpus, or add nodes")
+    return ("runtime.num_gpus" if gpu_short else "runtime.num_actors"), msg
+
+
+def _cluster_address(rt: RuntimeConfig) -> str | None:
+    """The cluster to join: runtime.address or RAY_ADDRESS; refuses the two disagreeing."""
+    env = os.environ.get("RAY_ADDRESS") or None
+    if rt.address and env and rt.address != env and rt.address != "auto":
+        raise ScenarioError(f"is {rt.address!r} but the environment sets RAY_ADDRESS={env!r}; "
+                            "unset RAY_ADDRESS or make the two agree", key="runtime.address")
+    return rt.address or env
+
+
 class RayBackend:
     """Client actors plus a server actor. Starts a local Ray unless one is running or an
-    address is given; shuts down only what it started."""
+    address is given (``runtime.address`` or ``RAY_ADDRESS``); shuts down only what it
+    started. Refuses, before any actor starts, a cluster that cannot hold the actors.
+    A Ray the caller initialised keeps the caller's settings (its inline limit included:
+    a dedicated worker environment per actor would cost ~2 s of start-up each)."""
 
     def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor,
                  inline_bytes: int = INLINE_BYTES) -> None:
@@ -258,29 +429,101 @@ class RayBackend:
         self.ray = ray
         rt = sc.runtime
         self._started = False
+        self._server_lost: str | None = None
+        self.placement_group: Any = None
+        runtime_env: dict[str, Any] | None = None
         if not ray.is_initialized():
             # Ray warns on every start that it will stop overriding CUDA_VISIBLE_DEVICES for
             # actors with num_gpus=0; opting in now is harmless (such actors train on "cpu")
             # and leaves the console to fedflat's own lines.
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            if rt.address:
-                ray.init(address=rt.address, log_to_driver=False)
+            address = _cluster_address(rt)
+            if address:
+                # A cluster started elsewhere keeps Ray's 100 KB inline limit unless each of
+                # our processes (this driver, the actors) reads it from its environment.
+                os.environ.setdefault(INLINE_ENV, str(INLINE_BYTES))
+                runtime_env = INLINE_RUNTIME_ENV
+                try:
+                    ray.init(address=address, log_to_driver=False, configure_logging=False)
+                except Exception as exc:  # ConnectionError, or a malformed address
+                    src = "runtime.address" if rt.address else "RAY_ADDRESS"
+                    raise ScenarioError(f"cannot join the Ray cluster at {address!r} (from "
+                                        f"{src}): {_reason(exc)}", key="runtime.address") from None
             else:
                 ray.init(num_cpus=max(1, math.ceil(rt.num_actors * rt.num_cpus)),
                          num_gpus=math.ceil(rt.num_actors * rt.num_gpus) if rt.num_gpus else 0,
                          include_dashboard=False, log_to_driver=False,
                          configure_logging=False, _system_config=RAY_SYSTEM_CONFIG)
             self._started = True
+        try:
+            self._setup(sc, fed, params, inline_bytes, runtime_env)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, sc: Scenario, fed: FederatedData, params: torch.Tensor, inline_bytes: int,
+               runtime_env: dict[str, Any] | None) -> None:
+        ray, rt = self.ray, sc.runtime
+        problem = check_resources(rt, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if problem is not None:
+            raise ScenarioError(problem[1], key=problem[0])
         threads = max(1, math.ceil(rt.num_cpus))
         device = "cuda" if rt.num_gpus > 0 else "cpu"
         fed_ref = ray.put(fed)
+        options: dict[str, Any] = {"num_cpus": rt.num_cpus, "num_gpus": rt.num_gpus}
+        if runtime_env is not None:
+            options["runtime_env"] = runtime_env
+        if rt.placement != "none":
+            from ray.util import placement_group
+
+            bundle = {"CPU": rt.num_cpus, **({"GPU": rt.num_gpus} if rt.num_gpus else {})}
+            self.placement_group = placement_group([bundle] * rt.num_actors,
+                                                   strategy=PLACEMENT_STRATEGIES[rt.placement])
+            self._wait([self.placement_group.ready()], "the placement group's "
+                       f"{rt.num_actors} bundles ({rt.placement})")
+        spec = ActorSpec(options, (sc, fed_ref, device, threads), self.placement_group)
         server_cls = ray.remote(num_cpus=0)(_ServerActor)
-        client_cls = ray.remote(num_cpus=rt.num_cpus, num_gpus=rt.num_gpus)(_ClientActor)
-        self.server = server_cls.remote(sc, fed_ref, params, threads, inline_bytes)
-        self.actors = [client_cls.remote(sc, fed_ref, device, threads)
-                       for _ in range(rt.num_actors)]
+        if runtime_env is not None:
+            server_cls = server_cls.options(runtime_env=runtime_env)
+        self.server = server_cls.remote(sc, fed_ref, params, threads, inline_bytes, spec)
+        self.actors = [spec.spawn(i) for i in range(rt.num_actors)]
         self.sizes = fed.client_sizes().tolist()
-        ray.get(self.server.attach.remote(self.actors))  # surface construction errors now
+        # Surface construction errors now, and say so when the cluster makes us wait.
+        where = [a.where.remote() for a in self.actors]
+        self._wait([*where, self.server.where.remote()], f"{rt.num_actors} client actors "
+                   f"({rt.num_cpus:g} CPU, {rt.num_gpus:g} GPU each) and the server actor")
+        #: where each client actor runs at the start: node id and process id
+        self.placement: list[dict[str, Any]] = ray.get(where)
+        self.server_placement: dict[str, Any] = ray.get(self.server.where.remote())
+        ray.get(self.server.attach.remote(self.actors, self.placement))
+
+    def _wait(self, refs: list[Any], what: str) -> None:
+        """Wait for ``refs``, printing one line each 60 s that the cluster is still busy
+        (a feasible request can still wait for resources other jobs hold)."""
+        pending = refs
+        while True:
+            _, pending = self.ray.wait(pending, num_returns=len(pending), timeout=60)
+            if not pending:
+                break
+            print(f"fedflat: still waiting for Ray to place {what}; available now: "
+                  f"{self.ray.available_resources()}", file=sys.stderr, flush=True)
+        self.ray.get(refs)
+
+    def _call(self, what: str, method: Any, *args: Any) -> Any:
+        """Call the server actor; its death ends the run with a clear error (the last
+        checkpoint stays valid: it is written only after a complete round)."""
+        from ray.exceptions import RayActorError
+
+        if self._server_lost is not None:
+            raise ClusterError(self._server_lost)
+        try:
+            return self.ray.get(method.remote(*args))
+        except RayActorError as exc:
+            self._server_lost = (
+                f"the Ray server actor died {what} ({_reason(exc)}); the run stops here; the "
+                "last checkpoint in the run folder is intact: continue with "
+                "'fedflat resume RUN_DIR'")
+            raise ClusterError(self._server_lost) from None
 
     def round(self, round_: int, jobs: Sequence[ClientJob],
               keep_versions: Sequence[int] | None = None,
@@ -292,24 +535,49 @@ class RayBackend:
         if following is not None:
             jobs1 = list(following[1])
             nxt = (following[0], jobs1, balance_chunks(jobs1, self.sizes, len(self.actors)))
-        return self.ray.get(self.server.step.remote(round_, jobs, chunks, keep, nxt))
+        return self._call(f"in round {round_}", self.server.step, round_, jobs, chunks, keep,
+                          nxt)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.ray.get(self.server.state_dict.remote())
+        return self._call("while saving a checkpoint", self.server.state_dict)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ray.get(self.server.load_state_dict.remote(state))
+        self._call("while loading a checkpoint", self.server.load_state_dict, state)
 
     def final_params(self) -> torch.Tensor:
-        return self.ray.get(self.server.params.remote())
+        if self._server_lost is not None:
+            return torch.zeros(0)  # the run failed; its checkpoints hold the last model
+        return self._call("at the end of the run", self.server.params)
 
     def final_buffers(self) -> torch.Tensor:
-        return self.ray.get(self.server.buffers.remote())
+        if self._server_lost is not None:
+            return torch.zeros(0)
+        return self._call("at the end of the run", self.server.buffers)
+
+    def describe(self) -> dict[str, Any]:
+        """For summary.json: where each client actor ran (Ray node id, pid, how often it was
+        replaced), the server actor's node, and the client actors lost in the run."""
+        info: dict[str, Any] = {"ray_server": getattr(self, "server_placement", None)}
+        if self._server_lost is None and hasattr(self, "server"):
+            with contextlib.suppress(Exception):
+                info.update(self.ray.get(self.server.describe.remote(), timeout=60))
+                return info
+        info["ray_actors"] = [dict(p, actor=i) for i, p in
+                              enumerate(getattr(self, "placement", []))]
+        return info
 
     def close(self) -> None:
-        for a in [*self.actors, self.server]:
+        # Replacement client actors belong to the server actor and end with it.
+        for a in [*getattr(self, "actors", []), *([self.server] if hasattr(self, "server")
+                                                 else [])]:
             with contextlib.suppress(Exception):
                 self.ray.kill(a)
+        if self.placement_group is not None:
+            with contextlib.suppress(Exception):
+                from ray.util import remove_placement_group
+
+                remove_placement_group(self.placement_group)
+            self.placement_group = None
         if self._started:
             self.ray.shutdown()
             self._started = False

@@ -196,7 +196,13 @@ class Runner:
         if self.privacy_state is not None:
             self.plan.load_state_dict(self.privacy_state)
         self.rsc = self.plan.scenario  # the scenario with calibrated noise, for the workers
-        backend = make_backend(self.rsc, self.fed, params0)
+        try:
+            backend = make_backend(self.rsc, self.fed, params0)
+        except ScenarioError as exc:  # e.g. a cluster too small for the actors asked for
+            if exc.key and exc.file is None:
+                exc = self.loaded.error(exc.key, exc.message)
+            self.write_summary("failed", error=str(exc))
+            raise exc from None
         self._t0 = time.perf_counter()
         status = "failed"
         extra: dict[str, Any] = {}
@@ -230,6 +236,8 @@ class Runner:
                 if self.rsc.privacy.enabled:
                     _write_json(self.run_dir / "privacy.json",
                                 self.plan.summary(self.fed.num_clients))
+                if hasattr(backend, "describe"):  # Ray: where the actors ran, actors lost
+                    extra.update(backend.describe())
                 summary = self.write_summary(status, **extra)
                 if self.sc.output.plots:
                     self._plots()

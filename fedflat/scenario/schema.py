@@ -22,6 +22,7 @@ from fedflat.scenario.local_rule import (
     SwaConfig,
 )
 from fedflat.scenario.privacy import PrivacyConfig
+from fedflat.scenario.resources import resource_checks
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.vectorize import vectorize_checks
 
@@ -176,6 +177,15 @@ class RuntimeConfig(Section):
     vectorize: bool = Field(
         False, description="Ray: each client actor trains its chunk at once with the vmap "
         "engine instead of one client after another.")
+    placement: Literal["none", "pack", "spread", "strict_spread"] = Field(
+        "none", description="Ray: place the client actors through a placement group (one "
+        "bundle of num_cpus/num_gpus per actor): 'spread' = over as many nodes as possible, "
+        "'strict_spread' = one actor per node, 'pack' = as few nodes as possible; 'none' = "
+        "wherever Ray's scheduler puts them.")
+    on_actor_failure: Literal["retry", "drop"] = Field(
+        "retry", description="Ray: when a client actor dies mid-round it is replaced and its "
+        "chunk is 'retry'-ed on the replacement (same result: the final model equals an "
+        "uninterrupted run) or its clients are 'drop'-ped from that round.")
 
 
 class SharpnessConfig(Section):
@@ -335,6 +345,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
                            "downlink error feedback needs one model per round; not "
                            "available in asynchronous mode"))
     errors.extend(vectorize_checks(sc))
+    errors.extend(resource_checks(sc))
     if sc.data.dataset == "synthetic" and sc.data.partition.method != "natural":
         errors.append(("data.partition.method",
                        "synthetic data is generated per device: use method 'natural'"))
