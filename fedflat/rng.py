@@ -26,6 +26,7 @@ PURPOSES: dict[str, int] = {
     "audit": 10,  # privacy audit canaries
     "server": 11,  # server-side randomness (bucketing permutations, ...)
     "split": 12,  # train/test splits
+    "topology": 13,  # decentralized graphs (Erdős–Rényi draws, random matchings)
 }
 
 

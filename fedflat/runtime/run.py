@@ -396,6 +396,15 @@ class RoundPlan:
     stop: str | None = None
 
 
+def _runner(loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> Runner:
+    """The driver of this scenario: the federated one, or the gossip one (``topology:``)."""
+    if loaded.scenario.topology.kind != "none":
+        from fedflat.decentralized.runner import GossipRunner  # it imports this module
+
+        return GossipRunner(loaded, run_dir, fed)
+    return Runner(loaded, run_dir, fed)
+
+
 def run(
     source: str | Path | dict[str, Any] | Scenario,
     overrides: dict[str, Any] | list[str] | None = None,
@@ -417,7 +426,7 @@ def run(
     loaded = load_scenario(source, overrides)
     fed = _load_data(loaded)
     run_dir = _new_run_dir(loaded.scenario, out)
-    runner = Runner(loaded, run_dir, fed)
+    runner = _runner(loaded, run_dir, fed)
     runner.write_static_files()
     runner.write_summary("running")
     return runner.execute()
@@ -430,7 +439,7 @@ def resume(run_dir: str | Path) -> RunResult:
         raise FedflatError(f"{run_dir} is not a run folder (no scenario.yaml)")
     loaded = load_scenario(run_dir / "scenario.yaml")
     fed = _load_data(loaded)
-    runner = Runner(loaded, run_dir, fed)
+    runner = _runner(loaded, run_dir, fed)
     ckpt = load_latest(run_dir)
     state = None
     if ckpt is not None:
