@@ -15,10 +15,11 @@ codecs from ``stream(seed, "codec", t, i, s)``.
 Metrics per round (besides the driver's): ``consensus_distance`` = (1/n) Σ‖x_i − x̄‖² after
 the gossip; ``test_accuracy`` / ``test_loss`` (and train_* with ``eval.split``) of the
 averaged model x̄; ``node_test_accuracy_mean`` / ``node_test_accuracy_min`` over the nodes'
-own models; ``gossip_bytes`` (all messages of the round), ``bytes_per_edge`` (bytes sent
-along one directed edge in the round, averaged over the directed edges) and
-``gossip_bytes_total``; ``spectral_gap`` of W (static graphs). The final model
-(final_model.pt) is x̄; final_node_models.pt holds every node's model.
+own models; ``gossip_bytes`` (all messages of the round: Σ over gossip steps and directed
+edges), ``bytes_per_edge`` (the bytes of one message on one directed edge in one gossip
+step, averaged over the round's messages) and ``gossip_bytes_total``; ``spectral_gap``
+of W (static graphs). The final model (final_model.pt) is x̄; final_node_models.pt holds
+every node's model.
 """
 
 from __future__ import annotations
