@@ -90,6 +90,9 @@ def test_exponential_graph_is_circulant_with_dft_eigenvalues(n):
     assert all(np.allclose(np.roll(w[0], i), w[i]) for i in range(n))
     dft = np.fft.fft(w[0]).real
     assert np.allclose(_eig(w), np.sort(dft), atol=1e-12)
+    assert np.allclose(np.sort(topo.exponential_eigenvalues(n)), np.sort(dft), atol=1e-12)
+    rho = np.sort(np.abs(dft))[-2]
+    assert topo.closed_form_second_eigenvalue("exponential", n) == pytest.approx(rho)
 
 
 @pytest.mark.parametrize("seed", range(5))

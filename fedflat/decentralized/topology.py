@@ -41,6 +41,8 @@ deviation in the eigenspace of ρ). Closed forms used by the tests and the repro
     torus r × c, uniform 1/5: λ_{a,b} = (1 + 2 cos(2πa/r) + 2 cos(2πb/c)) / 5 (the torus
         adjacency is the Kronecker sum of the two ring adjacencies, so its eigenvalues are
         the pairwise sums of the ring ones).
+    exponential, uniform 1/(|S|+1) with S = {±2^k mod n}: λ_m = (1 + Σ_{s∈S} cos(2πms/n))
+        / (|S| + 1) (circulant).
     complete, uniform 1/n: W = 11ᵀ/n, eigenvalues {1, 0, …, 0}, gap 1 (one step averages).
 
 Pitfalls: a disconnected graph has λ_2 = 1 (gap 0; no consensus); a bipartite graph with
@@ -277,11 +279,23 @@ def torus_eigenvalues(rows: int, cols: int) -> np.ndarray:
     return ((1.0 + ca[:, None] + cb[None, :]) / 5.0).ravel()
 
 
+def exponential_eigenvalues(n: int) -> np.ndarray:
+    """Closed form for the exponential graph with weights 1/(|S|+1), S = {±2^k mod n}
+    its neighbour offsets: λ_m = (1 + Σ_{s∈S} cos(2πms/n)) / (|S| + 1) (circulant)."""
+    hops = [2**k for k in range(int(math.log2(n - 1)) + 1)] if n > 2 else [1]
+    offsets = sorted({h % n for h in hops} | {(-h) % n for h in hops})
+    m = np.arange(n)[:, None]
+    return (1.0 + np.cos(2.0 * np.pi * m * np.array(offsets)[None, :] / n).sum(axis=1)) / (
+        len(offsets) + 1.0)
+
+
 def closed_form_second_eigenvalue(kind: str, n: int, rows: int | None = None) -> float | None:
-    """ρ from the closed forms above for ring, torus and complete (uniform weights, which
-    Metropolis–Hastings equals on these regular graphs); None for other graphs."""
+    """ρ from the closed forms above for ring, torus, exponential and complete (uniform
+    weights, which Metropolis–Hastings equals on these regular graphs); None otherwise."""
     if kind == "ring":
         ev = ring_eigenvalues(n)
+    elif kind == "exponential":
+        ev = exponential_eigenvalues(n)
     elif kind == "torus":
         r = rows if rows is not None else torus_shape(n)[0]
         ev = torus_eigenvalues(r, n // r)
