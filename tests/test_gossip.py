@@ -251,3 +251,12 @@ def test_saved_scenario_has_resolved_local_steps(tmp_path):
     assert res.metrics[-1]["local_steps_mean"] == 2
     saved = load_scenario(Path(res.run_dir) / "scenario.yaml").scenario
     assert saved.client.local_steps == 2
+
+
+def test_flower_app_refuses_topology(tmp_path):
+    pytest.importorskip("tomli_w")
+    from fedflat.flower.app import write_app
+
+    with pytest.raises(ScenarioError, match=r"topology\.kind"):
+        write_app(_gossip(), tmp_path / "app")
+    assert not (tmp_path / "app").exists()
