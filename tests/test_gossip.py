@@ -260,3 +260,23 @@ def test_flower_app_refuses_topology(tmp_path):
     with pytest.raises(ScenarioError, match=r"topology\.kind"):
         write_app(_gossip(), tmp_path / "app")
     assert not (tmp_path / "app").exists()
+
+
+@pytest.mark.slow
+def test_reproduce_gossip_quick_table(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_gossip.py"
+    spec = importlib.util.spec_from_file_location("reproduce_gossip", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "table.md"
+    mod.main(["--quick", "--rounds", "2", "--out", str(out)])
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ring |")]
+    assert len(rows) == 1
+    rho = (1 + 2 * math.cos(2 * math.pi / 16)) / 3
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert float(cells[2]) == pytest.approx(rho, abs=1e-6)
+    assert float(cells[3]) == pytest.approx(rho, abs=1e-6)
+    assert "closed forms (all four graphs; |Δρ| < 1e-9): yes" in text
