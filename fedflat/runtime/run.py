@@ -397,11 +397,16 @@ class RoundPlan:
 
 
 def _runner(loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> Runner:
-    """The driver of this scenario: the federated one, or the gossip one (``topology:``)."""
+    """The driver of this scenario: the federated one, the gossip one (``topology:``) or
+    the personalized one (``personalization:``); the latter two import this module."""
     if loaded.scenario.topology.kind != "none":
-        from fedflat.decentralized.runner import GossipRunner  # it imports this module
+        from fedflat.decentralized.runner import GossipRunner
 
         return GossipRunner(loaded, run_dir, fed)
+    if loaded.scenario.personalization.method != "none":
+        from fedflat.personalization.runner import PersonalRunner
+
+        return PersonalRunner(loaded, run_dir, fed)
     return Runner(loaded, run_dir, fed)
 
 

@@ -21,6 +21,7 @@ from fedflat.scenario.local_rule import (
     OracleConfig,
     SwaConfig,
 )
+from fedflat.scenario.personalization import PersonalizationConfig, personalization_checks
 from fedflat.scenario.privacy import PrivacyConfig
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.topology import TopologyConfig, topology_checks
@@ -252,6 +253,7 @@ class Scenario(Section):
     comm: CommConfig = Field(default_factory=CommConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
 
 
 
@@ -260,6 +262,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     errors: list[tuple[str, str]] = []
     n = sc.data.num_clients
     errors.extend(topology_checks(sc))  # first: a graph run refuses server keys by name
+    errors.extend(personalization_checks(sc))
     if sc.server.clients_per_round > n and sc.topology.kind == "none":
         errors.append(("server.clients_per_round",
                        f"clients_per_round = {sc.server.clients_per_round} exceeds "
