@@ -10,7 +10,8 @@ Randomness: node i's batches and oracle noise in round t come from
 D-SGD on the complete graph equal FedAvg with every client; Erdős–Rényi graphs are drawn
 from ``numpy_rng(seed, "topology", 0)``, random matchings from
 ``numpy_rng(seed, "topology", 1, t, s)`` (round t, gossip step s) and CHOCO's stochastic
-codecs from ``stream(seed, "codec", t, i, s)``.
+codecs from ``stream(seed, "codec", t, i, s)``. A node's local optimizer state (momentum)
+restarts every round, as a federated client's does.
 
 Metrics per round (besides the driver's): ``consensus_distance`` = (1/n) Σ‖x_i − x̄‖² after
 the gossip; ``test_accuracy`` / ``test_loss`` (and train_* with ``eval.split``) of the
