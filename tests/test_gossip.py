@@ -222,6 +222,8 @@ def test_dp_sgd_per_node_is_accounted(tmp_path):
      "topology.compression.error_feedback"),
     ({"topology.local_steps": 2, "client.local_steps": 3}, "topology.local_steps"),
     ({"topology.kind": "erdos_renyi", "topology.mixing": "uniform"}, "topology.mixing"),
+    ({"topology.kind": "random_matching", "topology.mixing": "uniform",
+      "data.num_clients": 11}, "topology.mixing"),
 ])
 def test_topology_refuses_server_keys(over, key):
     if key == "data.num_clients":  # 12 = 3 x 4 is a valid torus; 8 nodes are too few

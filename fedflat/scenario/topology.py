@@ -74,9 +74,10 @@ def topology_checks(sc: Scenario) -> list[tuple[str, str]]:
     if tp.kind == "torus" and tp.rows is not None and (n % tp.rows or n // tp.rows < 3):
         errors.append(("topology.rows", f"rows={tp.rows} must divide data.num_clients = {n} "
                        "with n / rows ≥ 3"))
-    if tp.mixing == "uniform" and tp.kind in ("erdos_renyi",):
-        errors.append(("topology.mixing", "uniform weights need a regular graph; erdos_renyi "
-                       "is not: use metropolis_hastings"))
+    if tp.mixing == "uniform" and (tp.kind == "erdos_renyi"
+                                   or (tp.kind == "random_matching" and n % 2)):
+        errors.append(("topology.mixing", f"uniform weights need a regular graph; {tp.kind} "
+                       f"with {n} nodes is not: use metropolis_hastings"))
     if tp.compression is not None and tp.compression.error_feedback:
         errors.append(("topology.compression.error_feedback", "CHOCO keeps its own memory "
                        "x̂ of what was not sent; error feedback does not apply"))
