@@ -151,3 +151,25 @@ def test_personalization_refusals(over, key):
     with pytest.raises(ScenarioError) as info:
         load_scenario(sc)
     assert key in str(info.value)
+
+
+@pytest.mark.slow
+def test_reproduce_personalization_quick_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_personalization.py"
+    spec = importlib.util.spec_from_file_location("reproduce_personalization", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "table.md"
+    mod.main(["--quick", "--rounds", "2", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines()
+            if line.startswith(("| pathological", "| iid"))]
+    assert len(rows) == 8
+    for row in rows:
+        cells = [c.strip() for c in row.split("|")]
+        glob, pers, gain = float(cells[3]), float(cells[4]), float(cells[5])
+        assert gain == pytest.approx(pers - glob, abs=0.11)  # rounded to 0.1 point
+    apfl = [r for r in rows if "APFL" in r]
+    assert all(0 <= float(r.split("|")[6]) <= 1 for r in apfl)
