@@ -3,6 +3,8 @@ invariants of the runs (APFL with α = 0 is the global model), direction, refusa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -173,3 +175,24 @@ def test_reproduce_personalization_quick_table(tmp_path):
         assert gain == pytest.approx(pers - glob, abs=0.11)  # rounded to 0.1 point
     apfl = [r for r in rows if "APFL" in r]
     assert all(0 <= float(r.split("|")[6]) <= 1 for r in apfl)
+
+
+def test_natural_datasets_use_their_own_client_test_split(tmp_path):
+    from conftest import tiny_scenario
+
+    from fedflat.runtime.build import build_data
+
+    sc = tiny_scenario(**{"personalization.method": "finetune", "server.rounds": 2})
+    res = fedflat.run(sc, out=tmp_path / "nat")
+    fed = build_data(load_scenario(sc).scenario)
+    n_test = sum(len(g) for g in fed.dataset.test_groups[: fed.num_clients])
+    assert res.metrics[-1]["personal_test_samples"] == n_test
+    # Nothing held out: the clients train on all their training data.
+    clients = json.loads((res.run_dir / "clients.json").read_text())["clients"]
+    assert [c["num_samples"] for c in clients] == [len(ix) for ix in fed.client_indices]
+    held = fedflat.run({**sc, "personalization": {"method": "finetune",
+                                                  "test_split": "holdout"}},
+                       out=tmp_path / "hold")
+    sizes = [len(ix) for ix in fed.client_indices]
+    assert held.metrics[-1]["personal_test_samples"] == sum(
+        max(1, int(np.ceil(0.2 * n))) for n in sizes)

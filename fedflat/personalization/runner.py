@@ -1,7 +1,9 @@
 """Personalized runs: the serial driver plus personal models and per-client evaluation.
 
-``PersonalRunner`` holds out each client's test split (``split_clients``) before the run
-and trains the global model on the rest exactly like a plain run. ``PersonalBackend`` is
+``PersonalRunner`` takes each client's test split — the dataset's own per-client test data
+(natural partition of synthetic / femnist, ``test_split: auto``) or a holdout of the client's
+training data (``split_clients``) — before the run and trains the global model on the rest
+exactly like a plain run. ``PersonalBackend`` is
 the serial backend with two additions: after a client's ordinary update it runs the
 client's personal update (ditto / apfl; the personal model and α live in the client's
 persistent state, so checkpoints and resume carry them), and at every evaluation it
@@ -14,8 +16,8 @@ Randomness: personal steps of client i in round t draw batches from
 Metrics when evaluated (pooled = Σ correct / Σ n over all clients' test splits, mean =
 unweighted over clients): ``client_test_accuracy`` / ``_mean`` (the global model),
 ``personal_test_accuracy`` / ``_mean`` (the personal models), ``personal_gain``
-(pooled personal − pooled global, points of accuracy as a fraction) and, for apfl,
-``apfl_alpha_mean``. ``test_accuracy`` stays the global model on the pooled test set.
+(pooled personal − pooled global, as a fraction), ``personal_test_samples`` and, for
+apfl, ``apfl_alpha_mean``. ``test_accuracy`` stays the global model on the pooled test set.
 """
 
 from __future__ import annotations
@@ -51,11 +53,12 @@ class PersonalBackend(SerialBackend):
     """The serial backend with personal updates and per-client evaluation."""
 
     def __init__(self, sc: Scenario, fed: FederatedData, params: Tensor,
-                 test_indices: Sequence[np.ndarray]) -> None:
+                 test_indices: Sequence[np.ndarray], natural_test: bool = False) -> None:
         super().__init__(sc, fed, params)
         self.sc = sc
         ds = fed.dataset
-        self.client_test = [(ds.x_train[torch.as_tensor(ix)], ds.y_train[torch.as_tensor(ix)])
+        x, y = (ds.x_test, ds.y_test) if natural_test else (ds.x_train, ds.y_train)
+        self.client_test = [(x[torch.as_tensor(ix)], y[torch.as_tensor(ix)])
                             for ix in test_indices]
         self.client_data = self.worker.client_data
         self.pz = sc.personalization
@@ -130,6 +133,7 @@ class PersonalBackend(SerialBackend):
             "personal_test_accuracy_mean": float(np.mean(per["personal"])),
         }
         out["personal_gain"] = out["personal_test_accuracy"] - out["client_test_accuracy"]
+        out["personal_test_samples"] = float(tot["global"][1])
         if self.pz.method == "apfl":
             alphas = [float(s[ALPHA_KEY]) for s in self.core.client_states.values()
                       if ALPHA_KEY in s]
@@ -143,13 +147,22 @@ class PersonalRunner(Runner):
 
     def __init__(self, loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> None:
         sc = loaded.scenario
-        train, self.test_indices = split_clients(
-            fed.client_indices, sc.personalization.test_fraction, sc.seed)
-        super().__init__(loaded, run_dir, FederatedData(fed.dataset, train))
+        ds = fed.dataset
+        self.natural_test = (sc.personalization.test_split == "auto"
+                             and sc.data.partition.method == "natural"
+                             and ds.test_groups is not None)
+        if self.natural_test:  # the dataset's own per-client test data (indices into x_test)
+            assert ds.test_groups is not None  # noqa: S101 - checked just above
+            train = list(fed.client_indices)
+            self.test_indices = [np.asarray(g) for g in ds.test_groups[: fed.num_clients]]
+        else:
+            train, self.test_indices = split_clients(
+                fed.client_indices, sc.personalization.test_fraction, sc.seed)
+        super().__init__(loaded, run_dir, FederatedData(ds, train))
 
     def execute(self, backend_state: dict[str, Any] | None = None,
                 make_backend: Callable[..., Any] | None = None) -> RunResult:
         def make(sc: Scenario, fed: FederatedData, params: Tensor) -> PersonalBackend:
-            return PersonalBackend(sc, fed, params, self.test_indices)
+            return PersonalBackend(sc, fed, params, self.test_indices, self.natural_test)
 
         return super().execute(backend_state, make_backend or make)

@@ -29,9 +29,13 @@ class PersonalizationConfig(BaseModel):
         "none", description="Personal models: 'finetune' = k SGD steps from the global model "
         "before evaluation; 'ditto' = proximal personal models (Li et al. 2021); 'apfl' = "
         "adaptive mixture α v + (1−α) w with α learned per client (Deng et al. 2020).")
+    test_split: Literal["auto", "holdout"] = Field(
+        "auto", description="Each client's test split: 'auto' = the dataset's own per-client "
+        "test data when it has one (natural partition of synthetic or femnist), else a "
+        "holdout; 'holdout' = always hold out test_fraction of the client's training data.")
     test_fraction: float = Field(
-        0.2, gt=0, lt=1, description="Share of each client's samples held out as its own test "
-        "split (removed from its training data).")
+        0.2, gt=0, lt=1, description="holdout: share of each client's samples held out as its "
+        "own test split (removed from its training data).")
     finetune_steps: int = Field(5, ge=1, description="finetune: SGD steps k before evaluation.")
     personal_steps: int | None = Field(
         None, ge=1, description="ditto / apfl: personal SGD steps per participation (None = "
