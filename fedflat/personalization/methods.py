@@ -1,7 +1,8 @@
 """Personal models next to the global one: the updates, as pure functions.
 
-Every client i keeps a held-out test split of its own data (``split_clients``) and is
-evaluated there with its personal model p_i; the global model w is evaluated on the same
+Every client i has its own test split — the dataset's per-client test data where it has
+one (synthetic devices, FEMNIST writers), else a holdout of its data (``split_clients``) —
+and is evaluated there with its personal model p_i; the global model w is evaluated on the same
 splits for comparison. Personal models are trained with plain mini-batch SGD on the
 client's training data (lr = ``client.lr``, batches of ``client.batch_size``), whatever
 oracle trains the global model.
