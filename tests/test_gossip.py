@@ -253,6 +253,29 @@ def test_saved_scenario_has_resolved_local_steps(tmp_path):
     assert res.metrics[-1]["local_steps_mean"] == 2
     saved = load_scenario(Path(res.run_dir) / "scenario.yaml").scenario
     assert saved.client.local_steps == 2
+    assert saved.server.clients_per_round == 12  # every node, every round
+
+
+@pytest.mark.slow  # σ calibration and per-node ε (~15 s here)
+def test_dp_target_epsilon_is_calibrated_for_every_round(tmp_path):
+    # Each node trains every round: σ must be calibrated for `rounds` participations, so no
+    # node runs out of budget before the end and none exceeds ε.
+    # clients_per_round 1 of 4 would calibrate σ for 2 participations (the 0.9 quantile
+    # of Binomial(4, 1/4)), and nodes would run out of budget after round 2.
+    small = {"data.num_clients": 4, "server.rounds": 4, "eval.every": 4,
+             "server.clients_per_round": 1}
+    sc = _gossip(**small, **{"privacy.sample_level.enabled": True,
+                             "privacy.sample_level.participation_quantile": 0.9,
+                             "privacy.sample_level.epsilon": 4.0,
+                             "privacy.sample_level.clip_norm": 1.0,
+                             "privacy.sample_level.delta": 1e-5})
+    res = fedflat.run(sc, out=tmp_path / "dp")
+    assert all(m["budget_exhausted"] == [] for m in res.metrics)
+    assert all(m["clients"] == [0, 1, 2, 3] for m in res.metrics)
+    eps = json.loads((res.run_dir / "privacy.json").read_text())["sample_level"][
+        "epsilon_per_client"]
+    assert max(eps) <= 4.0 + 1e-9
+    assert max(eps) > 2.0  # the budget is used, not wasted on too much noise
 
 
 def test_flower_app_refuses_topology(tmp_path):

@@ -55,12 +55,18 @@ from fedflat.scenario.schema import Scenario
 
 
 def resolved_scenario(sc: Scenario) -> Scenario:
-    """``topology.local_steps`` folded into ``client.local_steps`` (one schedule for the
-    local rule, the privacy accountant and the saved scenario)."""
+    """The scenario as a gossip run executes it, so that the local rule, the privacy
+    accountant's calibration and the saved copy agree: ``topology.local_steps`` folded into
+    ``client.local_steps``, and ``server.clients_per_round`` = every node (each node trains
+    every round: a DP-SGD node is calibrated for one participation per round)."""
+    update: dict[str, Any] = {}
     k = sc.topology.local_steps
-    if k is None or sc.client.local_steps == k:
-        return sc
-    return sc.model_copy(update={"client": sc.client.model_copy(update={"local_steps": k})})
+    if k is not None and sc.client.local_steps != k:
+        update["client"] = sc.client.model_copy(update={"local_steps": k})
+    n = sc.data.num_clients
+    if sc.server.clients_per_round != n:
+        update["server"] = sc.server.model_copy(update={"clients_per_round": n})
+    return sc.model_copy(update=update) if update else sc
 
 
 class Mixing:
