@@ -101,7 +101,7 @@ def test_choco_lossy_codec_keeps_the_mean_and_reaches_consensus():
 # ------------------------------------------------------------------------- runs
 def _gossip(**over) -> dict:
     base = {"topology.kind": "ring", "topology.local_steps": 1, "server.rounds": 3,
-            "eval.every": 3}
+            "eval.every": 3, "output.plots": False}
     return tiny_scenario(**{**base, **over})
 
 
@@ -109,7 +109,8 @@ def _gossip(**over) -> dict:
 def test_complete_graph_dsgd_equals_fedavg_all_clients_uniform(tmp_path, steps):
     fedavg = fedflat.run(tiny_scenario(**{
         "server.rounds": 3, "server.clients_per_round": 12, "client.local_steps": steps,
-        "server.aggregation.weighting": "uniform", "eval.every": 3}), out=tmp_path / "fa")
+        "server.aggregation.weighting": "uniform", "eval.every": 3, "output.plots": False}),
+        out=tmp_path / "fa")
     dsgd = fedflat.run(_gossip(**{"topology.kind": "complete", "topology.mixing": "uniform",
                                   "topology.local_steps": steps}), out=tmp_path / "ds")
     assert (fedavg.params - dsgd.params).abs().max() <= 1e-6
@@ -161,13 +162,25 @@ def test_denser_graph_reaches_closer_consensus(tmp_path):
     assert dist["ring"] > dist["exponential"] > dist["complete"]
 
 
-def test_random_matching_and_erdos_renyi_are_seeded(tmp_path):
-    for kind in ("random_matching", "erdos_renyi"):
-        a = fedflat.run(_gossip(**{"topology.kind": kind}), out=tmp_path / f"{kind}a")
-        b = fedflat.run(_gossip(**{"topology.kind": kind}), out=tmp_path / f"{kind}b")
-        c = fedflat.run(_gossip(**{"topology.kind": kind, "seed": 9}), out=tmp_path / f"{kind}c")
-        assert torch.equal(a.params, b.params)
-        assert not torch.equal(a.params, c.params)
+def test_random_graphs_are_seeded(tmp_path):
+    from fedflat.decentralized.runner import Mixing
+
+    def mixing(kind, seed):
+        return Mixing(load_scenario(_gossip(**{"topology.kind": kind, "seed": seed})).scenario,
+                      12)
+
+    er = [mixing("erdos_renyi", s).static[1] for s in (3, 3, 9)]
+    assert np.array_equal(er[0], er[1])
+    assert not np.array_equal(er[0], er[2])
+    rm, other = mixing("random_matching", 3), mixing("random_matching", 9)
+    assert np.array_equal(rm.at(2, 0)[1], mixing("random_matching", 3).at(2, 0)[1])
+    assert not np.array_equal(rm.at(2, 0)[1], rm.at(3, 0)[1])  # a new matching each round
+    assert not np.array_equal(rm.at(2, 0)[1], rm.at(2, 1)[1])  # and each gossip step
+    assert not np.array_equal(rm.at(2, 0)[1], other.at(2, 0)[1])
+    sc = _gossip(**{"topology.kind": "random_matching", "server.rounds": 2, "eval.every": 2})
+    a = fedflat.run(sc, out=tmp_path / "a")
+    b = fedflat.run(sc, out=tmp_path / "b")
+    assert torch.equal(a.params, b.params)
 
 
 def test_resumed_gossip_run_equals_uninterrupted(tmp_path):
