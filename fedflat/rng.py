@@ -26,7 +26,8 @@ PURPOSES: dict[str, int] = {
     "audit": 10,  # privacy audit canaries
     "server": 11,  # server-side randomness (bucketing permutations, ...)
     "split": 12,  # train/test splits
-    "topology": 13,  # decentralized graphs (Erdős–Rényi draws, random matchings)
+    # 13 is "client_noise" on main (DP-FedSAM client-side noise)
+    "topology": 14,  # decentralized graphs (Erdős–Rényi draws, random matchings)
 }
 
 
