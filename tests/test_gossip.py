@@ -138,8 +138,9 @@ def test_bytes_per_edge_and_metrics(tmp_path):
     n = 12
     rec = res.metrics[-1]
     assert rec["bytes_per_edge"] == 4 + 4 * d  # one message: the fp32 model and a header
-    assert rec["gossip_bytes"] == 2 * 2 * n * rec["bytes_per_edge"]  # 2 steps, 2n directed
-    assert rec["gossip_bytes_total"] == 3 * rec["gossip_bytes"]
+    assert rec["bytes_up"] == 2 * 2 * n * rec["bytes_per_edge"]  # 2 steps, 2n directed
+    assert rec["bytes_up_total"] == 3 * rec["bytes_up"]
+    assert rec["bytes_down_total"] == 0
     assert rec["spectral_gap"] == pytest.approx(1 - (1 + 2 * math.cos(2 * math.pi / n)) / 3)
     assert rec["clients"] == list(range(n))
     assert rec["consensus_distance"] > 0

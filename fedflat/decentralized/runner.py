@@ -16,9 +16,11 @@ restarts every round, as a federated client's does.
 Metrics per round (besides the driver's): ``consensus_distance`` = (1/n) Σ‖x_i − x̄‖² after
 the gossip; ``test_accuracy`` / ``test_loss`` (and train_* with ``eval.split``) of the
 averaged model x̄; ``node_test_accuracy_mean`` / ``node_test_accuracy_min`` over the nodes'
-own models; ``gossip_bytes`` (all messages of the round: Σ over gossip steps and directed
-edges), ``bytes_per_edge`` (the bytes of one message on one directed edge in one gossip
-step, averaged over the round's messages) and ``gossip_bytes_total``; ``spectral_gap``
+own models; ``bytes_up`` (every byte the nodes sent in the round: Σ over gossip steps and
+directed edges; there is no downlink, so ``bytes_down`` is 0 and ``bytes_up_total`` is the
+whole traffic, comparable with a federated run's up + down), ``bytes_per_edge`` (the bytes
+of one message on one directed edge in one gossip step, averaged over the round's
+messages); ``spectral_gap``
 of W (static graphs). The final model (final_model.pt) is x̄; final_node_models.pt holds
 every node's model.
 """
@@ -111,7 +113,6 @@ class GossipBackend:
         self.x = params.unsqueeze(0).repeat(self.n, 1)  # every node starts from the same init
         self.x_hat = torch.zeros_like(self.x) if self.codec is not None else None
         self.client_states: dict[int, dict[str, Tensor]] = {}
-        self.bytes_total = 0
         # Evaluation (and sharpness) of one model at a time with the server's evaluator:
         # the topology checks leave it a plain mean pipeline that is never applied.
         self.evaluator = ServerCore(sc, fed, params)
@@ -146,11 +147,9 @@ class GossipBackend:
         for k, vals in sorted(metrics.items()):
             rec[f"client/{k}"] = sum(vals) / len(vals)
         self.x, sent, edges = self._gossip(round_, half)
-        self.bytes_total += sent
         rec["consensus_distance"] = consensus_distance(self.x)
-        rec["gossip_bytes"] = sent
+        rec["bytes_up"] = sent  # the driver accumulates bytes_up_total
         rec["bytes_per_edge"] = sent / max(edges, 1)
-        rec["gossip_bytes_total"] = self.bytes_total
         if self.mixing.static is not None:
             rec["spectral_gap"] = self.mixing.gap
         rec.update(self._evaluate(round_))
@@ -203,8 +202,7 @@ class GossipBackend:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"node_params": self.x, "x_hat": self.x_hat, "client_states": self.client_states,
-                "gossip_bytes_total": self.bytes_total}
+        return {"node_params": self.x, "x_hat": self.x_hat, "client_states": self.client_states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = {"node_params", "x_hat", "client_states"} - set(state)
@@ -217,7 +215,6 @@ class GossipBackend:
         self.x = state["node_params"]
         self.x_hat = state["x_hat"]
         self.client_states = state["client_states"]
-        self.bytes_total = int(state.get("gossip_bytes_total", 0))
 
     def final_params(self) -> Tensor:
         return self.x.mean(dim=0)
