@@ -27,6 +27,7 @@ PURPOSES: dict[str, int] = {
     "server": 11,  # server-side randomness (bucketing permutations, ...)
     "split": 12,  # train/test splits
     "client_noise": 13,  # user-level DP noise a client adds to its own delta (DP-FedSAM)
+    "topology": 14,  # decentralized graphs (Erdős–Rényi draws, random matchings)
 }
 
 

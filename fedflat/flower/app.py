@@ -175,6 +175,10 @@ def write_app(source: str | Path | dict[str, Any] | Scenario, folder: str | Path
     """
     loaded = load_scenario(source, overrides)
     sc = loaded.scenario
+    if sc.topology.kind != "none":  # a gossip run has no server for Flower to host
+        raise loaded.error("topology.kind", f"decentralized training (topology.kind: "
+                           f"{sc.topology.kind}) has no server for Flower; run it with "
+                           "'fedflat run' (serial backend)")
     if sc.flower.secagg:  # SecAgg+ apps: refuse what cannot run under it, by key
         from fedflat.flower.secagg import check_secagg
 

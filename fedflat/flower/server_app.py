@@ -139,6 +139,9 @@ def check_supported(loaded: LoadedScenario, settings: ServerSettings) -> None:
             each client's delta; a scenario SecAgg+ cannot run at all is refused with the
             keys that prevent it (robust rules need the individual updates).
     """
+    if loaded.scenario.topology.kind != "none":  # a gossip run has no server to host
+        raise ScenarioError("decentralized training (topology) has no server for Flower; run "
+                            "it with 'fedflat run'", file="run config", key="topology.kind")
     block = getattr(loaded.scenario, "flower", None)  # a `flower:` scenario block, if any
     if settings.secagg or bool(getattr(block, "secagg", False)):
         from fedflat.flower.secagg import check_secagg

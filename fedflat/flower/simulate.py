@@ -93,6 +93,10 @@ def simulate(
     # Scenario errors come first: they name the user's mistake, whatever the process state.
     loaded = load_scenario(source, overrides)
     sc = loaded.scenario
+    if sc.topology.kind != "none":  # a gossip run has no server for Flower to host
+        raise loaded.error("topology.kind", f"decentralized training (topology.kind: "
+                           f"{sc.topology.kind}) has no server for Flower; run it with "
+                           "'fedflat run' (serial backend)")
     use_secagg = bool(secagg) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
     if use_secagg:  # refuse before Ray starts
         from fedflat.flower.secagg import check_secagg

@@ -443,6 +443,20 @@ def _check_trackers(loaded: LoadedScenario) -> None:
             raise loaded.error(key, msg)
 
 
+def _runner(loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> Runner:
+    """The driver of this scenario: the federated one, the gossip one (``topology:``) or
+    the personalized one (``personalization:``); the latter two import this module."""
+    if loaded.scenario.topology.kind != "none":
+        from fedflat.decentralized.runner import GossipRunner
+
+        return GossipRunner(loaded, run_dir, fed)
+    if loaded.scenario.personalization.method != "none":
+        from fedflat.personalization.runner import PersonalRunner
+
+        return PersonalRunner(loaded, run_dir, fed)
+    return Runner(loaded, run_dir, fed)
+
+
 def run(
     source: str | Path | dict[str, Any] | Scenario,
     overrides: dict[str, Any] | list[str] | None = None,
@@ -465,7 +479,7 @@ def run(
     _check_trackers(loaded)
     fed = _load_data(loaded)
     run_dir = _new_run_dir(loaded.scenario, out)
-    runner = Runner(loaded, run_dir, fed)
+    runner = _runner(loaded, run_dir, fed)
     runner.write_static_files()
     runner.write_summary("running")
     return runner.execute()
@@ -479,7 +493,7 @@ def resume(run_dir: str | Path) -> RunResult:
     loaded = load_scenario(run_dir / "scenario.yaml")
     _check_trackers(loaded)
     fed = _load_data(loaded)
-    runner = Runner(loaded, run_dir, fed)
+    runner = _runner(loaded, run_dir, fed)
     ckpt = load_latest(run_dir)
     state = None
     if ckpt is not None:

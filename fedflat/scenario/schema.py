@@ -21,9 +21,11 @@ from fedflat.scenario.local_rule import (
     OracleConfig,
     SwaConfig,
 )
+from fedflat.scenario.personalization import PersonalizationConfig, personalization_checks
 from fedflat.scenario.privacy import PrivacyConfig
 from fedflat.scenario.resources import resource_checks
 from fedflat.scenario.system import SystemConfig
+from fedflat.scenario.topology import TopologyConfig, topology_checks
 from fedflat.scenario.vectorize import vectorize_checks
 
 
@@ -280,6 +282,8 @@ class Scenario(Section):
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     system: SystemConfig = Field(default_factory=SystemConfig)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
 
 
 
@@ -287,7 +291,9 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     """Checks that involve several keys: (key path, message) for each failure."""
     errors: list[tuple[str, str]] = []
     n = sc.data.num_clients
-    if sc.server.clients_per_round > n:
+    errors.extend(topology_checks(sc))  # first: a graph run refuses server keys by name
+    errors.extend(personalization_checks(sc))
+    if sc.server.clients_per_round > n and sc.topology.kind == "none":
         errors.append(("server.clients_per_round",
                        f"clients_per_round = {sc.server.clients_per_round} exceeds "
                        f"data.num_clients = {n}"))

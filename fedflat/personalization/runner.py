@@ -1,0 +1,168 @@
+"""Personalized runs: the serial driver plus personal models and per-client evaluation.
+
+``PersonalRunner`` takes each client's test split — the dataset's own per-client test data
+(natural partition of synthetic / femnist, ``test_split: auto``) or a holdout of the client's
+training data (``split_clients``) — before the run and trains the global model on the rest
+exactly like a plain run. ``PersonalBackend`` is
+the serial backend with two additions: after a client's ordinary update it runs the
+client's personal update (ditto / apfl; the personal model and α live in the client's
+persistent state, so checkpoints and resume carry them), and at every evaluation it
+evaluates, on every client's own test split, the global model and the personal models.
+
+Randomness: personal steps of client i in round t draw batches from
+``stream(seed, "client", t, i, 1)``; fine-tuning at evaluation from
+``stream(seed, "eval", 4, t, i)``; the test splits from ``numpy_rng(seed, "split", 1, i)``.
+
+Metrics when evaluated (pooled = Σ correct / Σ n over all clients' test splits, mean =
+unweighted over clients): ``client_test_accuracy`` / ``_mean`` (the global model),
+``personal_test_accuracy`` / ``_mean`` (the personal models), ``personal_gain``
+(pooled personal − pooled global, as a fraction), ``personal_test_samples`` and, for
+apfl, ``apfl_alpha_mean``. ``test_accuracy`` stays the global model on the pooled test set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedflat.client.update import ClientResult
+from fedflat.personalization.methods import (
+    apfl_model,
+    apfl_update,
+    ditto_update,
+    sgd_steps,
+    split_clients,
+)
+from fedflat.rng import stream
+from fedflat.runtime.backends import SerialBackend
+from fedflat.runtime.build import FederatedData, build_flat_model, client_lr
+from fedflat.runtime.run import Runner, RunResult
+from fedflat.runtime.worker import ClientJob
+from fedflat.scenario.loader import LoadedScenario
+from fedflat.scenario.schema import Scenario
+
+V_KEY, ALPHA_KEY = "personal_v", "apfl_alpha"  # client-state keys
+
+
+class PersonalBackend(SerialBackend):
+    """The serial backend with personal updates and per-client evaluation."""
+
+    def __init__(self, sc: Scenario, fed: FederatedData, params: Tensor,
+                 test_indices: Sequence[np.ndarray], natural_test: bool = False) -> None:
+        super().__init__(sc, fed, params)
+        self.sc = sc
+        ds = fed.dataset
+        x, y = (ds.x_test, ds.y_test) if natural_test else (ds.x_train, ds.y_train)
+        self.client_test = [(x[torch.as_tensor(ix)], y[torch.as_tensor(ix)])
+                            for ix in test_indices]
+        self.client_data = self.worker.client_data
+        self.pz = sc.personalization
+        self.model = build_flat_model(sc, ds)  # personal training and evaluation
+        self.model.module.train()
+
+    def round(self, round_: int, jobs: Sequence[ClientJob],
+              keep_versions: Sequence[int] | None = None,
+              following: Any = None) -> dict[str, Any]:
+        payload = self.core.begin_round(round_, ())
+        states = self.core.states_for([j.client_id for j in jobs])
+        results = self.worker.run(payload, jobs, states)
+        if self.pz.method in ("ditto", "apfl"):
+            for job, res, state in zip(jobs, results, states, strict=True):
+                self._personal_update(job, res, state, payload.params)
+        rec = self.core.end_round(round_, jobs, results, keep_versions)
+        ev = self.sc.eval
+        if (round_ + 1) % ev.every == 0 or round_ + 1 == self.sc.server.rounds:
+            rec.update(self.evaluate_personal(round_))
+        return rec
+
+    def _personal_update(self, job: ClientJob, res: ClientResult, state: dict[str, Tensor],
+                         w_received: Tensor) -> None:
+        """The client's personal steps this round (ditto / apfl), into its new state."""
+        i = job.client_id
+        x, y = self.client_data[i]
+        steps = self.pz.personal_steps or max(res.steps, 1)
+        gen = stream(self.sc.seed, "client", job.round, i, 1)
+        v = state.get(V_KEY, w_received)
+        common = {"lr": job.lr, "steps": steps, "batch_size": self.sc.client.batch_size,
+                  "gen": gen}
+        if self.pz.method == "ditto":
+            res.client_state[V_KEY] = ditto_update(self.model, v, w_received, x, y,
+                                                   lam=self.pz.ditto_lambda, **common)
+            return
+        alpha = float(state[ALPHA_KEY]) if ALPHA_KEY in state else self.pz.apfl_alpha
+        alpha_lr = self.pz.apfl_alpha_lr if self.pz.apfl_alpha_lr is not None else job.lr
+        v, alpha = apfl_update(self.model, v, alpha, w_received, x, y, alpha_lr=alpha_lr,
+                               **common)
+        res.client_state[V_KEY] = v
+        res.client_state[ALPHA_KEY] = torch.tensor(alpha, dtype=torch.float64)
+
+    def personal_model(self, i: int, w: Tensor, round_: int) -> Tensor:
+        """Client i's personal model given the current global model ``w``."""
+        state = self.core.client_states.get(i, {})
+        if self.pz.method == "finetune":
+            x, y = self.client_data[i]
+            return sgd_steps(self.model, w, x, y, lr=client_lr(self.sc, round_),
+                             steps=self.pz.finetune_steps,
+                             batch_size=self.sc.client.batch_size,
+                             gen=stream(self.sc.seed, "eval", 4, round_, i))
+        if V_KEY not in state:  # never took part: the global model
+            return w
+        if self.pz.method == "apfl":
+            return apfl_model(state[V_KEY], float(state[ALPHA_KEY]), w)
+        return state[V_KEY]
+
+    def evaluate_personal(self, round_: int) -> dict[str, float]:
+        w = self.core.eval_params if self.core.eval_params is not None else self.core.params
+        tot = {"global": [0.0, 0], "personal": [0.0, 0]}
+        per: dict[str, list[float]] = {"global": [], "personal": []}
+        for i, (x, y) in enumerate(self.client_test):
+            for name, p in (("global", w), ("personal", self.personal_model(i, w, round_))):
+                _, correct, n = self.model.evaluate(p, x, y)
+                tot[name][0] += correct
+                tot[name][1] += n
+                per[name].append(correct / max(n, 1))
+        out = {
+            "client_test_accuracy": tot["global"][0] / max(tot["global"][1], 1),
+            "client_test_accuracy_mean": float(np.mean(per["global"])),
+            "personal_test_accuracy": tot["personal"][0] / max(tot["personal"][1], 1),
+            "personal_test_accuracy_mean": float(np.mean(per["personal"])),
+        }
+        out["personal_gain"] = out["personal_test_accuracy"] - out["client_test_accuracy"]
+        out["personal_test_samples"] = float(tot["global"][1])
+        if self.pz.method == "apfl":
+            alphas = [float(s[ALPHA_KEY]) for s in self.core.client_states.values()
+                      if ALPHA_KEY in s]
+            if alphas:
+                out["apfl_alpha_mean"] = float(np.mean(alphas))
+        return out
+
+
+class PersonalRunner(Runner):
+    """The run driver for a ``personalization:`` scenario (serial backend)."""
+
+    def __init__(self, loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> None:
+        sc = loaded.scenario
+        ds = fed.dataset
+        self.natural_test = (sc.personalization.test_split == "auto"
+                             and sc.data.partition.method == "natural"
+                             and ds.test_groups is not None)
+        if self.natural_test:  # the dataset's own per-client test data (indices into x_test)
+            assert ds.test_groups is not None  # noqa: S101 - checked just above
+            train = list(fed.client_indices)
+            self.test_indices = [np.asarray(g) for g in ds.test_groups[: fed.num_clients]]
+        else:
+            train, self.test_indices = split_clients(
+                fed.client_indices, sc.personalization.test_fraction, sc.seed)
+        super().__init__(loaded, run_dir, FederatedData(ds, train))
+
+    def execute(self, backend_state: dict[str, Any] | None = None,
+                make_backend: Callable[..., Any] | None = None) -> RunResult:
+        def make(sc: Scenario, fed: FederatedData, params: Tensor) -> PersonalBackend:
+            return PersonalBackend(sc, fed, params, self.test_indices, self.natural_test)
+
+        return super().execute(backend_state, make_backend or make)
