@@ -7,6 +7,7 @@ fedflat report runs/fedsam --markdown --out figures/
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def run_report(args: argparse.Namespace) -> int:
     if not dirs:
         raise FedflatError("no run folders given")
     records = [load_run(d) for d in dirs]
+    for r in records:
+        if r.torn_line is not None:
+            print(f"warning: {r.run_dir / 'metrics.jsonl'}:{r.torn_line}: torn last line (a run "
+                  "killed mid-write, or still writing); ignored", file=sys.stderr)
     print(comparison_table(records, markdown=args.markdown))
     groups = aggregate_seeds(records)
     if any(len(g.records) > 1 for g in groups):
