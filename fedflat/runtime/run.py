@@ -260,7 +260,7 @@ class Runner:
         # driver evaluates a ServerCore of its own built from the same initial parameters.
         core = getattr(backend, "core", None)
         if core is None:
-            core = ServerCore(self.rsc, self.fed, params0)
+            core = ServerCore(self.rsc, self.fed, params0, threads=self.sc.runtime.threads)
         rec: dict[str, Any] = {"round": INITIAL_ROUND, **core.evaluate()}
         rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
         return rec
