@@ -265,30 +265,6 @@ class Runner:
         rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
         return rec
 
-    def _divergence(self, rec: dict[str, Any]) -> str | None:
-        """Why round ``rec`` diverged, or None. Diverged: an evaluated loss that is not finite,
-        or any loss above ``runtime.divergence_factor`` × the initial evaluated loss."""
-        factor = self.sc.runtime.divergence_factor
-        if factor is None:
-            return None
-        ref = next((self.initial[k] for k in ("test_loss", "global_train_loss")
-                    if isinstance(self.initial.get(k), float)
-                    and math.isfinite(self.initial[k])), None)
-        for key in ("client_train_loss", "test_loss", "global_train_loss"):
-            v = rec.get(key)
-            if not isinstance(v, float):
-                continue
-            # NaN client_train_loss is an empty cohort (no client loss), not a divergence.
-            if math.isinf(v) or (math.isnan(v) and key != "client_train_loss"):
-                return f"round {rec['round']}: {key} is {v}"
-            if ref is not None and v > factor * ref:
-                return (f"round {rec['round']}: {key} {v:.4g} > runtime.divergence_factor "
-                        f"{factor:g} × the initial model's loss {ref:.4g}")
-        norm = rec.get("update_norm")
-        if isinstance(norm, float) and not math.isfinite(norm):
-            return f"round {rec['round']}: update_norm is {norm}"
-        return None
-
     def _plots(self) -> None:
         """The run's own plots (plots/*.png); plotting never fails a run."""
         try:
@@ -361,7 +337,7 @@ class Runner:
                 metrics_file.flush()
                 self.next_round = t + 1
                 self._between_rounds = True
-                diverged = self._divergence(rec)
+                diverged = divergence(rec, self.initial, self.sc.runtime.divergence_factor)
                 if diverged is not None:  # no checkpoint of a diverged model
                     raise Diverged(diverged)
                 every = sc.output.checkpoint_every
@@ -483,6 +459,34 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def divergence(rec: dict[str, Any], initial: dict[str, Any], factor: float | None) -> str | None:
+    """Why round ``rec`` diverged, or None.
+
+    Diverged: ``client_train_loss`` infinite, an evaluated loss (``test_loss``,
+    ``global_train_loss``) not finite, ``update_norm`` not finite, or any of those losses
+    above ``factor`` × the initial model's evaluated loss (``initial``, the round -1 line).
+    A NaN ``client_train_loss`` is an empty cohort (nobody's loss), not a divergence: a
+    diverged model shows in the next evaluated loss.
+    """
+    if factor is None:
+        return None
+    ref = next((float(initial[k]) for k in ("test_loss", "global_train_loss")
+                if isinstance(initial.get(k), float) and math.isfinite(initial[k])), None)
+    for key in ("client_train_loss", "test_loss", "global_train_loss"):
+        v = rec.get(key)
+        if not isinstance(v, float):
+            continue
+        if math.isinf(v) or (math.isnan(v) and key != "client_train_loss"):
+            return f"round {rec['round']}: {key} is {v}"
+        if ref is not None and v > factor * ref:
+            return (f"round {rec['round']}: {key} {v:.4g} > runtime.divergence_factor "
+                    f"{factor:g} × the initial model's loss {ref:.4g}")
+    norm = rec.get("update_norm")
+    if isinstance(norm, float) and not math.isfinite(norm):
+        return f"round {rec['round']}: update_norm is {norm}"
+    return None
 
 
 def computed_keys(sc: Scenario) -> dict[str, Any]:
