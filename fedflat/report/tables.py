@@ -1,7 +1,8 @@
 """Read run folders and compare them: one row per run, and mean ± std over seeds.
 
 A run folder (written by ``fedflat.runtime.run``) holds ``scenario.yaml`` (the resolved
-scenario), ``metrics.jsonl`` (one JSON object per round), ``summary.json`` and
+scenario), ``metrics.jsonl`` (the initial model's line, ``round`` -1, then one JSON object
+per round), ``summary.json`` and
 ``clients.json``. Only the first three are read here. Per-round keys other than ``round``
 are optional: a column or statistic whose key no run has is left out, never required.
 """
