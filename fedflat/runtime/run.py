@@ -1,7 +1,8 @@
-"""The driver of a run: rounds, metrics, checkpoints, progress, resume.
+"""The driver of a run: rounds, metrics, checkpoints, progress, divergence, resume.
 
-It samples cohorts, hands jobs to a backend, writes one metrics line per round and
-checkpoints. It decides no numbers itself beyond which clients take part.
+It samples cohorts, hands jobs to a backend, writes the initial model's metrics line and one
+per round, checkpoints, and stops a run whose loss explodes. It decides no numbers itself
+beyond which clients take part.
 """
 
 from __future__ import annotations
