@@ -19,7 +19,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     res = run(args.scenario, overrides=args.set, out=args.out)
     _print_result(res)
-    return 0
+    return _exit_code(res)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -27,7 +27,14 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     res = resume(args.run_dir)
     _print_result(res)
-    return 0
+    return _exit_code(res)
+
+
+def _exit_code(res) -> int:  # type: ignore[no-untyped-def]
+    """0, or EXIT_DIVERGED (3) for a run whose loss exploded."""
+    from fedflat.runtime.run import EXIT_DIVERGED
+
+    return EXIT_DIVERGED if res.summary.get("status") == "diverged" else 0
 
 
 def _print_result(res) -> None:  # type: ignore[no-untyped-def]

@@ -40,7 +40,8 @@ def timed(cmd: list[str], run_dir: Path) -> tuple[float, list[float], torch.Tens
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    rounds = [json.loads(x)["round_seconds"] for x in lines]
+    # the first line evaluates the initial model (round -1), no round time
+    rounds = [m["round_seconds"] for m in map(json.loads, lines) if m["round"] >= 0]
     return wall, rounds, torch.load(run_dir / "final_model.pt")
 
 

@@ -292,6 +292,7 @@ def deploy(args: argparse.Namespace, work: Path, env: dict[str, str], procs: Pro
     spath, mpath = run_dir / "summary.json", run_dir / "metrics.jsonl"
     summary = json.loads(spath.read_text()) if spath.exists() else {}
     lines = [json.loads(x) for x in mpath.read_text().splitlines()] if mpath.exists() else []
+    lines = [m for m in lines if m["round"] >= 0]  # the first line evaluates the initial model
     check("summary.json: completed on the flower backend",
           summary.get("status") == "completed" and summary.get("backend") == "flower",
           f"status={summary.get('status')}, error={summary.get('error')}")

@@ -197,7 +197,7 @@ def test_server_app_equals_serial(tmp_path, extra):
     assert summary["backend"] == "flower"
     assert torch.equal(torch.load(tmp_path / "flower" / "final_model.pt"), serial.params)
     lines = (tmp_path / "flower" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["round"] for x in lines] == [0, 1, 2, 3]
+    assert [json.loads(x)["round"] for x in lines] == [-1, 0, 1, 2, 3]
     # each sampled client was sent to the node holding its partition, once per round
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert len(trains) == sum(len(r["clients"]) for r in serial.metrics)

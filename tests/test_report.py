@@ -64,7 +64,7 @@ def full_metrics(accs: dict[int, float], rounds: int = 6) -> list[dict]:
         rec = {
             "round": t,
             "clients": [0, 1, 2, 3],
-            "train_loss": 2.0 / (t + 1),
+            "client_train_loss": 2.0 / (t + 1),
             "round_seconds": 0.1,
             "wall_seconds": 0.1 * (t + 1),
             "sim_seconds": 2.5 * (t + 1),
@@ -78,6 +78,7 @@ def full_metrics(accs: dict[int, float], rounds: int = 6) -> list[dict]:
         if t in accs:
             rec["test_accuracy"] = accs[t]
             rec["test_loss"] = 1.0 - accs[t]
+            rec["global_train_loss"] = 0.9 - accs[t]
         out.append(rec)
     return out
 
@@ -86,7 +87,7 @@ def minimal_metrics(accs: dict[int, float | None], rounds: int = 6) -> list[dict
     """Only the keys the runtime always writes; test accuracy where given."""
     out = []
     for t in range(rounds):
-        rec = {"round": t, "clients": [0, 1], "train_loss": 1.0 / (t + 1),
+        rec = {"round": t, "clients": [0, 1], "client_train_loss": 1.0 / (t + 1),
                "round_seconds": 0.01, "wall_seconds": 0.01 * (t + 1)}
         if t in accs:
             rec["test_accuracy"] = accs[t]
@@ -324,7 +325,7 @@ def test_plot_run_skips_plots_whose_metrics_are_missing(tmp_path):
                     metrics=minimal_metrics({1: 0.5, 5: 0.6}), summary=summary_for("fedavg"))
     written = plot_run(run)
     assert {p.stem for p in written} == {
-        "test_accuracy_vs_round", "train_loss_vs_round", "test_loss_vs_round"}
+        "test_accuracy_vs_round", "client_train_loss_vs_round", "test_loss_vs_round"}
     assert all(p.parent == run / "plots" and p.read_bytes()[:8] == PNG_MAGIC for p in written)
     assert sorted(p.name for p in (run / "plots").iterdir()) == sorted(p.name for p in written)
 
@@ -334,10 +335,10 @@ def test_plot_run_without_any_evaluation_or_summary(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     metrics = minimal_metrics({})
-    metrics[2]["train_loss"] = None
+    metrics[2]["client_train_loss"] = None
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     written = plot_run(run)
-    assert [p.stem for p in written] == ["train_loss_vs_round"]
+    assert [p.stem for p in written] == ["client_train_loss_vs_round"]
     empty = tmp_path / "e"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
@@ -429,4 +430,4 @@ def test_real_runs_round_trip(tmp_path):
     assert g.final_mean == pytest.approx(np.mean(finals))
     assert g.final_std == pytest.approx(np.std(finals, ddof=1))
     written = plot_run(results[0].run_dir)
-    assert {"test_accuracy_vs_round", "train_loss_vs_round"} <= {p.stem for p in written}
+    assert {"test_accuracy_vs_round", "client_train_loss_vs_round"} <= {p.stem for p in written}

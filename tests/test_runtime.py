@@ -27,10 +27,15 @@ def test_serial_run_folder(tmp_path):
     for name in ("scenario.yaml", "metrics.jsonl", "summary.json", "clients.json",
                  "final_model.pt"):
         assert (d / name).is_file(), name
-    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    initial, *lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    # the first line evaluates the initial model, before round 0 trains
+    assert initial["round"] == -1
+    assert "clients" not in initial
+    assert {"test_accuracy", "test_loss"} <= set(initial)
+    assert initial == res.initial
     assert [m["round"] for m in lines] == [0, 1, 2, 3]
     for m in lines:
-        assert {"round", "train_loss", "clients", "wall_seconds"} <= set(m)
+        assert {"round", "client_train_loss", "clients", "wall_seconds"} <= set(m)
         assert len(m["clients"]) == 4
         assert len(set(m["clients"])) == 4
     assert "test_accuracy" in lines[1]
@@ -91,7 +96,7 @@ def test_ray_equals_serial(tmp_path, ray_session, actors):
     assert torch.equal(serial.params, on_ray.params)
     for a, b in zip(serial.metrics, on_ray.metrics, strict=True):
         assert a["clients"] == b["clients"]
-        assert a["train_loss"] == b["train_loss"]
+        assert a["client_train_loss"] == b["client_train_loss"]
     assert ray_session.is_initialized(), "the run must not shut down a Ray it did not start"
 
 
@@ -181,7 +186,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     resumed = fedflat.resume(out)
     assert torch.equal(resumed.params, reference.params)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in lines] == list(range(30))
+    assert [m["round"] for m in lines] == [-1, *range(30)]
     assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 
@@ -201,7 +206,8 @@ def test_ctrl_c_leaves_checkpoint_and_interrupted_summary(tmp_path):
     ckpt = load_latest(out)
     assert ckpt is not None
     assert ckpt["next_round"] == summary["rounds_completed"]
-    assert ckpt["next_round"] == len((out / "metrics.jsonl").read_text().splitlines())
+    # one line per round, after the initial model's line
+    assert ckpt["next_round"] == len((out / "metrics.jsonl").read_text().splitlines()) - 1
     resumed = fedflat.resume(out)
     assert torch.equal(resumed.params, reference.params)
 

@@ -142,7 +142,7 @@ class GossipBackend:
             for k, v in res.metrics.items():
                 metrics.setdefault(k, []).append(v)
         total = sum(m for _, m in losses)
-        rec["train_loss"] = sum(v * m for v, m in losses) / total if total else float("nan")
+        rec["client_train_loss"] = sum(v * m for v, m in losses) / total if total else float("nan")
         rec["local_steps_mean"] = sum(steps) / max(len(steps), 1)
         for k, vals in sorted(metrics.items()):
             rec[f"client/{k}"] = sum(vals) / len(vals)

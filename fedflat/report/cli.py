@@ -8,6 +8,7 @@ fedflat report runs/sweeps/quickstart --html report.html   # one self-contained 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,10 @@ def run_report(args: argparse.Namespace) -> int:
 
     records, _ = collect(args.run_dirs)
     dirs = [r.run_dir for r in records]
+    for r in records:
+        if r.torn_line is not None:
+            print(f"warning: {r.run_dir / 'metrics.jsonl'}:{r.torn_line}: torn last line (a run "
+                  "killed mid-write, or still writing); ignored", file=sys.stderr)
     print(comparison_table(records, markdown=args.markdown))
     groups = aggregate_seeds(records)
     if any(len(g.records) > 1 for g in groups):

@@ -1,5 +1,6 @@
 """PNG plots of one run or several overlaid: accuracy against rounds, simulated time and
-bytes on the wire; training loss, test loss, ε and λ_max against rounds.
+bytes on the wire; client and global training loss, test loss, ε and λ_max against rounds.
+The initial model's evaluation (round -1) starts the lines that it has a value for.
 
 Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, so nothing
 touches ``pyplot``'s global state or the caller's backend, and no display is needed.
@@ -48,7 +49,13 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("test_accuracy_vs_round", "round", ("test_accuracy",), "test accuracy"),
     PlotSpec("test_accuracy_vs_sim_time", "sim_seconds", ("test_accuracy",), "test accuracy"),
     PlotSpec("test_accuracy_vs_bytes", "bytes", ("test_accuracy",), "test accuracy"),
-    PlotSpec("train_loss_vs_round", "round", ("train_loss",), "train loss"),
+    # Two different training losses, named apart: the cohort's own mini-batch loss during
+    # local training (every round; "train_loss" in folders written before the split), and
+    # the global model's loss on the pooled train split (evaluated rounds, eval.split).
+    PlotSpec("client_train_loss_vs_round", "round", ("client_train_loss", "train_loss"),
+             "client train loss (cohort's local mini-batches)"),
+    PlotSpec("global_train_loss_vs_round", "round", ("global_train_loss",),
+             "global train loss (global model, pooled train split)"),
     PlotSpec("test_loss_vs_round", "round", ("test_loss",), "test loss"),
     PlotSpec("epsilon_vs_round", "round", EPSILON_KEYS, "ε (user level)"),
     PlotSpec("lambda_max_vs_round", "round", ("lambda_max",), "Hessian λ_max"),

@@ -1,7 +1,8 @@
 """Read run folders and compare them: one row per run, and mean ± std over seeds.
 
 A run folder (written by ``fedflat.runtime.run``) holds ``scenario.yaml`` (the resolved
-scenario), ``metrics.jsonl`` (one JSON object per round), ``summary.json`` and
+scenario), ``metrics.jsonl`` (the initial model's line, ``round`` -1, then one JSON object
+per round), ``summary.json`` and
 ``clients.json``. Only the first three are read here. Per-round keys other than ``round``
 are optional: a column or statistic whose key no run has is left out, never required.
 """
@@ -23,6 +24,11 @@ from fedflat.errors import FedflatError
 #: The files ``load_run`` needs; ``clients.json`` is not read by the report.
 RUN_FILES: tuple[str, ...] = ("scenario.yaml", "metrics.jsonl", "summary.json")
 
+#: ``round`` of the first metrics line, the initial model's evaluation: training rounds are
+#: indexed from 0 everywhere (RNG streams, availability traces, lr decay, SWA) and line t
+#: holds the model after round t, so the model before round 0 is line -1.
+INITIAL_ROUND = -1
+
 #: Per-round keys holding the user-level privacy loss, in order of preference.
 EPSILON_KEYS: tuple[str, ...] = ("epsilon_user", "epsilon")
 
@@ -40,12 +46,15 @@ class RunRecord:
         scenario: the resolved scenario (``scenario.yaml``) as a dict.
         metrics: the per-round records (``metrics.jsonl``), in file order.
         summary: ``summary.json`` as a dict.
+        torn_line: the line number of a torn last line of ``metrics.jsonl`` that was
+            dropped (a run killed mid-write, or one still writing), else None.
     """
 
     run_dir: Path
     scenario: dict[str, Any]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
+    torn_line: int | None = None
 
     @property
     def name(self) -> str:
@@ -88,7 +97,12 @@ class SeedGroup:
 
 # ---------------------------------------------------------------------------- reading
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Read a ``metrics.jsonl`` file.
+    """Read a ``metrics.jsonl`` file (see ``read_metrics_torn``)."""
+    return read_metrics_torn(path)[0]
+
+
+def read_metrics_torn(path: Path) -> tuple[list[dict[str, Any]], int | None]:
+    """Read a ``metrics.jsonl`` file; also the number of a torn last line, dropped.
 
     A last line without its newline that does not parse is a record still being written
     (the run is in progress or was killed mid-write) and is dropped; any other bad line
@@ -98,7 +112,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         path: the file.
 
     Returns:
-        The records in file order.
+        The records in file order, and the torn last line's number (None if none).
 
     Raises:
         FedflatError: the file is missing or a complete line is not a JSON object.
@@ -118,12 +132,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             if i == len(lines):  # no newline after it: a partly written last record
-                break
+                return records, i
             raise FedflatError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
         if not isinstance(rec, dict):
             raise FedflatError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
         records.append(rec)
-    return records
+    return records, None
 
 
 def read_mapping(path: Path, *, kind: str) -> dict[str, Any]:
@@ -170,11 +184,13 @@ def load_run(run_dir: str | Path) -> RunRecord:
     missing = [f for f in RUN_FILES if not (path / f).is_file()]
     if missing:
         raise FedflatError(f"{path} is not a run folder: {', '.join(missing)} missing")
+    metrics, torn = read_metrics_torn(path / "metrics.jsonl")
     return RunRecord(
         run_dir=path,
         scenario=read_mapping(path / "scenario.yaml", kind="yaml"),
-        metrics=read_metrics(path / "metrics.jsonl"),
+        metrics=metrics,
         summary=read_mapping(path / "summary.json", kind="json"),
+        torn_line=torn,
     )
 
 
@@ -247,9 +263,16 @@ def _epsilon(record: RunRecord) -> float | None:
     return None
 
 
+def training_rounds(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of training rounds: all but the initial model's evaluation."""
+    return [m for m in metrics if m.get("round") != INITIAL_ROUND]
+
+
 def accuracies(record: RunRecord) -> tuple[float | None, float | None]:
-    """(final, best) test accuracy: from the metrics, else from ``summary.json``."""
-    accs = [x for x in (_num(m.get("test_accuracy")) for m in record.metrics) if x is not None]
+    """(final, best) test accuracy over the training rounds (as ``summary.json``), from the
+    metrics, else from ``summary.json``."""
+    accs = [x for x in (_num(m.get("test_accuracy")) for m in training_rounds(record.metrics))
+            if x is not None]
     if accs:
         return accs[-1], max(accs)
     s = record.summary
@@ -291,7 +314,8 @@ def run_row(record: RunRecord) -> dict[str, Any]:
     s, m = record.summary, record.metrics
     final, best = accuracies(record)
     status = str(s.get("status", "unknown"))
-    rounds = len(m) if m else _num(s.get("rounds_completed"))
+    trained = training_rounds(m)
+    rounds = len(trained) if trained else _num(s.get("rounds_completed"))
     # While a run is going its summary is the one written at the start; the last
     # metrics line is fresher.
     wall = _num(s.get("wall_seconds"))

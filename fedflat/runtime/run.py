@@ -1,7 +1,8 @@
-"""The driver of a run: rounds, metrics, checkpoints, progress, resume.
+"""The driver of a run: rounds, metrics, checkpoints, progress, divergence, resume.
 
-It samples cohorts, hands jobs to a backend, writes one metrics line per round and
-checkpoints. It decides no numbers itself beyond which clients take part.
+It samples cohorts, hands jobs to a backend, writes the initial model's metrics line and one
+per round, checkpoints, and stops a run whose loss explodes. It decides no numbers itself
+beyond which clients take part.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fedflat.comm.asynchronous import (
 from fedflat.data.partition import client_stats
 from fedflat.errors import BudgetExhausted, DataError, FedflatError, ScenarioError
 from fedflat.privacy.plan import resolve_privacy
+from fedflat.report.tables import INITIAL_ROUND
 from fedflat.rng import numpy_rng
 from fedflat.runtime.backends import make_backend
 from fedflat.runtime.build import (
@@ -46,17 +48,27 @@ from fedflat.runtime.build import (
     client_lr,
     initial_params,
 )
-from fedflat.runtime.checkpoint import load_latest, save_checkpoint
+from fedflat.runtime.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from fedflat.runtime.sampling import sample_cohort
+from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
 from fedflat.scenario.schema import Scenario
 
+#: Exit code of ``fedflat run`` / ``resume`` for a run that ended with status ``diverged``
+#: (2 is bad input, 130 an interrupt).
+EXIT_DIVERGED = 3
+
 
 @dataclass
 class RunResult:
-    """What ``fedflat.run`` returns."""
+    """What ``fedflat.run`` returns.
+
+    ``metrics`` holds one record per training round (metrics.jsonl without its first line);
+    ``initial`` is that first line, the evaluation of the initial model (``round`` -1),
+    empty for a run resumed from a checkpoint written before it existed.
+    """
 
     params: torch.Tensor
     metrics: list[dict[str, Any]]
@@ -65,6 +77,11 @@ class RunResult:
     # The global BatchNorm running statistics (model.norm batch, bn_aggregation average;
     # also in final_buffers.pt), empty otherwise.
     buffers: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    initial: dict[str, Any] = field(default_factory=dict)
+
+
+class Diverged(Exception):
+    """A round's loss is non-finite or exploded (``runtime.divergence_factor``)."""
 
 
 def _load_data(loaded: LoadedScenario) -> FederatedData:
@@ -124,6 +141,7 @@ class Runner:
         self.run_dir = run_dir
         self.fed = fed
         self.metrics: list[dict[str, Any]] = []
+        self.initial: dict[str, Any] = {}  # the round -1 record (initial model), once evaluated
         self.next_round = 0
         self.elapsed_before = 0.0
         self._between_rounds = True
@@ -163,8 +181,9 @@ class Runner:
     def _rewrite_metrics(self) -> None:
         path = self.run_dir / "metrics.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
+        rows = ([self.initial] if self.initial else []) + self.metrics
         tmp.write_text("".join(json.dumps(_clean(m), default=_json_default) + "\n"
-                               for m in self.metrics))
+                               for m in rows))
         os.replace(tmp, path)
         # eval.per_client rows past the checkpoint are rewritten by the resumed rounds.
         rows = self.run_dir / "per_client.jsonl"
@@ -185,6 +204,7 @@ class Runner:
         """Run the remaining rounds; ``make_backend`` lets other front ends (Flower) supply
         their own backend with the same driver, files and checkpoints."""
         sc = self.sc
+        self._t0 = time.perf_counter()  # the reported time includes the backend's start-up
         model = build_flat_model(sc, self.fed.dataset)
         params0 = initial_params(sc, model)
         self.num_params = model.num_params
@@ -203,15 +223,27 @@ class Runner:
                 exc = self.loaded.error(exc.key, exc.message)
             self.write_summary("failed", error=str(exc))
             raise exc from None
-        self._t0 = time.perf_counter()
         status = "failed"
         extra: dict[str, Any] = {}
         try:
             if backend_state is not None:
-                backend.load_state_dict(backend_state)
+                try:
+                    backend.load_state_dict(backend_state)
+                except ValueError as exc:  # a checkpoint of another scenario or version
+                    raise FedflatError(f"{self.run_dir}: the checkpoint does not fit the "
+                                       f"run's scenario: {exc}") from None
+            if self.next_round == 0 and not self.initial:
+                self.initial = self._initial_record(backend, params0)
             self._rewrite_metrics()
             self._open_trackers()
             status = self._loop(backend)
+        except Diverged as exc:
+            status = "diverged"
+            extra["diverged"] = str(exc)
+            kept = list_checkpoints(self.run_dir)
+            print(f"diverged: {exc}; " + (f"the last checkpoint before it is kept: {kept[-1]}"
+                                          if kept else "no checkpoint was written before it"),
+                  file=sys.stderr)
         except BudgetExhausted as exc:
             status = "budget_exhausted"
             extra["stopped"] = str(exc)
@@ -246,7 +278,18 @@ class Runner:
             finally:
                 backend.close()
         return RunResult(params=params, metrics=self.metrics, run_dir=self.run_dir, summary=summary,
-                         buffers=buffers)
+                         buffers=buffers, initial=self.initial)
+
+    def _initial_record(self, backend: Any, params0: torch.Tensor) -> dict[str, Any]:
+        """The evaluation of the initial model (the metrics line before round 0)."""
+        # Serial, vmap and Flower hold their ServerCore here; Ray's lives in an actor, so the
+        # driver evaluates a ServerCore of its own built from the same initial parameters.
+        core = getattr(backend, "core", None)
+        if core is None:
+            core = ServerCore(self.rsc, self.fed, params0, threads=self.sc.runtime.threads)
+        rec: dict[str, Any] = {"round": INITIAL_ROUND, **core.evaluate()}
+        rec["wall_seconds"] = self.elapsed_before + time.perf_counter() - self._t0
+        return rec
 
     def _plots(self) -> None:
         """The run's own plots (plots/*.png); plotting never fails a run."""
@@ -267,6 +310,8 @@ class Runner:
         state = {"server": backend.state_dict(), "metrics": self.metrics,
                  "privacy": self.plan.state_dict(),
                  "async_state": self.async_state.to_dict() if self.async_state else None,
+                 "initial": self.initial,
+                 "scenario": computed_keys(self.sc),
                  "wall_seconds": self.elapsed_before + time.perf_counter() - self._t0}
         save_checkpoint(self.run_dir, self.next_round, state, self.sc.output.keep_checkpoints)
 
@@ -295,9 +340,7 @@ class Runner:
         runs, so that a backend can prepare its payload while round t finishes; planning is
         pure and commits nothing until the round starts."""
         sc = self.sc
-        show = sc.output.progress if sc.output.progress is not None else sys.stderr.isatty()
-        bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
-                   desc=sc.name, unit="round", dynamic_ncols=True)
+        progress = Progress(sc, self.next_round)
         timeline = Timeline(self.rsc, self.fed, self.num_params, self.base_dir)
         sched = scheduler_from_config(sc.system) if sc.system.asynchronous is not None else None
         job_times = timeline.job_times() if sched is not None else None
@@ -332,18 +375,18 @@ class Runner:
                     tracker.log_round(rec, per_client_rows)
                 self.next_round = t + 1
                 self._between_rounds = True
+                diverged = divergence(rec, self.initial, self.sc.runtime.divergence_factor)
+                if diverged is not None:  # no checkpoint of a diverged model
+                    raise Diverged(diverged)
                 every = sc.output.checkpoint_every
                 if (every and self.next_round % every == 0) or self.next_round == sc.server.rounds:
                     self._checkpoint(backend)
-                if rec.get("test_accuracy") is not None:
-                    bar.set_postfix(acc=f"{rec['test_accuracy']:.3f}",
-                                    loss=f"{rec.get('train_loss', float('nan')):.3f}")
-                bar.update(1)
+                progress.update(rec)
                 if following is not None:
                     plan = following
         finally:
             metrics_file.close()
-            bar.close()
+            progress.close()
         return "completed"
 
     # ------------------------------------------------------------------ planning
@@ -418,6 +461,89 @@ class Runner:
         return rec
 
 
+class Progress:
+    """Progress on stderr: a tqdm bar on a terminal; elsewhere (nohup, batch jobs, a pipe)
+    one plain line every ``output.progress_every`` rounds and never carriage-return frames."""
+
+    def __init__(self, sc: Scenario, start: int, stream: Any = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.name, self.rounds = sc.name, sc.server.rounds
+        self.enabled = sc.output.progress is not False
+        self.every = sc.output.progress_every or max(1, self.rounds // 20)
+        self.accuracy: tuple[int, float] | None = None
+        tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.bar = tqdm(total=self.rounds, initial=start, desc=sc.name, unit="round",
+                        dynamic_ncols=True, file=self.stream) if self.enabled and tty else None
+
+    def update(self, rec: dict[str, Any]) -> None:
+        """Round ``rec`` is done."""
+        if rec.get("test_accuracy") is not None:
+            self.accuracy = (int(rec["round"]), float(rec["test_accuracy"]))
+        loss = rec.get("client_train_loss")
+        loss_txt = f"{loss:.4f}" if isinstance(loss, float) and math.isfinite(loss) else "n/a"
+        if self.bar is not None:
+            if self.accuracy is not None:
+                self.bar.set_postfix(acc=f"{self.accuracy[1]:.3f}", loss=loss_txt)
+            self.bar.update(1)
+            return
+        done = int(rec["round"]) + 1
+        if not self.enabled or (done % self.every and done != self.rounds):
+            return
+        acc = ("test accuracy n/a" if self.accuracy is None else
+               f"test accuracy {self.accuracy[1]:.4f} (round {self.accuracy[0]})")
+        print(f"{self.name}: {done}/{self.rounds} rounds, {acc}, client_train_loss {loss_txt}, "
+              f"{rec.get('wall_seconds', 0.0):.1f} s", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def divergence(rec: dict[str, Any], initial: dict[str, Any], factor: float | None) -> str | None:
+    """Why round ``rec`` diverged, or None.
+
+    Diverged: ``client_train_loss`` infinite, an evaluated loss (``test_loss``,
+    ``global_train_loss``) not finite, ``update_norm`` not finite, or any of those losses
+    above ``factor`` × the initial model's evaluated loss (``initial``, the round -1 line).
+    A NaN ``client_train_loss`` is an empty cohort (nobody's loss), not a divergence: a
+    diverged model shows in the next evaluated loss.
+    """
+    if factor is None:
+        return None
+    ref = next((float(initial[k]) for k in ("test_loss", "global_train_loss")
+                if isinstance(initial.get(k), float) and math.isfinite(initial[k])), None)
+    for key in ("client_train_loss", "test_loss", "global_train_loss"):
+        v = rec.get(key)
+        if not isinstance(v, float):
+            continue
+        if math.isinf(v) or (math.isnan(v) and key != "client_train_loss"):
+            return f"round {rec['round']}: {key} is {v}"
+        if ref is not None and v > factor * ref:
+            return (f"round {rec['round']}: {key} {v:.4g} > runtime.divergence_factor "
+                    f"{factor:g} × the initial model's loss {ref:.4g}")
+    norm = rec.get("update_norm")
+    if isinstance(norm, float) and not math.isfinite(norm):
+        return f"round {rec['round']}: update_norm is {norm}"
+    return None
+
+
+def computed_keys(sc: Scenario) -> dict[str, Any]:
+    """The scenario keys that decide what a run computes: all but ``output`` (where and how
+    it is written) and ``runtime`` (backends give the same numbers; resume may switch)."""
+    return {k: v for k, v in sc.model_dump(mode="json").items() if k not in ("output", "runtime")}
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ; keys absent from ``old`` (added by a later fedflat
+    version, at their defaults) are not changes."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k, v in old.items():
+            out += _changed_keys(v, new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
 @dataclass
 class RoundPlan:
     """Round t decided in advance (pure data)."""
@@ -486,30 +612,75 @@ def run(
 
 
 def resume(run_dir: str | Path) -> RunResult:
-    """Continue a run from its newest checkpoint (same final model as an uninterrupted run)."""
+    """Continue a run from its newest checkpoint (same final model as an uninterrupted run).
+
+    A checkpoint that cannot be read is skipped with a warning naming it, and the run goes on
+    from the previous good one (the same final model, some rounds recomputed); metrics.jsonl
+    is rewritten from the checkpoint, which also repairs a torn last line. A finished run
+    whose final_model.pt is missing gets it back from its final checkpoint.
+
+    Raises:
+        FedflatError: not a run folder; scenario.yaml unreadable, invalid or changed since
+            the checkpoint (the message names the keys); checkpoints present but none
+            readable; summary.json unreadable.
+    """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FedflatError(f"run folder {run_dir} does not exist")
     if not (run_dir / "scenario.yaml").is_file():
         raise FedflatError(f"{run_dir} is not a run folder (no scenario.yaml)")
     loaded = load_scenario(run_dir / "scenario.yaml")
     _check_trackers(loaded)
+    latest = latest_checkpoint(run_dir)
+    for path, why in latest.skipped:
+        fallback = latest.path.name if latest.path is not None else "none left"
+        print(f"warning: {path}: unreadable checkpoint ({why}); skipped (previous good "
+              f"checkpoint: {fallback})", file=sys.stderr)
+    if latest.state is None and latest.skipped:
+        # Starting again from round 0 would silently discard the run's progress.
+        raise FedflatError(f"{run_dir / 'checkpoints'}: no readable checkpoint; delete the "
+                           "checkpoints folder to start the run over from round 0")
+    ckpt = latest.state
+    if ckpt is not None and isinstance(ckpt.get("scenario"), dict):
+        changed = _changed_keys(ckpt["scenario"], computed_keys(loaded.scenario))
+        if changed:
+            raise FedflatError(
+                f"{run_dir / 'scenario.yaml'}: differs from the scenario {latest.path} was "
+                f"written with ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''});"
+                " resuming would mix two scenarios: restore it, or start a new run")
     fed = _load_data(loaded)
     runner = _runner(loaded, run_dir, fed)
-    ckpt = load_latest(run_dir)
     state = None
     if ckpt is not None:
         runner.next_round = int(ckpt["next_round"])
         runner.metrics = list(ckpt["metrics"])
+        runner.initial = dict(ckpt.get("initial") or {})
         runner.elapsed_before = float(ckpt.get("wall_seconds", 0.0))
         state = ckpt["server"]
         runner.privacy_state = ckpt.get("privacy")
         if ckpt.get("async_state") is not None:
             runner.async_state = AsyncState.from_dict(ckpt["async_state"])
-    if runner.next_round >= loaded.scenario.server.rounds and (run_dir / "final_model.pt").exists():
-        params = torch.load(run_dir / "final_model.pt")
-        summary = json.loads((run_dir / "summary.json").read_text())
-        bpath = run_dir / "final_buffers.pt"
-        buffers = torch.load(bpath) if bpath.exists() else torch.zeros(0)
-        return RunResult(params=params, metrics=runner.metrics, run_dir=run_dir, summary=summary,
-                         buffers=buffers)
+    final = run_dir / "final_model.pt"
+    if runner.next_round >= loaded.scenario.server.rounds:
+        summary = _read_summary(run_dir / "summary.json")
+        if final.exists() and summary is not None and summary.get("status") == "completed":
+            params = torch.load(final)
+            bpath = run_dir / "final_buffers.pt"
+            buffers = torch.load(bpath) if bpath.exists() else torch.zeros(0)
+            return RunResult(params=params, metrics=runner.metrics, run_dir=run_dir,
+                             summary=summary, buffers=buffers, initial=runner.initial)
+        # Every round is done: executing the remaining zero rounds rewrites final_model.pt
+        # and summary.json from the final checkpoint.
+        missing = "final_model.pt is missing" if not final.exists() else "summary.json is stale"
+        print(f"note: {run_dir}: {missing}; rewritten from {latest.path}", file=sys.stderr)
     runner.write_summary("running", resumed_from_round=runner.next_round)
     return runner.execute(backend_state=state)
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    """summary.json as a dict, or None when missing or unreadable (it is rewritten then)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None

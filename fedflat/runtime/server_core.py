@@ -132,8 +132,10 @@ class ServerCore:
             losses = [(r.train_loss, r.num_samples) for r in results
                       if not math.isnan(r.train_loss)]
             total = sum(n for _, n in losses)
-            rec["train_loss"] = (sum(loss * n for loss, n in losses) / total if total
-                                 else float("nan"))
+            # The cohort's own mini-batch loss during local training (every round); the
+            # global model's loss on the pooled train split is global_train_loss (evaluate).
+            rec["client_train_loss"] = (sum(loss * n for loss, n in losses) / total if total
+                                        else float("nan"))
             rec["update_norm"] = float(rnd.aggregate.norm()) if rnd.aggregate is not None else 0.0
             rec["local_steps_mean"] = sum(r.steps for r in results) / max(len(results), 1)
             rec.update(metrics)
@@ -143,7 +145,8 @@ class ServerCore:
                 vals = [r.metrics[k] for r in results if k in r.metrics]
                 rec[f"client/{k}"] = sum(vals) / len(vals)
         else:
-            rec["train_loss"] = float("nan")  # an empty Poisson cohort: the model stays put
+            # An empty Poisson cohort: the model stays put, no client loss.
+            rec["client_train_loss"] = float("nan")
         if keep_versions is not None:
             self.versions[round_ + 1] = self.params
             self.versions = {v: x for v, x in self.versions.items()
@@ -216,7 +219,9 @@ class ServerCore:
             sets["test"] = (ds.x_test, ds.y_test)
         if ev.split in ("train", "both"):
             ix = torch.as_tensor(np.concatenate(fed.client_indices)) if fed.client_indices else None
-            sets["train"] = (ds.x_train[ix], ds.y_train[ix])
+            # Keys global_train_loss / _accuracy: the global model on the pooled train split,
+            # named apart from the cohort's client_train_loss.
+            sets["global_train"] = (ds.x_train[ix], ds.y_train[ix])
         sh = ev.sharpness
         pool = np.concatenate(fed.client_indices)
         keep = numpy_rng(self.sc.seed, "eval", 1).choice(len(pool), min(sh.num_samples, len(pool)),
@@ -251,7 +256,7 @@ class ServerCore:
         client i on its own test data, pooled over all clients (test_* = totals over every
         client's test data; clients that have not trained yet use the initial statistics).
         Without one, every client that has trained so far evaluates the whole eval set
-        and test_* / train_* are the mean over those clients (before any has trained: the
+        and test_* / global_train_* are the mean over those clients (before any has trained: the
         initial statistics)."""
         out: dict[str, float] = {}
         own = self._local_buffers()

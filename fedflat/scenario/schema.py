@@ -174,8 +174,11 @@ class RuntimeConfig(Section):
         None, description="Ray: join an existing cluster ('auto' or 'ray://host:10001'); None "
         "starts a local Ray for the run.")
     threads: int | None = Field(
-        None, ge=1,
-        description="torch threads in the serial backend / driver (None = torch default).")
+        1, ge=1,
+        description="torch threads in the serial and vmap backends and the driver (None = "
+        "torch default, one per core). 1: faster than 2 on the quickstart and on a loaded "
+        "machine, and what each Ray or Flower simulated client uses, so that every backend "
+        "gives the same numbers with the defaults.")
     vectorize: bool = Field(
         False, description="Ray: each client actor trains its chunk at once with the vmap "
         "engine instead of one client after another.")
@@ -188,6 +191,11 @@ class RuntimeConfig(Section):
         "retry", description="Ray: when a client actor dies mid-round it is replaced and its "
         "chunk is 'retry'-ed on the replacement (same result: the final model equals an "
         "uninterrupted run) or its clients are 'drop'-ped from that round.")
+    divergence_factor: float | None = Field(
+        100.0, gt=0,
+        description="Stop with status 'diverged' (exit code 3) when a round's loss "
+        "(client_train_loss or an evaluated loss) is non-finite or exceeds this many times the "
+        "initial model's evaluated loss (round 0); None = never stop.")
 
 
 class SharpnessConfig(Section):
@@ -245,7 +253,11 @@ class OutputConfig(Section):
         10, ge=0, description="Save a checkpoint every this many rounds (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     progress: bool | None = Field(
-        None, description="Progress bar: None = only when stderr is a terminal.")
+        None, description="Progress on stderr: a tqdm bar when stderr is a terminal, else one "
+        "plain line every output.progress_every rounds (None and true alike); false = nothing.")
+    progress_every: int | None = Field(
+        None, ge=1, description="Rounds between plain progress lines when stderr is not a "
+        "terminal (None = about 20 lines per run: max(1, server.rounds // 20)).")
     plots: bool = Field(
         True, description="Draw the run's own plots into plots/ at the end (about 1 s; fedflat "
         "report draws them later too).")

@@ -27,7 +27,15 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from fedflat.report.tables import RunRecord, _num, _render, format_bytes, last_value, load_run
+from fedflat.report.tables import (
+    RunRecord,
+    _num,
+    _render,
+    format_bytes,
+    last_value,
+    load_run,
+    training_rounds,
+)
 from fedflat.sweep.runner import FINISHED, read_index
 
 #: The per-run quantities of the table: (key, column header, format).
@@ -89,7 +97,7 @@ def _epsilon(record: RunRecord) -> float | None:
 
 def run_values(record: RunRecord, target: float | None) -> dict[str, float | None]:
     """The table's per-run quantities (see the module docstring)."""
-    accs = [(int(m.get("round", i)), x) for i, m in enumerate(record.metrics)
+    accs = [(int(m.get("round", i)), x) for i, m in enumerate(training_rounds(record.metrics))
             if (x := _num(m.get("test_accuracy"))) is not None]
     reached = None
     if target is not None:
