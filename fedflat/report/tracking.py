@@ -119,7 +119,7 @@ class MlflowTracker:
             saved = json.loads(self.ref.read_text())
             self.run_id = saved["run_id"]
             # Rounds run again after a resume have the values already logged: not twice.
-            self.logged = int(saved.get("logged_round", -1))
+            self.logged = int(saved.get("logged_round", -2))
             self.client.update_run(self.run_id, status="RUNNING")
             return
         exp = self.client.get_experiment_by_name(cfg.experiment)
@@ -128,7 +128,7 @@ class MlflowTracker:
         run = self.client.create_run(exp_id, run_name=f"{sc.name}/{run_dir.name}",
                                      tags={"fedflat.run_dir": str(run_dir.resolve())})
         self.run_id = run.info.run_id
-        self.logged = -1
+        self.logged = -2  # nothing yet: the initial model's line is round -1
         self._save()
         from mlflow.entities import Param
 

@@ -236,6 +236,9 @@ class Runner:
                 self.initial = self._initial_record(backend, params0)
             self._rewrite_metrics()
             self._open_trackers()
+            if self.next_round == 0 and self.initial:
+                for tracker in self.trackers:  # the initial model's line, step -1 as in the file
+                    tracker.log_round(self.initial, None)
             status = self._loop(backend)
         except Diverged as exc:
             status = "diverged"
