@@ -176,9 +176,9 @@ def write_app(source: str | Path | dict[str, Any] | Scenario, folder: str | Path
     loaded = load_scenario(source, overrides)
     sc = loaded.scenario
     if sc.flower.secagg:  # SecAgg+ apps: refuse what cannot run under it, by key
-        from fedflat.flower.secagg import check_secagg
+        from fedflat.flower.secagg_checks import check_secagg
 
-        check_secagg(sc, file=loaded.file)
+        check_secagg(loaded)
     text = dump_scenario(sc)
     path = Path(folder)
     if not _NAME.match(path.resolve().name) or len(path.resolve().name) > MAX_NAME_LENGTH:

@@ -141,7 +141,7 @@ def check_supported(loaded: LoadedScenario, settings: ServerSettings) -> None:
     """
     block = getattr(loaded.scenario, "flower", None)  # a `flower:` scenario block, if any
     if settings.secagg or bool(getattr(block, "secagg", False)):
-        from fedflat.flower.secagg import check_secagg
+        from fedflat.flower.secagg_checks import check_secagg
 
         check_secagg(loaded.scenario, file="run config")
         raise ScenarioError(

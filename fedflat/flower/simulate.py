@@ -95,9 +95,9 @@ def simulate(
     sc = loaded.scenario
     use_secagg = bool(secagg) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
     if use_secagg:  # refuse before Ray starts
-        from fedflat.flower.secagg import check_secagg
+        from fedflat.flower.secagg_checks import check_secagg
 
-        check_secagg(sc)
+        check_secagg(loaded)
     if ray.is_initialized():
         raise FlowerRunError("Ray is already running in this process; Flower's simulation "
                              "engine would use it and shut it down at the end. Run "

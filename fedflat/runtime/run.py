@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import fedflat
+from fedflat._version import __version__
 from fedflat.comm.asynchronous import (
     AsyncState,
     next_buffer,
@@ -153,7 +153,7 @@ class Runner:
                                      if m.get("test_loss") is not None), None),
             "wall_seconds": self.elapsed_before
             + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
-            "fedflat_version": fedflat.__version__,
+            "fedflat_version": __version__,
             **extra,
         }
         _write_json(self.run_dir / "summary.json", summary)

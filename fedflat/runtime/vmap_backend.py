@@ -1,11 +1,12 @@
 """The vectorised backend (``runtime.backend: vmap``) and the chunk runner of workers.
 
-``VmapBackend`` is ``SerialBackend`` whose worker trains the round's clients at once with
-``fedflat.client.vectorized.ChunkEngine``; a Ray client actor does the same with its chunk
-when ``runtime.vectorize`` is on. This module only moves data: it draws each client's
-batches (``batch_indices``) and DP noise from the client's own stream, in the order the
-serial loop draws them, pads them into one step, and sends the deltas through the worker's
-uplink codec as the serial worker does. The server side is ``ServerCore``, unchanged.
+``VmapBackend`` (in ``fedflat.runtime.backends``) is ``SerialBackend`` whose worker trains
+the round's clients at once with ``fedflat.client.vectorized.ChunkEngine``; a Ray client
+actor does the same with its chunk when ``runtime.vectorize`` is on. This module only moves
+data: it draws each client's batches (``batch_indices``) and DP noise from the client's own
+stream, in the order the serial loop draws them, pads them into one step, and sends the
+deltas through the worker's uplink codec as the serial worker does. The server side is
+``ServerCore``, unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from fedflat.client.update import ClientResult, batch_indices
 from fedflat.client.vectorized import ChunkEngine, StepBatch, VecDP, VecRule
 from fedflat.privacy.mechanisms import layer_clip_norms
 from fedflat.rng import stream
-from fedflat.runtime.backends import SerialBackend
 from fedflat.runtime.build import build_schedule
 from fedflat.scenario.schema import Scenario
 
@@ -152,8 +152,3 @@ def _pad(t: Tensor, width: int) -> Tensor:
     if len(t) >= width:
         return t
     return torch.cat([t, t.new_zeros((width - len(t), *t.shape[1:]))])
-
-
-class VmapBackend(SerialBackend):
-    """In-process, every client of the round trained at once (``runtime.backend: vmap``):
-    ``SerialBackend`` whose worker runs its jobs through ``ChunkRunner``."""

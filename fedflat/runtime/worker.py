@@ -84,7 +84,7 @@ class ClientWorker:
             if scenario.attack.kind == "label_flip" else frozenset()
         self.num_classes = ds.num_classes
         # runtime.backend vmap / runtime.vectorize: a chunk's clients trained at once, with
-        # the same batches, noise and results (imported here: vmap_backend imports this module).
+        # the same batches, noise and results (imported here: only the vectorised paths need it).
         self.chunks = None
         if scenario.runtime.backend == "vmap" or scenario.runtime.vectorize:
             from fedflat.runtime.vmap_backend import ChunkRunner
