@@ -47,6 +47,7 @@ from fedflat.runtime.build import (
     initial_params,
 )
 from fedflat.runtime.checkpoint import load_latest, save_checkpoint
+from fedflat.runtime.preflight import preflight, scenario_dir
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
@@ -129,7 +130,7 @@ class Runner:
         self._between_rounds = True
         self.async_state: AsyncState | None = None
         self.privacy_state: dict[str, Any] | None = None
-        self.base_dir = Path(loaded.file).parent if Path(loaded.file).is_file() else None
+        self.base_dir = scenario_dir(loaded)
 
     # ------------------------------------------------------------------ files
     def write_static_files(self) -> None:
@@ -416,6 +417,7 @@ def run(
     """
     loaded = load_scenario(source, overrides)
     fed = _load_data(loaded)
+    preflight(loaded, fed)  # everything that can fail before round 0, before the folder exists
     run_dir = _new_run_dir(loaded.scenario, out)
     runner = Runner(loaded, run_dir, fed)
     runner.write_static_files()

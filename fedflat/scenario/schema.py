@@ -21,7 +21,7 @@ from fedflat.scenario.local_rule import (
     OracleConfig,
     SwaConfig,
 )
-from fedflat.scenario.privacy import PrivacyConfig
+from fedflat.scenario.privacy import PrivacyConfig, delta_problem
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.vectorize import vectorize_checks
 
@@ -274,6 +274,14 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             key, _, msg = check.partition(": ")
             errors.append((key, msg))
     pv = sc.privacy
+    if pv.user_level.enabled:
+        problem = delta_problem(pv.user_level.delta, n, "clients (data.num_clients)")
+        if problem:
+            errors.append(("privacy.user_level.delta", problem))
+    if pv.sample_level.enabled:  # against the data's size once it is built (preflight)
+        problem = delta_problem(pv.sample_level.delta, None, "training examples")
+        if problem:
+            errors.append(("privacy.sample_level.delta", problem))
     if pv.user_level.enabled:
         if sc.server.sampling != "poisson":
             errors.append(("server.sampling", "user-level DP is accounted for Poisson client "
