@@ -33,6 +33,7 @@ from fedflat.comm.asynchronous import (
     start,
     versions_in_use,
 )
+from fedflat.data.datasets import DATA_ENV
 from fedflat.data.partition import client_stats
 from fedflat.errors import BudgetExhausted, DataError, FedflatError, ScenarioError
 from fedflat.privacy.plan import resolve_privacy
@@ -76,7 +77,10 @@ def _load_data(loaded: LoadedScenario) -> FederatedData:
         key = exc.key or "data.dataset"
         if key == "data.data_dir" and ("data", "data_dir") not in loaded.lines:
             # data_dir came from FEDFLAT_DATA or is unset: point at the dataset line.
-            raise loaded.error("data.dataset", str(exc)) from None
+            env = os.environ.get(DATA_ENV)
+            source = f" [data.data_dir is not set: {DATA_ENV}={env}]" \
+                if env and loaded.scenario.data.data_dir == env else ""
+            raise loaded.error("data.dataset", f"{exc}{source}") from None
         raise loaded.error(key, str(exc)) from None
 
 

@@ -303,9 +303,14 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             errors.append(("model.norm", "BatchNorm mixes examples of a batch, which DP-SGD cannot "
                            "bound; use norm: group (GroupNorm)"))
         if sc.client.oracle.name != "sgd":
-            errors.append(("client.oracle.name", "with sample-level DP the oracle is the DP "
-                           "mechanism: choose privacy.sample_level.mechanism (dp_sgd, dp_sat, "
-                           "dp_sat_momentum, dp_sam)"))
+            # The DP mechanism replaces the oracle; SAM-like oracles have a private version.
+            sam_like = sc.client.oracle.name in ("sam", "asam", "sam_on", "fisher_sam", "lesam",
+                                                 "gam", "fedsmoo")
+            hint = ("set privacy.sample_level.mechanism: dp_sam (SAM's two passes, both "
+                    "private)" if sam_like else "choose privacy.sample_level.mechanism")
+            errors.append(("client.oracle.name", f"with sample-level DP the oracle is the DP "
+                           f"mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam), not "
+                           f"{sc.client.oracle.name!r}: {hint}"))
     if sc.system.asynchronous is not None:
         if sc.system.asynchronous.buffer_size > n:
             errors.append(("system.asynchronous.buffer_size",
