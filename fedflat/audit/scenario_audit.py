@@ -64,7 +64,7 @@ from fedflat.privacy.audit import (
     epsilon_lower_bound_from_counts,
 )
 from fedflat.privacy.mechanisms import DPState
-from fedflat.privacy.plan import PrivacyPlan, expected_cohort, resolve_privacy
+from fedflat.privacy.plan import PrivacyPlan, expected_cohort
 from fedflat.rng import stream
 from fedflat.runtime.build import (
     FederatedData,
@@ -73,6 +73,7 @@ from fedflat.runtime.build import (
     initial_params,
     user_level_steps,
 )
+from fedflat.runtime.preflight import preflight
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.scenario.loader import LoadedScenario, load_scenario
 from fedflat.scenario.schema import Scenario
@@ -550,12 +551,14 @@ def audit_scenario(
     loaded = load_scenario(source, dict(overrides) if isinstance(overrides, dict)
                            else list(overrides or []))
     sc = loaded.scenario
-    chosen = _choose_level(sc, level)
-    fed = _load_data(loaded)
     try:
-        plan = resolve_privacy(sc, fed.client_sizes(), build_schedule(sc))
-    except ValueError as exc:  # an impossible budget, as in a run
+        chosen = _choose_level(sc, level)
+    except AuditInputError as exc:  # located at the scenario's privacy block
         raise loaded.error("privacy", str(exc)) from None
+    fed = _load_data(loaded)
+    # The run's own checks before round 0: δ against the data, the noise calibration.
+    plan = preflight(loaded, fed).plan
+    assert plan is not None  # noqa: S101 - a DP level is enabled (_choose_level)
     common = {"num_canaries": canaries, "fault": fault, "canary_norm": canary_norm,
               "k_plus": kp, "k_minus": km, "alpha": alpha}
     if chosen == "sample":
