@@ -436,6 +436,7 @@ def resume(run_dir: str | Path) -> RunResult:
         raise FedflatError(f"{run_dir} is not a run folder (no scenario.yaml)")
     loaded = load_scenario(run_dir / "scenario.yaml")
     fed = _load_data(loaded)
+    preflight(loaded, fed)  # fails before the summary says "running" again
     runner = Runner(loaded, run_dir, fed)
     ckpt = load_latest(run_dir)
     state = None
