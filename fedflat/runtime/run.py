@@ -436,7 +436,6 @@ def resume(run_dir: str | Path) -> RunResult:
         raise FedflatError(f"{run_dir} is not a run folder (no scenario.yaml)")
     loaded = load_scenario(run_dir / "scenario.yaml")
     fed = _load_data(loaded)
-    preflight(loaded, fed)  # fails before the summary says "running" again
     runner = Runner(loaded, run_dir, fed)
     ckpt = load_latest(run_dir)
     state = None
@@ -455,5 +454,6 @@ def resume(run_dir: str | Path) -> RunResult:
         buffers = torch.load(bpath) if bpath.exists() else torch.zeros(0)
         return RunResult(params=params, metrics=runner.metrics, run_dir=run_dir, summary=summary,
                          buffers=buffers)
+    preflight(loaded, fed)  # fails before the summary says "running" again
     runner.write_summary("running", resumed_from_round=runner.next_round)
     return runner.execute(backend_state=state)
