@@ -64,7 +64,7 @@ from fedflat.privacy.audit import (
     epsilon_lower_bound_from_counts,
 )
 from fedflat.privacy.mechanisms import DPState
-from fedflat.privacy.plan import PrivacyPlan, expected_cohort
+from fedflat.privacy.plan import PrivacyPlan, expected_cohort, resolve_privacy
 from fedflat.rng import stream
 from fedflat.runtime.build import (
     FederatedData,
@@ -556,9 +556,11 @@ def audit_scenario(
     except AuditInputError as exc:  # located at the scenario's privacy block
         raise loaded.error("privacy", str(exc)) from None
     fed = _load_data(loaded)
-    # The run's own checks before round 0: δ against the data, the noise calibration.
-    plan = preflight(loaded, fed).plan
-    assert plan is not None  # noqa: S101 - a DP level is enabled (_choose_level)
+    preflight(loaded, fed)  # the run's checks before round 0: δ bounds, located budget errors
+    try:
+        plan = resolve_privacy(sc, fed.client_sizes(), build_schedule(sc))
+    except ValueError as exc:  # an impossible budget, as in a run
+        raise loaded.error("privacy", str(exc)) from None
     common = {"num_canaries": canaries, "fault": fault, "canary_norm": canary_norm,
               "k_plus": kp, "k_minus": km, "alpha": alpha}
     if chosen == "sample":

@@ -65,8 +65,9 @@ def secagg_refusals(sc: Scenario) -> list[tuple[str, str]]:
                         "server, which needs the individual norms that SecAgg+ hides"))
         else:
             out.append(("privacy.user_level.noise_placement",
-                        "client-side user-level noise (DP-FedSAM) is applied by fedflat as a "
-                        "server step, not on the nodes; it is not wired for SecAgg+"))
+                        "client-side user-level noise (DP-FedSAM) runs on the nodes, but "
+                        "fedflat has not validated it under SecAgg+'s quantised sum; run it "
+                        "without secagg"))
     corr, oracle = sc.client.correction, sc.client.oracle
     uplink_extras = [name for name, on in (
         ("client.correction.scaffold", corr.scaffold),

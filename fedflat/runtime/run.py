@@ -48,7 +48,7 @@ from fedflat.runtime.build import (
     initial_params,
 )
 from fedflat.runtime.checkpoint import load_latest, save_checkpoint
-from fedflat.runtime.preflight import preflight, scenario_dir
+from fedflat.runtime.preflight import preflight
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
@@ -134,7 +134,7 @@ class Runner:
         self._between_rounds = True
         self.async_state: AsyncState | None = None
         self.privacy_state: dict[str, Any] | None = None
-        self.base_dir = scenario_dir(loaded)
+        self.base_dir = Path(loaded.file).parent if Path(loaded.file).is_file() else None
 
     # ------------------------------------------------------------------ files
     def write_static_files(self) -> None:

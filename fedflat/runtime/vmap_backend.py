@@ -1,12 +1,11 @@
 """The vectorised backend (``runtime.backend: vmap``) and the chunk runner of workers.
 
-``VmapBackend`` (in ``fedflat.runtime.backends``) is ``SerialBackend`` whose worker trains
-the round's clients at once with ``fedflat.client.vectorized.ChunkEngine``; a Ray client
-actor does the same with its chunk when ``runtime.vectorize`` is on. This module only moves
-data: it draws each client's batches (``batch_indices``) and DP noise from the client's own
-stream, in the order the serial loop draws them, pads them into one step, and sends the
-deltas through the worker's uplink codec as the serial worker does. The server side is
-``ServerCore``, unchanged.
+``VmapBackend`` is ``SerialBackend`` whose worker trains the round's clients at once with
+``fedflat.client.vectorized.ChunkEngine``; a Ray client actor does the same with its chunk
+when ``runtime.vectorize`` is on. This module only moves data: it draws each client's
+batches (``batch_indices``) and DP noise from the client's own stream, in the order the
+serial loop draws them, pads them into one step, and sends the deltas through the worker's
+uplink codec as the serial worker does. The server side is ``ServerCore``, unchanged.
 """
 
 from __future__ import annotations
