@@ -28,6 +28,7 @@ from fedflat.rng import numpy_rng
 from fedflat.runtime.build import FederatedData, build_schedule
 from fedflat.scenario.loader import LoadedScenario
 from fedflat.scenario.privacy import UserLevelPrivacy, delta_problem
+from fedflat.scenario.schema import Scenario
 
 
 @dataclass
@@ -104,9 +105,14 @@ def _privacy_plan(loaded: LoadedScenario, fed: FederatedData | None,
             return None
     sizes = fed.client_sizes() if fed is not None else np.ones(num_clients, dtype=np.int64)
     try:
-        return resolve_privacy(sc, sizes, build_schedule(sc))
+        return _calibrate(sc, sizes)
     except ValueError as exc:  # a budget no noise can meet
         raise loaded.error(_failing_level(loaded, sizes), str(exc)) from None
+
+
+def _calibrate(sc: Scenario, sizes: np.ndarray) -> PrivacyPlan:
+    """The run's privacy plan (``Runner.execute`` resolves the same one)."""
+    return resolve_privacy(sc, sizes, build_schedule(sc))
 
 
 def _failing_level(loaded: LoadedScenario, sizes: np.ndarray) -> str:
@@ -119,7 +125,7 @@ def _failing_level(loaded: LoadedScenario, sizes: np.ndarray) -> str:
     sample_only = sc.model_copy(update={"privacy": p.model_copy(
         update={"user_level": UserLevelPrivacy()})})
     try:
-        resolve_privacy(sample_only, sizes, build_schedule(sample_only))
+        _calibrate(sample_only, sizes)
     except ValueError:
         return "privacy.sample_level.epsilon"
     return "privacy.user_level.epsilon"
