@@ -49,12 +49,18 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from fedflat.scenario.loader import load_scenario
 
     loaded = load_scenario(args.scenario, args.set)
+    from fedflat.runtime.preflight import preflight
+
+    fed = None
     if args.data:
         from fedflat.runtime.run import _load_data
 
         fed = _load_data(loaded)
         print(f"data: {fed.dataset.name}, {fed.num_clients} clients, "
               f"{int(fed.client_sizes().sum())} training samples")
+    checked = preflight(loaded, fed)  # what run checks before it creates the run folder
+    for note in checked.notes:
+        print(f"privacy: {note}")
     print(f"{args.scenario}: ok ({loaded.scenario.name})")
     return 0
 

@@ -239,8 +239,9 @@ def test_unknown_dataset():
 def test_corrupt_npz_raises_data_error(tmp_path):
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "mnist.npz").write_bytes(b"not a zip")
-    with pytest.raises(DataError, match="cannot read"):
+    with pytest.raises(DataError, match="is not a valid data file") as info:
         load_dataset("mnist", data_dir=str(tmp_path), seed=0, num_clients=1)
+    assert "pickle" not in str(info.value)  # never suggest loading it unsafely
 
 
 # ----------------------------------------------------------------------------------

@@ -148,6 +148,22 @@ def test_readme_lists_every_key():
                                              "mean, sigma} or {kind: 'trace', path} or None")
 
 
+def test_readme_method_presets_table_says_what_each_preset_sets():
+    from fedflat.scenario.local_rule import PRESETS
+    from fedflat.scenario.reference import presets_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert presets_markdown() in readme, "README method presets table is stale; regenerate it"
+    rows = {line.split("|")[1].strip(" `"): line for line in presets_markdown().splitlines()[2:]}
+    assert set(rows) == set(PRESETS)
+    for name, row in rows.items():  # the row against what loading the preset gives
+        sc = load_scenario({"method": name}).scenario
+        _, _, oracle, _, server, swa, _ = row.split("|")
+        assert f"name: {sc.client.oracle.name}" in oracle
+        assert f"optimizer: {sc.server.optimizer}, lr: {sc.server.lr}" in server
+        assert ("off" in swa) == (not sc.server.swa.enabled)
+
+
 def test_resolved_scenario_round_trips(tmp_path):
     from fedflat.scenario import dump_scenario
 

@@ -76,6 +76,7 @@ from fedflat.runtime.build import (
     initial_params,
     user_level_steps,
 )
+from fedflat.runtime.preflight import preflight
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.scenario.loader import LoadedScenario, load_scenario
 from fedflat.scenario.schema import Scenario
@@ -561,8 +562,12 @@ def audit_scenario(
     loaded = load_scenario(source, dict(overrides) if isinstance(overrides, dict)
                            else list(overrides or []))
     sc = loaded.scenario
-    chosen = _choose_level(sc, level)
+    try:
+        chosen = _choose_level(sc, level)
+    except AuditInputError as exc:  # located at the scenario's privacy block
+        raise loaded.error("privacy", str(exc)) from None
     fed = _load_data(loaded)
+    preflight(loaded, fed)  # the run's checks before round 0: δ bounds, located budget errors
     try:
         # num_tensors: the user-level canaries form one tensor; the sample-level audit
         # claims per client and never reads it.

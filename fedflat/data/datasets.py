@@ -359,14 +359,33 @@ def _read_npz(
     name: str, data_dir: str | None, relative: str, keys: tuple[str, ...]
 ) -> dict[str, np.ndarray]:
     path = _require_file(name, data_dir, relative)
+    invalid = (f"dataset {name!r}: {path} is not a valid data file (expected a NumPy .npz "
+               f"archive of the arrays {', '.join(keys)})")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in keys if k not in f.files]
-            if missing:
-                raise DataError(f"dataset {name!r}: {path} lacks array(s) {missing}")
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError:  # neither .npz nor .npy: NumPy's only remaining format is a pickle
+        raise DataError(f"{invalid}: it is not a NumPy file") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{invalid}: {_why(err)}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{invalid}: it holds a single array, not an archive") from None
+    with loaded as f:
+        missing = [k for k in keys if k not in f.files]
+        if missing:
+            raise DataError(f"{invalid}: it lacks the array(s) {', '.join(missing)}")
+        try:
             return {k: f[k] for k in keys}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"dataset {name!r}: cannot read {path}: {err}") from err
+        except ValueError:  # an array of Python objects: never unpickled (unsafe)
+            raise DataError(f"{invalid}: it holds Python objects, not plain arrays") from None
+        except (OSError, EOFError, zipfile.BadZipFile) as err:
+            raise DataError(f"{invalid}: {_why(err)}") from None
+
+
+def _why(err: BaseException) -> str:
+    """What is wrong with a damaged archive, in words (zipfile's own are terse)."""
+    if isinstance(err, zipfile.BadZipFile | EOFError):
+        return f"the archive is damaged or truncated ({err})"
+    return str(getattr(err, "strerror", None) or err)
 
 
 def _to_unit(x: np.ndarray) -> np.ndarray:
@@ -492,6 +511,7 @@ def _decode_cifar_zip(path: Path) -> dict[str, np.ndarray]:
                     x[i] = pixels
                     y[i] = label_of[parts[1]]
                 out[f"x_{split}"], out[f"y_{split}"] = x, y
-    except (OSError, zipfile.BadZipFile) as err:
-        raise DataError(f"dataset 'cifar10': cannot read {path}: {err}") from err
+    except (OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"dataset 'cifar10': {path} is not a valid data file (expected a zip of "
+                        f"train/<class>/*.jpg and test/<class>/*.jpg): {_why(err)}") from None
     return out

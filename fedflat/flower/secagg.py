@@ -109,13 +109,20 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid, ServerApp
 
 from fedflat.client.update import ClientResult
-from fedflat.errors import ScenarioError
 from fedflat.flower import codec
 from fedflat.flower.client_app import (
     ClientSettings,
     FlowerClientError,
     get_worker,
     node_partition,
+)
+from fedflat.flower.secagg_checks import (  # noqa: F401 - re-exported: SecAgg+ API in one place
+    ROBUST_RULES,
+    SERVER_SIDE_ATTACKS,
+    check_secagg,
+    flower_config,
+    secagg_refusals,
+    secagg_requested,
 )
 from fedflat.flower.server_app import (
     FlowerRunError,
@@ -130,115 +137,16 @@ from fedflat.runtime.build import FederatedData
 from fedflat.runtime.run import Runner, RunResult, _new_run_dir
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob, RoundPayload
-from fedflat.scenario.flower import SECAGG_MODULUS_RANGE, FlowerConfig
+from fedflat.scenario.flower import SECAGG_MODULUS_RANGE
 from fedflat.scenario.loader import dump_scenario
 from fedflat.scenario.schema import Scenario
 
 log = logging.getLogger("fedflat.flower")
 
-ROBUST_RULES = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median",
-                "centered_clipping")
-SERVER_SIDE_ATTACKS = ("sign_flip", "scaling", "alie", "ipm")
-
 # FitIns config keys (besides the job's, see _job_config).
 _YAML, _SHA, _BROADCAST_KEYS = "fedflat.yaml", "fedflat.sha256", "fedflat.broadcast_keys"
 _WEIGHT_MODE, _MAX_WEIGHT, _CLIP = "fedflat.weighting", "fedflat.max_weight", "fedflat.clip"
 CLIPPED_METRIC = "secagg_clipped_fraction"
-
-
-# ---------------------------------------------------------------------- scenario checks
-def flower_config(sc: Scenario) -> FlowerConfig:
-    """The scenario's ``flower`` block, or the defaults when the schema has none."""
-    block = getattr(sc, "flower", None)
-    if block is None:
-        return FlowerConfig()
-    if isinstance(block, FlowerConfig):
-        return block
-    return FlowerConfig.model_validate(block.model_dump() if hasattr(block, "model_dump")
-                                       else dict(block))
-
-
-def secagg_requested(sc: Scenario, flag: bool = False) -> bool:
-    """True when ``flag`` (``--secagg``) or the scenario's ``flower.secagg`` asks for it."""
-    return bool(flag) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
-
-
-def secagg_refusals(sc: Scenario) -> list[tuple[str, str]]:
-    """(key path, reason) for every scenario feature that cannot run under SecAgg+."""
-    out: list[tuple[str, str]] = []
-    agg = sc.server.aggregation
-    if agg.rule != "mean":
-        out.append(("server.aggregation.rule",
-                    f"rule {agg.rule!r} needs the individual client updates, which SecAgg+ "
-                    "hides; only 'mean' (with any server optimizer) runs under SecAgg+"))
-    if getattr(agg, "bucket_size", None):
-        out.append(("server.aggregation.bucket_size",
-                    "bucketing averages subsets of individual updates; SecAgg+ gives only the "
-                    "cohort's mean"))
-    if sc.attack.kind in SERVER_SIDE_ATTACKS:
-        out.append(("attack.kind",
-                    f"attack {sc.attack.kind!r} is simulated on the server from the individual "
-                    "deltas; under SecAgg+ only 'label_flip' (client-side) can run"))
-    if sc.model.norm == "batch":
-        out.append(("model.norm",
-                    "BatchNorm statistics travel next to the masked sum: averaged (bn_aggregation "
-                    "average) each client's would reach the server in the clear, and kept "
-                    "locally they need the client state SecAgg+ rounds do not carry; use "
-                    "norm: group"))
-    user = sc.privacy.user_level
-    if user.enabled:
-        if user.noise_placement == "server":
-            out.append(("privacy.user_level.enabled",
-                        "user-level DP with server noise clips each client's delta on the "
-                        "server, which needs the individual norms that SecAgg+ hides"))
-        else:
-            out.append(("privacy.user_level.noise_placement",
-                        "client-side user-level noise (DP-FedSAM) runs on the nodes, but "
-                        "fedflat has not validated it under SecAgg+'s quantised sum; run it "
-                        "without secagg"))
-    corr, oracle = sc.client.correction, sc.client.oracle
-    uplink_extras = [name for name, on in (
-        ("client.correction.scaffold", corr.scaffold),
-        ("client.correction.feddyn_alpha", corr.feddyn_alpha is not None),
-        ("client.correction.mofedsam_alpha", corr.mofedsam_alpha is not None),
-        ("client.oracle.name", oracle.name == "fedsmoo"),
-    ) if on]
-    for key in uplink_extras:
-        out.append((key, "this local rule keeps per-client state and sends per-client uplink "
-                    "extras (SCAFFOLD c_i, FedDyn g_i, FedSMOO mu_i, MoFedSAM K*lr) that "
-                    "SecAgg+ does not aggregate; run it without secagg"))
-    if sc.comm.uplink.codec != "fp32":
-        out.append(("comm.uplink.codec",
-                    f"uplink codec {sc.comm.uplink.codec!r} is lossy compression of an "
-                    "individual delta; SecAgg+ quantises and masks dense vectors itself: use "
-                    "'fp32'"))
-    if sc.system.asynchronous is not None:
-        out.append(("system.asynchronous",
-                    "SecAgg+ sums one synchronous cohort; asynchronous (buffered) rounds "
-                    "cannot run under it"))
-    if sc.server.sampling == "uniform" and sc.server.clients_per_round < 2:
-        out.append(("server.clients_per_round",
-                    "SecAgg+ needs at least 2 clients per round to hide an update"))
-    fc = flower_config(sc)
-    cohort = sc.server.clients_per_round if sc.server.sampling == "uniform" \
-        else sc.data.num_clients
-    if cohort * fc.secagg_quantization_range >= SECAGG_MODULUS_RANGE:
-        out.append(("flower.secagg_quantization_range",
-                    f"{cohort} clients x quantization_range {fc.secagg_quantization_range} "
-                    f"reaches the mask modulus 2^32: lower the range"))
-    return out
-
-
-def check_secagg(sc: Scenario, *, file: str = "scenario") -> None:
-    """Refuse a scenario that cannot run under SecAgg+, naming every offending key.
-
-    Raises:
-        ScenarioError: located at the first offending key; the message lists all.
-    """
-    bad = secagg_refusals(sc)
-    if bad:
-        raise ScenarioError("cannot run under SecAgg+ (flower.secagg): " + "; ".join(
-            f"{key}: {why}" for key, why in bad), file=file, key=bad[0][0])
 
 
 def max_weight(sc: Scenario, fed: FederatedData) -> float:

@@ -41,6 +41,7 @@ from fedflat.errors import FedflatError, ScenarioError
 from fedflat.flower import codec
 from fedflat.runtime.backends import CoreBackend
 from fedflat.runtime.build import FederatedData
+from fedflat.runtime.preflight import preflight
 from fedflat.runtime.run import Runner, RunResult, _load_data, _new_run_dir
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob
@@ -144,7 +145,7 @@ def check_supported(loaded: LoadedScenario, settings: ServerSettings) -> None:
                             "it with 'fedflat run'", file="run config", key="topology.kind")
     block = getattr(loaded.scenario, "flower", None)  # a `flower:` scenario block, if any
     if settings.secagg or bool(getattr(block, "secagg", False)):
-        from fedflat.flower.secagg import check_secagg
+        from fedflat.flower.secagg_checks import check_secagg
 
         check_secagg(loaded.scenario, file="run config")
         raise ScenarioError(
@@ -164,7 +165,9 @@ def prepare(settings: ServerSettings) -> tuple[LoadedScenario, FederatedData]:
     except yaml.YAMLError as exc:
         raise ScenarioError(f"YAML syntax error: {exc}", file="run config scenario") from None
     loaded = load_scenario(data if isinstance(data, dict) else {}, list(settings.overrides))
-    return loaded, _load_data(loaded)
+    fed = _load_data(loaded)
+    preflight(loaded, fed)  # as `fedflat run`: what fails before round 0, before the folder
+    return loaded, fed
 
 
 # ---------------------------------------------------------------------- messaging

@@ -20,6 +20,7 @@ from typing import Any
 from fedflat.errors import FedflatError
 from fedflat.flower.client_app import ClientSettings, make_client_app
 from fedflat.flower.server_app import FlowerRunError, ServerSettings, make_server_app
+from fedflat.runtime.preflight import preflight
 from fedflat.runtime.run import RunResult, _load_data, _new_run_dir
 from fedflat.scenario.loader import load_scenario
 from fedflat.scenario.schema import Scenario
@@ -99,14 +100,15 @@ def simulate(
                            "'fedflat run' (serial backend)")
     use_secagg = bool(secagg) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
     if use_secagg:  # refuse before Ray starts
-        from fedflat.flower.secagg import check_secagg
+        from fedflat.flower.secagg_checks import check_secagg
 
-        check_secagg(sc)
+        check_secagg(loaded)
     if ray.is_initialized():
         raise FlowerRunError("Ray is already running in this process; Flower's simulation "
                              "engine would use it and shut it down at the end. Run "
                              "'fedflat flower simulate' in a fresh process.")
     fed = _load_data(loaded)
+    preflight(loaded, fed)  # as `fedflat run`: what fails before round 0, before the folder
     run_dir = _new_run_dir(sc, out)
     settings = ServerSettings(out=run_dir, prepared=(loaded, fed), secagg=use_secagg)
     threads = max(1, math.ceil(cpus_per_client or sc.runtime.num_cpus))

@@ -80,6 +80,12 @@ class SerialBackend(CoreBackend):
         return self.core.end_round(round_, jobs, results, keep_versions)
 
 
+class VmapBackend(SerialBackend):
+    """In-process, every client of the round trained at once (``runtime.backend: vmap``):
+    ``SerialBackend`` whose worker runs its jobs through
+    ``fedflat.runtime.vmap_backend.ChunkRunner`` (the worker chooses it from the scenario;
+    this class lives here so that ``vmap_backend`` need not import the backends)."""
+
 
 def _versions(jobs: Sequence[ClientJob]) -> list[int]:
     return sorted({j.version for j in jobs if j.version is not None})
@@ -587,7 +593,5 @@ def make_backend(sc: Scenario, fed: FederatedData, params: torch.Tensor) -> Back
     if sc.runtime.backend == "ray":
         return RayBackend(sc, fed, params)
     if sc.runtime.backend == "vmap":
-        from fedflat.runtime.vmap_backend import VmapBackend  # it builds on SerialBackend
-
         return VmapBackend(sc, fed, params)
     return SerialBackend(sc, fed, params)

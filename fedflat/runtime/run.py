@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import fedflat
+from fedflat._version import __version__
 from fedflat.comm.asynchronous import (
     AsyncState,
     next_buffer,
@@ -34,6 +34,7 @@ from fedflat.comm.asynchronous import (
     start,
     versions_in_use,
 )
+from fedflat.data.datasets import DATA_ENV
 from fedflat.data.partition import client_stats
 from fedflat.errors import BudgetExhausted, DataError, FedflatError, ScenarioError
 from fedflat.privacy.plan import resolve_privacy
@@ -49,6 +50,7 @@ from fedflat.runtime.build import (
     initial_params,
 )
 from fedflat.runtime.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from fedflat.runtime.preflight import preflight
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.timeline import Timeline
@@ -92,7 +94,10 @@ def _load_data(loaded: LoadedScenario) -> FederatedData:
         key = exc.key or "data.dataset"
         if key == "data.data_dir" and ("data", "data_dir") not in loaded.lines:
             # data_dir came from FEDFLAT_DATA or is unset: point at the dataset line.
-            raise loaded.error("data.dataset", str(exc)) from None
+            env = os.environ.get(DATA_ENV)
+            source = f" [data.data_dir is not set: {DATA_ENV}={env}]" \
+                if env and loaded.scenario.data.data_dir == env else ""
+            raise loaded.error("data.dataset", f"{exc}{source}") from None
         raise loaded.error(key, str(exc)) from None
 
 
@@ -172,7 +177,7 @@ class Runner:
                                      if m.get("test_loss") is not None), None),
             "wall_seconds": self.elapsed_before
             + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
-            "fedflat_version": fedflat.__version__,
+            "fedflat_version": __version__,
             **extra,
         }
         _write_json(self.run_dir / "summary.json", summary)
@@ -607,6 +612,7 @@ def run(
     loaded = load_scenario(source, overrides)
     _check_trackers(loaded)
     fed = _load_data(loaded)
+    preflight(loaded, fed)  # everything that can fail before round 0, before the folder exists
     run_dir = _new_run_dir(loaded.scenario, out)
     runner = _runner(loaded, run_dir, fed)
     runner.write_static_files()
@@ -676,6 +682,7 @@ def resume(run_dir: str | Path) -> RunResult:
         # and summary.json from the final checkpoint.
         missing = "final_model.pt is missing" if not final.exists() else "summary.json is stale"
         print(f"note: {run_dir}: {missing}; rewritten from {latest.path}", file=sys.stderr)
+    preflight(loaded, fed)  # fails before the summary says "running" again
     runner.write_summary("running", resumed_from_round=runner.next_round)
     return runner.execute(backend_state=state)
 

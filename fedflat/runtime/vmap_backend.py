@@ -23,7 +23,6 @@ from fedflat.client.update import ClientResult, batch_indices
 from fedflat.client.vectorized import ChunkEngine, StepBatch, VecDP, VecRule
 from fedflat.privacy.mechanisms import layer_clip_norms
 from fedflat.rng import stream
-from fedflat.runtime.backends import SerialBackend
 from fedflat.runtime.build import build_schedule
 from fedflat.scenario.schema import Scenario
 
@@ -154,8 +153,3 @@ def _pad(t: Tensor, width: int) -> Tensor:
     if len(t) >= width:
         return t
     return torch.cat([t, t.new_zeros((width - len(t), *t.shape[1:]))])
-
-
-class VmapBackend(SerialBackend):
-    """In-process, every client of the round trained at once (``runtime.backend: vmap``):
-    ``SerialBackend`` whose worker runs its jobs through ``ChunkRunner``."""

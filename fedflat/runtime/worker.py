@@ -93,7 +93,7 @@ class ClientWorker:
         if self.own_test is not None:
             self.own_test = [(x.to(self.device), y.to(self.device)) for x, y in self.own_test]
         # runtime.backend vmap / runtime.vectorize: a chunk's clients trained at once, with
-        # the same batches, noise and results (imported here: vmap_backend imports this module).
+        # the same batches, noise and results (imported here: only the vectorised paths need it).
         self.chunks = None
         if scenario.runtime.backend == "vmap" or scenario.runtime.vectorize:
             from fedflat.runtime.vmap_backend import ChunkRunner

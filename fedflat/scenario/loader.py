@@ -189,7 +189,7 @@ def load_scenario(
         parse_override(o) for o in (overrides or []))
     for key, value in items:
         _apply_override(data, key, value, overridden)
-    _expand_method(data, file, lines, overridden)
+    from_method = _expand_method(data, file, lines, overridden)
     data_section = data.get("data")
     if (isinstance(data_section, dict) and data_section.get("data_dir") is None
             and os.environ.get("FEDFLAT_DATA")):
@@ -214,7 +214,14 @@ def load_scenario(
     problems = cross_checks(scenario)
     if problems:
         key, msg = problems[0]
-        raise _error_at(file, lines, overridden, _split(key), msg)
+        path = _split(key)
+        if path in from_method:  # the user did not write the key: the method preset did
+            value = from_method[path]
+            raise _error_at(file, lines, overridden, ("method",),
+                            f"method {data['method']!r} sets {key}: {value}; {msg} (drop "
+                            f"`method: {data['method']}`, or set {key} yourself to keep the "
+                            "rest of the preset)")
+        raise _error_at(file, lines, overridden, path, msg)
     return LoadedScenario(scenario=scenario, file=file, lines=lines, overridden=overridden)
 
 
@@ -228,12 +235,31 @@ def _merge_defaults(defaults: dict[str, Any], user: Any) -> Any:
     return out
 
 
+def _leaf_paths(obj: Any, prefix: Path_) -> set[Path_]:
+    if not isinstance(obj, dict):
+        return {prefix}
+    return set().union(set(), *(_leaf_paths(v, (*prefix, k)) for k, v in obj.items()))
+
+
+def _has_path(data: Any, path: Path_) -> bool:
+    for part in path:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
 def _expand_method(data: dict[str, Any], file: str, lines: dict[Path_, int],
-                   overridden: set[Path_]) -> None:
-    """Fill the blocks a named method preset implies; keys the user set win."""
+                   overridden: set[Path_]) -> dict[Path_, Any]:
+    """Fill the blocks a named method preset implies; keys the user set win.
+
+    Returns:
+        The key paths the preset filled (the user set none of them), with their values, so
+        that a problem with one of them is reported at the ``method:`` line.
+    """
     name = data.get("method")
     if name is None:
-        return
+        return {}
     from fedflat.scenario.local_rule import PRESETS
 
     if name not in PRESETS:
@@ -245,7 +271,12 @@ def _expand_method(data: dict[str, Any], file: str, lines: dict[Path_, int],
     client = data.setdefault("client", {})
     server = data.setdefault("server", {})
     if not isinstance(client, dict) or not isinstance(server, dict):
-        return  # the schema reports the wrong type
+        return {}  # the schema reports the wrong type
+    implied = (_leaf_paths(preset.get("oracle", {}), ("client", "oracle"))
+               | _leaf_paths(preset.get("correction", {}), ("client", "correction"))
+               | _leaf_paths(preset.get("server", {}), ("server",))
+               | (_leaf_paths(preset["swa"], ("server", "swa")) if "swa" in preset else set()))
+    filled = {path for path in implied if not _has_path(data, path)}
     client["oracle"] = _merge_defaults(preset.get("oracle", {}), client.get("oracle"))
     client["correction"] = _merge_defaults(preset.get("correction", {}), client.get("correction"))
     for key, value in preset.get("server", {}).items():
@@ -253,6 +284,13 @@ def _expand_method(data: dict[str, Any], file: str, lines: dict[Path_, int],
             else server.get(key, value)
     if "swa" in preset:
         server["swa"] = _merge_defaults(preset["swa"], server.get("swa"))
+    values: dict[Path_, Any] = {}
+    for path in filled:
+        node: Any = data
+        for part in path:
+            node = node[part] if isinstance(node, dict) else None
+        values[path] = node
+    return values
 
 
 def _deepcopy(obj: Any) -> Any:

@@ -33,6 +33,36 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# δ is the probability that the ε guarantee fails outright: a mechanism that publishes each of
+# n protected records with probability δ is (0, δ)-DP and leaks n·δ of them on average. So δ
+# must be below 1/n for the n units the guarantee protects (the convention δ < 1/N of
+# Dwork & Roth, "The Algorithmic Foundations of Differential Privacy", 2014, §2.3), and
+# at most DELTA_CEILING whatever n. Sample level: n = the training examples of all clients
+# together (the global model depends on every one of them); user level: n = the clients.
+DELTA_CEILING = 0.1
+
+
+def delta_problem(delta: float, units: int | None, unit_name: str) -> str | None:
+    """Why ``delta`` is too large for a guarantee protecting ``units`` records, or None.
+
+    Args:
+        delta: the δ of the guarantee.
+        units: n, the number of protected units (None: unknown, only the ceiling applies).
+        unit_name: what they are, for the message ("clients", "training examples").
+    """
+    if units is not None and units >= 1 and 1.0 / units < DELTA_CEILING:
+        if delta < 1.0 / units:
+            return None
+        return (f"delta = {delta:g} must be below 1/n = 1/{units} = {1.0 / units:.3g} for the "
+                f"n = {units} {unit_name} the guarantee protects (with a larger δ a mechanism may "
+                f"publish each of them outright with probability δ); 1/(10·n) or smaller is "
+                "usual")
+    if delta < DELTA_CEILING:
+        return None
+    return (f"delta = {delta:g} must be below {DELTA_CEILING:g} (and below 1/n for the n "
+            f"{unit_name} the guarantee protects): with a larger δ a mechanism may publish each "
+            "of them outright with probability δ")
+
 
 class _Strict(BaseModel):
     # Floats reject inf/NaN; checks across keys are field validators on the later key
@@ -103,7 +133,8 @@ class SampleLevelPrivacy(_Strict):
         1e-5,
         gt=0,
         lt=1,
-        description="δ of the (ε, δ) guarantee; should be below 1/n for n client samples.",
+        description="δ of the (ε, δ) guarantee: must be below 1/N for the N training "
+        "examples of all clients together (checked when the data is built) and below 0.1.",
     )
     clip_norm: float = Field(
         1.0,
@@ -224,7 +255,8 @@ class UserLevelPrivacy(_Strict):
         1e-5,
         gt=0,
         lt=1,
-        description="δ of the user-level guarantee; should be below 1/N for N clients.",
+        description="δ of the user-level guarantee: must be below 1/N for the N clients "
+        "(data.num_clients) and below 0.1.",
     )
     clip_norm: float = Field(
         1.0,

@@ -28,6 +28,13 @@ def _submodel(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _has_other_forms(annotation: Any) -> bool:
+    """A block that may also be written as a scalar or None (then the key itself has a row)."""
+    if typing.get_origin(annotation) not in (typing.Union, UnionType):
+        return False
+    return any(_submodel(a) is None for a in typing.get_args(annotation))
+
+
 def _type_name(annotation: Any) -> str:
     """A reader's name for a field's type: unions as "a or b", Annotated metadata dropped,
     a nested model as the keys it takes (``{kind: 'trace', path}``)."""
@@ -63,6 +70,9 @@ def iter_keys(
         key = f"{prefix}{name}"
         sub = _submodel(fld.annotation)
         if sub is not None:
+            if _has_other_forms(fld.annotation):  # `availability: 0.8`, `asynchronous: null`
+                yield (key, _type_name(fld.annotation), repr(fld.default),
+                       (fld.description or "").replace("\n", " "))
             yield from iter_keys(sub, key + ".")
             continue
         if fld.default is not PydanticUndefined:
@@ -82,16 +92,47 @@ def markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _inline(block: dict[str, Any]) -> str:
+    """A block as YAML flow items: ``name: sam, rho: 0.1``, nested blocks in braces."""
+    def value(v: Any) -> str:
+        if isinstance(v, dict):
+            return "{" + _inline(v) + "}"
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return ", ".join(f"{k}: {value(v)}" for k, v in block.items())
+
+
+def presets_markdown() -> str:
+    """What each ``method:`` preset sets (``fedflat.scenario.local_rule.PRESETS``)."""
+    from fedflat.scenario.local_rule import PRESETS
+
+    rows = ["| method | client.oracle | client.correction | server | server.swa |",
+            "|---|---|---|---|---|"]
+    for name, p in PRESETS.items():
+        cells = [_inline(p.get("oracle", {})), _inline(p.get("correction", {})) or "none",
+                 _inline(p.get("server", {})), _inline(p["swa"]) if "swa" in p else "off"]
+        rows.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 START, END = "<!-- scenario-reference:start -->", "<!-- scenario-reference:end -->"
+PRESETS_START, PRESETS_END = "<!-- method-presets:start -->", "<!-- method-presets:end -->"
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    a, b = text.index(start) + len(start), text.index(end)
+    return text[:a] + "\n" + body + text[b:]
 
 
 def write_into(path: str) -> None:
-    """Replace the text between the reference markers of ``path`` with a fresh table."""
+    """Replace the text between the markers of ``path`` (key reference, method presets)
+    with fresh tables."""
     from pathlib import Path
 
-    text = Path(path).read_text()
-    a, b = text.index(START) + len(START), text.index(END)
-    Path(path).write_text(text[:a] + "\n" + markdown() + text[b:])
+    text = _replace(Path(path).read_text(), START, END, markdown())
+    if PRESETS_START in text:
+        text = _replace(text, PRESETS_START, PRESETS_END, presets_markdown())
+    Path(path).write_text(text)
 
 
 if __name__ == "__main__":

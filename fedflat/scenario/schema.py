@@ -22,7 +22,7 @@ from fedflat.scenario.local_rule import (
     SwaConfig,
 )
 from fedflat.scenario.personalization import PersonalizationConfig, personalization_checks
-from fedflat.scenario.privacy import PrivacyConfig
+from fedflat.scenario.privacy import PrivacyConfig, delta_problem
 from fedflat.scenario.resources import resource_checks
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.topology import TopologyConfig, topology_checks
@@ -323,6 +323,14 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             errors.append((key, msg))
     pv = sc.privacy
     if pv.user_level.enabled:
+        problem = delta_problem(pv.user_level.delta, n, "clients (data.num_clients)")
+        if problem:
+            errors.append(("privacy.user_level.delta", problem))
+    if pv.sample_level.enabled:  # against the data's size once it is built (preflight)
+        problem = delta_problem(pv.sample_level.delta, None, "training examples")
+        if problem:
+            errors.append(("privacy.sample_level.delta", problem))
+    if pv.user_level.enabled:
         if sc.server.sampling != "poisson":
             errors.append(("server.sampling", "user-level DP is accounted for Poisson client "
                            "sampling (each client with rate q); set server.sampling: poisson"))
@@ -351,9 +359,14 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             errors.append(("model.norm", "BatchNorm mixes examples of a batch, which DP-SGD cannot "
                            "bound; use norm: group (GroupNorm)"))
         if sc.client.oracle.name != "sgd":
-            errors.append(("client.oracle.name", "with sample-level DP the oracle is the DP "
-                           "mechanism: choose privacy.sample_level.mechanism (dp_sgd, dp_sat, "
-                           "dp_sat_momentum, dp_sam)"))
+            # The DP mechanism replaces the oracle; SAM-like oracles have a private version.
+            sam_like = sc.client.oracle.name in ("sam", "asam", "sam_on", "fisher_sam", "lesam",
+                                                 "gam", "fedsmoo")
+            hint = ("set privacy.sample_level.mechanism: dp_sam (SAM's two passes, both "
+                    "private)" if sam_like else "choose privacy.sample_level.mechanism")
+            errors.append(("client.oracle.name", f"with sample-level DP the oracle is the DP "
+                           f"mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam), not "
+                           f"{sc.client.oracle.name!r}: {hint}"))
     if sc.system.asynchronous is not None:
         if sc.system.asynchronous.buffer_size > n:
             errors.append(("system.asynchronous.buffer_size",

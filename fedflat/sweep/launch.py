@@ -20,12 +20,21 @@ from typing import Any, Protocol
 _POLL_S = 0.05
 
 
-def _preexec() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    from fedflat.sweep.runner import _die_with_parent
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: deliver SIGKILL to this child when the sweep process dies."""
+    parent = os.getppid()
+    try:
+        import ctypes
 
-    return _die_with_parent
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the sweep died before prctl took effect
+        os._exit(1)
+
+
+def _preexec() -> Any:
+    return _die_with_parent if sys.platform.startswith("linux") else None
 
 
 class Launcher(Protocol):

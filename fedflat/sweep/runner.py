@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -127,19 +126,6 @@ def _check_same_sweep(spec: SweepSpec, sweep_dir: Path) -> None:
             raise ScenarioError(
                 f"{sweep_dir} holds a different sweep ({key} differs); rerun the same command "
                 "to resume it, or choose another --out", file="--out")
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: deliver SIGKILL to this child when the sweep process dies."""
-    parent = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the sweep died before prctl took effect
-        os._exit(1)
 
 
 def _command(spec: SweepSpec, run: SweepRun) -> list[str]:
