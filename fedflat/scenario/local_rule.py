@@ -9,100 +9,234 @@ functions turn validated blocks into the library objects (``Oracle``, ``Correcti
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import difflib
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-OracleName = Literal[
-    "sgd", "sam", "asam", "gam", "sam_on", "fisher_sam", "lesam", "fedsmoo"
-]
+# ------------------------------------------------------------------------------ oracles
+# One config class per oracle; its fields are exactly the scenario-settable arguments of
+# the oracle's factory (fedflat.client.oracles), so a key of another oracle is an error
+# instead of being ignored. The factory registry (name -> (config, factory)) lives in
+# fedflat.client.oracles.ORACLE_REGISTRY, because fedflat.scenario imports no client code;
+# tests/test_registry.py checks that its names are this union's.
+
+_RHO = ("Perturbation radius ρ. Default 0.05 (SAM's CIFAR default).")
 
 
-class OracleConfig(BaseModel):
-    """The client's gradient oracle (ALGORITHMS.md §2, §3.6–3.8)."""
+class _DispatchByName(type(BaseModel)):  # type: ignore[misc]
+    """``OracleConfig(**block)`` builds the variant that ``block["name"]`` names.
+
+    Callers that hold a plain block (method presets, tests) need not know the classes.
+    Subclasses construct as ordinary pydantic models.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is OracleConfig:
+            return ORACLE_ADAPTER.validate_python(dict(kwargs))
+        return super().__call__(*args, **kwargs)
+
+
+class OracleConfig(BaseModel, metaclass=_DispatchByName):
+    """Base of the per-oracle configs (ALGORITHMS.md §2, §3.6–3.8).
+
+    ``OracleConfig(**block)`` and ``OracleConfig.model_validate(block)`` return the
+    variant named by ``block["name"]`` (default ``sgd``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    name: OracleName = Field(
-        "sgd",
-        description="Gradient oracle: sgd (plain gradient, 1 pass), sam, asam, "
-        "fisher_sam, sam_on, fedsmoo (2 passes), gam (4 passes), lesam (1 pass). "
-        "Default sgd.",
+    name: str
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if cls is OracleConfig:
+            return ORACLE_ADAPTER.validate_python(obj, **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of the oracle's factory: every field but ``name``."""
+        return {k: getattr(self, k) for k in type(self).model_fields if k != "name"}
+
+
+class SgdOracle(OracleConfig):
+    """The plain mini-batch gradient (1 pass)."""
+
+    name: Literal["sgd"] = Field("sgd", description="Plain gradient, 1 pass.")
+
+
+class SamOracle(OracleConfig):
+    """SAM (Foret et al. 2021), 2 passes."""
+
+    name: Literal["sam"] = Field("sam", description="SAM, 2 passes.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
+    wd_in_perturbation: bool = Field(
+        False,
+        description="Build ε from g + λw (λ = the client optimizer's weight decay), as "
+        "the JAX reference does. Default false (PyTorch repos).",
     )
+
+
+class AsamOracle(OracleConfig):
+    """ASAM (Kwon et al. 2021), 2 passes."""
+
+    name: Literal["asam"] = Field("asam", description="ASAM, 2 passes.")
     rho: float = Field(
-        0.05,
-        ge=0,
-        description="Perturbation radius ρ of sam/asam/sam_on/fisher_sam/lesam/fedsmoo "
-        "(fisher_sam: γ). Default 0.05 (SAM's CIFAR default); ASAM's is typically "
-        "~10× larger.",
+        0.05, ge=0,
+        description="Perturbation radius ρ. Default 0.05; ASAM's is typically ~10× SAM's.",
     )
     eta: float = Field(
         0.0,
         ge=0,
-        description="ASAM / ASAM-ON element-wise offset η_a in T = |w| + η_a. "
-        "Default 0 (official example); FedASAM uses 0.2. Must be 0 with variant "
-        "davda54.",
+        description="Element-wise offset η_a in T = |w| + η_a. Default 0 (official "
+        "example); FedASAM uses 0.2. Must be 0 with variant davda54.",
     )
     variant: Literal["official", "davda54"] = Field(
         "official",
-        description="ASAM variant: official (T only on tensors named *weight*, with "
-        "η_a) or davda54 (T = |w| on all tensors, no η_a). Default official.",
+        description="official (T only on tensors named *weight*, with η_a) or davda54 "
+        "(T = |w| on all tensors, no η_a). Default official.",
     )
-    wd_in_perturbation: bool = Field(
-        False,
-        description="SAM only: build ε from g + λw (λ = the client optimizer's weight "
-        "decay), as the JAX reference does. Default false (PyTorch repos).",
-    )
-    grad_rho: float = Field(
-        0.03, ge=0, description="GAM ρ_t (SAM radius). Default 0.03."
-    )
+
+
+class GamOracle(OracleConfig):
+    """GAM (Zhang et al. 2023), 4 passes."""
+
+    name: Literal["gam"] = Field("gam", description="GAM, 4 passes.")
+    grad_rho: float = Field(0.03, ge=0, description="ρ_t (SAM radius). Default 0.03.")
     grad_norm_rho: float = Field(
-        0.2, ge=0, description="GAM ρ'_t (gradient-norm ascent radius). Default 0.2."
+        0.2, ge=0, description="ρ'_t (gradient-norm ascent radius). Default 0.2."
     )
-    beta0: float = Field(
-        0.1, ge=0, le=1, description="GAM β0 (β2 = 1 − β0). Default 0.1."
-    )
-    beta1: float = Field(
-        0.1, ge=0, le=1, description="GAM β1 (β3 = 1 − β1). Default 0.1."
-    )
+    beta0: float = Field(0.1, ge=0, le=1, description="β0 (β2 = 1 − β0). Default 0.1.")
+    beta1: float = Field(0.1, ge=0, le=1, description="β1 (β3 = 1 − β1). Default 0.1.")
     gamma: float = Field(
-        0.05,
-        ge=0,
-        description="GAM γ, weight of the orthogonal correction. Default 0.05.",
+        0.05, ge=0, description="γ, weight of the orthogonal correction. Default 0.05."
     )
-    eta_f: float = Field(
-        1.0, ge=0, description="Fisher-SAM η_f in f = 1 + η_f g². Default 1.0."
-    )
+
+
+class SamOnOracle(OracleConfig):
+    """SAM-ON (Mueller et al. 2023): SAM on the normalisation layers only, 2 passes."""
+
+    name: Literal["sam_on"] = Field("sam_on", description="SAM-ON, 2 passes.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
     adaptive: bool = Field(
-        False,
-        description="SAM-ON: use the ASAM-ON operator T = |w| + η_a. Default false.",
+        False, description="Use the ASAM-ON operator T = |w| + η_a. Default false."
+    )
+    eta: float = Field(
+        0.0, ge=0,
+        description="ASAM-ON element-wise offset η_a in T = |w| + η_a. Default 0.",
     )
     normalize_bias: bool = Field(
-        False,
-        description="SAM-ON adaptive: apply T to bias tensors too. Default false.",
+        False, description="Adaptive: apply T to bias tensors too. Default false."
     )
     p: Literal[2, "infinity"] = Field(
         2,
-        description="SAM-ON perturbation ball (the reference's --p): 2 (ε = ρ T²g/‖Tg‖) "
-        "or infinity (ε = ρ T sign(g), no normalisation; T = 1 unless adaptive). "
-        "Default 2.",
+        description="Perturbation ball (the reference's --p): 2 (ε = ρ T²g/‖Tg‖) or "
+        "infinity (ε = ρ T sign(g), no normalisation; T = 1 unless adaptive). Default 2.",
     )
     layerwise: bool = Field(
         False,
-        description="SAM-ON adaptive: T = ‖w_l‖ (1 + η_a), one value per parameter "
-        "tensor, instead of the element-wise |w| + η_a (the reference's --layerwise). "
+        description="Adaptive: T = ‖w_l‖ (1 + η_a), one value per parameter tensor, "
+        "instead of the element-wise |w| + η_a (the reference's --layerwise). "
         "Default false.",
     )
 
     @model_validator(mode="after")
-    def _check_sam_on_keys(self) -> OracleConfig:
-        # Judged by value, not by "was it written": a resolved scenario spells out every
-        # default and must load again.
-        if self.name != "sam_on" and (self.p != 2 or self.layerwise):
-            raise ValueError(f"p and layerwise apply to oracle sam_on only, not {self.name}")
+    def _layerwise_needs_adaptive(self) -> SamOnOracle:
         if self.layerwise and not self.adaptive:
             raise ValueError("layerwise applies to the ASAM-ON operator: set adaptive: true")
         return self
+
+
+class FisherSamOracle(OracleConfig):
+    """Fisher SAM (Kim et al. 2022), 2 passes."""
+
+    name: Literal["fisher_sam"] = Field("fisher_sam", description="Fisher SAM, 2 passes.")
+    rho: float = Field(0.05, ge=0, description="Radius γ. Default 0.05.")
+    eta_f: float = Field(1.0, ge=0, description="η_f in f = 1 + η_f g². Default 1.0.")
+
+
+class LesamOracle(OracleConfig):
+    """FedLESAM (Fan et al. 2024): the perturbation from the last global update, 1 pass."""
+
+    name: Literal["lesam"] = Field("lesam", description="FedLESAM, 1 pass.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
+
+
+class FedSmooOracle(OracleConfig):
+    """FedSMOO (Sun et al. 2023): SAM with a global perturbation, 2 passes."""
+
+    name: Literal["fedsmoo"] = Field("fedsmoo", description="FedSMOO, 2 passes.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
+
+
+_ORACLE_CLASSES: tuple[type[OracleConfig], ...] = (
+    SgdOracle, SamOracle, AsamOracle, GamOracle, SamOnOracle, FisherSamOracle,
+    LesamOracle, FedSmooOracle,
+)
+ORACLE_CONFIGS: dict[str, type[OracleConfig]] = {
+    c.model_fields["name"].default: c for c in _ORACLE_CLASSES
+}
+DEFAULT_ORACLE = "sgd"  # what a block without ``name`` means
+
+
+def _foreign_key_error(name: str, key: str, block: dict[str, Any]) -> dict[str, Any]:
+    own = [k for k in ORACLE_CONFIGS[name].model_fields if k != "name"]
+    owners = [n for n, c in ORACLE_CONFIGS.items() if key in c.model_fields]
+    msg = (f"not a key of oracle {name!r} "
+           f"(its keys: {', '.join(own) if own else 'none besides name'})")
+    if owners:
+        msg += f"; {key} is a key of {', '.join(owners)}{' only' if len(owners) == 1 else ''}"
+    # ``input`` is the block, not the value: the loader then adds no "(got ...)".
+    return {"type": PydanticCustomError("oracle_key", msg), "loc": (key,), "input": block}
+
+
+def _validate_oracle(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Pick the oracle's class by ``name`` and report errors at the YAML key.
+
+    Pydantic's tagged union would put the tag in the error location
+    (``client.oracle.sam.eta_f``) and call a foreign key "extra input"; here it is
+    ``client.oracle.eta_f: not a key of oracle 'sam' (its keys: ...)``.
+    """
+    if not isinstance(value, dict):
+        return handler(value)
+    block = value if "name" in value else {**value, "name": DEFAULT_ORACLE}
+    name = block["name"]
+    if not isinstance(name, str) or name not in ORACLE_CONFIGS:
+        close = difflib.get_close_matches(str(name), list(ORACLE_CONFIGS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        msg = f"unknown oracle {name!r}{hint}; known: {', '.join(ORACLE_CONFIGS)}"
+        raise ValidationError.from_exception_data("oracle", [
+            {"type": PydanticCustomError("oracle_name", msg), "loc": ("name",),
+             "input": block}])
+    fields = ORACLE_CONFIGS[name].model_fields
+    foreign = [_foreign_key_error(name, str(k), block) for k in block if k not in fields]
+    if foreign:
+        raise ValidationError.from_exception_data("oracle", foreign)
+    try:
+        return handler(block)
+    except ValidationError as exc:  # drop the union's tag from each location
+        errors = [{**e, "loc": e["loc"][1:] if e["loc"][:1] == (name,) else e["loc"]}
+                  for e in exc.errors()]
+        raise ValidationError.from_exception_data(exc.title, errors) from None
+
+
+OracleSpec = Annotated[
+    Union[_ORACLE_CLASSES],  # type: ignore[valid-type]  # noqa: UP007 - built from the tuple
+    Field(discriminator="name"),
+    WrapValidator(_validate_oracle),
+]
+ORACLE_ADAPTER: TypeAdapter[OracleConfig] = TypeAdapter(OracleSpec)
 
 
 class CorrectionConfig(BaseModel):
@@ -204,7 +338,7 @@ _SWA_REFERENCE: dict[str, Any] = {
 }
 _FEDAVG: dict[str, Any] = {"optimizer": "fedavg", "lr": 1.0}
 
-# Method name -> the scenario blocks it implies. Keys: "oracle" (OracleConfig),
+# Method name -> the scenario blocks it implies. Keys: "oracle" (an oracle block),
 # "correction" (CorrectionConfig), "server" ({"optimizer": fedavg|fedadam|fedyogi|
 # fedadagrad, "lr": η_g, optional "fedopt": FedOptConfig}), optional "swa" (SwaConfig).
 # Values are the reference hyperparameters of ALGORITHMS.md §3.2–3.8; data-set-specific

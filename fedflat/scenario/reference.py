@@ -12,6 +12,7 @@ from types import UnionType
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from fedflat.scenario.schema import Scenario
@@ -55,12 +56,33 @@ def _type_name(annotation: Any) -> str:
     return repr(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
+def _variants(fld: FieldInfo) -> dict[str, type[BaseModel]]:
+    """A field that is a union tagged by ``name`` (one class per variant): name -> class."""
+    if fld.discriminator != "name":
+        return {}
+    return {typing.get_args(c.model_fields["name"].annotation)[0]: c
+            for c in typing.get_args(fld.annotation)}
+
+
 def iter_keys(
     model: type[BaseModel] = Scenario, prefix: str = ""
 ) -> Iterator[tuple[str, str, str, str]]:
-    """(key path, type, default, description) for every leaf key, depth first."""
+    """(key path, type, default, description) for every leaf key, depth first.
+
+    A union tagged by ``name`` (the oracles) gives ``<block>.name`` once and then each
+    variant's own keys as ``<block> (<variant>).<key>``.
+    """
     for name, fld in model.model_fields.items():
         key = f"{prefix}{name}"
+        variants = _variants(fld)
+        if variants:
+            default = fld.default_factory() if fld.default_factory else fld.default  # type: ignore[call-arg, misc]
+            yield (f"{key}.name", f"one of {list(variants)}", repr(default.name),
+                   (fld.description or "").replace("\n", " "))
+            for tag, cls in variants.items():
+                yield from (row for row in iter_keys(cls, f"{key} ({tag}).")
+                            if not row[0].endswith(").name"))
+            continue
         sub = _submodel(fld.annotation)
         if sub is not None:
             yield from iter_keys(sub, key + ".")
