@@ -9,65 +9,30 @@ functions turn validated blocks into the library objects (``Oracle``, ``Correcti
 
 from __future__ import annotations
 
-import difflib
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-    field_validator,
-    model_validator,
-)
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedflat.scenario.variants import VariantConfig, family, family_of
 
 # ------------------------------------------------------------------------------ oracles
-# One config class per oracle; its fields are exactly the scenario-settable arguments of
-# the oracle's factory (fedflat.client.oracles), so a key of another oracle is an error
-# instead of being ignored. The factory registry (name -> (config, factory)) lives in
-# fedflat.client.oracles.ORACLE_REGISTRY, because fedflat.scenario imports no client code;
-# tests/test_registry.py checks that its names are this union's.
+# One config class per oracle (fedflat.scenario.variants); its fields are exactly the
+# scenario-settable arguments of the oracle's factory (fedflat.client.oracles), so a key
+# of another oracle is an error instead of being ignored. The factory registry (name ->
+# (config, factory)) is fedflat.client.oracles.ORACLE_REGISTRY, because fedflat.scenario
+# imports no client code; tests/test_registry.py checks that its names are these.
 
 _RHO = ("Perturbation radius ρ. Default 0.05 (SAM's CIFAR default).")
 
 
-class _DispatchByName(type(BaseModel)):  # type: ignore[misc]
-    """``OracleConfig(**block)`` builds the variant that ``block["name"]`` names.
-
-    Callers that hold a plain block (method presets, tests) need not know the classes.
-    Subclasses construct as ordinary pydantic models.
-    """
-
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        if cls is OracleConfig:
-            return ORACLE_ADAPTER.validate_python(dict(kwargs))
-        return super().__call__(*args, **kwargs)
-
-
-class OracleConfig(BaseModel, metaclass=_DispatchByName):
+class OracleConfig(VariantConfig):
     """Base of the per-oracle configs (ALGORITHMS.md §2, §3.6–3.8).
 
     ``OracleConfig(**block)`` and ``OracleConfig.model_validate(block)`` return the
     variant named by ``block["name"]`` (default ``sgd``).
     """
 
-    model_config = ConfigDict(extra="forbid")
-
     name: str
-
-    @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        if cls is OracleConfig:
-            return ORACLE_ADAPTER.validate_python(obj, **kwargs)
-        return super().model_validate(obj, **kwargs)
-
-    def factory_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of the oracle's factory: every field but ``name``."""
-        return {k: getattr(self, k) for k in type(self).model_fields if k != "name"}
 
 
 class SgdOracle(OracleConfig):
@@ -180,63 +145,12 @@ class FedSmooOracle(OracleConfig):
     rho: float = Field(0.05, ge=0, description=_RHO)
 
 
-_ORACLE_CLASSES: tuple[type[OracleConfig], ...] = (
-    SgdOracle, SamOracle, AsamOracle, GamOracle, SamOnOracle, FisherSamOracle,
-    LesamOracle, FedSmooOracle,
+OracleSpec = family(
+    OracleConfig, label="oracle", tag="name", default="sgd",
+    variants=(SgdOracle, SamOracle, AsamOracle, GamOracle, SamOnOracle, FisherSamOracle,
+              LesamOracle, FedSmooOracle),
 )
-ORACLE_CONFIGS: dict[str, type[OracleConfig]] = {
-    c.model_fields["name"].default: c for c in _ORACLE_CLASSES
-}
-DEFAULT_ORACLE = "sgd"  # what a block without ``name`` means
-
-
-def _foreign_key_error(name: str, key: str, block: dict[str, Any]) -> dict[str, Any]:
-    own = [k for k in ORACLE_CONFIGS[name].model_fields if k != "name"]
-    owners = [n for n, c in ORACLE_CONFIGS.items() if key in c.model_fields]
-    msg = (f"not a key of oracle {name!r} "
-           f"(its keys: {', '.join(own) if own else 'none besides name'})")
-    if owners:
-        msg += f"; {key} is a key of {', '.join(owners)}{' only' if len(owners) == 1 else ''}"
-    # ``input`` is the block, not the value: the loader then adds no "(got ...)".
-    return {"type": PydanticCustomError("oracle_key", msg), "loc": (key,), "input": block}
-
-
-def _validate_oracle(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """Pick the oracle's class by ``name`` and report errors at the YAML key.
-
-    Pydantic's tagged union would put the tag in the error location
-    (``client.oracle.sam.eta_f``) and call a foreign key "extra input"; here it is
-    ``client.oracle.eta_f: not a key of oracle 'sam' (its keys: ...)``.
-    """
-    if not isinstance(value, dict):
-        return handler(value)
-    block = value if "name" in value else {**value, "name": DEFAULT_ORACLE}
-    name = block["name"]
-    if not isinstance(name, str) or name not in ORACLE_CONFIGS:
-        close = difflib.get_close_matches(str(name), list(ORACLE_CONFIGS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        msg = f"unknown oracle {name!r}{hint}; known: {', '.join(ORACLE_CONFIGS)}"
-        raise ValidationError.from_exception_data("oracle", [
-            {"type": PydanticCustomError("oracle_name", msg), "loc": ("name",),
-             "input": block}])
-    fields = ORACLE_CONFIGS[name].model_fields
-    foreign = [_foreign_key_error(name, str(k), block) for k in block if k not in fields]
-    if foreign:
-        raise ValidationError.from_exception_data("oracle", foreign)
-    try:
-        return handler(block)
-    except ValidationError as exc:  # drop the union's tag from each location
-        errors = [{**e, "loc": e["loc"][1:] if e["loc"][:1] == (name,) else e["loc"]}
-                  for e in exc.errors()]
-        raise ValidationError.from_exception_data(exc.title, errors) from None
-
-
-OracleSpec = Annotated[
-    Union[_ORACLE_CLASSES],  # type: ignore[valid-type]  # noqa: UP007 - built from the tuple
-    Field(discriminator="name"),
-    WrapValidator(_validate_oracle),
-]
-ORACLE_ADAPTER: TypeAdapter[OracleConfig] = TypeAdapter(OracleSpec)
+ORACLE_CONFIGS: dict[str, type[OracleConfig]] = family_of(OracleConfig).variants  # type: ignore[assignment]
 
 
 class CorrectionConfig(BaseModel):
