@@ -57,10 +57,12 @@ def _type_name(annotation: Any) -> str:
 
 
 def _variants(fld: FieldInfo) -> dict[str, type[BaseModel]]:
-    """A field that is a union tagged by ``name`` (one class per variant): name -> class."""
-    if fld.discriminator != "name":
+    """A union tagged by a key (one class per variant, fedflat.scenario.variants):
+    tag value -> class; empty for any other field."""
+    tag = fld.discriminator
+    if not isinstance(tag, str):
         return {}
-    return {typing.get_args(c.model_fields["name"].annotation)[0]: c
+    return {typing.get_args(c.model_fields[tag].annotation)[0]: c
             for c in typing.get_args(fld.annotation)}
 
 
@@ -69,19 +71,23 @@ def iter_keys(
 ) -> Iterator[tuple[str, str, str, str]]:
     """(key path, type, default, description) for every leaf key, depth first.
 
-    A union tagged by ``name`` (the oracles) gives ``<block>.name`` once and then each
-    variant's own keys as ``<block> (<variant>).<key>``.
+    A union tagged by a key (oracles by ``name``, codecs by ``codec``) gives
+    ``<block>.<tag>`` once and then each variant's own keys as ``<block> (<variant>).<key>``.
     """
     for name, fld in model.model_fields.items():
         key = f"{prefix}{name}"
         variants = _variants(fld)
         if variants:
+            tag = str(fld.discriminator)
             default = fld.default_factory() if fld.default_factory else fld.default  # type: ignore[call-arg, misc]
-            yield (f"{key}.name", f"one of {list(variants)}", repr(default.name),
-                   (fld.description or "").replace("\n", " "))
-            for tag, cls in variants.items():
-                yield from (row for row in iter_keys(cls, f"{key} ({tag}).")
-                            if not row[0].endswith(").name"))
+            each = "; ".join(f"{v}: {c.model_fields[tag].description}"
+                             for v, c in variants.items() if c.model_fields[tag].description)
+            desc = " ".join(d for d in (fld.description, each and f"({each})") if d)
+            yield (f"{key}.{tag}", f"one of {list(variants)}", repr(getattr(default, tag)),
+                   desc.replace("\n", " "))
+            for value, cls in variants.items():
+                yield from (row for row in iter_keys(cls, f"{key} ({value}).")
+                            if not row[0].endswith(f").{tag}"))
             continue
         sub = _submodel(fld.annotation)
         if sub is not None:
