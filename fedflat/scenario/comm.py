@@ -151,7 +151,7 @@ class CommConfig(BaseModel):
         default_factory=Fp32Codec,
         description=(
             "Codec for client updates (the flat delta y_i - x); with error_feedback "
-            "the residual is per-client state."
+            "the residual is per-client state. Every message also carries a 4 B header."
         ),
     )
     downlink: CodecSpec = Field(
@@ -159,6 +159,6 @@ class CommConfig(BaseModel):
         description=(
             "Codec for the server broadcast (encoded once per round, every participant "
             "receives the same bytes); with error_feedback the residual is server "
-            "state."
+            "state. Every message also carries a 4 B header."
         ),
     )

@@ -80,7 +80,7 @@ def iter_keys(
         if variants:
             tag = str(fld.discriminator)
             default = fld.default_factory() if fld.default_factory else fld.default  # type: ignore[call-arg, misc]
-            each = "; ".join(f"{v}: {c.model_fields[tag].description}"
+            each = "; ".join(f"{v}: {c.model_fields[tag].description.rstrip('.')}"
                              for v, c in variants.items() if c.model_fields[tag].description)
             desc = " ".join(d for d in (fld.description, each and f"({each})") if d)
             yield (f"{key}.{tag}", f"one of {list(variants)}", repr(getattr(default, tag)),
