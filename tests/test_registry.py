@@ -165,3 +165,42 @@ def test_sam_with_rho_zero_from_the_scenario_is_sgd_bit_for_bit():
     _, delta = _one_step(sc.client.oracle)
     _, plain = _one_step(ORACLE_CONFIGS["sgd"]())
     assert torch.equal(delta, plain)
+
+
+# ------------------------------------------------------------------------------ codecs
+def test_codec_union_names_are_the_registry_names():
+    from fedflat.comm.codecs import CODEC_NAMES, CODEC_REGISTRY
+    from fedflat.scenario.comm import CODEC_CONFIGS, CommConfig
+
+    union = typing.get_args(CommConfig.model_fields["uplink"].annotation)
+    names = [typing.get_args(c.model_fields["codec"].annotation)[0] for c in union]
+    assert names == list(CODEC_CONFIGS) == list(CODEC_REGISTRY) == list(CODEC_NAMES)
+    for name, entry in CODEC_REGISTRY.items():
+        assert entry.config is CODEC_CONFIGS[name]
+        # error_feedback wraps the codec (with_error_feedback); the rest are its arguments.
+        own = set(entry.config.model_fields) - {"codec", "error_feedback"}
+        assert own == set(inspect.signature(entry.factory).parameters), name
+
+
+def test_a_key_of_another_codec_is_refused_at_its_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: t\ncomm:\n  downlink:\n    codec: sign\n    error_feedback: true\n"
+                    "    ratio: 0.1\n")
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    err = info.value
+    assert (err.line, err.key) == (6, "comm.downlink.ratio")
+    assert "not a key of codec 'sign' (its keys: error_feedback)" in err.message
+    assert "ratio applies to top_k, random_k" in err.message
+
+
+def test_every_codec_in_the_registry_builds_and_sends_what_it_counts():
+    from fedflat.comm.codecs import CODEC_REGISTRY, codec_from_config
+
+    blocks = {"qsgd": {"levels": 4}, "top_k": {"k": 3}, "random_k": {"k": 3}}
+    x = torch.linspace(-1.0, 1.0, 10)
+    for name, entry in CODEC_REGISTRY.items():
+        codec = codec_from_config(entry.config(**blocks.get(name, {})))
+        enc = codec.encode(x, stream(0, "codec", 0))
+        assert codec.decode(enc).shape == x.shape, name
+        assert enc.nbytes == codec.wire_nbytes(x.numel()), name
