@@ -436,7 +436,7 @@ def test_codec_from_config():
         ({"codec": "top_k", "k": 3, "unbiased": False}, "unbiased applies"),
         ({"codec": "top_k", "k": 3, "index_encoding": "seed"}, "seed"),
         ({"codec": "top_k", "ratio": 0.0}, "greater than 0"),
-        ({"codec": "fp32", "bits": 8}, "Extra inputs"),
+        ({"codec": "fp32", "bits": 8}, "not a key of codec .fp32."),
         ({"codec": "gzip"}, "codec"),
     ],
 )

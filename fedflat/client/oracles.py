@@ -31,6 +31,17 @@ from torch import Tensor
 from fedflat.client.correction import PREV_GLOBAL_UPDATE, Correction
 from fedflat.client.oracle import Batch, Metrics, Oracle, UpdateContext, plain
 from fedflat.models.flat import NORM_TYPES, FlatModel, Segment
+from fedflat.scenario.local_rule import (
+    AsamOracle,
+    FedSmooOracle,
+    FisherSamOracle,
+    GamOracle,
+    LesamOracle,
+    OracleConfig,
+    SamOnOracle,
+    SamOracle,
+    SgdOracle,
+)
 
 # Names of the vectors these oracles read from the server broadcast / client state.
 FEDSMOO_S = "fedsmoo_s"  # FedSMOO global perturbation s, set by fedsmoo_server()
@@ -615,17 +626,49 @@ def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
 
 
 # ----------------------------------------------------------------------------- registry
-_FACTORIES: dict[str, Callable[..., Oracle]] = {
-    "sgd": plain,
-    "sam": sam,
-    "asam": asam,
-    "gam": gam,
-    "sam_on": sam_on,
-    "fisher_sam": fisher_sam,
-    "lesam": lesam,
+class OracleEntry(NamedTuple):
+    """An oracle's scenario config class and the factory its fields are the arguments of."""
+
+    config: type[OracleConfig]
+    factory: Callable[..., Oracle | FedSmoo]
+
+
+# The one table of oracles: the names are the configs' ``name`` literals, so the scenario
+# union (fedflat.scenario.local_rule.ORACLE_CONFIGS) and this registry cannot disagree
+# without tests/test_registry.py failing.
+ORACLE_REGISTRY: dict[str, OracleEntry] = {
+    entry.config.model_fields["name"].default: entry
+    for entry in (
+        OracleEntry(SgdOracle, plain),
+        OracleEntry(SamOracle, sam),
+        OracleEntry(AsamOracle, asam),
+        OracleEntry(GamOracle, gam),
+        OracleEntry(SamOnOracle, sam_on),
+        OracleEntry(FisherSamOracle, fisher_sam),
+        OracleEntry(LesamOracle, lesam),
+        OracleEntry(FedSmooOracle, fedsmoo),
+    )
 }
 
-ORACLE_NAMES: tuple[str, ...] = (*_FACTORIES, "fedsmoo")
+ORACLE_NAMES: tuple[str, ...] = tuple(ORACLE_REGISTRY)
+
+
+def build_oracle(cfg: OracleConfig, **context: Any) -> Oracle | FedSmoo:
+    """Call the factory of ``cfg``'s oracle with the config's fields.
+
+    Args:
+        cfg: a validated oracle block (a variant of ``OracleConfig``).
+        **context: arguments that come from elsewhere in the scenario and that only some
+            factories take (``weight_decay`` for SAM); those a factory does not take are
+            dropped.
+
+    Returns:
+        The ``Oracle``, or for ``fedsmoo`` the (oracle, correction) pair.
+    """
+    factory = ORACLE_REGISTRY[cfg.name].factory
+    accepted = inspect.signature(factory).parameters
+    extra = {k: v for k, v in context.items() if k in accepted}
+    return factory(**cfg.factory_kwargs(), **extra)
 
 
 def make_oracle(name: str, **params: Any) -> Oracle:
@@ -643,9 +686,10 @@ def make_oracle(name: str, **params: Any) -> Oracle:
             "oracle 'fedsmoo' comes with a companion correction; call "
             "fedflat.client.oracles.fedsmoo(rho=...) or build_local_rule()"
         )
-    factory = _FACTORIES.get(name)
-    if factory is None:
+    entry = ORACLE_REGISTRY.get(name)
+    if entry is None:
         raise ValueError(f"unknown oracle {name!r}; known: {sorted(ORACLE_NAMES)}")
+    factory = entry.factory
     accepted = set(inspect.signature(factory).parameters)
     unknown = sorted(set(params) - accepted)
     if unknown:

@@ -35,11 +35,10 @@ from fedflat.client.correction import (
     SCAFFOLD_CI,
     SCAFFOLD_DC,
 )
-from fedflat.client.oracles import FEDSMOO_MU, FEDSMOO_S, is_norm_segment
+from fedflat.client.oracles import FEDSMOO_MU, FEDSMOO_S, ORACLE_NAMES, is_norm_segment
 from fedflat.client.update import ClientResult
 from fedflat.models.flat import FlatModel
 
-ORACLES = ("sgd", "sam", "asam", "gam", "sam_on", "fisher_sam", "lesam", "fedsmoo")
 DP_MECHANISMS = ("dp_sgd", "dp_sat", "dp_sat_momentum", "dp_sam")
 _TINY = 1e-12  # smallest per-example norm divided by (as fedflat.privacy.mechanisms)
 
@@ -124,8 +123,8 @@ class ChunkEngine:
     def __init__(self, rule: VecRule, model: FlatModel) -> None:
         if model.has_batchnorm:
             raise ValueError("the vectorised engine cannot run BatchNorm (model.norm: batch)")
-        if rule.oracle not in ORACLES:
-            raise ValueError(f"unknown oracle {rule.oracle!r}; known: {list(ORACLES)}")
+        if rule.oracle not in ORACLE_NAMES:
+            raise ValueError(f"unknown oracle {rule.oracle!r}; known: {list(ORACLE_NAMES)}")
         if rule.dp is not None and rule.dp.mechanism not in DP_MECHANISMS:
             raise ValueError(f"unknown DP mechanism {rule.dp.mechanism!r}")
         self.rule = rule

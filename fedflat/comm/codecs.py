@@ -53,15 +53,6 @@ def fp32_nbytes(t: Tensor) -> int:
     return HEADER_NBYTES + 4 * t.numel()
 """Bytes of the per-message header: one uint32 count of coordinates carried."""
 
-CODEC_NAMES: tuple[str, ...] = (
-    "fp32",
-    "fp16",
-    "bf16",
-    "qsgd",
-    "top_k",
-    "random_k",
-    "sign",
-)
 IndexEncoding = Literal["int32", "packed", "seed"]
 
 # Codes are packed in chunks of this many codes; a multiple of 8 so that every chunk
@@ -697,15 +688,32 @@ def transmit(
 
 # ---------------------------------------------------------------------------- registry
 
-_FACTORIES: dict[str, Callable[..., Codec]] = {
-    "fp32": fp32,
-    "fp16": fp16,
-    "bf16": bf16,
-    "qsgd": qsgd,
-    "top_k": top_k,
-    "random_k": random_k,
-    "sign": sign,
-}
+class CodecEntry(NamedTuple):
+    """A codec's scenario config class and the factory its fields are the arguments of."""
+
+    config: type[CodecConfig]
+    factory: Callable[..., Codec]
+
+
+def _registry() -> dict[str, CodecEntry]:
+    # Imported here: the scenario schema is pydantic, the codecs need only torch, and
+    # fedflat.scenario.comm imports nothing of fedflat.comm.
+    from fedflat.scenario import comm as sc
+
+    entries = (
+        CodecEntry(sc.Fp32Codec, fp32), CodecEntry(sc.Fp16Codec, fp16),
+        CodecEntry(sc.Bf16Codec, bf16), CodecEntry(sc.QsgdCodec, qsgd),
+        CodecEntry(sc.TopKCodec, top_k), CodecEntry(sc.RandomKCodec, random_k),
+        CodecEntry(sc.SignCodec, sign),
+    )
+    return {e.config.model_fields["codec"].default: e for e in entries}
+
+
+# The one table of codecs; the names are the configs' ``codec`` literals
+# (tests/test_registry.py checks they are the scenario union's).
+CODEC_REGISTRY: dict[str, CodecEntry] = _registry()
+CODEC_NAMES: tuple[str, ...] = tuple(CODEC_REGISTRY)
+_FACTORIES: dict[str, Callable[..., Codec]] = {n: e.factory for n, e in CODEC_REGISTRY.items()}
 
 
 def make_codec(name: str, **params: Any) -> Codec:
@@ -726,12 +734,5 @@ def make_codec(name: str, **params: Any) -> Codec:
 
 def codec_from_config(cfg: CodecConfig) -> Codec | ErrorFeedbackCodec:
     """Build the codec a ``comm.uplink`` / ``comm.downlink`` block describes."""
-    params: dict[str, Any] = {}
-    if cfg.codec == "qsgd":
-        params.update(levels=cfg.levels, bucket_size=cfg.bucket_size)
-    elif cfg.codec in ("top_k", "random_k"):
-        params.update(k=cfg.k, ratio=cfg.ratio, index_encoding=cfg.index_encoding)
-        if cfg.codec == "random_k":
-            params["unbiased"] = cfg.unbiased
-    codec = make_codec(cfg.codec, **params)
+    codec = CODEC_REGISTRY[cfg.codec].factory(**cfg.factory_kwargs())
     return with_error_feedback(codec) if cfg.error_feedback else codec

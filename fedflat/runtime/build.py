@@ -17,7 +17,7 @@ from fedflat.attacks.byzantine import attack_step, byzantine_ids
 from fedflat.client.correction import Correction, feddyn, fedprox, mofedsam, scaffold
 from fedflat.client.optim import LocalOptimizer, adam, sgd
 from fedflat.client.oracle import Oracle
-from fedflat.client.oracles import fedsmoo, make_oracle
+from fedflat.client.oracles import FedSmoo, build_oracle
 from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
 from fedflat.comm.codecs import codec_from_config
@@ -131,17 +131,6 @@ def initial_params(sc: Scenario, model: FlatModel) -> torch.Tensor:
 # ---------------------------------------------------------------- local rule and server steps
 # (scenario blocks -> client/server pieces; kept here so that fedflat.scenario imports no
 # client or server code)
-_ORACLE_PARAMS: dict[str, tuple[str, ...]] = {
-    "sgd": (),
-    "sam": ("rho", "wd_in_perturbation"),
-    "asam": ("rho", "eta", "variant"),
-    "gam": ("grad_rho", "grad_norm_rho", "beta0", "beta1", "gamma"),
-    "sam_on": ("rho", "adaptive", "eta", "normalize_bias", "p", "layerwise"),
-    "fisher_sam": ("rho", "eta_f"),
-    "lesam": ("rho",),
-}
-
-
 def local_rule_parts(
     oracle: OracleConfig, correction: CorrectionConfig, *, weight_decay: float = 0.0
 ) -> tuple[Oracle, tuple[Correction, ...]]:
@@ -163,16 +152,10 @@ def local_rule_parts(
         corrections.append(mofedsam(alpha=correction.mofedsam_alpha))
     if correction.prox_mu is not None:
         corrections.append(fedprox(mu=correction.prox_mu))
-    if oracle.name == "fedsmoo":
-        pair = fedsmoo(rho=oracle.rho)
-        built = pair.oracle
-        corrections.append(pair.correction)
-    else:
-        names = _ORACLE_PARAMS[oracle.name]
-        params: dict[str, Any] = {k: getattr(oracle, k) for k in names}
-        if oracle.name == "sam":
-            params["weight_decay"] = weight_decay
-        built = make_oracle(oracle.name, **params)
+    built = build_oracle(oracle, weight_decay=weight_decay)
+    if isinstance(built, FedSmoo):  # FedSMOO's state carrier rides with the corrections
+        corrections.append(built.correction)
+        built = built.oracle
     if correction.scaffold:
         corrections.append(scaffold())
     if correction.feddyn_alpha is not None:

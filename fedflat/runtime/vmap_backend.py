@@ -29,14 +29,6 @@ from fedflat.scenario.schema import Scenario
 if TYPE_CHECKING:
     from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
 
-_ORACLE_KEYS: dict[str, tuple[str, ...]] = {  # as fedflat.runtime.build._ORACLE_PARAMS
-    "sgd": (), "sam": ("rho", "wd_in_perturbation"), "asam": ("rho", "eta", "variant"),
-    "gam": ("grad_rho", "grad_norm_rho", "beta0", "beta1", "gamma"),
-    "sam_on": ("rho", "adaptive", "eta", "normalize_bias"), "fisher_sam": ("rho", "eta_f"),
-    "lesam": ("rho",), "fedsmoo": ("rho",),
-}
-
-
 def vec_rule(sc: Scenario, segments: Sequence | None = None) -> VecRule:
     """The scenario's local rule as the vectorised engine's hyperparameters."""
     c = sc.client
@@ -54,7 +46,7 @@ def vec_rule(sc: Scenario, segments: Sequence | None = None) -> VecRule:
                     noise_multiplier=dp.noise_multiplier,
                     rho=dp.rho if dp.mechanism != "dp_sgd" else 0.0, layer_clips=clips)
     return VecRule(
-        oracle=o.name, oracle_params={k: getattr(o, k) for k in _ORACLE_KEYS[o.name]},
+        oracle=o.name, oracle_params=o.factory_kwargs(),
         prox_mu=corr.prox_mu, scaffold=corr.scaffold, feddyn_alpha=corr.feddyn_alpha,
         mofedsam_alpha=corr.mofedsam_alpha, optimizer=c.optimizer, momentum=c.momentum,
         weight_decay=c.weight_decay, nesterov=c.nesterov, grad_clip=c.grad_clip, dp=vdp)

@@ -11,72 +11,24 @@ Byte counts (wire format) are documented in :mod:`fedflat.comm.codecs`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-CodecName = Literal["fp32", "fp16", "bf16", "qsgd", "top_k", "random_k", "sign"]
+from fedflat.scenario.variants import VariantConfig, family, family_of
 
 
-class CodecConfig(BaseModel):
-    """One direction of the channel (an ``uplink:`` or ``downlink:`` block)."""
+class CodecConfig(VariantConfig):
+    """One direction of the channel (an ``uplink:`` or ``downlink:`` block).
+
+    One class per codec (fedflat.scenario.variants), chosen by ``codec``; its fields are
+    the codec factory's arguments (fedflat.comm.codecs) plus ``error_feedback``, the
+    wrapper every codec can take. ``CodecConfig(**block)`` returns the variant.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    codec: CodecName = Field(
-        "fp32",
-        description=(
-            "Codec: fp32 (uncompressed, 4 B/coordinate), fp16 / bf16 (2 B/coordinate), "
-            "qsgd (stochastic quantisation, ceil(log2(2*levels+1)) bits/coordinate + a "
-            "4 B norm per bucket_size coordinates), top_k / random_k (k float32 values + "
-            "indices), sign (1 bit/coordinate + a 4 B scale). Every message also carries a "
-            "4 B header."
-        ),
-    )
-    levels: int | None = Field(
-        None,
-        ge=1,
-        description="qsgd only, required: quantisation levels s per sign (count, >=1).",
-    )
-    bucket_size: int | None = Field(
-        512,
-        ge=0,
-        description=(
-            "qsgd only: coordinates per bucket, each bucket quantised with its own 4 B "
-            "float32 norm (count; 512 as in the reference implementations). 0 or null: "
-            "one norm for the whole vector (variance bound sqrt(d)/levels instead of "
-            "min(B/levels^2, sqrt(B)/levels))."
-        ),
-    )
-    ratio: float | None = Field(
-        None,
-        gt=0.0,
-        le=1.0,
-        description=(
-            "top_k / random_k: fraction of coordinates kept, in (0, 1]; "
-            "k = max(1, ceil(ratio * d)). Give ratio or k, not both."
-        ),
-    )
-    k: int | None = Field(
-        None,
-        ge=1,
-        description="top_k / random_k: coordinates kept (count, capped at d).",
-    )
-    index_encoding: Literal["int32", "packed", "seed"] = Field(
-        "int32",
-        description=(
-            "top_k / random_k: how indices travel: int32 (4 B each), packed "
-            "(ceil(log2 d) bits each) or seed (random_k only: one 8 B seed, the "
-            "receiver regenerates the indices)."
-        ),
-    )
-    unbiased: bool = Field(
-        True,
-        description=(
-            "random_k only: scale kept values by d/k on decode so the message is an "
-            "unbiased estimate (false: send kept values unscaled)."
-        ),
-    )
+    codec: str
     error_feedback: bool = Field(
         False,
         description=(
@@ -85,41 +37,109 @@ class CodecConfig(BaseModel):
         ),
     )
 
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The codec factory's arguments (error feedback wraps the codec, it is not one)."""
+        out = super().factory_kwargs()
+        del out["error_feedback"]
+        return out
+
+
+class Fp32Codec(CodecConfig):
+    codec: Literal["fp32"] = Field("fp32", description="Uncompressed, 4 B/coordinate.")
+
+
+class Fp16Codec(CodecConfig):
+    codec: Literal["fp16"] = Field("fp16", description="IEEE half, 2 B/coordinate.")
+
+
+class Bf16Codec(CodecConfig):
+    codec: Literal["bf16"] = Field("bf16", description="bfloat16, 2 B/coordinate.")
+
+
+class QsgdCodec(CodecConfig):
+    codec: Literal["qsgd"] = Field(
+        "qsgd",
+        description="Stochastic quantisation, ceil(log2(2*levels+1)) bits/coordinate + a "
+        "4 B norm per bucket_size coordinates.",
+    )
+    levels: int = Field(
+        ..., ge=1, description="Quantisation levels s per sign (count, >=1), required.",
+    )
+    bucket_size: int | None = Field(
+        512,
+        ge=0,
+        description=(
+            "Coordinates per bucket, each bucket quantised with its own 4 B float32 norm "
+            "(count; 512 as in the reference implementations). 0 or null: one norm for "
+            "the whole vector (variance bound sqrt(d)/levels instead of "
+            "min(B/levels^2, sqrt(B)/levels))."
+        ),
+    )
+
+
+_INDEX = "How indices travel: int32 (4 B each), packed (ceil(log2 d) bits each)"
+
+
+class _SparseCodec(CodecConfig):
+    """What top_k and random_k share: how many coordinates are kept."""
+
+    k: int | None = Field(None, ge=1, description="Coordinates kept (count, capped at d).")
+    ratio: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="Fraction of coordinates kept, in (0, 1]; k = max(1, ceil(ratio * d)). "
+        "Give ratio or k, not both.",
+    )
+
     @model_validator(mode="after")
-    def _check_params(self) -> CodecConfig:
-        sparse = self.codec in ("top_k", "random_k")
-        if self.codec == "qsgd" and self.levels is None:
-            raise ValueError("levels is required for codec qsgd (an integer >= 1)")
-        if self.codec != "qsgd" and self.levels is not None:
-            raise ValueError(f"levels applies to codec qsgd only, not {self.codec}")
-        default_bucket = type(self).model_fields["bucket_size"].default
-        if self.codec != "qsgd" and self.bucket_size != default_bucket:
-            raise ValueError(f"bucket_size applies to codec qsgd only, not {self.codec}")
-        if sparse and (self.k is None) == (self.ratio is None):
-            raise ValueError(
-                f"codec {self.codec} needs exactly one of k or ratio, "
-                f"got k={self.k}, ratio={self.ratio}"
-            )
-        if not sparse:
-            # Judged by value, not by "was it written": a resolved scenario spells out
-            # every default, and must load again.
-            defaults = type(self).model_fields
-            for name in ("k", "ratio", "index_encoding"):
-                if getattr(self, name) != defaults[name].default:
-                    raise ValueError(
-                        f"{name} applies to top_k / random_k only, not {self.codec}"
-                    )
-        default_unbiased = type(self).model_fields["unbiased"].default
-        if self.codec != "random_k" and self.unbiased != default_unbiased:
-            raise ValueError(
-                f"unbiased applies to codec random_k only, not {self.codec}"
-            )
-        if self.codec == "top_k" and self.index_encoding == "seed":
-            raise ValueError(
-                "index_encoding 'seed' applies to random_k only "
-                "(top_k indices depend on the values)"
-            )
+    def _k_or_ratio(self) -> _SparseCodec:
+        if (self.k is None) == (self.ratio is None):
+            raise ValueError(f"codec {self.codec} needs exactly one of k or ratio, "
+                             f"got k={self.k}, ratio={self.ratio}")
         return self
+
+
+class TopKCodec(_SparseCodec):
+    codec: Literal["top_k"] = Field(
+        "top_k", description="The k largest |values|: k float32 values + indices.",
+    )
+    index_encoding: Literal["int32", "packed", "seed"] = Field(
+        "int32", description=_INDEX + "; seed is random_k's only.",
+    )
+
+    @model_validator(mode="after")
+    def _no_seed(self) -> TopKCodec:
+        if self.index_encoding == "seed":
+            raise ValueError("index_encoding 'seed' applies to random_k only "
+                             "(top_k indices depend on the values)")
+        return self
+
+
+class RandomKCodec(_SparseCodec):
+    codec: Literal["random_k"] = Field(
+        "random_k", description="k coordinates drawn at random: k float32 values + indices.",
+    )
+    unbiased: bool = Field(
+        True,
+        description="Scale kept values by d/k on decode so the message is an unbiased "
+        "estimate (false: send kept values unscaled).",
+    )
+    index_encoding: Literal["int32", "packed", "seed"] = Field(
+        "int32", description=_INDEX + " or seed (one 8 B seed, the receiver regenerates "
+        "the indices).",
+    )
+
+
+class SignCodec(CodecConfig):
+    codec: Literal["sign"] = Field(
+        "sign", description="1 bit/coordinate + a 4 B scale (the mean |value|).",
+    )
+
+
+CodecSpec = family(
+    CodecConfig, label="codec", tag="codec", default="fp32",
+    variants=(Fp32Codec, Fp16Codec, Bf16Codec, QsgdCodec, TopKCodec, RandomKCodec, SignCodec),
+)
+CODEC_CONFIGS: dict[str, type[CodecConfig]] = family_of(CodecConfig).variants  # type: ignore[assignment]
 
 
 class CommConfig(BaseModel):
@@ -127,18 +147,18 @@ class CommConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    uplink: CodecConfig = Field(
-        default_factory=CodecConfig,
+    uplink: CodecSpec = Field(
+        default_factory=Fp32Codec,
         description=(
             "Codec for client updates (the flat delta y_i - x); with error_feedback "
-            "the residual is per-client state."
+            "the residual is per-client state. Every message also carries a 4 B header."
         ),
     )
-    downlink: CodecConfig = Field(
-        default_factory=CodecConfig,
+    downlink: CodecSpec = Field(
+        default_factory=Fp32Codec,
         description=(
             "Codec for the server broadcast (encoded once per round, every participant "
             "receives the same bytes); with error_feedback the residual is server "
-            "state."
+            "state. Every message also carries a 4 B header."
         ),
     )

@@ -13,96 +13,144 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-OracleName = Literal[
-    "sgd", "sam", "asam", "gam", "sam_on", "fisher_sam", "lesam", "fedsmoo"
-]
+from fedflat.scenario.variants import VariantConfig, family, family_of
+
+# ------------------------------------------------------------------------------ oracles
+# One config class per oracle (fedflat.scenario.variants); its fields are exactly the
+# scenario-settable arguments of the oracle's factory (fedflat.client.oracles), so a key
+# of another oracle is an error instead of being ignored. The factory registry (name ->
+# (config, factory)) is fedflat.client.oracles.ORACLE_REGISTRY, because fedflat.scenario
+# imports no client code; tests/test_registry.py checks that its names are these.
+
+_RHO = ("Perturbation radius ρ. Default 0.05 (SAM's CIFAR default).")
 
 
-class OracleConfig(BaseModel):
-    """The client's gradient oracle (ALGORITHMS.md §2, §3.6–3.8)."""
+class OracleConfig(VariantConfig):
+    """Base of the per-oracle configs (ALGORITHMS.md §2, §3.6–3.8).
 
-    model_config = ConfigDict(extra="forbid")
+    ``OracleConfig(**block)`` and ``OracleConfig.model_validate(block)`` return the
+    variant named by ``block["name"]`` (default ``sgd``).
+    """
 
-    name: OracleName = Field(
-        "sgd",
-        description="Gradient oracle: sgd (plain gradient, 1 pass), sam, asam, "
-        "fisher_sam, sam_on, fedsmoo (2 passes), gam (4 passes), lesam (1 pass). "
-        "Default sgd.",
+    name: str
+
+
+class SgdOracle(OracleConfig):
+    """The plain mini-batch gradient (1 pass)."""
+
+    name: Literal["sgd"] = Field("sgd", description="Plain gradient, 1 pass.")
+
+
+class SamOracle(OracleConfig):
+    """SAM (Foret et al. 2021), 2 passes."""
+
+    name: Literal["sam"] = Field("sam", description="SAM, 2 passes.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
+    wd_in_perturbation: bool = Field(
+        False,
+        description="Build ε from g + λw (λ = the client optimizer's weight decay), as "
+        "the JAX reference does. Default false (PyTorch repos).",
     )
+
+
+class AsamOracle(OracleConfig):
+    """ASAM (Kwon et al. 2021), 2 passes."""
+
+    name: Literal["asam"] = Field("asam", description="ASAM, 2 passes.")
     rho: float = Field(
-        0.05,
-        ge=0,
-        description="Perturbation radius ρ of sam/asam/sam_on/fisher_sam/lesam/fedsmoo "
-        "(fisher_sam: γ). Default 0.05 (SAM's CIFAR default); ASAM's is typically "
-        "~10× larger.",
+        0.05, ge=0,
+        description="Perturbation radius ρ. Default 0.05; ASAM's is typically ~10× SAM's.",
     )
     eta: float = Field(
         0.0,
         ge=0,
-        description="ASAM / ASAM-ON element-wise offset η_a in T = |w| + η_a. "
-        "Default 0 (official example); FedASAM uses 0.2. Must be 0 with variant "
-        "davda54.",
+        description="Element-wise offset η_a in T = |w| + η_a. Default 0 (official "
+        "example); FedASAM uses 0.2. Must be 0 with variant davda54.",
     )
     variant: Literal["official", "davda54"] = Field(
         "official",
-        description="ASAM variant: official (T only on tensors named *weight*, with "
-        "η_a) or davda54 (T = |w| on all tensors, no η_a). Default official.",
+        description="official (T only on tensors named *weight*, with η_a) or davda54 "
+        "(T = |w| on all tensors, no η_a). Default official.",
     )
-    wd_in_perturbation: bool = Field(
-        False,
-        description="SAM only: build ε from g + λw (λ = the client optimizer's weight "
-        "decay), as the JAX reference does. Default false (PyTorch repos).",
-    )
-    grad_rho: float = Field(
-        0.03, ge=0, description="GAM ρ_t (SAM radius). Default 0.03."
-    )
+
+
+class GamOracle(OracleConfig):
+    """GAM (Zhang et al. 2023), 4 passes."""
+
+    name: Literal["gam"] = Field("gam", description="GAM, 4 passes.")
+    grad_rho: float = Field(0.03, ge=0, description="ρ_t (SAM radius). Default 0.03.")
     grad_norm_rho: float = Field(
-        0.2, ge=0, description="GAM ρ'_t (gradient-norm ascent radius). Default 0.2."
+        0.2, ge=0, description="ρ'_t (gradient-norm ascent radius). Default 0.2."
     )
-    beta0: float = Field(
-        0.1, ge=0, le=1, description="GAM β0 (β2 = 1 − β0). Default 0.1."
-    )
-    beta1: float = Field(
-        0.1, ge=0, le=1, description="GAM β1 (β3 = 1 − β1). Default 0.1."
-    )
+    beta0: float = Field(0.1, ge=0, le=1, description="β0 (β2 = 1 − β0). Default 0.1.")
+    beta1: float = Field(0.1, ge=0, le=1, description="β1 (β3 = 1 − β1). Default 0.1.")
     gamma: float = Field(
-        0.05,
-        ge=0,
-        description="GAM γ, weight of the orthogonal correction. Default 0.05.",
+        0.05, ge=0, description="γ, weight of the orthogonal correction. Default 0.05."
     )
-    eta_f: float = Field(
-        1.0, ge=0, description="Fisher-SAM η_f in f = 1 + η_f g². Default 1.0."
-    )
+
+
+class SamOnOracle(OracleConfig):
+    """SAM-ON (Mueller et al. 2023): SAM on the normalisation layers only, 2 passes."""
+
+    name: Literal["sam_on"] = Field("sam_on", description="SAM-ON, 2 passes.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
     adaptive: bool = Field(
-        False,
-        description="SAM-ON: use the ASAM-ON operator T = |w| + η_a. Default false.",
+        False, description="Use the ASAM-ON operator T = |w| + η_a. Default false."
+    )
+    eta: float = Field(
+        0.0, ge=0,
+        description="ASAM-ON element-wise offset η_a in T = |w| + η_a. Default 0.",
     )
     normalize_bias: bool = Field(
-        False,
-        description="SAM-ON adaptive: apply T to bias tensors too. Default false.",
+        False, description="Adaptive: apply T to bias tensors too. Default false."
     )
     p: Literal[2, "infinity"] = Field(
         2,
-        description="SAM-ON perturbation ball (the reference's --p): 2 (ε = ρ T²g/‖Tg‖) "
-        "or infinity (ε = ρ T sign(g), no normalisation; T = 1 unless adaptive). "
-        "Default 2.",
+        description="Perturbation ball (the reference's --p): 2 (ε = ρ T²g/‖Tg‖) or "
+        "infinity (ε = ρ T sign(g), no normalisation; T = 1 unless adaptive). Default 2.",
     )
     layerwise: bool = Field(
         False,
-        description="SAM-ON adaptive: T = ‖w_l‖ (1 + η_a), one value per parameter "
-        "tensor, instead of the element-wise |w| + η_a (the reference's --layerwise). "
+        description="Adaptive: T = ‖w_l‖ (1 + η_a), one value per parameter tensor, "
+        "instead of the element-wise |w| + η_a (the reference's --layerwise). "
         "Default false.",
     )
 
     @model_validator(mode="after")
-    def _check_sam_on_keys(self) -> OracleConfig:
-        # Judged by value, not by "was it written": a resolved scenario spells out every
-        # default and must load again.
-        if self.name != "sam_on" and (self.p != 2 or self.layerwise):
-            raise ValueError(f"p and layerwise apply to oracle sam_on only, not {self.name}")
+    def _layerwise_needs_adaptive(self) -> SamOnOracle:
         if self.layerwise and not self.adaptive:
             raise ValueError("layerwise applies to the ASAM-ON operator: set adaptive: true")
         return self
+
+
+class FisherSamOracle(OracleConfig):
+    """Fisher SAM (Kim et al. 2022), 2 passes."""
+
+    name: Literal["fisher_sam"] = Field("fisher_sam", description="Fisher SAM, 2 passes.")
+    rho: float = Field(0.05, ge=0, description="Radius γ. Default 0.05.")
+    eta_f: float = Field(1.0, ge=0, description="η_f in f = 1 + η_f g². Default 1.0.")
+
+
+class LesamOracle(OracleConfig):
+    """FedLESAM (Fan et al. 2024): the perturbation from the last global update, 1 pass."""
+
+    name: Literal["lesam"] = Field("lesam", description="FedLESAM, 1 pass.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
+
+
+class FedSmooOracle(OracleConfig):
+    """FedSMOO (Sun et al. 2023): SAM with a global perturbation, 2 passes."""
+
+    name: Literal["fedsmoo"] = Field("fedsmoo", description="FedSMOO, 2 passes.")
+    rho: float = Field(0.05, ge=0, description=_RHO)
+
+
+OracleSpec = family(
+    OracleConfig, label="oracle", tag="name", default="sgd",
+    variants=(SgdOracle, SamOracle, AsamOracle, GamOracle, SamOnOracle, FisherSamOracle,
+              LesamOracle, FedSmooOracle),
+)
+ORACLE_CONFIGS: dict[str, type[OracleConfig]] = family_of(OracleConfig).variants  # type: ignore[assignment]
 
 
 class CorrectionConfig(BaseModel):
@@ -204,7 +252,7 @@ _SWA_REFERENCE: dict[str, Any] = {
 }
 _FEDAVG: dict[str, Any] = {"optimizer": "fedavg", "lr": 1.0}
 
-# Method name -> the scenario blocks it implies. Keys: "oracle" (OracleConfig),
+# Method name -> the scenario blocks it implies. Keys: "oracle" (an oracle block),
 # "correction" (CorrectionConfig), "server" ({"optimizer": fedavg|fedadam|fedyogi|
 # fedadagrad, "lr": η_g, optional "fedopt": FedOptConfig}), optional "swa" (SwaConfig).
 # Values are the reference hyperparameters of ALGORITHMS.md §3.2–3.8; data-set-specific

@@ -12,6 +12,7 @@ from types import UnionType
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from fedflat.scenario.schema import Scenario
@@ -62,12 +63,39 @@ def _type_name(annotation: Any) -> str:
     return repr(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
+def _variants(fld: FieldInfo) -> dict[str, type[BaseModel]]:
+    """A union tagged by a key (one class per variant, fedflat.scenario.variants):
+    tag value -> class; empty for any other field."""
+    tag = fld.discriminator
+    if not isinstance(tag, str):
+        return {}
+    return {typing.get_args(c.model_fields[tag].annotation)[0]: c
+            for c in typing.get_args(fld.annotation)}
+
+
 def iter_keys(
     model: type[BaseModel] = Scenario, prefix: str = ""
 ) -> Iterator[tuple[str, str, str, str]]:
-    """(key path, type, default, description) for every leaf key, depth first."""
+    """(key path, type, default, description) for every leaf key, depth first.
+
+    A union tagged by a key (oracles by ``name``, codecs by ``codec``) gives
+    ``<block>.<tag>`` once and then each variant's own keys as ``<block> (<variant>).<key>``.
+    """
     for name, fld in model.model_fields.items():
         key = f"{prefix}{name}"
+        variants = _variants(fld)
+        if variants:
+            tag = str(fld.discriminator)
+            default = fld.default_factory() if fld.default_factory else fld.default  # type: ignore[call-arg, misc]
+            each = "; ".join(f"{v}: {c.model_fields[tag].description.rstrip('.')}"
+                             for v, c in variants.items() if c.model_fields[tag].description)
+            desc = " ".join(d for d in (fld.description, each and f"({each})") if d)
+            yield (f"{key}.{tag}", f"one of {list(variants)}", repr(getattr(default, tag)),
+                   desc.replace("\n", " "))
+            for value, cls in variants.items():
+                yield from (row for row in iter_keys(cls, f"{key} ({value}).")
+                            if not row[0].endswith(f").{tag}"))
+            continue
         sub = _submodel(fld.annotation)
         if sub is not None:
             if _has_other_forms(fld.annotation):  # `availability: 0.8`, `asynchronous: null`

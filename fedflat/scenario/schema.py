@@ -18,7 +18,8 @@ from fedflat.scenario.flower import FlowerConfig
 from fedflat.scenario.local_rule import (
     CorrectionConfig,
     FedOptConfig,
-    OracleConfig,
+    OracleSpec,
+    SgdOracle,
     SwaConfig,
 )
 from fedflat.scenario.personalization import PersonalizationConfig, personalization_checks
@@ -133,7 +134,10 @@ class ClientConfig(Section):
     grad_clip: float | None = Field(
         None, gt=0,
         description="Optional global-norm clip of the local gradient (FL-Simulator uses 10).")
-    oracle: OracleConfig = Field(default_factory=OracleConfig)
+    oracle: OracleSpec = Field(
+        default_factory=SgdOracle,
+        description="The gradient oracle, chosen by name; each oracle takes only its own "
+        "keys (listed per oracle below). Default sgd.")
     correction: CorrectionConfig = Field(default_factory=CorrectionConfig)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fedflat.scenario.local_rule import SamOnOracle
+
 if TYPE_CHECKING:
     from fedflat.scenario.schema import Scenario
 
@@ -27,7 +29,7 @@ def vectorize_checks(sc: Scenario) -> list[tuple[str, str]]:
         errors.append(("model.norm", f"batch is not supported by {engine} (BatchNorm "
                        "statistics are per-client buffers); use norm: group or layer"))
     o = sc.client.oracle
-    if o.name == "sam_on" and (o.p != 2 or o.layerwise):
+    if isinstance(o, SamOnOracle) and (o.p != 2 or o.layerwise):
         # The engine has SAM-ON's l2 ball with the element-wise operator only.
         key = "client.oracle.p" if o.p != 2 else "client.oracle.layerwise"
         errors.append((key, f"sam_on's l-infinity ball and layer-wise operator are not "
