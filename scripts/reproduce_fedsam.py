@@ -298,11 +298,29 @@ def build_overrides(
         )
     if data_dir:
         over["data.data_dir"] = data_dir
-    over.update(extra or {})
+    over.update(_oracle_keys_it_takes(base, over, extra or {}))
     if "eval.sharpness.every" not in (extra or {}):
         # λ_max once, on the final model (always measured after the last round).
         over["eval.sharpness.every"] = int(over["server.rounds"])
     return base, over
+
+
+def _oracle_keys_it_takes(base: dict[str, Any], over: dict[str, Any],
+                          extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` without the ``client.oracle.*`` keys that this method's oracle does not
+    take: ``--set client.oracle.rho=…`` changes every SAM-family method and leaves the
+    SGD-based ones (fedavg, scaffold, fedprox, …), which would refuse the key, as they are."""
+    own = {k: v for k, v in extra.items()
+           if k.startswith("client.oracle.") and k != "client.oracle.name"}
+    if not own:
+        return extra
+    from fedflat.client.oracles import ORACLE_REGISTRY
+    from fedflat.scenario.loader import load_scenario
+
+    rest = {k: v for k, v in extra.items() if k not in own}
+    name = load_scenario(base, {**over, **rest}).scenario.client.oracle.name
+    takes = set(ORACLE_REGISTRY[name].config.model_fields)
+    return {**rest, **{k: v for k, v in own.items() if k.split(".", 2)[2] in takes}}
 
 
 def resolved(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

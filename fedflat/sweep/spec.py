@@ -4,11 +4,11 @@ together, ``zip``) and seeds; its expansion into points, and their validation be
 A sweep file (YAML) holds the same as the command line::
 
     scenario: quickstart.yaml        # relative to the sweep file
-    set: {server.rounds: 20}         # fixed overrides (optional)
+    set: {server.rounds: 20, method: fedsam}   # fixed overrides (optional)
     grid:
-      method: [fedavg, fedsam]
-      client.oracle.rho: [0.0, 0.05]
-    zip: [[method, client.oracle.rho]]   # these vary together (optional)
+      client.oracle.rho: [0.02, 0.05, 0.1]
+      client.lr: [0.05, 0.1]
+    zip: [[client.oracle.rho, client.lr]]   # these vary together (optional)
     seeds: 3                         # 0, 1, 2; or a list [0, 4, 7]
     jobs: 2
     ray: false                       # true: runs as Ray tasks (optional)
