@@ -231,7 +231,8 @@ def test_ray_dispatch_equals_the_runs_made_directly(tmp_path, ray_session):
     for r in runs:  # the same command in this process: the same metrics, bit for bit
         direct = fedflat.run(str(base), overrides=run_overrides(spec, r.point, r.seed),
                              out=tmp_path / "direct" / r.name)
-        got = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+        got = [m for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()
+               if (m := json.loads(x))["round"] >= 0]  # training rounds, as RunResult.metrics
         clock = {"wall_seconds", "round_seconds"}
         for a, b in zip(got, direct.metrics, strict=True):
             assert {k: v for k, v in a.items() if k not in clock} == \
@@ -239,6 +240,26 @@ def test_ray_dispatch_equals_the_runs_made_directly(tmp_path, ray_session):
     # A rerun finds every run finished and starts nothing (no Ray task either).
     again = run_sweep(spec, tmp_path / "sw", echo=lambda _: None)
     assert [r.status for r in again] == ["completed", "completed"]
+
+
+def test_diverged_runs_are_final_and_reported_not_averaged(tmp_path):
+    from fedflat.sweep.runner import run_sweep
+
+    base = _write(tmp_path / "base.yaml", tiny_scenario(**{"output.plots": False}))
+    spec = SweepSpec(scenario=str(base), grid={"client.lr": [0.05, 1e6]}, seeds=[0])
+    runs = run_sweep(spec, tmp_path / "sw", echo=lambda _: None)
+    assert [r.status for r in runs] == ["completed", "diverged"]
+    paths = write_tables(tmp_path / "sw")
+    points = json.loads(paths["json"].read_text())["points"]
+    assert [p["seeds"] for p in points] == [[0], []]
+    assert points[1]["seeds_diverged"] == [0]
+    assert points[1]["final_accuracy"]["mean"] is None  # nothing averaged in
+    assert "0/1 (1 diverged)" in paths["md"].read_text()
+    # A rerun starts nothing: a diverged run would diverge again.
+    stamp = (runs[1].run_dir / "summary.json").stat().st_mtime_ns
+    again = run_sweep(spec, tmp_path / "sw", echo=lambda _: None)
+    assert [r.status for r in again] == ["completed", "diverged"]
+    assert (runs[1].run_dir / "summary.json").stat().st_mtime_ns == stamp
 
 
 def test_sweep_file_ray_key(tmp_path):

@@ -163,7 +163,7 @@ class MlflowTracker:
             else:
                 self.client.log_artifact(self.run_id, str(p))
         done = {"completed": "FINISHED", "budget_exhausted": "FINISHED",
-                "interrupted": "KILLED"}.get(status, "FAILED")
+                "interrupted": "KILLED"}.get(status, "FAILED")  # diverged: FAILED
         self.client.set_terminated(self.run_id, status=done)
 
 

@@ -52,7 +52,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from fedflat.scenario.loader import read_yaml
     from fedflat.sweep.plots import draw_sweep_plots
     from fedflat.sweep.results import write_tables
-    from fedflat.sweep.runner import FINISHED, default_sweep_dir, run_sweep
+    from fedflat.sweep.runner import FINAL, default_sweep_dir, run_sweep
     from fedflat.sweep.spec import (
         SweepSpec,
         is_sweep_file,
@@ -91,7 +91,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if plots:
             print(f"\n{len(plots)} plots in {folder / 'plots'}/")
     print(f"tables: {paths['md']}, {paths['csv'].name}, {paths['json'].name}")
-    bad = [r for r in runs if r.status not in FINISHED]
+    diverged = [r for r in runs if r.status == "diverged"]
+    if diverged:
+        print(f"{len(diverged)} runs diverged (not counted in the table): "
+              + ", ".join(r.name for r in diverged))
+    bad = [r for r in runs if r.status not in FINAL]
     if bad:
         print(f"{len(bad)} runs did not finish ({', '.join(sorted({r.status for r in bad}))}); "
               "the same command resumes them")

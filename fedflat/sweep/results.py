@@ -119,19 +119,22 @@ def sweep_results(sweep_dir: str | Path, target: float | None = None) -> list[di
     index = read_index(folder)
     out = []
     for point in index["points"]:
-        seeds, per_seed = [], []
+        seeds, per_seed, diverged = [], [], []
         for run in point["runs"]:
             run_dir = folder / run["dir"]
             try:
                 record = load_run(run_dir)
             except Exception:  # not started or half written: not counted
                 continue
+            if record.summary.get("status") == "diverged":
+                diverged.append(run["seed"])
             if record.summary.get("status") not in FINISHED:
                 continue
             seeds.append(run["seed"])
             per_seed.append(run_values(record, target))
         entry: dict[str, Any] = {"index": point["index"], "label": point["label"],
                                  "overrides": point["overrides"], "seeds": seeds,
+                                 "seeds_diverged": diverged,
                                  "runs_planned": len(point["runs"]), "values": per_seed}
         for key, _, _ in QUANTITIES:
             entry[key] = t_interval([v[key] for v in per_seed if v[key] is not None]).as_dict()
@@ -159,7 +162,10 @@ def markdown_table(results: list[dict[str, Any]], target: float | None) -> str:
                               for k, h, _ in cols]]
     rows = []
     for r in results:
-        cells = [r["label"], f"{len(r['seeds'])}/{r['runs_planned']}"]
+        n = f"{len(r['seeds'])}/{r['runs_planned']}"
+        if r.get("seeds_diverged"):
+            n += f" ({len(r['seeds_diverged'])} diverged)"
+        cells = [r["label"], n]
         for key, _, spec in cols:
             text = format_cell(r[key], spec)
             if key == "rounds_to_target":
@@ -191,7 +197,8 @@ def write_tables(sweep_dir: str | Path, target: float | None = None) -> dict[str
     results = sweep_results(folder, target)
     paths = {"md": folder / "results.md", "csv": folder / "results.csv",
              "json": folder / "results.json"}
-    note = ("Mean ± sample std [95 % Student-t CI] across seeds; n = finished runs / planned."
+    note = ("Mean ± sample std [95 % Student-t CI] across seeds; n = finished runs / planned"
+            " (diverged runs are not counted)."
             + (f" Rounds to target: rounds until test accuracy >= {target:g}." if target else ""))
     paths["md"].write_text(markdown_table(results, target) + "\n\n" + note + "\n")
     paths["csv"].write_text(csv_table(results))

@@ -28,7 +28,7 @@ from typing import Any
 import fedflat
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.runtime.checkpoint import list_checkpoints
-from fedflat.runtime.run import _write_json
+from fedflat.runtime.run import EXIT_DIVERGED, _write_json
 from fedflat.scenario.loader import load_scenario
 from fedflat.sweep.spec import (
     SweepPoint,
@@ -39,8 +39,11 @@ from fedflat.sweep.spec import (
     validate,
 )
 
-#: Run statuses after which a run is finished and a rerun skips it.
+#: Run statuses whose metrics the tables count.
 FINISHED = ("completed", "budget_exhausted")
+#: Run statuses after which a rerun skips the run: a diverged run would diverge again
+#: (the tables report it per point instead of averaging it in).
+FINAL = (*FINISHED, "diverged")
 INDEX = "sweep.json"
 _POLL_S = 0.05
 
@@ -185,7 +188,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path | None = None, *,
     todo = []
     for r in runs:
         status = run_status(r.run_dir)
-        if status in FINISHED:
+        if status in FINAL:
             r.status = status
         else:
             if not list_checkpoints(r.run_dir) and r.run_dir.exists():
@@ -230,7 +233,7 @@ def _execute(spec: SweepSpec, todo: list[SweepRun], folder: Path, total: int, do
                 r, t0 = running.pop(handle)
                 done += 1
                 status = run_status(r.run_dir)
-                r.status = status if returncode == 0 else (
+                r.status = status if returncode in (0, EXIT_DIVERGED) else (
                     "interrupted" if returncode == 130 else "failed")
                 if r.status == "failed":
                     r.detail = _last_line(folder / "logs" / f"{r.name}.log")
