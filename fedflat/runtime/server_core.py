@@ -17,6 +17,8 @@ from torch import Tensor
 
 from fedflat.client.update import ClientResult
 from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
+from fedflat.data.datasets import sample_devices
+from fedflat.data.synthetic import SyntheticDevices
 from fedflat.metrics.fairness import PerClientEvaluator
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
@@ -24,6 +26,10 @@ from fedflat.runtime.build import FederatedData, build_flat_model, build_pipelin
 from fedflat.runtime.worker import BN_KEY, ClientJob, RoundPayload
 from fedflat.scenario.schema import Scenario
 from fedflat.server.pipeline import ServerRound
+
+# Evaluation sample of on-demand devices when eval.max_samples is unset (pooling every
+# device's test split is what made a round's cost grow with the population).
+ON_DEMAND_EVAL_SAMPLES = 10_000
 
 
 class ServerCore:
@@ -210,6 +216,8 @@ class ServerCore:
         return _weighted_mean(list(own.values()), w)
 
     def _make_eval_sets(self, fed: FederatedData) -> dict[str, tuple[Tensor, Tensor]]:
+        if fed.source is not None:
+            return self._sample_eval_sets(fed.source)
         ds, ev = fed.dataset, self.sc.eval
         sets: dict[str, tuple[Tensor, Tensor]] = {}
         if ev.split in ("test", "both"):
@@ -230,6 +238,18 @@ class ServerCore:
                                                                      replace=False)
                     keep_t = torch.as_tensor(sorted(keep))
                     sets[name] = (x[keep_t], y[keep_t])
+        return sets
+
+    def _sample_eval_sets(self, devices: SyntheticDevices) -> dict[str, tuple[Tensor, Tensor]]:
+        """On-demand devices: a fixed-size sample of devices' splits (eval.max_samples, else
+        ON_DEMAND_EVAL_SAMPLES), never the pooled population."""
+        ev = self.sc.eval
+        m = ev.max_samples if ev.max_samples is not None else ON_DEMAND_EVAL_SAMPLES
+        split = ev.split
+        sets = {name: sample_devices(devices, name, m, numpy_rng(self.sc.seed, "eval", 0, i))
+                for i, name in enumerate(("test", "train")) if split in (name, "both")}
+        self._sharp_set = sample_devices(devices, "train", ev.sharpness.num_samples,
+                                         numpy_rng(self.sc.seed, "eval", 1))
         return sets
 
     def evaluate(self) -> dict[str, float]:
