@@ -23,6 +23,7 @@ from fedflat.metrics.fairness import PerClientEvaluator
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
+from fedflat.runtime.client_store import ClientStore
 from fedflat.runtime.worker import BN_KEY, ClientJob, RoundPayload
 from fedflat.scenario.schema import Scenario
 from fedflat.server.pipeline import ServerRound
@@ -46,7 +47,8 @@ class ServerCore:
         self.params = params.clone()
         self.eval_params: Tensor | None = None
         self.pipeline_state = self.pipeline.init(self.params)
-        self.client_states: dict[int, dict[str, Tensor]] = {}
+        # Only clients with state, as rows of one array per key (cheap to checkpoint).
+        self.client_states = ClientStore()
         self.versions: dict[int, Tensor] = {0: self.params}  # asynchronous mode
         self.downlink = codec_from_config(scenario.comm.downlink)
         self.down_residual: Tensor | None = None
@@ -91,7 +93,7 @@ class ServerCore:
                             if self.buffers.numel() else {})
 
     def states_for(self, client_ids: Sequence[int]) -> list[dict[str, Tensor]]:
-        return [self.client_states.get(c, {}) for c in client_ids]
+        return self.client_states.get_many(client_ids)
 
     def end_round(self, round_: int, jobs: Sequence[ClientJob],
                   results: Sequence[ClientResult],
@@ -110,7 +112,7 @@ class ServerCore:
             # With user-level DP an empty Poisson cohort still releases noise: the accounted
             # mechanism adds it every round, whoever took part.
             for r in results:
-                self.client_states[r.client_id] = r.client_state
+                self.client_states.put(r.client_id, r.client_state)
             if self.per_client is not None:
                 self.per_client.record(round_, [r.client_id for r in results],
                                        [r.metrics for r in results])
@@ -342,7 +344,7 @@ class ServerCore:
         self.params = state["params"]
         self.eval_params = state["eval_params"]
         self.pipeline_state = state["pipeline_state"]
-        self.client_states = state["client_states"]
+        self.client_states = ClientStore.from_dict(state["client_states"])
         self.broadcast = state["broadcast"]
         self.down_residual = state.get("down_residual")
         self.versions = state.get("versions", {0: self.params})
