@@ -21,11 +21,14 @@ def test_put_get_returns_what_was_put_and_only_stateful_clients_are_held():
         store.put(c, _state(c))
     store.put(11, {})  # a client without state is not held
     assert sorted(store) == [3, 7, 900_000]
-    assert len(store) == 3 and 11 not in store and store.get(11, {}) == {}
+    assert len(store) == 3
+    assert 11 not in store
+    assert store.get(11, {}) == {}
     got = store[900_000]
     assert list(got) == ["scaffold/c_i", "step"]  # the client's key order
     assert torch.equal(got["scaffold/c_i"], torch.full((5,), 900_000.0))
-    assert got["step"].item() == 900_000 and got["step"].dtype == torch.int64
+    assert got["step"].item() == 900_000
+    assert got["step"].dtype == torch.int64
     assert [s.get("step", torch.tensor(-1)).item() for s in store.get_many([3, 11, 7])] \
         == [3, -1, 7]
 
@@ -38,7 +41,8 @@ def test_get_is_a_copy_and_put_replaces_the_whole_state():
     store.put(1, {"step": torch.tensor(4)})  # keys the new state lacks are dropped
     assert list(store[1]) == ["step"]
     store.put(1, {})
-    assert 1 not in store and len(store) == 0
+    assert 1 not in store
+    assert len(store) == 0
 
 
 def test_rows_grow_past_capacity_and_reuse_freed_rows():
@@ -83,7 +87,8 @@ def test_checkpoint_round_trip_is_equal_and_writes_one_array_per_key():
     torch.save({"client_states": store}, buf)
     buf.seek(0)
     back = torch.load(buf, weights_only=False)["client_states"]
-    assert isinstance(back, ClientStore) and sorted(back) == sorted(want)
+    assert isinstance(back, ClientStore)
+    assert sorted(back) == sorted(want)
     for c, s in want.items():
         got = back[c]
         assert list(got) == list(s)
