@@ -86,6 +86,7 @@ class ClientStore(Mapping[int, dict[str, Tensor]]):
         self._rows: dict[str, _Rows] = {}
         self._keys: dict[int, tuple[str, ...]] = {}  # each client's keys, in its dict order
         self._odd: dict[tuple[int, str], Tensor] = {}
+        self._signatures: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     # ------------------------------------------------------------------ Mapping
     def __getitem__(self, client: int) -> dict[str, Tensor]:
@@ -119,7 +120,8 @@ class ClientStore(Mapping[int, dict[str, Tensor]]):
                 rows.put(c, v)
             else:
                 self._odd[(c, k)] = v.clone()
-        self._keys[c] = tuple(state)
+        keys = tuple(state)
+        self._keys[c] = self._signatures.setdefault(keys, keys)  # one tuple per key order
 
     def remove(self, client: int) -> None:
         c = int(client)
@@ -167,6 +169,7 @@ class ClientStore(Mapping[int, dict[str, Tensor]]):
                                                  state["signature_of"].tolist(), strict=True)}
         self._rows = {k: _Rows.from_arrays(ids, rows) for k, (ids, rows) in state["rows"].items()}
         self._odd = dict(state["odd"])
+        self._signatures = {s: s for s in sigs}
 
     @classmethod
     def from_dict(cls, states: Mapping[int, Mapping[str, Tensor]]) -> ClientStore:
