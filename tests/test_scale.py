@@ -124,6 +124,16 @@ def test_on_demand_vmap_equals_serial():
     assert (serial.params - vmap.params).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
+def test_on_demand_ray_equals_serial():
+    # the actors receive the devices (sizes only) and generate the same clients
+    sc = on_demand(40, client={"correction": {"scaffold": True}}, output={"checkpoint_every": 0})
+    serial = fedflat.run(sc)
+    ray = fedflat.run({**sc, "runtime": {"backend": "ray", "num_actors": 2, "num_cpus": 1,
+                                         "threads": 1}})
+    assert torch.equal(serial.params, ray.params)
+
+
 def test_on_demand_needs_the_natural_partition(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: bad\ndata:\n  synthetic:\n    on_demand: true\n"
