@@ -182,6 +182,8 @@ def sample_devices(devices: SyntheticDevices, split: str, max_samples: int,
     """A fixed-size evaluation sample: the ``split`` ("train"/"test") examples of devices
     taken in a random order until ``max_samples`` are gathered (the last one cut), so its
     cost does not grow with the population."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     sizes = devices.train_sizes if split == "train" else devices.sizes - devices.train_sizes
     xs, ys, have = [], [], 0
     for k in rng.permutation(devices.num_devices):

@@ -247,9 +247,11 @@ class ServerCore:
         ON_DEMAND_EVAL_SAMPLES), never the pooled population."""
         ev = self.sc.eval
         m = ev.max_samples if ev.max_samples is not None else ON_DEMAND_EVAL_SAMPLES
-        split = ev.split
-        sets = {name: sample_devices(devices, name, m, numpy_rng(self.sc.seed, "eval", 0, i))
-                for i, name in enumerate(("test", "train")) if split in (name, "both")}
+        # (eval set name, the devices' split it samples, its stream id)
+        wanted = [("test", "test", 0)] if ev.split in ("test", "both") else []
+        wanted += [("train", "train", 1)] if ev.split in ("train", "both") else []
+        sets = {name: sample_devices(devices, split, m, numpy_rng(self.sc.seed, "eval", 0, i))
+                for name, split, i in wanted}
         self._sharp_set = sample_devices(devices, "train", ev.sharpness.num_samples,
                                          numpy_rng(self.sc.seed, "eval", 1))
         return sets
