@@ -13,6 +13,9 @@ the checkpoint of a large per-client state store.
    an error-feedback residual) written and read with the run's checkpoint functions.
 
 Usage: python scripts/bench_scale.py [--quick] [--rounds 20] [--pop-rounds 6]
+  [--pop-backend serial|ray|vmap] [--backends serial,ray,vmap,ray+vmap|none]
+  [--populations 1000,10000,100000,1000000|none] [--store-clients 100000|0]
+  (peak RSS is the driver process's: with ray it leaves out the actors' own processes)
   --quick: a smoke run (< 60 s): plain/serial/vmap only, populations 10³ and 10⁴, store 10⁴.
 """
 
@@ -164,7 +167,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20, help="rounds of the backend comparison")
     ap.add_argument("--pop-rounds", type=int, default=6, help="rounds of each population run")
     ap.add_argument("--pop-backend", default="serial", help="backend of the population runs")
-    ap.add_argument("--backends", default="serial,ray,vmap,ray+vmap")
+    ap.add_argument("--backends", default="serial,ray,vmap,ray+vmap",
+                    help="backends compared with the plain loop; 'none' skips the comparison")
+    ap.add_argument("--populations", default="1000,10000,100000,1000000")
+    ap.add_argument("--store-clients", type=int, default=100_000)
     ap.add_argument("--population", type=int, help=argparse.SUPPRESS)  # the child process
     args = ap.parse_args()
     if args.population:
@@ -177,9 +183,13 @@ def main() -> None:
         populations([1_000, 10_000], 2, args.pop_backend)
         store_checkpoint(10_000)
     else:
-        backends(args.rounds, args.backends.split(","))
-        populations([1_000, 10_000, 100_000, 1_000_000], args.pop_rounds, args.pop_backend)
-        store_checkpoint(100_000)
+        if args.backends != "none":
+            backends(args.rounds, args.backends.split(","))
+        if args.populations != "none":
+            populations([int(n) for n in args.populations.split(",")], args.pop_rounds,
+                        args.pop_backend)
+        if args.store_clients:
+            store_checkpoint(args.store_clients)
     print(f"# load average {os.getloadavg()[0]:.1f} at the end")
 
 
