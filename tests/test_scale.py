@@ -125,11 +125,11 @@ def test_on_demand_vmap_equals_serial():
 
 
 @pytest.mark.slow
-def test_on_demand_ray_equals_serial():
+def test_on_demand_ray_equals_serial(ray_session):
     # the actors receive the devices (sizes only) and generate the same clients
     sc = on_demand(40, client={"correction": {"scaffold": True}}, output={"checkpoint_every": 0})
     serial = fedflat.run(sc)
-    ray = fedflat.run({**sc, "runtime": {"backend": "ray", "num_actors": 2, "num_cpus": 1,
+    ray = fedflat.run({**sc, "runtime": {"backend": "ray", "num_actors": 1, "num_cpus": 1,
                                          "threads": 1}})
     assert torch.equal(serial.params, ray.params)
 
