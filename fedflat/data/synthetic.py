@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -281,7 +281,7 @@ class SyntheticDevices:
     seed: int
     sizes: np.ndarray
     train_sizes: np.ndarray
-    options: dict
+    options: dict[str, Any]
 
     @property
     def num_devices(self) -> int:
