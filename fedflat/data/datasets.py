@@ -15,8 +15,9 @@ import os
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedflat.data.synthetic import generate_synthetic
+from fedflat.data.synthetic import SyntheticDevices, generate_synthetic, synthetic_devices
 from fedflat.errors import DataError
 from fedflat.rng import numpy_rng
 
@@ -102,6 +103,7 @@ def _load_synthetic(
     ``num_clients`` is the number of devices; ``options`` are the keyword arguments of
     ``generate_synthetic``. No files are needed.
     """
+    options = {k: v for k, v in options.items() if k != "on_demand"}  # load_synthetic_devices
     allowed = {
         p.name
         for p in inspect.signature(generate_synthetic).parameters.values()
@@ -124,6 +126,78 @@ def _load_synthetic(
         train_groups=data.train_groups,
         test_groups=data.test_groups,
     )
+
+
+def load_synthetic_devices(
+    seed: int, num_clients: int, options: dict[str, Any]
+) -> tuple[Dataset, SyntheticDevices]:
+    """``data.synthetic.on_demand``: a Dataset without pooled examples (empty arrays, no
+    groups) and the devices that generate each client's examples when it is sampled.
+
+    Raises:
+        ValueError: unknown or out-of-range options.
+    """
+    options = {k: v for k, v in options.items() if k != "on_demand"}
+    allowed = {p.name for p in inspect.signature(synthetic_devices).parameters.values()
+               if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"data.synthetic: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    devices = synthetic_devices(seed, num_clients, **options)
+    d = devices.options["num_features"]
+    empty_x, empty_y = torch.zeros(0, d), torch.zeros(0, dtype=torch.int64)
+    ds = Dataset(name="synthetic", x_train=empty_x, y_train=empty_y, x_test=empty_x,
+                 y_test=empty_y, num_classes=int(devices.options["num_classes"]), in_shape=(d,),
+                 train_groups=None, test_groups=None)
+    return ds, devices
+
+
+class OnDemandClients(Sequence[tuple[Tensor, Tensor]]):
+    """Client k's training ``(x, y)``, generated when asked for (a few recent ones cached:
+    a chunk asks for its clients more than once)."""
+
+    def __init__(self, devices: SyntheticDevices, device: torch.device | str = "cpu",
+                 cache: int = 256) -> None:
+        self.devices = devices
+        self.device = torch.device(device)
+        self._get = lru_cache(maxsize=cache)(self._make)
+
+    def _make(self, k: int) -> tuple[Tensor, Tensor]:
+        x, y, _, _ = self.devices.device(k)
+        return torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+
+    def __len__(self) -> int:
+        return self.devices.num_devices
+
+    def __getitem__(self, k):  # type: ignore[override]
+        if not isinstance(k, (int, np.integer)):
+            raise TypeError("OnDemandClients is indexed by one client id")
+        if k < 0:
+            k += len(self)
+        return self._get(int(k))
+
+
+def sample_devices(devices: SyntheticDevices, split: str, max_samples: int,
+                   rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """A fixed-size evaluation sample: the ``split`` ("train"/"test") examples of devices
+    taken in a random order until ``max_samples`` are gathered (the last one cut), so its
+    cost does not grow with the population."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    sizes = devices.train_sizes if split == "train" else devices.sizes - devices.train_sizes
+    xs, ys, have = [], [], 0
+    for k in rng.permutation(devices.num_devices):
+        if have >= max_samples:
+            break
+        if not sizes[k]:
+            continue
+        x_tr, y_tr, x_te, y_te = devices.device(int(k))
+        x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+        take = min(len(y), max_samples - have)
+        xs.append(x[:take])
+        ys.append(y[:take])
+        have += take
+    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
 def _load_digits(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -254,3 +254,105 @@ def _check_int(name: str, value: int, low: int) -> None:
         or value < low
     ):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------
+# Devices on demand (data.synthetic.on_demand): the data set is a function of (seed, k)
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticDevices:
+    """Synthetic(α, β) devices generated one at a time from ``(seed, device id)``.
+
+    Only the per-device sizes are held (16 bytes a device), so a population of 10⁶ costs
+    16 MB wherever it is shipped; :meth:`device` draws device k's model, inputs, labels
+    and train/test split from its own stream ``numpy_rng(seed, "data", 1, k)``. The sizes
+    are the pooled generator's (the same first draw of ``numpy_rng(seed, "data")``), but
+    the examples differ from :func:`generate_synthetic`'s, which draws all devices from
+    one stream; the distribution is the same (ALGORITHMS.md §6.5).
+
+    Attributes:
+        seed: run seed.
+        sizes: ``[K]`` samples per device (train + test).
+        train_sizes: ``[K]`` training samples per device, ``⌊(1 - test_fraction)·n_k⌋``.
+        options: the generator's keyword options (alpha, beta, iid, ...).
+    """
+
+    seed: int
+    sizes: np.ndarray
+    train_sizes: np.ndarray
+    options: dict[str, Any]
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.sizes)
+
+    def device(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Device k's ``(x_train, y_train, x_test, y_test)`` (float32 inputs, int64 labels)."""
+        from fedflat.rng import numpy_rng  # data -> rng only; kept local to the on-demand path
+
+        if not 0 <= k < self.num_devices:
+            raise IndexError(f"device {k} out of range 0..{self.num_devices - 1}")
+        o = self.options
+        d, c = o["num_features"], o["num_classes"]
+        n = int(self.sizes[k])
+        rng = numpy_rng(self.seed, "data", 1, int(k))
+        feature_sd = np.arange(1, d + 1, dtype=np.float64) ** -0.6  # sqrt of j^-1.2
+        if o["iid"]:
+            glob = numpy_rng(self.seed, "data", 0)
+            weights, bias = glob.normal(0.0, 1.0, (d, c)), glob.normal(0.0, 1.0, c)
+            x = rng.standard_normal((n, d)) * feature_sd
+        else:
+            to_std = math.sqrt if o["prior_scale"] == "variance" else float
+            u = rng.normal(0.0, to_std(o["alpha"]))
+            prior_b = rng.normal(0.0, to_std(o["beta"]))
+            v = prior_b + rng.standard_normal(d)
+            weights = u + rng.standard_normal((d, c))
+            bias = u + rng.standard_normal(c)
+            x = v + rng.standard_normal((n, d)) * feature_sd
+        y = np.argmax(x @ weights + bias, axis=1).astype(np.int64)
+        order = rng.permutation(n)
+        x, y = x[order].astype(np.float32), y[order]
+        t = int(self.train_sizes[k])
+        return x[:t], y[:t], x[t:], y[t:]
+
+
+def synthetic_devices(
+    seed: int,
+    num_devices: int,
+    *,
+    alpha: float = 0.0,
+    beta: float = 0.0,
+    iid: bool = False,
+    num_features: int = 60,
+    num_classes: int = 10,
+    prior_scale: PriorScale = "std",
+    size_mean: float = 4.0,
+    size_sigma: float = 2.0,
+    min_size: int = 50,
+    test_fraction: float = 0.1,
+    max_size: int | None = None,
+) -> SyntheticDevices:
+    """The on-demand form of :func:`generate_synthetic` (same options, same sizes).
+
+    Raises:
+        ValueError: a parameter out of range.
+    """
+    from fedflat.rng import numpy_rng
+
+    if not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    _check_int("num_features", num_features, 1)
+    _check_int("num_classes", num_classes, 2)
+    if prior_scale not in ("std", "variance"):
+        raise ValueError(f"prior_scale must be 'std' or 'variance', got {prior_scale!r}")
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    sizes = synthetic_sizes(numpy_rng(seed, "data"), num_devices, size_mean=size_mean,
+                            size_sigma=size_sigma, min_size=min_size, max_size=max_size)
+    train = np.floor((1.0 - test_fraction) * sizes).astype(np.int64)
+    options = {"alpha": alpha, "beta": beta, "iid": iid, "num_features": num_features,
+               "num_classes": num_classes, "prior_scale": prior_scale}
+    return SyntheticDevices(seed=int(seed), sizes=sizes, train_sizes=train, options=options)

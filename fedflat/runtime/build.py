@@ -22,7 +22,8 @@ from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
 from fedflat.comm.codecs import codec_from_config
 from fedflat.data import partition as part
-from fedflat.data.datasets import Dataset, load_dataset
+from fedflat.data.datasets import Dataset, load_dataset, load_synthetic_devices
+from fedflat.data.synthetic import SyntheticDevices
 from fedflat.errors import DataError
 from fedflat.models.flat import FlatModel, Segment
 from fedflat.models.zoo import build_model
@@ -52,16 +53,21 @@ from fedflat.server.swa import swa_client_lr, swa_start_round, swa_step
 
 @dataclass
 class FederatedData:
-    """Base arrays plus, for each client, the indices of its training samples."""
+    """Base arrays plus, for each client, the indices of its training samples; or, with
+    ``data.synthetic.on_demand``, no arrays and no indices but the devices (``source``)
+    that generate a client's examples when it is sampled."""
 
     dataset: Dataset
     client_indices: list[np.ndarray]
+    source: SyntheticDevices | None = None
 
     @property
     def num_clients(self) -> int:
-        return len(self.client_indices)
+        return self.source.num_devices if self.source is not None else len(self.client_indices)
 
     def client_sizes(self) -> np.ndarray:
+        if self.source is not None:
+            return self.source.train_sizes
         return np.array([len(ix) for ix in self.client_indices])
 
 
@@ -72,6 +78,8 @@ def build_data(sc: Scenario) -> FederatedData:
         DataError: a missing or unreadable data file, or too few natural clients.
     """
     d = sc.data
+    if d.dataset == "synthetic" and d.synthetic.on_demand:
+        return _on_demand(sc)
     try:
         ds = load_dataset(d.dataset, data_dir=d.data_dir, seed=sc.seed, num_clients=d.num_clients,
                           synthetic=d.synthetic.model_dump() if d.dataset == "synthetic" else None)
@@ -88,6 +96,22 @@ def build_data(sc: Scenario) -> FederatedData:
     except ValueError as exc:  # a partitioner that cannot satisfy its constraints
         raise DataError(str(exc), key="data.partition") from None
     return FederatedData(ds, [np.asarray(ix, dtype=np.int64) for ix in parts])
+
+
+def _on_demand(sc: Scenario) -> FederatedData:
+    """data.synthetic.on_demand: the devices only (their examples come when sampled)."""
+    if sc.data.partition.method != "natural":
+        raise DataError("data.synthetic.on_demand needs data.partition.method: natural (the "
+                        "devices are the clients)", key="data.partition.method")
+    if sc.eval.per_client:
+        raise DataError("eval.per_client is not available with data.synthetic.on_demand (it "
+                        "scores every client's test split)", key="eval.per_client")
+    try:
+        ds, devices = load_synthetic_devices(sc.seed, sc.data.num_clients,
+                                             sc.data.synthetic.model_dump())
+    except ValueError as exc:
+        raise DataError(str(exc), key="data.synthetic") from None
+    return FederatedData(ds, [], source=devices)
 
 
 def _split(  # type: ignore[no-untyped-def]

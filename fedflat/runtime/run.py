@@ -159,6 +159,18 @@ class Runner:
     def write_static_files(self) -> None:
         (self.run_dir / "scenario.yaml").write_text(dump_scenario(self.sc))
         ds = self.fed.dataset
+        if self.fed.source is not None:
+            # On-demand devices: a summary, and the sizes as one binary file (a per-client
+            # JSON list of 10^6 class histograms was 234 MB and needs every device generated).
+            sizes = self.fed.client_sizes()
+            np.save(self.run_dir / "client_sizes.npy", sizes.astype(np.int32))
+            _write_json(self.run_dir / "clients.json",
+                        {"dataset": ds.name, "num_clients": self.fed.num_clients,
+                         "on_demand": True, "sizes_file": "client_sizes.npy",
+                         "train_samples": {"total": int(sizes.sum()), "min": int(sizes.min()),
+                                           "mean": float(sizes.mean()),
+                                           "max": int(sizes.max())}})
+            return
         stats = client_stats(self.fed.client_indices, ds.y_train.numpy(), ds.num_classes)
         _write_json(self.run_dir / "clients.json",
                     {"dataset": ds.name, "num_clients": self.fed.num_clients,

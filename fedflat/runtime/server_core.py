@@ -17,13 +17,20 @@ from torch import Tensor
 
 from fedflat.client.update import ClientResult
 from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
+from fedflat.data.datasets import sample_devices
+from fedflat.data.synthetic import SyntheticDevices
 from fedflat.metrics.fairness import PerClientEvaluator
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
+from fedflat.runtime.client_store import ClientStore
 from fedflat.runtime.worker import BN_KEY, ClientJob, RoundPayload
 from fedflat.scenario.schema import Scenario
 from fedflat.server.pipeline import ServerRound
+
+# Evaluation sample of on-demand devices when eval.max_samples is unset (pooling every
+# device's test split is what made a round's cost grow with the population).
+ON_DEMAND_EVAL_SAMPLES = 10_000
 
 
 class ServerCore:
@@ -40,7 +47,8 @@ class ServerCore:
         self.params = params.clone()
         self.eval_params: Tensor | None = None
         self.pipeline_state = self.pipeline.init(self.params)
-        self.client_states: dict[int, dict[str, Tensor]] = {}
+        # Only clients with state, as rows of one array per key (cheap to checkpoint).
+        self.client_states = ClientStore()
         self.versions: dict[int, Tensor] = {0: self.params}  # asynchronous mode
         self.downlink = codec_from_config(scenario.comm.downlink)
         self.down_residual: Tensor | None = None
@@ -85,7 +93,7 @@ class ServerCore:
                             if self.buffers.numel() else {})
 
     def states_for(self, client_ids: Sequence[int]) -> list[dict[str, Tensor]]:
-        return [self.client_states.get(c, {}) for c in client_ids]
+        return self.client_states.get_many(client_ids)
 
     def end_round(self, round_: int, jobs: Sequence[ClientJob],
                   results: Sequence[ClientResult],
@@ -104,7 +112,7 @@ class ServerCore:
             # With user-level DP an empty Poisson cohort still releases noise: the accounted
             # mechanism adds it every round, whoever took part.
             for r in results:
-                self.client_states[r.client_id] = r.client_state
+                self.client_states.put(r.client_id, r.client_state)
             if self.per_client is not None:
                 self.per_client.record(round_, [r.client_id for r in results],
                                        [r.metrics for r in results])
@@ -213,6 +221,8 @@ class ServerCore:
         return _weighted_mean(list(own.values()), w)
 
     def _make_eval_sets(self, fed: FederatedData) -> dict[str, tuple[Tensor, Tensor]]:
+        if fed.source is not None:
+            return self._sample_eval_sets(fed.source)
         ds, ev = fed.dataset, self.sc.eval
         sets: dict[str, tuple[Tensor, Tensor]] = {}
         if ev.split in ("test", "both"):
@@ -235,6 +245,20 @@ class ServerCore:
                                                                      replace=False)
                     keep_t = torch.as_tensor(sorted(keep))
                     sets[name] = (x[keep_t], y[keep_t])
+        return sets
+
+    def _sample_eval_sets(self, devices: SyntheticDevices) -> dict[str, tuple[Tensor, Tensor]]:
+        """On-demand devices: a fixed-size sample of devices' splits (eval.max_samples, else
+        ON_DEMAND_EVAL_SAMPLES), never the pooled population."""
+        ev = self.sc.eval
+        m = ev.max_samples if ev.max_samples is not None else ON_DEMAND_EVAL_SAMPLES
+        # (eval set name, the devices' split it samples, its stream id)
+        wanted = [("test", "test", 0)] if ev.split in ("test", "both") else []
+        wanted += [("global_train", "train", 1)] if ev.split in ("train", "both") else []
+        sets = {name: sample_devices(devices, split, m, numpy_rng(self.sc.seed, "eval", 0, i))
+                for name, split, i in wanted}
+        self._sharp_set = sample_devices(devices, "train", ev.sharpness.num_samples,
+                                         numpy_rng(self.sc.seed, "eval", 1))
         return sets
 
     def evaluate(self) -> dict[str, float]:
@@ -327,7 +351,7 @@ class ServerCore:
         self.params = state["params"]
         self.eval_params = state["eval_params"]
         self.pipeline_state = state["pipeline_state"]
-        self.client_states = state["client_states"]
+        self.client_states = ClientStore.from_dict(state["client_states"])
         self.broadcast = state["broadcast"]
         self.down_residual = state.get("down_residual")
         self.versions = state.get("versions", {0: self.params})

@@ -18,6 +18,7 @@ from fedflat.client.oracle import UpdateContext
 from fedflat.client.update import ClientResult, client_update
 from fedflat.client.uplink import BYTES_KEY, STATE_PREFIX, UplinkContext, state_key
 from fedflat.comm.codecs import fp32_nbytes
+from fedflat.data.datasets import OnDemandClients
 from fedflat.metrics.fairness import client_splits, local_metrics
 from fedflat.rng import stream
 from fedflat.runtime.build import (
@@ -71,9 +72,12 @@ class ClientWorker:
         ds = fed.dataset
         self.x = ds.x_train.to(self.device)
         self.y = ds.y_train.to(self.device)
-        # Each client's examples gathered once (not every round, in the hot path).
-        self.client_data = [(self.x[ix], self.y[ix]) for ix in
-                            (torch.as_tensor(i, device=self.device) for i in fed.client_indices)]
+        # Each client's examples gathered once (not every round, in the hot path); on-demand
+        # devices are generated when sampled instead.
+        self.client_data: Sequence[tuple[Tensor, Tensor]] = (
+            OnDemandClients(fed.source, self.device) if fed.source is not None else
+            [(self.x[ix], self.y[ix]) for ix in
+             (torch.as_tensor(i, device=self.device) for i in fed.client_indices)])
         self.model = build_flat_model(scenario, ds, self.device)
         self.model.module.train()
         # A client's BatchNorm statistics before its first round (local mode): the module's

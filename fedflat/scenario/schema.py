@@ -58,6 +58,12 @@ class SyntheticConfig(Section):
         description="Optional cap on a device's size (samples); None = no cap as in the paper.")
     test_fraction: float = Field(
         0.1, gt=0, lt=1, description="Per-device share of samples held out for testing.")
+    on_demand: bool = Field(
+        False, description="Generate each device's examples from (seed, device id) when it is "
+        "sampled instead of pooling all devices up front: the population then costs only its "
+        "sizes (16 bytes a device; for 10^5-10^6 devices). Same sizes and distribution as the "
+        "pooled generator, different draws. Needs data.partition.method: natural; evaluation "
+        "uses a sample of eval.max_samples examples (10000 when unset).")
 
 
 class PartitionConfig(Section):
