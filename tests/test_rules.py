@@ -52,7 +52,7 @@ def sort_backend(
 ) -> str:
     """Run a test through both sorting paths (numpy on the CPU, else torch.sort)."""
     if request.param == "torch":
-        monkeypatch.setattr(rules, "_numpy_sortable", lambda b: False)
+        monkeypatch.setattr(rules.coordinate, "_numpy_sortable", lambda b: False)
     return str(request.param)
 
 

@@ -16,55 +16,57 @@ Definitions and defaults follow ALGORITHMS.md §5.1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RuleName = Literal[
-    "mean",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multi_krum",
-    "bulyan",
-    "geometric_median",
-    "centered_clipping",
-    "mda",
-    "monna",
-    "meamed",
-]
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """What the scenario and the server know of one rule.
+
+    ``params``: the ``server.aggregation`` keys the rule reads (besides ``pre`` and
+    ``bucket_size``, which wrap any rule). ``n_condition``: (factor, offset) when the
+    rule needs n >= factor * f + offset inputs (rows, or buckets with bucketing).
+    ``subsets``: the rule enumerates the C(n, f) subsets of n - f inputs and refuses
+    more than ``MAX_SUBSETS`` of them.
+    """
+
+    params: tuple[str, ...]
+    n_condition: tuple[int, int] | None = None
+    subsets: bool = False
+
+
+# The one table of rule names, their parameters and their conditions on n. The schema
+# (RuleName, check_aggregation) and the server (fedflat.server.rules) both read it.
+RULE_SPECS: dict[str, RuleSpec] = {
+    "mean": RuleSpec(()),
+    "median": RuleSpec(()),
+    "trimmed_mean": RuleSpec(("trim_ratio",)),
+    "krum": RuleSpec(("num_byzantine", "krum_variant"), (2, 3)),
+    "multi_krum": RuleSpec(("num_byzantine", "num_selected", "krum_variant"), (2, 3)),
+    "bulyan": RuleSpec(("num_byzantine",), (4, 3)),
+    "geometric_median": RuleSpec(("nu", "max_iters", "tol", "init", "max_update_norm")),
+    "centered_clipping": RuleSpec(("tau", "iters")),
+    "mda": RuleSpec(("num_byzantine",), (2, 1), subsets=True),
+    "monna": RuleSpec(("num_byzantine", "trusted_index"), (2, 1)),
+    "meamed": RuleSpec(("num_byzantine",), (2, 1)),
+}
+
+RuleName = Literal[tuple(RULE_SPECS)]  # type: ignore[valid-type]
 
 PreName = Literal["nnm", "arc", "clip", "bucketing"]
 
-# Parameters each rule reads (besides ``bucket_size``, which wraps any rule).
-RULE_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "mean": (),
-    "median": (),
-    "trimmed_mean": ("trim_ratio",),
-    "krum": ("num_byzantine", "krum_variant"),
-    "multi_krum": ("num_byzantine", "num_selected", "krum_variant"),
-    "bulyan": ("num_byzantine",),
-    "geometric_median": ("nu", "max_iters", "tol", "init", "max_update_norm"),
-    "centered_clipping": ("tau", "iters"),
-    "mda": ("num_byzantine",),
-    "monna": ("num_byzantine", "trusted_index"),
-    "meamed": ("num_byzantine",),
-}
-
-# The one table of the rules' conditions on the number n of inputs (rows, or buckets
-# with bucketing): rule -> (factor, offset), the rule needs n >= factor * f + offset.
-# The scenario check (check_aggregation) and the server (rules.min_inputs) both read it.
+# Views of RULE_SPECS under the names the rest of the code reads.
+RULE_PARAMETERS: dict[str, tuple[str, ...]] = {k: s.params for k, s in RULE_SPECS.items()}
 N_CONDITIONS: dict[str, tuple[int, int]] = {
-    "krum": (2, 3),
-    "multi_krum": (2, 3),
-    "bulyan": (4, 3),
-    "mda": (2, 1),
-    "monna": (2, 1),
-    "meamed": (2, 1),
+    k: s.n_condition for k, s in RULE_SPECS.items() if s.n_condition is not None
 }
-
-# Rules and pre-aggregators that need the assumed number of Byzantine inputs f.
-NEEDS_NUM_BYZANTINE = ("krum", "multi_krum", "bulyan", "mda", "monna", "meamed")
+NEEDS_NUM_BYZANTINE: tuple[str, ...] = tuple(
+    k for k, s in RULE_SPECS.items() if "num_byzantine" in s.params
+)
+SUBSET_RULES: tuple[str, ...] = tuple(k for k, s in RULE_SPECS.items() if s.subsets)
 PRE_NEEDS_NUM_BYZANTINE = ("nnm", "arc")
 
 # MDA enumerates the C(n, f) subsets of n - f inputs (cost C(n, f) * (n - f)^2 after the
