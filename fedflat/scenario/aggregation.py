@@ -21,6 +21,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# MDA enumerates the C(n, f) subsets of n - f inputs (cost C(n, f) * (n - f)^2 after the
+# O(n^2 d) distance matrix); configurations with more subsets than this are refused.
+# 100 000 subsets take about a second; C(25, 5) = 53 130 fits, C(30, 6) = 593 775 not.
+MAX_SUBSETS = 100_000
+# SMEA computes one symmetric eigenvalue problem of size n - f per subset (~40-80 us at
+# n - f = 20 on one core, scripts/bench_rules.py): 20 000 subsets take about a second;
+# C(25, 4) = 12 650 fits, C(25, 5) = 53 130 not.
+SMEA_MAX_SUBSETS = 20_000
+
 
 @dataclass(frozen=True)
 class RuleSpec:
@@ -29,13 +38,13 @@ class RuleSpec:
     ``params``: the ``server.aggregation`` keys the rule reads (besides ``pre`` and
     ``bucket_size``, which wrap any rule). ``n_condition``: (factor, offset) when the
     rule needs n >= factor * f + offset inputs (rows, or buckets with bucketing).
-    ``subsets``: the rule enumerates the C(n, f) subsets of n - f inputs and refuses
-    more than ``MAX_SUBSETS`` of them.
+    ``max_subsets``: the rule enumerates the C(n, f) subsets of n - f inputs and refuses
+    configurations with more subsets than this (None: not combinatorial).
     """
 
     params: tuple[str, ...]
     n_condition: tuple[int, int] | None = None
-    subsets: bool = False
+    max_subsets: int | None = None
 
 
 # The one table of rule names, their parameters and their conditions on n. The schema
@@ -49,9 +58,11 @@ RULE_SPECS: dict[str, RuleSpec] = {
     "bulyan": RuleSpec(("num_byzantine",), (4, 3)),
     "geometric_median": RuleSpec(("nu", "max_iters", "tol", "init", "max_update_norm")),
     "centered_clipping": RuleSpec(("tau", "iters")),
-    "mda": RuleSpec(("num_byzantine",), (2, 1), subsets=True),
+    "mda": RuleSpec(("num_byzantine",), (2, 1), max_subsets=MAX_SUBSETS),
     "monna": RuleSpec(("num_byzantine", "trusted_index"), (2, 1)),
     "meamed": RuleSpec(("num_byzantine",), (2, 1)),
+    "caf": RuleSpec(("num_byzantine",), (2, 1)),
+    "smea": RuleSpec(("num_byzantine",), (2, 1), max_subsets=SMEA_MAX_SUBSETS),
 }
 
 RuleName = Literal[tuple(RULE_SPECS)]  # type: ignore[valid-type]
@@ -66,13 +77,7 @@ N_CONDITIONS: dict[str, tuple[int, int]] = {
 NEEDS_NUM_BYZANTINE: tuple[str, ...] = tuple(
     k for k, s in RULE_SPECS.items() if "num_byzantine" in s.params
 )
-SUBSET_RULES: tuple[str, ...] = tuple(k for k, s in RULE_SPECS.items() if s.subsets)
 PRE_NEEDS_NUM_BYZANTINE = ("nnm", "arc")
-
-# MDA enumerates the C(n, f) subsets of n - f inputs (cost C(n, f) * (n - f)^2 after the
-# O(n^2 d) distance matrix); configurations with more subsets than this are refused.
-# 100 000 subsets take about a second; C(25, 5) = 53 130 fits, C(30, 6) = 593 775 not.
-MAX_SUBSETS = 100_000
 
 _KEY = "server.aggregation"
 
@@ -87,7 +92,10 @@ class AggregationConfig(BaseModel):
         description=(
             "Aggregation rule over the stacked client deltas: mean | median "
             "(coordinate-wise) | trimmed_mean | krum | multi_krum | bulyan | "
-            "geometric_median (RFA) | centered_clipping (ALGORITHMS.md §5.1)."
+            "geometric_median (RFA) | centered_clipping | mda (minimum-diameter "
+            "averaging) | monna | meamed (mean around the median) | caf (covariance-"
+            "bound agnostic filter) | smea (smallest maximum eigenvalue averaging); "
+            "ALGORITHMS.md §5.1, fedflat.server.rules."
         ),
     )
     weighting: Literal["samples", "uniform"] = Field(
@@ -103,8 +111,9 @@ class AggregationConfig(BaseModel):
         ge=0,
         description=(
             "Assumed number f of Byzantine inputs per aggregation (count, not "
-            "fraction); required by krum, multi_krum and bulyan. With bucketing it "
-            "stays f while n becomes the number of buckets (as in the reference code)."
+            "fraction); required by krum, multi_krum, bulyan, mda, monna, meamed, "
+            "caf, smea and the pre-aggregators nnm and arc. With bucketing it stays f "
+            "while n becomes the number of buckets (as in the reference code)."
         ),
     )
     num_selected: int | None = Field(
@@ -322,16 +331,18 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
                 f"num_selected={cfg.num_selected} inputs but the server gets only "
                 f"n = {where}"
             )
-        if cfg.rule == "mda" and math.comb(n, f) > MAX_SUBSETS:
-            return mda_limit_message(n, f, where)
+        limit = RULE_SPECS[cfg.rule].max_subsets
+        if limit is not None and math.comb(n, f) > limit:
+            return subset_limit_message(cfg.rule, n, f, where)
     return None
 
 
-def mda_limit_message(n: int, f: int, where: str | None = None) -> str:
-    """The refusal of an MDA configuration with more than ``MAX_SUBSETS`` subsets."""
+def subset_limit_message(rule: str, n: int, f: int, where: str | None = None) -> str:
+    """The refusal of a combinatorial rule (mda, smea) with too many subsets."""
+    limit = RULE_SPECS[rule].max_subsets
     return (
-        f"{_KEY}.num_byzantine: rule 'mda' enumerates the C(n, f) subsets of n - f "
-        f"inputs; n={n}, f={f} gives {math.comb(n, f)} > {MAX_SUBSETS} (the limit)"
+        f"{_KEY}.num_byzantine: rule {rule!r} enumerates the C(n, f) subsets of n - f "
+        f"inputs; n={n}, f={f} gives {math.comb(n, f)} > {limit} (the limit)"
         + ("" if where is None else f"; the server gets n = {where}")
         + "; lower num_byzantine or clients_per_round"
     )

@@ -5,9 +5,9 @@ Where things are:
 * ``common``: input checks, the NaN/Inf row filter (``sanitize``), the mean, the
   float64 pairwise distances, the rules' conditions on n (``min_inputs``).
 * ``coordinate``: coordinate-wise rules (median, trimmed mean, Meamed).
-* ``distance``: rules on the pairwise distances (Krum, Multi-Krum, Bulyan, MDA, MoNNA)
-  and NNM mixing.
-* ``iterative``: geometric median (Weiszfeld) and centered clipping.
+* ``distance``: rules on the pairwise distances (Krum, Multi-Krum, Bulyan, MDA, MoNNA,
+  SMEA) and NNM mixing.
+* ``iterative``: geometric median (Weiszfeld), centered clipping, CAF.
 * ``pre``: the pre-aggregators (NNM, ARC, static clipping, bucketing) and their order.
 * ``registry``: rule names (from ``fedflat.scenario.aggregation.RULE_SPECS``, the one
   table of names, parameters and n-conditions), parameter checks, ``apply_rule``,
@@ -16,7 +16,7 @@ Where things are:
 Every rule is vectorised over the coordinates: per-coordinate statistics use one sort
 along the client axis, distances come from one Gram matrix. Python loops run only over
 iterations (Weiszfeld, centered clipping, Bulyan's n - 2f Krum rounds), over subsets
-(MDA) and over large column blocks that bound temporary memory on the CPU, never over
+(MDA, SMEA) and over large column blocks that bound temporary memory on the CPU, never over
 single coordinates.
 
 Rules never draw random numbers themselves; bucketing permutes the inputs with the
@@ -48,8 +48,10 @@ from fedflat.server.rules.distance import (
     monna,
     multi_krum,
     nnm,
+    smea,
+    smea_select,
 )
-from fedflat.server.rules.iterative import centered_clipping, geometric_median
+from fedflat.server.rules.iterative import caf, caf_weights, centered_clipping, geometric_median
 from fedflat.server.rules.pre import arc, arc_num_clipped, bucket_means, clip
 from fedflat.server.rules.registry import (
     PRE_AGGREGATORS,
@@ -73,6 +75,8 @@ __all__ = [
     "bucket_means",
     "bulyan",
     "bulyan_select",
+    "caf",
+    "caf_weights",
     "centered_clipping",
     "clip",
     "geometric_median",
@@ -92,5 +96,7 @@ __all__ = [
     "resolve_params",
     "rule_step",
     "sanitize",
+    "smea",
+    "smea_select",
     "trimmed_mean",
 ]

@@ -180,7 +180,18 @@ def _dists_to(x: Tensor, z: Tensor) -> Tensor:
     """||x_i - z|| for every row, in float64, without an [n, d] temporary."""
     # The direct (non-Gram) cdist path: exact differences, no cancellation.
     d = torch.cdist(x, z[None].to(x.dtype), compute_mode="donot_use_mm_for_euclid_dist")
-    return d[:, 0].to(torch.float64)
+    d = d[:, 0].to(torch.float64)
+    if x.dtype != torch.float64 and not bool(torch.isfinite(d).all()):
+        # Huge finite inputs (e.g. 1e30 in float32) overflow the squares: redo those
+        # rows in float64, by column blocks so that no [n, d] float64 copy is made.
+        bad = (~torch.isfinite(d)).nonzero()[:, 0]
+        acc = torch.zeros(bad.numel(), dtype=torch.float64, device=x.device)
+        zz = z.to(torch.float64)
+        for start in range(0, x.shape[1], _GRAM_BLOCK):
+            blk = x[bad, start : start + _GRAM_BLOCK].to(torch.float64)
+            acc += (blk - zz[start : start + _GRAM_BLOCK]).square().sum(dim=1)
+        d[bad] = acc.sqrt()
+    return d
 
 
 def min_inputs(rule: str, params: Mapping[str, Any]) -> int:

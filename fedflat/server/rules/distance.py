@@ -2,20 +2,23 @@
 
 All of them read one float64 matrix of pairwise squared distances
 (``pairwise_sq_dists``, O(n^2 d)); selections then cost O(n^2) (Krum, MoNNA, NNM),
-O(n^3) (Bulyan's n - 2f Krum rounds) or O(C(n, f) (n - f)^2) (MDA's exact subset
-enumeration, refused beyond ``MAX_SUBSETS`` subsets).
+O(n^3) (Bulyan's n - 2f Krum rounds), O(C(n, f) (n - f)^2) (MDA's exact subset
+enumeration) or O(C(n, f) (n - f)^3) (SMEA's, one eigenvalue problem per subset);
+the two combinatorial rules refuse more subsets than their limit in
+``fedflat.scenario.aggregation.RULE_SPECS``.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedflat.scenario.aggregation import MAX_SUBSETS, mda_limit_message
+from fedflat.scenario.aggregation import RULE_SPECS, subset_limit_message
 from fedflat.server.rules.common import (
     _alpha,
     _check_updates,
@@ -30,6 +33,25 @@ from fedflat.server.rules.common import (
 from fedflat.server.rules.coordinate import _by_blocks, _closest_to_median_mean
 
 KRUM_VARIANTS: tuple[str, ...] = ("paper", "epfml")
+
+# Subsets per vectorised chunk of the exact enumerations (MDA, SMEA).
+_SUBSET_CHUNK = 4096
+
+
+def _require_subsets(rule: str, n: int, f: int) -> None:
+    limit = RULE_SPECS[rule].max_subsets
+    if limit is not None and math.comb(n, f) > limit:
+        raise ValueError(subset_limit_message(rule, n, f))
+
+
+def _subset_chunks(n: int, m: int) -> Iterator[np.ndarray]:
+    """All m-subsets of range(n) in lexicographic order, as [<= 4096, m] int64 arrays."""
+    combos = itertools.combinations(range(n), m)
+    while True:
+        chunk = np.array(list(itertools.islice(combos, _SUBSET_CHUNK)), dtype=np.int64)
+        if chunk.size == 0:
+            return
+        yield chunk.reshape(-1, m)
 
 
 def krum_scores(dists: Tensor, *, num_byzantine: int, variant: str = "paper") -> Tensor:
@@ -233,7 +255,7 @@ def mda(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tens
     Exact: all C(n, f) subsets of n - f rows are enumerated (vectorised in chunks) on
     one float64 distance matrix; the first subset of smallest diameter (max pairwise
     distance) in lexicographic order wins. Cost O(n^2 d + C(n, f) (n - f)^2); more than
-    ``MAX_SUBSETS`` subsets are refused.
+    ``MAX_SUBSETS`` (``fedflat.scenario.aggregation``) subsets are refused.
 
     Args:
         x: [n, d] updates.
@@ -262,15 +284,10 @@ def mda_select(x: Tensor, *, num_byzantine: int) -> Tensor:
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     _require_n("mda", n, f)
-    if math.comb(n, f) > MAX_SUBSETS:
-        raise ValueError(mda_limit_message(n, f))
+    _require_subsets("mda", n, f)
     dist = pairwise_sq_dists(x).cpu().numpy()
     best, best_diam = np.arange(n - f), math.inf
-    combos = itertools.combinations(range(n), n - f)
-    while True:
-        chunk = np.array(list(itertools.islice(combos, 4096)), dtype=np.int64)
-        if chunk.size == 0:
-            break
+    for chunk in _subset_chunks(n, n - f):
         diam = dist[chunk[:, :, None], chunk[:, None, :]].max(axis=(1, 2))
         i = int(np.argmin(diam))
         if diam[i] < best_diam:
@@ -337,3 +354,69 @@ def nnm(x: Tensor, *, num_byzantine: int) -> Tensor:
     mix = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     mix.scatter_(1, near, 1.0 / (n - f))
     return mix.to(x.dtype) @ x
+
+
+def smea_select(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
+    """SMEA's subset: the n - f rows whose empirical covariance has the smallest top
+    eigenvalue, and that eigenvalue.
+
+    For a subset S of m = n - f rows, Sigma_S = (1/m) sum_{i in S} (x_i - mu_S)(x_i -
+    mu_S)^T has the same non-zero eigenvalues as (1/m) G_S, where G_S = -1/2 J D_S J is
+    the subset's centred Gram matrix (D_S its squared distances, J = I - 11^T/m). So
+    every subset costs one m x m symmetric eigenvalue problem on the float64 distance
+    matrix (exact, LAPACK), never a d x d one. Ties: the first subset in lexicographic
+    order wins.
+
+    Returns:
+        ([n - f] ascending int64 row indices, lambda_max of their covariance).
+
+    Raises:
+        ValueError: n < 2f + 1, or C(n, f) > SMEA_MAX_SUBSETS (names n and f).
+    """
+    x = _check_updates(x)
+    n = x.shape[0]
+    f = _require_int("num_byzantine", num_byzantine, 0)
+    _require_n("smea", n, f)
+    _require_subsets("smea", n, f)
+    m = n - f
+    dist = pairwise_sq_dists(x).cpu().numpy()
+    centre = np.eye(m) - 1.0 / m
+    best, best_lam = np.arange(m), math.inf
+    for chunk in _subset_chunks(n, m):
+        gram = -0.5 * (centre @ dist[chunk[:, :, None], chunk[:, None, :]] @ centre)
+        lam = np.linalg.eigvalsh(gram)[:, -1] / m
+        i = int(np.argmin(lam))
+        if lam[i] < best_lam:
+            best, best_lam = chunk[i], float(lam[i])
+    return torch.from_numpy(best.copy()).to(x.device), max(best_lam, 0.0)
+
+
+def smea(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tensor:
+    """Smallest maximum eigenvalue averaging: the mean of the n - f inputs whose
+    empirical covariance has the smallest largest eigenvalue.
+
+    SMEA(x_1..x_n) = mean of S* = argmin_{|S| = n - f} lambda_max(Sigma_S), Sigma_S =
+    (1/|S|) sum_{i in S} (x_i - mu_S)(x_i - mu_S)^T. Exact: all C(n, f) subsets are
+    enumerated (``smea_select``; the reference code estimates lambda_max by one power
+    iteration from a random vector, this computes it exactly). Cost O(n^2 d + C(n, f)
+    (n - f)^3); more than ``SMEA_MAX_SUBSETS`` (``fedflat.scenario.aggregation``)
+    subsets are refused with an error naming n and f. The selection ignores weights;
+    the final average uses the selected rows' weights if given.
+
+    Args:
+        x: [n, d] updates.
+        weights: optional [n] non-negative weights for the final average.
+        num_byzantine: f, with n >= 2f + 1.
+
+    Returns:
+        [d] aggregate.
+
+    References:
+        Allouah, Guerraoui, Gupta, Pinot, Stephan, "On the Privacy-Robustness-Utility
+        Trilemma in Distributed Learning", ICML 2023 (SMEA); LPD-EPFL/byzfl
+        ``aggregators.SMEA``.
+    """
+    x = _check_updates(x)
+    w = _check_weights(weights, x.shape[0])
+    sel, _ = smea_select(x, num_byzantine=num_byzantine)
+    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])

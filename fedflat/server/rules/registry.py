@@ -31,6 +31,7 @@ from fedflat.server.rules.common import (
     _check_updates,
     _check_weights,
     _default,
+    _mean_of,
     _require_float,
     _require_int,
     mean,
@@ -45,8 +46,10 @@ from fedflat.server.rules.distance import (
     mda,
     monna,
     multi_krum,
+    smea_select,
 )
 from fedflat.server.rules.iterative import (
+    _caf,
     _center,
     _clip_iterations,
     _weiszfeld,
@@ -235,6 +238,17 @@ def _r_meamed(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> 
     return meamed(x, w, num_byzantine=p["num_byzantine"]), dict(st), {}
 
 
+def _r_caf(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
+    agg, lam, iters = _caf(x, w, num_byzantine=p["num_byzantine"])
+    return agg, dict(st), {"agg/caf_iters": float(iters), "agg/caf_lambda": lam}
+
+
+def _r_smea(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
+    sel, lam = smea_select(x, num_byzantine=p["num_byzantine"])
+    agg = _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+    return agg, dict(st), {"agg/smea_lambda": lam}
+
+
 _DISPATCH: dict[str, _RuleFn] = {
     "mean": _r_mean,
     "median": _r_median,
@@ -247,7 +261,13 @@ _DISPATCH: dict[str, _RuleFn] = {
     "mda": _r_mda,
     "monna": _r_monna,
     "meamed": _r_meamed,
+    "caf": _r_caf,
+    "smea": _r_smea,
 }
+if set(_DISPATCH) != set(RULE_PARAMETERS):  # one table of names: fail at import, not later
+    raise ImportError(
+        f"rules without a function or a spec: {sorted(set(_DISPATCH) ^ set(RULE_PARAMETERS))}"
+    )
 
 
 def apply_rule(
@@ -276,18 +296,28 @@ def apply_rule(
         ``agg/selected_index`` (krum; an index into the rows, or into the buckets),
         ``agg/num_selected``, ``agg/num_averaged``, ``agg/num_trimmed``,
         ``agg/gm_iters``, ``agg/gm_objective``, ``agg/cc_frac_clipped``,
-        ``agg/cc_shift``, ``agg/gm_rejected`` (geometric_median with max_update_norm).
+        ``agg/cc_shift``, ``agg/gm_rejected`` (geometric_median with max_update_norm),
+        ``agg/caf_iters``, ``agg/caf_lambda``, ``agg/smea_lambda``; the
+        pre-aggregators' (``pre.apply_pre``).
 
     Raises:
-        ValueError: bad rule/parameters/inputs, or too few inputs for the rule's
-            condition (krum/multi_krum n >= 2f+3, bulyan n >= 4f+3; n = number of
-            buckets with bucketing).
+        ValueError: bad rule/parameters/inputs, too few inputs for the rule's
+            condition (``RULE_SPECS``; n = number of buckets with bucketing), too many
+            subsets for mda/smea, or a non-finite aggregate from finite inputs (huge
+            inputs overflowing a non-robust rule such as the mean).
     """
     p = resolve_params(rule, params)
     x = _check_updates(updates)
     w = _check_weights(weights, x.shape[0])
     x, w, metrics = _apply_pre(x, w, p, gen)
     agg, new_state, m = _DISPATCH[rule](x, w, p, dict(state or {}))
+    if not bool(torch.isfinite(agg).all()) and bool(torch.isfinite(x).all()):
+        # Finite inputs, non-finite output: huge inputs overflowed a non-robust sum.
+        raise ValueError(
+            f"rule {rule!r} returned a non-finite aggregate from finite inputs (largest "
+            f"|entry| {float(x.abs().max()):.3g} in {x.dtype}): the inputs overflow; use "
+            "a robust rule or a pre-aggregator that bounds them (arc, clip)"
+        )
     metrics.update(m)
     return agg, new_state, metrics
 
