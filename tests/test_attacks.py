@@ -81,7 +81,7 @@ def test_sign_flip_scaling_and_passive_kinds() -> None:
             attack_updates(kind, honest, byz, n_total=6, params={}), byz
         )
     with pytest.raises(ValueError, match="unknown attack kind"):
-        attack_updates("gaussian", honest, byz, n_total=6, params={})
+        attack_updates("empire", honest, byz, n_total=6, params={})
     with pytest.raises(ValueError, match="n_total"):
         attack_updates("ipm", honest, byz, n_total=5, params={})
 
