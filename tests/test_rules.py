@@ -992,12 +992,15 @@ def test_smea_picks_the_flat_subset() -> None:
 
 def test_smea_refuses_too_many_subsets_naming_n_and_f() -> None:
     x = torch.zeros(25, 2, dtype=F64)
-    with pytest.raises(ValueError, match=r"'smea'.*n=25, f=5 gives 53130 > 20000"):
+    with pytest.raises(ValueError, match=r"'smea'.*n=25, f=5 gives .*53130 \* 20\^3 = "
+                       r"425040000 > 160000000"):
         aggregate(x, "smea", num_byzantine=5)
     msg = check_aggregation(AggregationConfig(rule="smea", num_byzantine=5), 25)
     assert msg is not None
     assert "n=25, f=5" in msg
     assert check_aggregation(AggregationConfig(rule="smea", num_byzantine=4), 25) is None
+    assert check_aggregation(AggregationConfig(rule="smea", num_byzantine=1), 100) is None
+    assert check_aggregation(AggregationConfig(rule="smea", num_byzantine=2), 100) is not None
 
 
 @pytest.mark.parametrize("rule", ["caf", "smea"])

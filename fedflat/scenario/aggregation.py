@@ -25,10 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # O(n^2 d) distance matrix); configurations with more subsets than this are refused.
 # 100 000 subsets take about a second; C(25, 5) = 53 130 fits, C(30, 6) = 593 775 not.
 MAX_SUBSETS = 100_000
-# SMEA computes one symmetric eigenvalue problem of size n - f per subset (~40-80 us at
-# n - f = 20 on one core, scripts/bench_rules.py): 20 000 subsets take about a second;
-# C(25, 4) = 12 650 fits, C(25, 5) = 53 130 not.
-SMEA_MAX_SUBSETS = 20_000
+# SMEA solves one symmetric eigenvalue problem of size m = n - f per subset, O(m^3):
+# its limit is on C(n, f) * (n - f)^3 (20 000 subsets of 20 inputs, about a second on
+# one core at ~40-80 us each). C(25, 4) * 21^3 = 1.2e8 fits, C(25, 5) * 20^3 = 4.3e8
+# not; at n = 100 only f = 1 fits (100 * 99^3 = 9.7e7).
+SMEA_MAX_WORK = 160_000_000
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,22 @@ class RuleSpec:
     ``params``: the ``server.aggregation`` keys the rule reads (besides ``pre`` and
     ``bucket_size``, which wrap any rule). ``n_condition``: (factor, offset) when the
     rule needs n >= factor * f + offset inputs (rows, or buckets with bucketing).
-    ``max_subsets``: the rule enumerates the C(n, f) subsets of n - f inputs and refuses
-    configurations with more subsets than this (None: not combinatorial).
+    ``subset_limit``: (limit, power) when the rule enumerates the C(n, f) subsets of
+    n - f inputs; it refuses configurations with C(n, f) * (n - f)^power > limit
+    (power 0: a limit on the number of subsets). None: not combinatorial.
     """
 
     params: tuple[str, ...]
     n_condition: tuple[int, int] | None = None
-    max_subsets: int | None = None
+    subset_limit: tuple[int, int] | None = None
+
+    def subset_work(self, n: int, f: int) -> int:
+        """C(n, f) * (n - f)^power, the quantity ``subset_limit`` bounds."""
+        power = 0 if self.subset_limit is None else self.subset_limit[1]
+        return math.comb(n, f) * (n - f) ** power
+
+    def too_many_subsets(self, n: int, f: int) -> bool:
+        return self.subset_limit is not None and self.subset_work(n, f) > self.subset_limit[0]
 
 
 # The one table of rule names, their parameters and their conditions on n. The schema
@@ -58,11 +68,11 @@ RULE_SPECS: dict[str, RuleSpec] = {
     "bulyan": RuleSpec(("num_byzantine",), (4, 3)),
     "geometric_median": RuleSpec(("nu", "max_iters", "tol", "init", "max_update_norm")),
     "centered_clipping": RuleSpec(("tau", "iters")),
-    "mda": RuleSpec(("num_byzantine",), (2, 1), max_subsets=MAX_SUBSETS),
+    "mda": RuleSpec(("num_byzantine",), (2, 1), subset_limit=(MAX_SUBSETS, 0)),
     "monna": RuleSpec(("num_byzantine", "trusted_index"), (2, 1)),
     "meamed": RuleSpec(("num_byzantine",), (2, 1)),
     "caf": RuleSpec(("num_byzantine",), (2, 1)),
-    "smea": RuleSpec(("num_byzantine",), (2, 1), max_subsets=SMEA_MAX_SUBSETS),
+    "smea": RuleSpec(("num_byzantine",), (2, 1), subset_limit=(SMEA_MAX_WORK, 3)),
 }
 
 RuleName = Literal[tuple(RULE_SPECS)]  # type: ignore[valid-type]
@@ -331,18 +341,24 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
                 f"num_selected={cfg.num_selected} inputs but the server gets only "
                 f"n = {where}"
             )
-        limit = RULE_SPECS[cfg.rule].max_subsets
-        if limit is not None and math.comb(n, f) > limit:
+        if RULE_SPECS[cfg.rule].too_many_subsets(n, f):
             return subset_limit_message(cfg.rule, n, f, where)
     return None
 
 
 def subset_limit_message(rule: str, n: int, f: int, where: str | None = None) -> str:
     """The refusal of a combinatorial rule (mda, smea) with too many subsets."""
-    limit = RULE_SPECS[rule].max_subsets
+    spec = RULE_SPECS[rule]
+    assert spec.subset_limit is not None  # noqa: S101 - only called for such rules
+    limit, power = spec.subset_limit
+    what = (
+        ""
+        if power == 0
+        else f" C(n, f) * (n - f)^{power} = {math.comb(n, f)} * {n - f}^{power} ="
+    )
     return (
         f"{_KEY}.num_byzantine: rule {rule!r} enumerates the C(n, f) subsets of n - f "
-        f"inputs; n={n}, f={f} gives {math.comb(n, f)} > {limit} (the limit)"
+        f"inputs; n={n}, f={f} gives{what} {spec.subset_work(n, f)} > {limit} (the limit)"
         + ("" if where is None else f"; the server gets n = {where}")
         + "; lower num_byzantine or clients_per_round"
     )

@@ -34,21 +34,22 @@ from fedflat.server.rules.coordinate import _by_blocks, _closest_to_median_mean
 
 KRUM_VARIANTS: tuple[str, ...] = ("paper", "epfml")
 
-# Subsets per vectorised chunk of the exact enumerations (MDA, SMEA).
-_SUBSET_CHUNK = 4096
+# Entries of the [chunk, m, m] blocks of the exact enumerations (MDA, SMEA): 2^22
+# float64 entries (32 MB) per block, at most 4096 subsets per chunk.
+_SUBSET_BLOCK = 1 << 22
 
 
 def _require_subsets(rule: str, n: int, f: int) -> None:
-    limit = RULE_SPECS[rule].max_subsets
-    if limit is not None and math.comb(n, f) > limit:
+    if RULE_SPECS[rule].too_many_subsets(n, f):
         raise ValueError(subset_limit_message(rule, n, f))
 
 
 def _subset_chunks(n: int, m: int) -> Iterator[np.ndarray]:
-    """All m-subsets of range(n) in lexicographic order, as [<= 4096, m] int64 arrays."""
+    """All m-subsets of range(n) in lexicographic order, as [chunk, m] int64 arrays."""
+    size = max(1, min(4096, _SUBSET_BLOCK // max(1, m * m)))
     combos = itertools.combinations(range(n), m)
     while True:
-        chunk = np.array(list(itertools.islice(combos, _SUBSET_CHUNK)), dtype=np.int64)
+        chunk = np.array(list(itertools.islice(combos, size)), dtype=np.int64)
         if chunk.size == 0:
             return
         yield chunk.reshape(-1, m)
@@ -371,7 +372,7 @@ def smea_select(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
         ([n - f] ascending int64 row indices, lambda_max of their covariance).
 
     Raises:
-        ValueError: n < 2f + 1, or C(n, f) > SMEA_MAX_SUBSETS (names n and f).
+        ValueError: n < 2f + 1, or C(n, f) (n - f)^3 > SMEA_MAX_WORK (names n and f).
     """
     x = _check_updates(x)
     n = x.shape[0]
@@ -399,8 +400,9 @@ def smea(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Ten
     (1/|S|) sum_{i in S} (x_i - mu_S)(x_i - mu_S)^T. Exact: all C(n, f) subsets are
     enumerated (``smea_select``; the reference code estimates lambda_max by one power
     iteration from a random vector, this computes it exactly). Cost O(n^2 d + C(n, f)
-    (n - f)^3); more than ``SMEA_MAX_SUBSETS`` (``fedflat.scenario.aggregation``)
-    subsets are refused with an error naming n and f. The selection ignores weights;
+    (n - f)^3); configurations with C(n, f) (n - f)^3 > ``SMEA_MAX_WORK``
+    (``fedflat.scenario.aggregation``; 20 000 subsets of 20) are refused with an error
+    naming n and f. The selection ignores weights;
     the final average uses the selected rows' weights if given.
 
     Args:
