@@ -260,18 +260,10 @@ def attack_updates(
         return -byzantine
     if kind == "scaling":
         return float(_param(params, "scale")) * byzantine
-    if kind == "alie":
-        ref = _reference_rows(honest, byzantine, 2)
-        mu = ref.mean(dim=0)
-        sigma = (
-            ref.std(dim=0, correction=1) if ref.shape[0] >= 2 else torch.zeros_like(mu)
-        )
-        z = round_alie_z(n_total, b, params) if factor is None else float(factor)
-        return (mu - z * sigma).expand(b, -1).clone()
-    if kind == "ipm":
-        ref = _reference_rows(honest, byzantine, 1)
-        eps = float(_param(params, "epsilon")) if factor is None else float(factor)
-        return (-eps * ref.mean(dim=0)).expand(b, -1).clone()
+    if kind in ("alie", "ipm"):
+        if factor is None:
+            factor = default_factor(kind, n_total, b, params)
+        return _scaled_rows(_moments(kind, honest, byzantine), float(factor), b)
     if kind == "mimic":
         if honest.shape[0] == 0:
             return byzantine.clone()
@@ -289,6 +281,25 @@ def attack_updates(
     noise = torch.randn(byzantine.shape, generator=gen, dtype=byzantine.dtype,
                         device=gen.device).to(byzantine.device)
     return float(_param(params, "gauss_mu")) + float(_param(params, "gauss_sigma")) * noise
+
+
+def _moments(kind: str, honest: Tensor, byzantine: Tensor) -> tuple[Tensor, Tensor]:
+    """(base, direction) with rows base - factor * direction: ALIE (mu, sigma) over the
+    honest rows (unbiased std), IPM (0, mean)."""
+    if kind == "alie":
+        ref = _reference_rows(honest, byzantine, 2)
+        mu = ref.mean(dim=0)
+        sigma = (
+            ref.std(dim=0, correction=1) if ref.shape[0] >= 2 else torch.zeros_like(mu)
+        )
+        return mu, sigma
+    mean = _reference_rows(honest, byzantine, 1).mean(dim=0)
+    return torch.zeros_like(mean), mean
+
+
+def _scaled_rows(moments: tuple[Tensor, Tensor], factor: float, b: int) -> Tensor:
+    base, direction = moments
+    return (base - factor * direction).expand(b, -1).clone()
 
 
 def default_factor(kind: str, n_total: int, num_byz: int, params: Mapping[str, Any]) -> float:
@@ -380,9 +391,16 @@ def attack_step(
         elif cfg.kind == "gaussian":
             kw["gen"] = stream(seed, "attack", 1, rnd.round)
 
+        moments = None
+        if sim is not None:  # the line search: the round's statistics once, not per factor
+            moments = _moments(cfg.kind, honest, rnd.deltas[mask])
+
         def send(factor: float | None) -> Tensor:
-            rows = attack_updates(cfg.kind, honest, rnd.deltas[mask], n_total=n_total,
-                                  params=params, factor=factor, **kw)
+            if moments is not None and factor is not None:
+                rows = _scaled_rows(moments, factor, num_byz)
+            else:
+                rows = attack_updates(cfg.kind, honest, rnd.deltas[mask], n_total=n_total,
+                                      params=params, factor=factor, **kw)
             deltas = rnd.deltas.clone()
             deltas[mask] = rows
             return deltas
