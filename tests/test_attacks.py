@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_scenario
 from pydantic import ValidationError
 
 from fedflat.attacks import (
@@ -358,3 +361,34 @@ def test_new_attack_config_checks() -> None:
     with pytest.raises(ValidationError, match="factor_grid"):
         AttackConfig(kind="ipm", ids=[1], optimize=True, factor_grid=[-1.0])
     assert AttackConfig(kind="inf", ids=[1]).inf_value == float("inf")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"attack.kind": "mimic", "attack.mimic_warmup": 2},
+        {"attack.kind": "alie", "attack.optimize": True, "attack.factor_grid": [1.0, 3.0],
+         "server.aggregation.rule": "centered_clipping"},
+        {"attack.kind": "gaussian", "server.aggregation.rule": "caf",
+         "server.aggregation.num_byzantine": 1},
+    ],
+    ids=["mimic", "alie_opt_cclip", "gaussian_caf"],
+)
+def test_stateful_attacks_resume_exactly(tmp_path: Path, over: dict) -> None:
+    # The attack state (Mimic's direction and target, the optimised attack's simulated
+    # centered-clipping state) goes into checkpoints: resumed == uninterrupted.
+    import fedflat
+
+    sc = tiny_scenario(**{"server.rounds": 4, "output.keep_checkpoints": 10,
+                          "attack.ids": [0, 1, 2, 3, 4, 5], **over})
+    reference = fedflat.run(sc, out=tmp_path / "ref")
+    again = fedflat.run(sc, out=tmp_path / "again")
+    for p in (again.run_dir / "checkpoints").iterdir():
+        if int(p.stem.split("_")[1]) > 2:
+            p.unlink()
+    (again.run_dir / "final_model.pt").unlink()
+    resumed = fedflat.resume(again.run_dir)
+    assert torch.equal(resumed.params, reference.params)
+    attacked = [m for m in reference.metrics if m.get("attack/num_byzantine", 0) > 0]
+    assert attacked  # the Byzantine clients took part
