@@ -294,9 +294,11 @@ def num_rule_inputs(clients_per_round: int, bucket_size: int | None) -> int:
 def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | None:
     """Check that the rule's condition on the number of inputs n can hold.
 
-    Krum and Multi-Krum need n >= 2f + 3, Bulyan n >= 4f + 3 (ALGORITHMS.md §5.1); with
+    The conditions come from ``RULE_SPECS`` (e.g. Krum and Multi-Krum n >= 2f + 3, Bulyan
+    n >= 4f + 3, ALGORITHMS.md §5.1; MDA, MoNNA, Meamed, CAF, SMEA n >= 2f + 1); with
     bucketing n is the number of buckets ceil(clients_per_round / bucket_size).
-    Multi-Krum also needs num_selected <= n.
+    Multi-Krum also needs num_selected <= n; MDA and SMEA must stay within their subset
+    limits.
 
     Args:
         cfg: the aggregation block.
