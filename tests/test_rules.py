@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import typing
 
@@ -52,7 +53,7 @@ def sort_backend(
 ) -> str:
     """Run a test through both sorting paths (numpy on the CPU, else torch.sort)."""
     if request.param == "torch":
-        monkeypatch.setattr(rules, "_numpy_sortable", lambda b: False)
+        monkeypatch.setattr(rules.coordinate, "_numpy_sortable", lambda b: False)
     return str(request.param)
 
 
@@ -862,6 +863,8 @@ def test_arc_clips_to_the_formula_threshold() -> None:
     [
         ("mda", {"num_byzantine": 3}),
         ("meamed", {"num_byzantine": 3}),
+        ("caf", {"num_byzantine": 3}),
+        ("smea", {"num_byzantine": 3}),
         ("median", {"pre": ["nnm"], "num_byzantine": 3}),
         ("trimmed_mean", {"pre": ["arc"], "num_byzantine": 3, "trim_ratio": 0.3}),
         ("krum", {"pre": ["nnm"], "num_byzantine": 3}),
@@ -913,3 +916,102 @@ def test_aggregate_accepts_numpy_and_lists() -> None:
     torch.testing.assert_close(got, torch.tensor([3.0, 2.0], dtype=F64))
     got = fedflat.aggregate(np.array([[1.0], [2.0], [4.0]]), "mean", weights=[1, 1, 2])
     torch.testing.assert_close(got, torch.tensor([2.75], dtype=F64))
+
+
+# -------------------- CAF, SMEA
+
+
+def _caf_primal(x: np.ndarray, f: int) -> np.ndarray:
+    """CAF written in the input space: d x d weighted covariance, numpy eigh."""
+    n = len(x)
+    c, best, best_lam = np.ones(n), x.mean(0), np.inf
+    while c.sum() > n - 2 * f + 1e-9:
+        mu = c @ x / c.sum()
+        dev = x - mu
+        evals, evecs = np.linalg.eigh((dev.T * c) @ dev / c.sum())
+        if evals[-1] < best_lam:
+            best, best_lam = mu, evals[-1]
+        tau = (dev @ evecs[:, -1]) ** 2
+        c = np.clip(c * (1 - tau / tau[c > 0].max()), 0, None)
+    return best
+
+
+@pytest.mark.parametrize(("n", "d", "f"), [(9, 4, 2), (12, 30, 3), (7, 2, 1)])
+def test_caf_matches_the_input_space_filter(n: int, d: int, f: int) -> None:
+    # The rule works on n x n Gram matrices; the reference forms Sigma_c in R^{d x d}.
+    x = numpy_rng(0, "eval", 300 + n).normal(size=(n, d))
+    x[:f] += 5.0  # a shifted group, so that the filter has something to find
+    np.testing.assert_allclose(
+        aggregate(x, "caf", num_byzantine=f).numpy(), _caf_primal(x, f), atol=1e-10
+    )
+
+
+def test_caf_by_hand_in_one_dimension() -> None:
+    # x = (-1, 1, -1, 1, 10), f = 1, stop once sum(c) <= 3. Iteration 1: mu = 2,
+    # tau = (9, 1, 9, 1, 64), c = (55, 63, 55, 63, 0)/64 (sum 3.69 > 3), lambda = 16.8.
+    # Iteration 2: mu = (2*63 - 2*55)/236 = 4/59, with lambda < 16.8; then the -1s are
+    # zeroed and c sums to 0.47 <= 3: the answer is the iteration-2 mean 4/59.
+    x = torch.tensor([[-1.0], [1.0], [-1.0], [1.0], [10.0]], dtype=F64)
+    _, _, m = apply_rule(x, None, rule="caf", params={"num_byzantine": 1}, state={}, gen=None)
+    assert float(aggregate(x, "caf", num_byzantine=1)) == pytest.approx(4 / 59, abs=1e-12)
+    assert m["agg/caf_iters"] == 2.0
+    want_lam = float(np.average(([-1, 1, -1, 1] - np.float64(4 / 59)) ** 2,
+                                weights=[55, 63, 55, 63]))
+    assert m["agg/caf_lambda"] == pytest.approx(want_lam, rel=1e-10)
+    # f = 0 filters nothing: the mean.
+    assert float(aggregate(x, "caf", num_byzantine=0)) == pytest.approx(2.0)
+
+
+def _smea_bruteforce(x: np.ndarray, f: int) -> np.ndarray:
+    best, best_lam = None, np.inf
+    for s in itertools.combinations(range(len(x)), len(x) - f):
+        lam = np.linalg.eigvalsh(np.atleast_2d(np.cov(x[list(s)].T, bias=True)))[-1]
+        if lam < best_lam - 1e-12:
+            best, best_lam = x[list(s)].mean(0), lam
+    return best
+
+
+@pytest.mark.parametrize(("n", "d", "f"), [(8, 3, 2), (10, 25, 3), (6, 1, 1)])
+def test_smea_matches_bruteforce_covariance_eigenvalues(n: int, d: int, f: int) -> None:
+    x = numpy_rng(0, "eval", 310 + n).normal(size=(n, d))
+    np.testing.assert_allclose(
+        aggregate(x, "smea", num_byzantine=f).numpy(), _smea_bruteforce(x, f), atol=1e-12
+    )
+
+
+def test_smea_picks_the_flat_subset() -> None:
+    # Four points on a short segment and two off it: with f = 2 the only subset of four
+    # whose covariance is small in every direction is the segment.
+    seg = np.array([[0.0, 0.0], [0.1, 0.0], [0.2, 0.0], [0.3, 0.0]])
+    x = np.vstack([seg[:2], [[0.15, 3.0]], seg[2:], [[0.15, -3.0]]])
+    _, _, m = apply_rule(torch.from_numpy(x), None, rule="smea",
+                         params={"num_byzantine": 2}, state={}, gen=None)
+    np.testing.assert_allclose(aggregate(x, "smea", num_byzantine=2).numpy(), seg.mean(0))
+    assert m["agg/smea_lambda"] == pytest.approx(np.var(seg[:, 0]))
+
+
+def test_smea_refuses_too_many_subsets_naming_n_and_f() -> None:
+    x = torch.zeros(25, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"'smea'.*n=25, f=5 gives .*53130 \* 20\^3 = "
+                       r"425040000 > 160000000"):
+        aggregate(x, "smea", num_byzantine=5)
+    msg = check_aggregation(AggregationConfig(rule="smea", num_byzantine=5), 25)
+    assert msg is not None
+    assert "n=25, f=5" in msg
+    assert check_aggregation(AggregationConfig(rule="smea", num_byzantine=4), 25) is None
+    assert check_aggregation(AggregationConfig(rule="smea", num_byzantine=1), 100) is None
+    assert check_aggregation(AggregationConfig(rule="smea", num_byzantine=2), 100) is not None
+
+
+@pytest.mark.parametrize("rule", ["caf", "smea"])
+def test_caf_smea_breakdown_with_huge_inputs(rule: str) -> None:
+    # 3 of 11 inputs at 1e6 and, in float32, at 1e30: the output stays a mean of
+    # honest rows, whose distance to the honest mean is at most the honest radius.
+    honest, x = _three_of_eleven()
+    radius = np.max(np.linalg.norm(honest - honest.mean(0), axis=1))
+    assert np.linalg.norm(aggregate(x, rule, num_byzantine=3).numpy() - honest.mean(0)) <= radius
+    huge = torch.from_numpy(np.vstack([honest, np.full((3, 10), 1e30)])).to(torch.float32)
+    out = aggregate(huge, rule, num_byzantine=3).to(F64).numpy()
+    assert np.linalg.norm(out - honest.mean(0)) <= radius + 1e-5
+    with pytest.raises(ValueError, match="non-finite aggregate from finite inputs"):
+        aggregate(torch.full((4, 3), 3e38), "mean")

@@ -1,4 +1,5 @@
-"""Byzantine clients: sign flip, label flip, scaling, ALIE, IPM (ALGORITHMS.md §5.2)."""
+"""Byzantine clients: sign flip, label flip, scaling, ALIE, IPM (fixed or optimised),
+Mimic, inf, Gaussian (ALGORITHMS.md §5.2)."""
 
 from fedflat.attacks.byzantine import (
     ATTACKS,
@@ -6,9 +7,13 @@ from fedflat.attacks.byzantine import (
     attack_step,
     attack_updates,
     byzantine_ids,
+    default_factor,
+    factor_grid,
     flip_labels,
     round_alie_z,
 )
+from fedflat.attacks.mimic import mimic_init, mimic_target
+from fedflat.attacks.search import line_search
 
 __all__ = [
     "ATTACKS",
@@ -16,6 +21,11 @@ __all__ = [
     "attack_step",
     "attack_updates",
     "byzantine_ids",
+    "default_factor",
+    "factor_grid",
     "flip_labels",
+    "line_search",
+    "mimic_init",
+    "mimic_target",
     "round_alie_z",
 ]

@@ -6,13 +6,17 @@ sends; it runs before sanitising and the aggregation rule, so it composes with e
 rule. Label flipping is the one client-side attack: the client trains honestly on
 ``flip_labels(y)``, and ``attack_step`` leaves its delta as it is.
 
-All attacks here are deterministic given the round's deltas; only the choice of the
-Byzantine set draws random numbers (the "attack" stream).
+Random numbers come from the "attack" stream only: the Byzantine set
+(``stream(seed, "attack")``), Gaussian rows (ids 1, round), Mimic's initial direction
+(id 2) and the bucketing permutation the optimised attacks simulate (ids 3, round).
+The optimised ALIE/IPM (``attack.optimize``) search their factor on a grid
+(``fedflat.attacks.search``); Mimic's target follows ``fedflat.attacks.mimic``.
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Collection, Mapping
 from statistics import NormalDist
 from typing import Any
@@ -21,10 +25,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedflat.scenario.attack import AttackConfig
+from fedflat.attacks.mimic import mimic_init, mimic_target
+from fedflat.attacks.search import line_search
+from fedflat.rng import stream
+from fedflat.scenario.aggregation import AggregationConfig
+from fedflat.scenario.attack import (
+    ALIE_Z_GRID,
+    IPM_EPSILON_GRID,
+    AttackConfig,
+    AttackKind,
+)
 from fedflat.server.pipeline import Metrics, ServerRound, ServerStep
+from fedflat.server.rules import rule_step
 
-ATTACKS: tuple[str, ...] = ("none", "sign_flip", "label_flip", "scaling", "alie", "ipm")
+ATTACKS: tuple[str, ...] = typing.get_args(AttackKind)
+# Attacks that see the honest deltas of the round.
+_OMNISCIENT = ("alie", "ipm", "mimic")
 
 
 def byzantine_ids(
@@ -184,6 +200,9 @@ def attack_updates(
     *,
     n_total: int,
     params: Mapping[str, Any],
+    factor: float | None = None,
+    target: int | None = None,
+    gen: torch.Generator | None = None,
 ) -> Tensor:
     """What the Byzantine clients of a round send.
 
@@ -193,18 +212,26 @@ def attack_updates(
         byzantine: [b, d] the deltas the Byzantine clients computed honestly.
         n_total: number of inputs the aggregator receives this round (>= h + b).
         params: attack parameters named as in ``AttackConfig`` (``scale``, ``z_rule``,
-            ``z``, ``epsilon``); missing ones take its defaults.
+            ``z``, ``epsilon``, ``inf_value``, ``gauss_mu``, ``gauss_sigma``); missing
+            ones take its defaults.
+        factor: alie's z or ipm's epsilon, overriding the one ``params`` gives (the
+            optimised attacks' choice).
+        target: mimic: the row of ``honest`` to copy (``fedflat.attacks.mimic``).
+        gen: gaussian: the generator of the rows (required).
 
     Returns:
         [b, d] the Byzantine rows to send:
         none/label_flip: unchanged; sign_flip: -x_i; scaling: scale * x_i;
         alie: mu - z * sigma (coordinate-wise over the honest rows, unbiased std), the
-        same for every Byzantine client; ipm: -epsilon * mean(honest).
+        same for every Byzantine client; ipm: -epsilon * mean(honest); mimic: the honest
+        row ``target``, the same for every Byzantine client; inf: ``inf_value`` in
+        every coordinate; gaussian: independent N(gauss_mu, gauss_sigma^2) entries.
         With no (alie: fewer than 2) honest rows, the statistics pool in the Byzantine
-        clients' own deltas.
+        clients' own deltas; mimic with no honest row sends the rows unchanged.
 
     Raises:
-        ValueError: unknown kind or inconsistent shapes.
+        ValueError: unknown kind, inconsistent shapes, mimic without a valid target,
+            gaussian without a generator.
 
     References:
         Baruch et al., NeurIPS 2019 (ALIE); Xie, Koyejo, Gupta, "Fall of Empires:
@@ -233,21 +260,69 @@ def attack_updates(
         return -byzantine
     if kind == "scaling":
         return float(_param(params, "scale")) * byzantine
+    if kind in ("alie", "ipm"):
+        if factor is None:
+            factor = default_factor(kind, n_total, b, params)
+        return _scaled_rows(_moments(kind, honest, byzantine), float(factor), b)
+    if kind == "mimic":
+        if honest.shape[0] == 0:
+            return byzantine.clone()
+        if target is None or not 0 <= target < honest.shape[0]:
+            raise ValueError(
+                f"mimic needs the row of the honest client to copy in [0, "
+                f"{honest.shape[0]}), got {target!r}"
+            )
+        return honest[target].expand(b, -1).clone()
+    if kind == "inf":
+        return torch.full_like(byzantine, float(_param(params, "inf_value")))
+    # gaussian
+    if gen is None:
+        raise ValueError("the gaussian attack needs a torch.Generator, got None")
+    noise = torch.randn(byzantine.shape, generator=gen, dtype=byzantine.dtype,
+                        device=gen.device).to(byzantine.device)
+    return float(_param(params, "gauss_mu")) + float(_param(params, "gauss_sigma")) * noise
+
+
+def _moments(kind: str, honest: Tensor, byzantine: Tensor) -> tuple[Tensor, Tensor]:
+    """(base, direction) with rows base - factor * direction: ALIE (mu, sigma) over the
+    honest rows (unbiased std), IPM (0, mean)."""
     if kind == "alie":
         ref = _reference_rows(honest, byzantine, 2)
         mu = ref.mean(dim=0)
         sigma = (
             ref.std(dim=0, correction=1) if ref.shape[0] >= 2 else torch.zeros_like(mu)
         )
-        z = round_alie_z(n_total, b, params)
-        return (mu - z * sigma).expand(b, -1).clone()
-    # ipm
-    ref = _reference_rows(honest, byzantine, 1)
-    eps = float(_param(params, "epsilon"))
-    return (-eps * ref.mean(dim=0)).expand(b, -1).clone()
+        return mu, sigma
+    mean = _reference_rows(honest, byzantine, 1).mean(dim=0)
+    return torch.zeros_like(mean), mean
 
 
-def attack_step(byz: frozenset[int], cfg: AttackConfig) -> ServerStep:
+def _scaled_rows(moments: tuple[Tensor, Tensor], factor: float, b: int) -> Tensor:
+    base, direction = moments
+    return (base - factor * direction).expand(b, -1).clone()
+
+
+def default_factor(kind: str, n_total: int, num_byz: int, params: Mapping[str, Any]) -> float:
+    """The non-optimised factor of a round: ALIE's z (``round_alie_z``), IPM's epsilon."""
+    if kind == "alie":
+        return round_alie_z(n_total, num_byz, params)
+    return float(_param(params, "epsilon"))
+
+
+def factor_grid(cfg: AttackConfig) -> tuple[float, ...]:
+    """The factors the optimised attack tries besides the default."""
+    if cfg.factor_grid is not None:
+        return tuple(float(v) for v in cfg.factor_grid)
+    return ALIE_Z_GRID if cfg.kind == "alie" else IPM_EPSILON_GRID
+
+
+def attack_step(
+    byz: frozenset[int],
+    cfg: AttackConfig,
+    *,
+    aggregation: AggregationConfig | None = None,
+    seed: int = 0,
+) -> ServerStep:
     """Server step that replaces the Byzantine participants' rows of ``round.deltas``.
 
     Place it before the aggregation step (``rule_step``), so that sanitising and every
@@ -257,18 +332,44 @@ def attack_step(byz: frozenset[int], cfg: AttackConfig) -> ServerStep:
     Args:
         byz: the run's Byzantine client ids (``byzantine_ids``).
         cfg: the attack block.
+        aggregation: the server's aggregation block; required by the optimised attacks
+            (``cfg.optimize``), which simulate it (``fedflat.attacks.search``).
+        seed: the run's seed (the "attack" stream of gaussian, mimic and the search).
 
     Returns:
-        A ``ServerStep`` named ``"attack"`` (stateless). Metrics:
-        ``attack/num_byzantine`` (Byzantine participants this round), and
-        ``attack/alie_z`` for ALIE.
+        A ``ServerStep`` named ``"attack"``. Its state is ``()``, except for mimic (the
+        heuristic's direction and target, ``fedflat.attacks.mimic``) and the optimised
+        attacks (the simulated rule state, e.g. centered clipping's v). Metrics:
+        ``attack/num_byzantine`` (Byzantine participants this round); ``attack/alie_z``
+        (alie), ``attack/ipm_epsilon`` (optimised ipm), ``attack/damage`` (optimised:
+        ||simulated aggregate - honest mean||), ``attack/mimic_target`` (client id).
+
+    Raises:
+        ValueError: ``cfg.optimize`` without ``aggregation``.
     """
     byz = frozenset(int(i) for i in byz)
     params = cfg.model_dump()
+    sim = None
+    if cfg.optimize:
+        if aggregation is None:
+            raise ValueError(
+                f"attack.optimize ({cfg.kind}) simulates the server's aggregation: pass "
+                "aggregation="
+            )
+        sim = rule_step(aggregation.rule, aggregation.rule_params(),
+                        weighting=aggregation.weighting)
+    grid = factor_grid(cfg) if cfg.optimize else ()
+
+    def init(global_params: Tensor) -> Any:
+        if cfg.kind == "mimic":
+            return mimic_init()
+        if sim is not None:
+            return {"sim": sim.init(global_params)}
+        return ()
 
     def apply(
-        rnd: ServerRound, state: tuple[()], gen: torch.Generator
-    ) -> tuple[ServerRound, tuple[()], Metrics]:
+        rnd: ServerRound, state: Any, gen: torch.Generator
+    ) -> tuple[ServerRound, Any, Metrics]:
         flags = [cid in byz for cid in rnd.client_ids]
         num_byz = sum(flags)
         metrics: Metrics = {"attack/num_byzantine": float(num_byz)}
@@ -276,18 +377,58 @@ def attack_step(byz: frozenset[int], cfg: AttackConfig) -> ServerStep:
             return rnd, state, metrics
         mask = torch.tensor(flags, dtype=torch.bool, device=rnd.deltas.device)
         honest = rnd.deltas[~mask]
-        honest = honest[torch.isfinite(honest).all(dim=1)]
+        finite = torch.isfinite(honest).all(dim=1)
+        honest = honest[finite]
         n_total = rnd.deltas.shape[0]
-        sent = attack_updates(
-            cfg.kind, honest, rnd.deltas[mask], n_total=n_total, params=params
-        )
-        deltas = rnd.deltas.clone()
-        deltas[mask] = sent
+        kw: dict[str, Any] = {}
+        if cfg.kind == "mimic" and honest.shape[0] > 0:
+            ids = [c for c, f in zip(rnd.client_ids, flags, strict=True) if not f]
+            ids = [c for c, ok in zip(ids, finite.tolist(), strict=True) if ok]
+            row, state = mimic_target(honest, ids, state, warmup=cfg.mimic_warmup,
+                                      gen=stream(seed, "attack", 2))
+            kw["target"] = row
+            metrics["attack/mimic_target"] = float(ids[row])
+        elif cfg.kind == "gaussian":
+            kw["gen"] = stream(seed, "attack", 1, rnd.round)
+
+        moments = None
+        if sim is not None:  # the line search: the round's statistics once, not per factor
+            moments = _moments(cfg.kind, honest, rnd.deltas[mask])
+
+        def send(factor: float | None) -> Tensor:
+            if moments is not None and factor is not None:
+                rows = _scaled_rows(moments, factor, num_byz)
+            else:
+                rows = attack_updates(cfg.kind, honest, rnd.deltas[mask], n_total=n_total,
+                                      params=params, factor=factor, **kw)
+            deltas = rnd.deltas.clone()
+            deltas[mask] = rows
+            return deltas
+
+        if sim is not None and honest.shape[0] > 0:
+            honest_mean = honest.to(torch.float64).mean(dim=0)
+            sims: dict[float, Any] = {}
+
+            def damage(factor: float) -> float:
+                out, st, _ = sim.apply(rnd.with_(deltas=send(factor)), state["sim"],
+                                       stream(seed, "attack", 3, rnd.round))
+                sims[factor] = st
+                assert out.aggregate is not None  # noqa: S101 - the rule step fills it
+                diff = out.aggregate.to(torch.float64) - honest_mean
+                return float(torch.linalg.vector_norm(diff))
+
+            best, dmg = line_search(
+                damage, grid, default_factor(cfg.kind, n_total, num_byz, params)
+            )
+            state = {**state, "sim": sims[best]}
+            metrics["attack/damage"] = dmg
+            metrics["attack/alie_z" if cfg.kind == "alie" else "attack/ipm_epsilon"] = best
+            return rnd.with_(deltas=send(best)), state, metrics
         if cfg.kind == "alie":
             metrics["attack/alie_z"] = round_alie_z(n_total, num_byz, params)
-        return rnd.with_(deltas=deltas), state, metrics
+        return rnd.with_(deltas=send(None)), state, metrics
 
-    return ServerStep(name="attack", init=lambda _params: (), apply=apply)
+    return ServerStep(name="attack", init=init, apply=apply)
 
 
 __all__ = [
@@ -296,6 +437,8 @@ __all__ = [
     "attack_step",
     "attack_updates",
     "byzantine_ids",
+    "default_factor",
+    "factor_grid",
     "flip_labels",
     "round_alie_z",
 ]

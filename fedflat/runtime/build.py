@@ -410,7 +410,7 @@ def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
     steps: list[ServerStep] = []
     byz = byzantine_clients(sc, num_clients)
     if byz and sc.attack.kind != "label_flip":  # label flipping happens in the client's data
-        steps.append(attack_step(byz, sc.attack))
+        steps.append(attack_step(byz, sc.attack, aggregation=s.aggregation, seed=sc.seed))
     agg = s.aggregation
     user = sc.privacy.user_level
     if user.enabled:

@@ -16,61 +16,78 @@ Definitions and defaults follow ALGORITHMS.md §5.1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-RuleName = Literal[
-    "mean",
-    "median",
-    "trimmed_mean",
-    "krum",
-    "multi_krum",
-    "bulyan",
-    "geometric_median",
-    "centered_clipping",
-    "mda",
-    "monna",
-    "meamed",
-]
-
-PreName = Literal["nnm", "arc", "clip", "bucketing"]
-
-# Parameters each rule reads (besides ``bucket_size``, which wraps any rule).
-RULE_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "mean": (),
-    "median": (),
-    "trimmed_mean": ("trim_ratio",),
-    "krum": ("num_byzantine", "krum_variant"),
-    "multi_krum": ("num_byzantine", "num_selected", "krum_variant"),
-    "bulyan": ("num_byzantine",),
-    "geometric_median": ("nu", "max_iters", "tol", "init", "max_update_norm"),
-    "centered_clipping": ("tau", "iters"),
-    "mda": ("num_byzantine",),
-    "monna": ("num_byzantine", "trusted_index"),
-    "meamed": ("num_byzantine",),
-}
-
-# The one table of the rules' conditions on the number n of inputs (rows, or buckets
-# with bucketing): rule -> (factor, offset), the rule needs n >= factor * f + offset.
-# The scenario check (check_aggregation) and the server (rules.min_inputs) both read it.
-N_CONDITIONS: dict[str, tuple[int, int]] = {
-    "krum": (2, 3),
-    "multi_krum": (2, 3),
-    "bulyan": (4, 3),
-    "mda": (2, 1),
-    "monna": (2, 1),
-    "meamed": (2, 1),
-}
-
-# Rules and pre-aggregators that need the assumed number of Byzantine inputs f.
-NEEDS_NUM_BYZANTINE = ("krum", "multi_krum", "bulyan", "mda", "monna", "meamed")
-PRE_NEEDS_NUM_BYZANTINE = ("nnm", "arc")
 
 # MDA enumerates the C(n, f) subsets of n - f inputs (cost C(n, f) * (n - f)^2 after the
 # O(n^2 d) distance matrix); configurations with more subsets than this are refused.
 # 100 000 subsets take about a second; C(25, 5) = 53 130 fits, C(30, 6) = 593 775 not.
 MAX_SUBSETS = 100_000
+# SMEA solves one symmetric eigenvalue problem of size m = n - f per subset, O(m^3):
+# its limit is on C(n, f) * (n - f)^3 (20 000 subsets of 20 inputs, about a second on
+# one core at ~40-80 us each). C(25, 4) * 21^3 = 1.2e8 fits, C(25, 5) * 20^3 = 4.3e8
+# not; at n = 100 only f = 1 fits (100 * 99^3 = 9.7e7).
+SMEA_MAX_WORK = 160_000_000
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """What the scenario and the server know of one rule.
+
+    ``params``: the ``server.aggregation`` keys the rule reads (besides ``pre`` and
+    ``bucket_size``, which wrap any rule). ``n_condition``: (factor, offset) when the
+    rule needs n >= factor * f + offset inputs (rows, or buckets with bucketing).
+    ``subset_limit``: (limit, power) when the rule enumerates the C(n, f) subsets of
+    n - f inputs; it refuses configurations with C(n, f) * (n - f)^power > limit
+    (power 0: a limit on the number of subsets). None: not combinatorial.
+    """
+
+    params: tuple[str, ...]
+    n_condition: tuple[int, int] | None = None
+    subset_limit: tuple[int, int] | None = None
+
+    def subset_work(self, n: int, f: int) -> int:
+        """C(n, f) * (n - f)^power, the quantity ``subset_limit`` bounds."""
+        power = 0 if self.subset_limit is None else self.subset_limit[1]
+        return math.comb(n, f) * (n - f) ** power
+
+    def too_many_subsets(self, n: int, f: int) -> bool:
+        return self.subset_limit is not None and self.subset_work(n, f) > self.subset_limit[0]
+
+
+# The one table of rule names, their parameters and their conditions on n. The schema
+# (RuleName, check_aggregation) and the server (fedflat.server.rules) both read it.
+RULE_SPECS: dict[str, RuleSpec] = {
+    "mean": RuleSpec(()),
+    "median": RuleSpec(()),
+    "trimmed_mean": RuleSpec(("trim_ratio",)),
+    "krum": RuleSpec(("num_byzantine", "krum_variant"), (2, 3)),
+    "multi_krum": RuleSpec(("num_byzantine", "num_selected", "krum_variant"), (2, 3)),
+    "bulyan": RuleSpec(("num_byzantine",), (4, 3)),
+    "geometric_median": RuleSpec(("nu", "max_iters", "tol", "init", "max_update_norm")),
+    "centered_clipping": RuleSpec(("tau", "iters")),
+    "mda": RuleSpec(("num_byzantine",), (2, 1), subset_limit=(MAX_SUBSETS, 0)),
+    "monna": RuleSpec(("num_byzantine", "trusted_index"), (2, 1)),
+    "meamed": RuleSpec(("num_byzantine",), (2, 1)),
+    "caf": RuleSpec(("num_byzantine",), (2, 1)),
+    "smea": RuleSpec(("num_byzantine",), (2, 1), subset_limit=(SMEA_MAX_WORK, 3)),
+}
+
+RuleName = Literal[tuple(RULE_SPECS)]  # type: ignore[valid-type]
+
+PreName = Literal["nnm", "arc", "clip", "bucketing"]
+
+# Views of RULE_SPECS under the names the rest of the code reads.
+RULE_PARAMETERS: dict[str, tuple[str, ...]] = {k: s.params for k, s in RULE_SPECS.items()}
+N_CONDITIONS: dict[str, tuple[int, int]] = {
+    k: s.n_condition for k, s in RULE_SPECS.items() if s.n_condition is not None
+}
+NEEDS_NUM_BYZANTINE: tuple[str, ...] = tuple(
+    k for k, s in RULE_SPECS.items() if "num_byzantine" in s.params
+)
+PRE_NEEDS_NUM_BYZANTINE = ("nnm", "arc")
 
 _KEY = "server.aggregation"
 
@@ -85,7 +102,10 @@ class AggregationConfig(BaseModel):
         description=(
             "Aggregation rule over the stacked client deltas: mean | median "
             "(coordinate-wise) | trimmed_mean | krum | multi_krum | bulyan | "
-            "geometric_median (RFA) | centered_clipping (ALGORITHMS.md §5.1)."
+            "geometric_median (RFA) | centered_clipping | mda (minimum-diameter "
+            "averaging) | monna | meamed (mean around the median) | caf (covariance-"
+            "bound agnostic filter) | smea (smallest maximum eigenvalue averaging); "
+            "ALGORITHMS.md §5.1, fedflat.server.rules."
         ),
     )
     weighting: Literal["samples", "uniform"] = Field(
@@ -101,8 +121,9 @@ class AggregationConfig(BaseModel):
         ge=0,
         description=(
             "Assumed number f of Byzantine inputs per aggregation (count, not "
-            "fraction); required by krum, multi_krum and bulyan. With bucketing it "
-            "stays f while n becomes the number of buckets (as in the reference code)."
+            "fraction); required by krum, multi_krum, bulyan, mda, monna, meamed, "
+            "caf, smea and the pre-aggregators nnm and arc. With bucketing it stays f "
+            "while n becomes the number of buckets (as in the reference code)."
         ),
     )
     num_selected: int | None = Field(
@@ -273,9 +294,11 @@ def num_rule_inputs(clients_per_round: int, bucket_size: int | None) -> int:
 def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | None:
     """Check that the rule's condition on the number of inputs n can hold.
 
-    Krum and Multi-Krum need n >= 2f + 3, Bulyan n >= 4f + 3 (ALGORITHMS.md §5.1); with
+    The conditions come from ``RULE_SPECS`` (e.g. Krum and Multi-Krum n >= 2f + 3, Bulyan
+    n >= 4f + 3, ALGORITHMS.md §5.1; MDA, MoNNA, Meamed, CAF, SMEA n >= 2f + 1); with
     bucketing n is the number of buckets ceil(clients_per_round / bucket_size).
-    Multi-Krum also needs num_selected <= n.
+    Multi-Krum also needs num_selected <= n; MDA and SMEA must stay within their subset
+    limits.
 
     Args:
         cfg: the aggregation block.
@@ -320,16 +343,24 @@ def check_aggregation(cfg: AggregationConfig, clients_per_round: int) -> str | N
                 f"num_selected={cfg.num_selected} inputs but the server gets only "
                 f"n = {where}"
             )
-        if cfg.rule == "mda" and math.comb(n, f) > MAX_SUBSETS:
-            return mda_limit_message(n, f, where)
+        if RULE_SPECS[cfg.rule].too_many_subsets(n, f):
+            return subset_limit_message(cfg.rule, n, f, where)
     return None
 
 
-def mda_limit_message(n: int, f: int, where: str | None = None) -> str:
-    """The refusal of an MDA configuration with more than ``MAX_SUBSETS`` subsets."""
+def subset_limit_message(rule: str, n: int, f: int, where: str | None = None) -> str:
+    """The refusal of a combinatorial rule (mda, smea) with too many subsets."""
+    spec = RULE_SPECS[rule]
+    assert spec.subset_limit is not None  # noqa: S101 - only called for such rules
+    limit, power = spec.subset_limit
+    what = (
+        ""
+        if power == 0
+        else f" C(n, f) * (n - f)^{power} = {math.comb(n, f)} * {n - f}^{power} ="
+    )
     return (
-        f"{_KEY}.num_byzantine: rule 'mda' enumerates the C(n, f) subsets of n - f "
-        f"inputs; n={n}, f={f} gives {math.comb(n, f)} > {MAX_SUBSETS} (the limit)"
+        f"{_KEY}.num_byzantine: rule {rule!r} enumerates the C(n, f) subsets of n - f "
+        f"inputs; n={n}, f={f} gives{what} {spec.subset_work(n, f)} > {limit} (the limit)"
         + ("" if where is None else f"; the server gets n = {where}")
         + "; lower num_byzantine or clients_per_round"
     )

@@ -6,6 +6,7 @@ A YAML block reads::
       kind: alie
       fraction: 0.2        # or ids: [3, 17, 21]
       z_rule: epfml
+      optimize: true       # alie/ipm: the factor of largest damage on a grid, per round
 
 The Byzantine clients are fixed for the whole run (drawn once from the population).
 """
@@ -16,7 +17,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-AttackKind = Literal["none", "sign_flip", "label_flip", "scaling", "alie", "ipm"]
+AttackKind = Literal[
+    "none", "sign_flip", "label_flip", "scaling", "alie", "ipm", "mimic", "inf", "gaussian"
+]
+
+# The documented grids of the optimised attacks (``optimize: true``); the round's
+# default factor (ALIE's z from z_rule, IPM's epsilon) is always tried as well.
+ALIE_Z_GRID: tuple[float, ...] = (
+    0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.0, 10.0
+)
+IPM_EPSILON_GRID: tuple[float, ...] = (
+    0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0
+)
 
 _KEY = "attack"
 
@@ -31,8 +43,11 @@ class AttackConfig(BaseModel):
         description=(
             "none | sign_flip (send -delta) | label_flip (train on labels C-1-y) | "
             "scaling (send scale*delta) | alie (mu - z*sigma of the honest deltas, "
-            "Baruch et al. 2019) | ipm (-epsilon * honest mean, Xie et al. 2019). alie "
-            "and ipm are omniscient: they see the honest deltas of the round."
+            "Baruch et al. 2019) | ipm (-epsilon * honest mean, Xie et al. 2019) | mimic "
+            "(copy the honest client that the epfml heuristic picks, Karimireddy et al. "
+            "2022) | inf (every coordinate inf_value) | gaussian (N(gauss_mu, "
+            "gauss_sigma^2) per coordinate). alie, ipm and mimic are omniscient: they "
+            "see the honest deltas of the round."
         ),
     )
     fraction: float = Field(
@@ -81,6 +96,53 @@ class AttackConfig(BaseModel):
         ),
     )
 
+    optimize: bool = Field(
+        default=False,
+        description=(
+            "alie, ipm: each round, choose the factor (z, epsilon) that maximises the "
+            "L2 distance between the aggregate and the honest mean, simulating the "
+            "server's rule, pre-aggregators and weighting on the round's deltas; "
+            "candidates are factor_grid plus the default factor (z_rule's z, epsilon)."
+        ),
+    )
+    factor_grid: list[float] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "optimize: the factors tried (>= 0). null = the documented grid: alie z in "
+            "0, 0.25, ..., 10 (ALIE_Z_GRID), ipm epsilon in 0.05, 0.1, ..., 100 "
+            "(IPM_EPSILON_GRID, fedflat/scenario/attack.py)."
+        ),
+    )
+    mimic_warmup: int = Field(
+        default=20,
+        ge=1,
+        description=(
+            "mimic: rounds during which the heuristic direction z (running top "
+            "principal direction of the honest deltas) is learned and the target is "
+            "re-chosen each round (argmax_i <x_i, z>); afterwards the target client is "
+            "fixed (epfml MimicVariantAttacker; 20 is fedflat's choice)."
+        ),
+    )
+    inf_value: float = Field(
+        default=float("inf"),
+        description=(
+            "inf: the value sent in every coordinate. inf (default): the server drops "
+            "the rows as non-finite; a huge finite value (e.g. 1e30) reaches the rule."
+        ),
+    )
+    gauss_mu: float = Field(
+        default=0.0, description="gaussian: mean of every coordinate sent (delta units)."
+    )
+    gauss_sigma: float = Field(
+        default=1.0,
+        ge=0.0,
+        description=(
+            "gaussian: standard deviation of every coordinate sent (delta units); drawn "
+            "independently per Byzantine client and round from the 'attack' stream."
+        ),
+    )
+
     @model_validator(mode="after")
     def _who(self) -> AttackConfig:
         if self.ids is not None:
@@ -90,6 +152,16 @@ class AttackConfig(BaseModel):
                 raise ValueError(
                     f"ids must be distinct non-negative client ids, got {self.ids}"
                 )
+        if self.optimize and self.kind not in ("alie", "ipm"):
+            raise ValueError(
+                f"optimize applies to kind alie or ipm, got kind {self.kind!r}"
+            )
+        if self.factor_grid is not None and any(
+            not v >= 0 or v == float("inf") for v in self.factor_grid
+        ):
+            raise ValueError(
+                f"factor_grid must hold finite factors >= 0, got {self.factor_grid}"
+            )
         if self.kind != "none" and self.fraction == 0 and not self.ids:
             raise ValueError(
                 f"kind is {self.kind!r} but no client is Byzantine: set fraction > 0 "
