@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedflat.scenario.comm import CodecConfig
+from fedflat.scenario.comm import CodecSpec
 
 if TYPE_CHECKING:
     from fedflat.scenario.schema import Scenario
@@ -52,7 +52,7 @@ class TopologyConfig(BaseModel):
     local_steps: int | None = Field(
         None, ge=1, description="Local steps per node per round (1 = D-SGD); sets "
         "client.local_steps (None = the client schedule).")
-    compression: CodecConfig | None = Field(
+    compression: CodecSpec | None = Field(
         None, description="CHOCO-SGD (Koloskova et al. 2019): compress x_i − x̂_i with this "
         "codec (no error_feedback: x̂ is CHOCO's memory); None = exact fp32 gossip.")
     gamma: float = Field(
