@@ -27,6 +27,8 @@ def ray_session():
     if not ray.is_initialized():
         from fedflat.runtime.backends import RAY_SYSTEM_CONFIG
 
+        # As the Ray backend does: Ray's accelerator FutureWarning then stays out of the log.
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  configure_logging=False, _system_config=RAY_SYSTEM_CONFIG)
         started = True
