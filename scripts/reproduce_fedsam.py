@@ -380,16 +380,21 @@ class Outcome:
 
 
 def reusable(run_dir: Path, base: dict[str, Any], over: dict[str, Any]) -> bool:
-    """Whether ``run_dir`` holds a completed run of the same resolved scenario."""
+    """Whether ``run_dir`` holds a completed run of the same resolved scenario, made by the
+    same code revision (summary.json ``code_revision``)."""
+    from fedflat._version import code_revision
+
     summary, stored = run_dir / "summary.json", run_dir / "scenario.yaml"
     if not (summary.is_file() and stored.is_file()):
         return False
     try:
-        status = json.loads(summary.read_text()).get("status")
+        info = json.loads(summary.read_text())
         old = yaml.safe_load(stored.read_text())
     except (OSError, ValueError, yaml.YAMLError):
         return False
-    if status != "completed" or not isinstance(old, dict):
+    if info.get("status") != "completed" or not isinstance(old, dict):
+        return False
+    if info.get("code_revision") != code_revision():  # a table never mixes code versions
         return False
     old = normalised(old)
     return old is not None and _comparable(old) == _comparable(resolved(base, over))

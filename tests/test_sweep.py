@@ -262,6 +262,31 @@ def test_diverged_runs_are_final_and_reported_not_averaged(tmp_path):
     assert (runs[1].run_dir / "summary.json").stat().st_mtime_ns == stamp
 
 
+def test_runs_record_their_code_revision_and_a_mixed_table_says_so(tmp_path):
+    base = _write(tmp_path / "base.yaml", tiny_scenario(**{"output.plots": False,
+                                                           "server.rounds": 2}))
+    spec = SweepSpec(scenario=str(base), grid={"client.lr": [0.05, 0.2]}, seeds=[0])
+    folder = tmp_path / "sw"
+    runs = plan(spec, folder)
+    for r in runs:
+        fedflat.run(str(base), overrides=run_overrides(spec, r.point, r.seed), out=r.run_dir)
+    write_index(spec, folder, runs)
+    head = subprocess.run(["git", "-C", str(Path(fedflat.__file__).parents[1]), "rev-parse",
+                           "HEAD"], capture_output=True, text=True).stdout.strip()
+    recorded = json.loads((runs[0].run_dir / "summary.json").read_text())["code_revision"]
+    if head:  # a git checkout (CI's fresh clone is one): the commit, maybe marked -dirty
+        assert recorded.removesuffix("-dirty") == head
+    paths = write_tables(folder)
+    assert "WARNING" not in paths["md"].read_text()
+    # One run made by other code: the table says it mixes revisions.
+    summary = runs[1].run_dir / "summary.json"
+    info = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**info, "code_revision": "0" * 40}))
+    paths = write_tables(folder)
+    assert "WARNING: the runs come from 2 code revisions" in paths["md"].read_text()
+    assert len(json.loads(paths["json"].read_text())["code_revisions"]) == 2
+
+
 def test_sweep_file_ray_key(tmp_path):
     base = _write(tmp_path / "base.yaml", tiny_scenario())
     (tmp_path / "s.yaml").write_text(f"scenario: {base.name}\ngrid: {{client.lr: [0.1]}}\n"

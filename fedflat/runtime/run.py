@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedflat._version import __version__
+from fedflat._version import __version__, code_revision
 from fedflat.comm.asynchronous import (
     AsyncState,
     next_buffer,
@@ -190,6 +190,7 @@ class Runner:
             "wall_seconds": self.elapsed_before
             + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
             "fedflat_version": __version__,
+            "code_revision": code_revision(),
             **extra,
         }
         _write_json(self.run_dir / "summary.json", summary)

@@ -119,6 +119,7 @@ def sweep_results(sweep_dir: str | Path, target: float | None = None) -> list[di
     index = read_index(folder)
     out = []
     for point in index["points"]:
+        revisions: set[str] = set()
         seeds, per_seed, diverged = [], [], []
         for run in point["runs"]:
             run_dir = folder / run["dir"]
@@ -132,12 +133,14 @@ def sweep_results(sweep_dir: str | Path, target: float | None = None) -> list[di
                 continue
             seeds.append(run["seed"])
             per_seed.append(run_values(record, target))
+            revisions.add(record.summary.get("code_revision") or "unknown")
         entry: dict[str, Any] = {"index": point["index"], "label": point["label"],
                                  "overrides": point["overrides"], "seeds": seeds,
                                  "seeds_diverged": diverged,
                                  "runs_planned": len(point["runs"]), "values": per_seed}
         for key, _, _ in QUANTITIES:
             entry[key] = t_interval([v[key] for v in per_seed if v[key] is not None]).as_dict()
+        entry["code_revisions"] = sorted(revisions)  # of the counted runs (summary.json)
         out.append(entry)
     return out
 
@@ -200,8 +203,13 @@ def write_tables(sweep_dir: str | Path, target: float | None = None) -> dict[str
     note = ("Mean ± sample std [95 % Student-t CI] across seeds; n = finished runs / planned"
             " (diverged runs are not counted)."
             + (f" Rounds to target: rounds until test accuracy >= {target:g}." if target else ""))
+    revisions = sorted({r for entry in results for r in entry["code_revisions"]})
+    if len(revisions) > 1:
+        note += (f" WARNING: the runs come from {len(revisions)} code revisions "
+                 f"({', '.join(r[:12] for r in revisions)}); rerun them with one.")
     paths["md"].write_text(markdown_table(results, target) + "\n\n" + note + "\n")
     paths["csv"].write_text(csv_table(results))
     paths["json"].write_text(json.dumps({"target": target, "confidence": 0.95,
-                                         "points": results}, indent=2) + "\n")
+                                         "code_revisions": revisions, "points": results},
+                                        indent=2) + "\n")
     return paths
