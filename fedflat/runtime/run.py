@@ -47,6 +47,7 @@ from fedflat.runtime.build import (
     initial_params,
 )
 from fedflat.runtime.checkpoint import load_latest, save_checkpoint
+from fedflat.runtime.round_loop import Backend
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
@@ -181,7 +182,7 @@ class Runner:
 
     # ------------------------------------------------------------------ loop
     def execute(self, backend_state: dict[str, Any] | None = None,
-                make_backend: Callable[..., Any] = make_backend) -> RunResult:
+                make_backend: Callable[..., Backend] = make_backend) -> RunResult:
         """Run the remaining rounds; ``make_backend`` lets other front ends (Flower) supply
         their own backend with the same driver, files and checkpoints."""
         sc = self.sc
@@ -236,8 +237,7 @@ class Runner:
                 if self.rsc.privacy.enabled:
                     _write_json(self.run_dir / "privacy.json",
                                 self.plan.summary(self.fed.num_clients))
-                if hasattr(backend, "describe"):  # Ray: where the actors ran, actors lost
-                    extra.update(backend.describe())
+                extra.update(backend.describe())  # Ray: where the actors ran, actors lost
                 summary = self.write_summary(status, **extra)
                 if self.sc.output.plots:
                     self._plots()
@@ -263,14 +263,14 @@ class Runner:
 
             self.trackers = open_trackers(self.sc, self.run_dir, self.next_round)
 
-    def _checkpoint(self, backend: Any) -> None:
+    def _checkpoint(self, backend: Backend) -> None:
         state = {"server": backend.state_dict(), "metrics": self.metrics,
                  "privacy": self.plan.state_dict(),
                  "async_state": self.async_state.to_dict() if self.async_state else None,
                  "wall_seconds": self.elapsed_before + time.perf_counter() - self._t0}
         save_checkpoint(self.run_dir, self.next_round, state, self.sc.output.keep_checkpoints)
 
-    def _loop(self, backend: Any) -> str:
+    def _loop(self, backend: Backend) -> str:
         """Run the remaining rounds. The first Ctrl-C stops at the next round boundary
         (so the checkpoint is consistent); a second one stops at once."""
         stop = {"requested": False}
@@ -290,10 +290,9 @@ class Runner:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _rounds(self, backend: Any, stop: dict[str, bool]) -> str:
-        """The round loop. Round t+1 is planned (cohort, stragglers, budgets) before round t
-        runs, so that a backend can prepare its payload while round t finishes; planning is
-        pure and commits nothing until the round starts."""
+    def _rounds(self, backend: Backend, stop: dict[str, bool]) -> str:
+        """The round loop. Round t+1 is planned (cohort, stragglers, budgets) while round t
+        is current; planning is pure and commits nothing until the round starts."""
         sc = self.sc
         show = sc.output.progress if sc.output.progress is not None else sys.stderr.isatty()
         bar = tqdm(total=sc.server.rounds, initial=self.next_round, disable=not show,
@@ -315,9 +314,7 @@ class Runner:
                 following = None
                 if t + 1 < sc.server.rounds:
                     following = self._plan(timeline, sched, job_times, t + 1, plan.async_state)
-                rec = backend.round(t, plan.jobs, plan.keep_versions,
-                                    following=None if following is None or following.stop
-                                    else (t + 1, following.jobs))
+                rec = backend.round(t, plan.jobs, plan.keep_versions)
                 per_client_rows = rec.pop("per_client_rows", None)
                 rec = self._finish_record(plan, rec)
                 rec["round_seconds"] = time.perf_counter() - t_start
