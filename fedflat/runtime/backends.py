@@ -533,8 +533,5 @@ class RayBackend:
 def make_backend(sc: Scenario, fed: FederatedData, params: torch.Tensor) -> Backend:
     if sc.runtime.backend == "ray":
         return RayBackend(sc, fed, params)
-    if sc.runtime.backend == "vmap":
-        from fedflat.runtime.vmap_backend import VmapBackend  # it builds on SerialBackend
-
-        return VmapBackend(sc, fed, params)
+    # serial and vmap: the worker of a vmap run trains each round through its ChunkRunner
     return SerialBackend(sc, fed, params)

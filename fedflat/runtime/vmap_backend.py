@@ -1,12 +1,13 @@
-"""The vectorised backend (``runtime.backend: vmap``) and the chunk runner of workers.
+"""The chunk runner of workers: the vectorised backend (``runtime.backend: vmap``).
 
-``VmapBackend`` is ``SerialBackend`` whose worker trains the round's clients at once with
-``fedflat.client.vectorized.ChunkEngine``; a Ray client actor does the same with its chunk
-when ``runtime.vectorize`` is on. This module only moves data: it draws each client's
-batches (``batch_indices``) and DP noise from the client's own stream, in the order the
-serial loop draws them, pads them into one step, and sends the deltas through the worker's
-uplink chain (DP-FedSAM's clip and noise, then the codec) as the serial worker does, one
-client at a time from each client's own streams. The server side is ``ServerCore``.
+``runtime.backend: vmap`` is the serial backend whose worker trains the round's clients at
+once with ``fedflat.client.vectorized.ChunkEngine`` (through ``ChunkRunner``); a Ray client
+actor does the same with its chunk when ``runtime.vectorize`` is on. This module only moves
+data: it draws each client's batches (``batch_indices``) and DP noise from the client's own
+stream, in the order the serial loop draws them, pads them into one step, and sends the
+deltas through the worker's uplink chain (DP-FedSAM's clip and noise, then the codec) as the
+serial worker does, one client at a time from each client's own streams. The round and the
+server side are ``round_loop.run_round`` and ``ServerCore``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from fedflat.client.update import ClientResult, batch_indices
 from fedflat.client.vectorized import ChunkEngine, StepBatch, VecDP, VecRule
 from fedflat.privacy.mechanisms import layer_clip_norms
 from fedflat.rng import stream
-from fedflat.runtime.backends import SerialBackend
 from fedflat.runtime.build import build_schedule
 from fedflat.scenario.schema import Scenario
 
@@ -155,7 +155,3 @@ def _pad(t: Tensor, width: int) -> Tensor:
         return t
     return torch.cat([t, t.new_zeros((width - len(t), *t.shape[1:]))])
 
-
-class VmapBackend(SerialBackend):
-    """In-process, every client of the round trained at once (``runtime.backend: vmap``):
-    ``SerialBackend`` whose worker runs its jobs through ``ChunkRunner``."""
