@@ -76,13 +76,10 @@ client dropouts                        no        a failed reply aborts the run
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,14 +120,12 @@ from fedflat.flower.server_app import (
     FlowerRunError,
     ServerSettings,
     _ranges,
-    execute_with_backend,
-    prepare,
+    run_over_transport,
     send_and_receive,
 )
 from fedflat.runtime.build import FederatedData
-from fedflat.runtime.round_loop import ClientState, LocalBackend, Mapped
-from fedflat.runtime.run import Runner, RunResult, _new_run_dir
-from fedflat.runtime.server_core import ServerCore
+from fedflat.runtime.round_loop import ClientState, Mapped
+from fedflat.runtime.run import RunResult
 from fedflat.runtime.worker import ClientJob, RoundPayload
 from fedflat.scenario.flower import SECAGG_MODULUS_RANGE, FlowerConfig
 from fedflat.scenario.loader import dump_scenario
@@ -561,6 +556,17 @@ class SecAggTransport:
         self.discovery_seconds = 0.0
         self.run_id = context.run_id
 
+    def summary_facts(self) -> dict[str, Any]:
+        fc = self.fc
+        return {"node_discovery_seconds": self.discovery_seconds, "secagg": {
+            "protocol": "SecAgg+ (Flower legacy SecAggPlusWorkflow)",
+            "num_shares": fc.secagg_num_shares,
+            "reconstruction_threshold": fc.secagg_reconstruction_threshold,
+            "clipping_range": fc.secagg_clipping_range,
+            "quantization_range": fc.secagg_quantization_range,
+            "modulus_range": SECAGG_MODULUS_RANGE, "max_weight": self.max_weight,
+            "weighting": self.weighting}}
+
     def connect(self) -> dict[int, int]:
         if self.node_of is None:
             t = time.perf_counter()
@@ -620,51 +626,12 @@ def run_secagg_server(grid: Grid, context: Context, settings: ServerSettings) ->
         ScenarioError: a scenario that cannot run under SecAgg+ (nothing is written).
         FlowerRunError: missing nodes, a halted or failed protocol round.
     """
-    loaded, fed = prepare(settings)
-    check_secagg(loaded.scenario)
-    run_dir = _new_run_dir(loaded.scenario, settings.out)
-    runner = Runner(loaded, run_dir, fed)
-    runner.write_static_files()
-    runner.write_summary("running", backend="flower")
-    made: list[SecAggTransport] = []
-    bound = max_weight(loaded.scenario, fed)
+    def make_transport(sc: Scenario, fed: FederatedData) -> SecAggTransport:
+        return SecAggTransport(grid, context, sc, fed.num_clients, settings,
+                               max_weight(sc, fed))
 
-    def factory(sc: Scenario, fed_: FederatedData, params0: torch.Tensor) -> LocalBackend:
-        core = ServerCore(sc, fed_, params0, threads=sc.runtime.threads)
-        made.append(SecAggTransport(grid, context, sc, fed_.num_clients, settings, bound))
-        return LocalBackend(core, made[0])
-
-    try:
-        result = execute_with_backend(runner, factory)
-    finally:
-        _annotate(run_dir, made[0] if made else None)
-    result.summary = json.loads((run_dir / "summary.json").read_text())
-    settings.result["run"] = result
-    return result
-
-
-def _annotate(run_dir: Path, backend: SecAggTransport | None) -> None:
-    """Add the Flower and SecAgg+ facts to summary.json."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return
-    summary = json.loads(path.read_text())
-    summary["backend"] = "flower"
-    if backend is not None:
-        fc = backend.fc
-        summary["node_discovery_seconds"] = backend.discovery_seconds
-        summary["secagg"] = {
-            "protocol": "SecAgg+ (Flower legacy SecAggPlusWorkflow)",
-            "num_shares": fc.secagg_num_shares,
-            "reconstruction_threshold": fc.secagg_reconstruction_threshold,
-            "clipping_range": fc.secagg_clipping_range,
-            "quantization_range": fc.secagg_quantization_range,
-            "modulus_range": SECAGG_MODULUS_RANGE, "max_weight": backend.max_weight,
-            "weighting": backend.weighting,
-        }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    return run_over_transport(settings, lambda loaded: check_secagg(loaded.scenario),
+                              make_transport)
 
 
 def make_secagg_server_app(settings: ServerSettings | None = None) -> ServerApp:

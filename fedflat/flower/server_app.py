@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import yaml
@@ -40,7 +40,7 @@ from fedflat.client.update import ClientResult
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.flower import codec
 from fedflat.runtime.build import FederatedData
-from fedflat.runtime.round_loop import Backend, ClientState, LocalBackend, Mapped
+from fedflat.runtime.round_loop import ClientState, LocalBackend, Mapped, Transport
 from fedflat.runtime.run import Runner, RunResult, _load_data, _new_run_dir
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob, RoundPayload
@@ -280,6 +280,12 @@ class GridTransport:
         self.failures: list[ClientFailure] = []
         self.discovery_seconds = 0.0
 
+    def summary_facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"node_discovery_seconds": self.discovery_seconds}
+        if self.failures:
+            facts["failed_replies"] = [str(f) for f in self.failures]
+        return facts
+
     def connect(self) -> dict[int, int]:
         """Client id -> node id, discovered once (see ``discover_nodes``)."""
         if self.node_of is None:
@@ -372,47 +378,61 @@ def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
         FlowerRunError: missing nodes, or failed replies under ``on_failure = "abort"``
             (summary.json then says ``status: failed`` and why).
     """
+    return run_over_transport(
+        settings, lambda loaded: check_supported(loaded, settings),
+        # ``sc`` is the scenario the Runner hands its workers (privacy noise calibrated):
+        # the nodes get exactly that text.
+        lambda sc, fed: GridTransport(grid, fed.num_clients, dump_scenario(sc), settings))
+
+
+class FlowerTransport(Transport, Protocol):
+    """A transport over Flower nodes that also reports facts for summary.json."""
+
+    def summary_facts(self) -> dict[str, Any]:
+        """What summary.json says about this transport (node discovery, failures)."""
+        ...
+
+
+def run_over_transport(settings: ServerSettings, check: Callable[[LoadedScenario], None],
+                       make_transport: Callable[[Scenario, FederatedData], FlowerTransport]
+                       ) -> RunResult:
+    """fedflat's driver (``Runner.execute``) and round over a Flower transport.
+
+    ``check`` refuses a scenario before anything is written; ``make_transport(sc, fed)``
+    builds the transport from the scenario the Runner hands its workers. The loop, privacy
+    planning, checkpoints and summary stay the driver's; summary.json also says
+    ``backend: flower`` and the transport's ``summary_facts``.
+    """
     loaded, fed = prepare(settings)
-    check_supported(loaded, settings)
+    check(loaded)
     run_dir = _new_run_dir(loaded.scenario, settings.out)
     runner = Runner(loaded, run_dir, fed)
     runner.write_static_files()
     runner.write_summary("running", backend="flower")
-    made: list[GridTransport] = []
+    made: list[FlowerTransport] = []
 
     def factory(sc: Scenario, fed_: FederatedData, params0: torch.Tensor) -> LocalBackend:
-        # ``sc`` is the scenario the Runner hands its workers (privacy noise calibrated):
-        # the nodes get exactly that text.
         core = ServerCore(sc, fed_, params0, threads=sc.runtime.threads)
-        made.append(GridTransport(grid, core.num_clients, dump_scenario(sc), settings))
+        made.append(make_transport(sc, fed_))
         return LocalBackend(core, made[0])
 
     try:
-        result = execute_with_backend(runner, factory)
+        result = runner.execute(make_backend=factory)
     finally:
-        _annotate_summary(run_dir, made[0] if made else None)
+        _annotate_summary(run_dir, made[0].summary_facts() if made else {})
     result.summary = json.loads((run_dir / "summary.json").read_text())
     settings.result["run"] = result
     return result
 
 
-def execute_with_backend(runner: Runner, factory: Callable[..., Backend]) -> RunResult:
-    """``runner.execute()`` with ``factory(sc, fed, params0)`` building the backend: the
-    loop, privacy planning, checkpoints and summary stay the driver's."""
-    return runner.execute(make_backend=factory)
-
-
-def _annotate_summary(run_dir: Path, transport: GridTransport | None) -> None:
+def _annotate_summary(run_dir: Path, facts: Mapping[str, Any]) -> None:
     """Add the Flower facts to the summary.json the Runner wrote."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return
     summary = json.loads(path.read_text())
     summary["backend"] = "flower"
-    if transport is not None:
-        summary["node_discovery_seconds"] = transport.discovery_seconds
-        if transport.failures:
-            summary["failed_replies"] = [str(f) for f in transport.failures]
+    summary.update(facts)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
