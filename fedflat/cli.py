@@ -32,7 +32,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 def _exit_code(res) -> int:  # type: ignore[no-untyped-def]
     """0, or EXIT_DIVERGED (3) for a run whose loss exploded."""
-    from fedflat.runtime.run import EXIT_DIVERGED
+    from fedflat.runtime.driver import EXIT_DIVERGED
 
     return EXIT_DIVERGED if res.summary.get("status") == "diverged" else 0
 
@@ -53,9 +53,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     fed = None
     if args.data:
-        from fedflat.runtime.run import _load_data
+        from fedflat.runtime.driver import load_data
 
-        fed = _load_data(loaded)
+        fed = load_data(loaded)
         print(f"data: {fed.dataset.name}, {fed.num_clients} clients, "
               f"{int(fed.client_sizes().sum())} training samples")
     checked = preflight(loaded, fed)  # what run checks before it creates the run folder

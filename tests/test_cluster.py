@@ -123,11 +123,11 @@ def _start_in_thread(tmp_path: Path, sc: dict) -> tuple[Any, list[Any], dict[str
     """Start a Ray run in a thread (on the shared Ray); returns its runner, the backend
     once built, the outcome and the thread."""
     from fedflat.runtime.backends import RayBackend
-    from fedflat.runtime.run import Runner, _load_data, _new_run_dir
+    from fedflat.runtime.driver import Runner, load_data, new_run_dir
     from fedflat.scenario import load_scenario
 
     loaded = load_scenario(sc)
-    runner = Runner(loaded, _new_run_dir(loaded.scenario, tmp_path / "run"), _load_data(loaded))
+    runner = Runner(loaded, new_run_dir(loaded.scenario, tmp_path / "run"), load_data(loaded))
     runner.write_static_files()
     runner.write_summary("running")
     made: list[Any] = []

@@ -25,7 +25,7 @@ from conftest import REPO, tiny_scenario
 import fedflat
 from fedflat.runtime.build import build_data, build_flat_model, initial_params
 from fedflat.runtime.checkpoint import list_checkpoints
-from fedflat.runtime.run import EXIT_DIVERGED, divergence
+from fedflat.runtime.driver import EXIT_DIVERGED, divergence
 from fedflat.scenario import load_scenario
 
 

@@ -127,13 +127,13 @@ def test_ray_stored_payload_equals_serial(tmp_path, ray_session):
     """A payload above the inline limit goes into the object store once per round (forced
     here with a limit of 0 bytes): same model as serial."""
     from fedflat.runtime.backends import RayBackend
-    from fedflat.runtime.run import Runner, _load_data, _new_run_dir
+    from fedflat.runtime.driver import Runner, load_data, new_run_dir
     from fedflat.scenario import load_scenario
 
     sc = tiny_scenario(**{"server.rounds": 3})
     serial = fedflat.run(sc, out=tmp_path / "s")
     loaded = load_scenario({**sc, "runtime": {"backend": "ray", "num_actors": 2, "threads": 1}})
-    runner = Runner(loaded, _new_run_dir(loaded.scenario, tmp_path / "r"), _load_data(loaded))
+    runner = Runner(loaded, new_run_dir(loaded.scenario, tmp_path / "r"), load_data(loaded))
     runner.write_static_files()
     stored = runner.execute(make_backend=lambda s, f, p: RayBackend(s, f, p, inline_bytes=0))
     assert torch.equal(serial.params, stored.params)

@@ -557,7 +557,7 @@ def audit_scenario(
     _check_args(canaries, fault, alpha, level, canary_norm, k_plus, k_minus)
     kp = canaries // 5 if k_plus is None else int(k_plus)
     km = canaries // 5 if k_minus is None else int(k_minus)
-    from fedflat.runtime.run import _load_data  # the run's own data errors
+    from fedflat.runtime.driver import load_data  # the run's own data errors
 
     loaded = load_scenario(source, dict(overrides) if isinstance(overrides, dict)
                            else list(overrides or []))
@@ -566,7 +566,7 @@ def audit_scenario(
         chosen = _choose_level(sc, level)
     except AuditInputError as exc:  # located at the scenario's privacy block
         raise loaded.error("privacy", str(exc)) from None
-    fed = _load_data(loaded)
+    fed = load_data(loaded)
     preflight(loaded, fed)  # the run's checks before round 0: δ bounds, located budget errors
     try:
         # num_tensors: the user-level canaries form one tensor; the sample-level audit

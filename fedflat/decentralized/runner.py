@@ -49,7 +49,7 @@ from fedflat.decentralized.gossip import (
 )
 from fedflat.rng import numpy_rng, stream
 from fedflat.runtime.build import FederatedData, build_flat_model, build_local_rule, client_lr
-from fedflat.runtime.run import RoundPlan, Runner, RunResult
+from fedflat.runtime.driver import RoundPlan, Runner, RunResult
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.loader import LoadedScenario
@@ -119,8 +119,7 @@ class GossipBackend:
 
     # ------------------------------------------------------------------ rounds
     def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None,
-              following: Any = None) -> dict[str, Any]:
+              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
         rec: dict[str, Any] = {"round": round_, "clients": [j.client_id for j in jobs]}
         half = self.x.clone()
         losses: list[tuple[float, int]] = []
@@ -224,6 +223,9 @@ class GossipBackend:
 
     def node_params(self) -> Tensor:
         return self.x
+
+    def describe(self) -> dict[str, Any]:
+        return {}
 
     def close(self) -> None:
         pass

@@ -18,14 +18,16 @@ any one of them. Flower 1.42 has it only in its legacy strategy API, so this pat
   ``configure_fit`` sends exactly the Runner's cohort (client id -> node by
   ``partition-id``, asked once with a ``get_properties`` message); ``aggregate_fit``
   receives the unmasked ``Σ w_i Δ_i / Σ w_i`` (Flower divides the securely summed vector
-  by the securely summed weights) and hands it to fedflat's ``ServerCore.end_round``
-  in place of every client's delta, so the rule ``mean`` returns it and the server
+  by the securely summed weights); :class:`SecAggTransport` returns it as the round's
+  ``Mapped.secure_mean``, which fedflat's round (``round_loop.run_round``) puts in place
+  of every client's delta before ``ServerCore.end_round``, so the rule ``mean`` returns
+  it and the server
   optimizer (fedavg, fedavgm, fedadam, fedyogi, fedadagrad), server corrections without
   uplink extras, SWA, evaluation and sharpness run unchanged.
 
 Only ``SecAggPlusWorkflow`` comes from Flower's ``DefaultWorkflow``: fedflat's ``Runner``
-is the round loop (``DefaultWorkflow`` would replace its cohorts, metrics, checkpoints,
-privacy planning and resume with Flower's own ``History``).
+and ``run_round`` are the round loop (``DefaultWorkflow`` would replace its cohorts, metrics,
+checkpoints, privacy planning and resume with Flower's own ``History``).
 
 Precision: each coordinate of w_i/W·Δ_i is clipped to [-c, c] and stochastically rounded
 to a grid of step 2c/T, so the mean the server gets differs from fedflat's weighted mean
@@ -74,13 +76,10 @@ client dropouts                        no        a failed reply aborts the run
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -128,14 +127,12 @@ from fedflat.flower.server_app import (
     FlowerRunError,
     ServerSettings,
     _ranges,
-    execute_with_backend,
-    prepare,
+    run_over_transport,
     send_and_receive,
 )
-from fedflat.runtime.backends import CoreBackend
 from fedflat.runtime.build import FederatedData
-from fedflat.runtime.run import Runner, RunResult, _new_run_dir
-from fedflat.runtime.server_core import ServerCore
+from fedflat.runtime.driver import RunResult
+from fedflat.runtime.round_loop import ClientState, Mapped
 from fedflat.runtime.worker import ClientJob, RoundPayload
 from fedflat.scenario.flower import SECAGG_MODULUS_RANGE
 from fedflat.scenario.loader import dump_scenario
@@ -307,25 +304,24 @@ class _Pending:
     round: int
     jobs: list[ClientJob]
     instructions: list[tuple[ClientProxy, FitIns]]
+    num_params: int
 
 
 class CohortStrategy(Strategy):
-    """A legacy Strategy that runs fedflat's cohort and server pipeline under SecAgg+.
+    """A legacy Strategy that hands fedflat's cohort to SecAgg+ and keeps what comes back.
 
-    ``configure_fit`` returns the instructions the backend prepared for fedflat's seeded
-    cohort; ``aggregate_fit`` gets the securely aggregated mean delta and applies
-    ``ServerCore.end_round`` to it (each reply's delta replaced by the mean, as Flower's
-    workflow does with ``FitRes.parameters``). Evaluation is fedflat's, on the server.
+    ``configure_fit`` returns the instructions the transport prepared for fedflat's seeded
+    cohort; ``aggregate_fit`` keeps the securely aggregated mean delta and each reply's
+    clear-text scalars (``aggregated``) for fedflat's round, which aggregates them. Flower's
+    workflow keeps no model: fedflat's ``ServerCore`` owns it, and evaluation is fedflat's.
     """
 
-    def __init__(self, core: ServerCore) -> None:
-        self.core = core
+    def __init__(self) -> None:
         self.pending: _Pending | None = None
-        self.record: dict[str, Any] | None = None
-        self.keep_versions: Sequence[int] | None = None
+        self.aggregated: tuple[torch.Tensor, list[ClientResult]] | None = None
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return ndarrays_to_parameters([self.core.params.numpy()])
+        return None  # fedflat's Runner initialises the model
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
@@ -334,7 +330,7 @@ class CohortStrategy(Strategy):
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[tuple[ClientProxy, FitRes] | BaseException]
                       ) -> tuple[Parameters | None, dict[str, Any]]:
-        """Apply fedflat's server pipeline to the securely aggregated mean.
+        """Keep the securely aggregated mean and the cohort's results, in job order.
 
         Raises:
             FlowerRunError: failed replies (dropouts are not supported), or an aggregate
@@ -349,27 +345,25 @@ class CohortStrategy(Strategy):
             raise FlowerRunError(f"SecAgg+ round {self.pending.round}: no results")
         [mean] = parameters_to_ndarrays(results[0][1].parameters)[:1]
         delta = torch.from_numpy(np.asarray(mean, dtype=np.float32).copy())
-        if delta.shape != self.core.params.shape:
+        if delta.shape != (self.pending.num_params,):
             raise FlowerRunError(f"SecAgg+ aggregate of shape {tuple(delta.shape)}, expected "
-                                 f"{tuple(self.core.params.shape)}")
+                                 f"({self.pending.num_params},)")
         by_client = {}
         for _, fit in results:
             m = fit.metrics
             cid = int(m["client_id"])
             by_client[cid] = ClientResult(
-                client_id=cid, delta=delta, num_samples=int(m["num_samples"]),
+                client_id=cid, delta=torch.zeros(0),  # hidden; Mapped.secure_mean stands in
+                num_samples=int(m["num_samples"]),
                 train_loss=float(m["train_loss"]), steps=int(m["steps"]),
                 metrics={k: float(v) for k, v in m.items()
                          if k not in ("client_id", "num_samples", "train_loss", "steps")})
-        jobs = [j for j in self.pending.jobs if j.client_id in by_client]
         missing = [j.client_id for j in self.pending.jobs if j.client_id not in by_client]
         if missing:
             raise FlowerRunError(f"SecAgg+ round {self.pending.round}: no result from "
                                  f"client(s) {missing}")
-        self.record = self.core.end_round(self.pending.round, jobs,
-                                          [by_client[j.client_id] for j in jobs],
-                                          self.keep_versions)
-        return ndarrays_to_parameters([self.core.params.numpy()]), {}
+        self.aggregated = (delta, [by_client[j.client_id] for j in self.pending.jobs])
+        return None, {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[Any]:
@@ -439,26 +433,30 @@ def discover_partitions(grid: Grid, num_clients: int, *, timeout_s: float,
         time.sleep(max(poll_s, 0.1))
 
 
-class SecAggBackend(CoreBackend):
-    """A fedflat Backend whose every round is one SecAgg+ protocol run over Flower nodes."""
+class SecAggTransport:
+    """A fedflat transport whose every round is one SecAgg+ protocol run over Flower nodes:
+    it returns the cohort's clear-text scalars and, as ``Mapped.secure_mean``, the
+    securely aggregated mean delta (no individual delta reaches the server)."""
 
-    def __init__(self, grid: Grid, context: Context, core: ServerCore, scenario_yaml: str,
+    def __init__(self, grid: Grid, context: Context, sc: Scenario, num_clients: int,
                  settings: ServerSettings, weight_bound: float) -> None:
         self.grid = _RecordingGrid(grid)
-        self.core = core
+        self.num_clients = num_clients
+        self.weighting = sc.server.aggregation.weighting
         self.settings = settings
-        self.scenario_yaml = scenario_yaml
-        self.sha = codec.scenario_digest(scenario_yaml)
-        self.fc = flower_config(core.sc)
+        # The nodes get the scenario the Runner hands its workers (privacy noise calibrated).
+        self.scenario_yaml = dump_scenario(sc)
+        self.sha = codec.scenario_digest(self.scenario_yaml)
+        self.fc = flower_config(sc)
         self.max_weight = weight_bound
-        self.strategy = CohortStrategy(core)
+        self.strategy = CohortStrategy()
         self.workflow = SecAggPlusWorkflow(
             num_shares=self.fc.secagg_num_shares,
             reconstruction_threshold=self.fc.secagg_reconstruction_threshold,
             max_weight=weight_bound, clipping_range=self.fc.secagg_clipping_range,
             quantization_range=self.fc.secagg_quantization_range,
             modulus_range=SECAGG_MODULUS_RANGE, timeout=settings.reply_timeout_s)
-        self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=core.sc.server.rounds),
+        self.legacy = LegacyContext(context, config=ServerConfig(num_rounds=sc.server.rounds),
                                     strategy=self.strategy, client_manager=SimpleClientManager())
         self.legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
             {Key.START_TIME: time.time(), Key.CURRENT_ROUND: 0})
@@ -466,27 +464,38 @@ class SecAggBackend(CoreBackend):
         self.discovery_seconds = 0.0
         self.run_id = context.run_id
 
+    def summary_facts(self) -> dict[str, Any]:
+        fc = self.fc
+        return {"node_discovery_seconds": self.discovery_seconds, "secagg": {
+            "protocol": "SecAgg+ (Flower legacy SecAggPlusWorkflow)",
+            "num_shares": fc.secagg_num_shares,
+            "reconstruction_threshold": fc.secagg_reconstruction_threshold,
+            "clipping_range": fc.secagg_clipping_range,
+            "quantization_range": fc.secagg_quantization_range,
+            "modulus_range": SECAGG_MODULUS_RANGE, "max_weight": self.max_weight,
+            "weighting": self.weighting}}
+
     def connect(self) -> dict[int, int]:
         if self.node_of is None:
             t = time.perf_counter()
-            self.node_of = discover_partitions(self.grid._grid, self.core.num_clients,
+            self.node_of = discover_partitions(self.grid._grid, self.num_clients,
                                                timeout_s=self.settings.node_timeout_s,
                                                poll_s=self.settings.poll_s)
             self.discovery_seconds = time.perf_counter() - t
         return self.node_of
 
-    def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None, following: Any = None
-              ) -> dict[str, Any]:
-        """One round: fedflat's cohort through ``SecAggPlusWorkflow``.
+    def map_clients(self, payload: RoundPayload, jobs: Sequence[ClientJob],
+                    states: Sequence[ClientState]) -> Mapped:
+        """One round: fedflat's cohort through ``SecAggPlusWorkflow`` (client states are
+        empty: local rules with client state are refused under SecAgg+).
 
         Raises:
             FlowerRunError: a cohort of one client, a cohort too large for the mask
                 modulus, or a protocol run that halted or failed.
         """
-        jobs = list(jobs)
+        round_, jobs = payload.round, list(jobs)
         if not jobs:  # an empty Poisson cohort: the model stays put, as in the serial run
-            return self.core.end_round(round_, jobs, [], keep_versions)
+            return Mapped([])
         if len(jobs) < 2:
             raise FlowerRunError(f"round {round_} sampled only client {jobs[0].client_id}: "
                                  "SecAgg+ needs at least 2 clients per round")
@@ -495,85 +504,42 @@ class SecAggBackend(CoreBackend):
             raise FlowerRunError(f"round {round_}: {len(jobs)} clients x quantization_range "
                                  f"{T} overflow the 2^32 mask modulus")
         node_of = self.connect()
-        payload = self.core.begin_round(round_)
-        weighting = self.core.sc.server.aggregation.weighting
         instructions = [
             (GridClientProxy(node_of[j.client_id], self.grid, self.run_id),
-             encode_fit(payload, j, self.scenario_yaml, self.sha, weighting=weighting,
+             encode_fit(payload, j, self.scenario_yaml, self.sha, weighting=self.weighting,
                         max_weight_=self.max_weight,
                         clipping_range=self.fc.secagg_clipping_range))
             for j in jobs]
-        self.strategy.pending = _Pending(round_, jobs, instructions)
-        self.strategy.record = None
-        self.strategy.keep_versions = keep_versions
+        self.strategy.pending = _Pending(round_, jobs, instructions, payload.params.numel())
+        self.strategy.aggregated = None
         self.grid.errors.clear()
         state = self.legacy.state
         state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND] = round_ + 1
         state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters([payload.params.numpy()]), True)
         self.workflow(self.grid, self.legacy)  # type: ignore[arg-type]
-        rec = self.strategy.record
-        self.strategy.pending = None
-        if rec is None:
+        aggregated, self.strategy.pending = self.strategy.aggregated, None
+        if aggregated is None:
             why = "; ".join(self.grid.errors) or "see Flower's log (run with --verbose)"
             raise FlowerRunError(f"SecAgg+ round {round_} halted before aggregation: {why}")
-        rec["secagg_clients"] = len(jobs)
-        return rec
-
+        mean, results = aggregated
+        return Mapped(list(results), {"secagg_clients": len(jobs)}, secure_mean=mean)
 
 
 def run_secagg_server(grid: Grid, context: Context, settings: ServerSettings) -> RunResult:
-    """The SecAgg+ ServerApp's main: fedflat's Runner with a :class:`SecAggBackend`.
+    """The SecAgg+ ServerApp's main: fedflat's Runner and round over a
+    :class:`SecAggTransport`.
 
     Raises:
         ScenarioError: a scenario that cannot run under SecAgg+ (nothing is written).
         FlowerRunError: missing nodes, a halted or failed protocol round.
     """
-    loaded, fed = prepare(settings)
-    check_secagg(loaded.scenario)
-    run_dir = _new_run_dir(loaded.scenario, settings.out)
-    runner = Runner(loaded, run_dir, fed)
-    runner.write_static_files()
-    runner.write_summary("running", backend="flower")
-    made: list[SecAggBackend] = []
-    bound = max_weight(loaded.scenario, fed)
+    def make_transport(sc: Scenario, fed: FederatedData) -> SecAggTransport:
+        return SecAggTransport(grid, context, sc, fed.num_clients, settings,
+                               max_weight(sc, fed))
 
-    def factory(sc: Scenario, fed_: FederatedData, params0: torch.Tensor) -> SecAggBackend:
-        core = ServerCore(sc, fed_, params0, threads=sc.runtime.threads)
-        made.append(SecAggBackend(grid, context, core, dump_scenario(sc), settings, bound))
-        return made[0]
-
-    try:
-        result = execute_with_backend(runner, factory)
-    finally:
-        _annotate(run_dir, made[0] if made else None)
-    result.summary = json.loads((run_dir / "summary.json").read_text())
-    settings.result["run"] = result
-    return result
-
-
-def _annotate(run_dir: Path, backend: SecAggBackend | None) -> None:
-    """Add the Flower and SecAgg+ facts to summary.json."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return
-    summary = json.loads(path.read_text())
-    summary["backend"] = "flower"
-    if backend is not None:
-        fc = backend.fc
-        summary["node_discovery_seconds"] = backend.discovery_seconds
-        summary["secagg"] = {
-            "protocol": "SecAgg+ (Flower legacy SecAggPlusWorkflow)",
-            "num_shares": fc.secagg_num_shares,
-            "reconstruction_threshold": fc.secagg_reconstruction_threshold,
-            "clipping_range": fc.secagg_clipping_range,
-            "quantization_range": fc.secagg_quantization_range,
-            "modulus_range": SECAGG_MODULUS_RANGE, "max_weight": backend.max_weight,
-            "weighting": backend.core.sc.server.aggregation.weighting,
-        }
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    return run_over_transport(settings, lambda loaded: check_secagg(loaded.scenario),
+                              make_transport)
 
 
 def make_secagg_server_app(settings: ServerSettings | None = None) -> ServerApp:

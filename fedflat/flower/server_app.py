@@ -4,11 +4,11 @@ The ServerApp uses no Flower strategy. Its main function loads the scenario (the
 YAML text of the run config, or the one ``fedflat flower simulate`` prepared) and runs
 fedflat's driver, ``Runner.execute`` of :mod:`fedflat.runtime.run` (seeded cohorts from
 ``sample_cohort``, the system model, privacy planning, metrics.jsonl, checkpoints, plots,
-summary.json), with a ``FlowerGridBackend`` as its backend. That backend owns a
-``ServerCore``; at the first round it asks every node which partition it holds (a
-``query`` message) and maps client id -> node id; each round it sends every job, with the
-client's persistent state and the scenario the Runner gives its workers, to that client's
-node, and feeds the replies, in job order, to ``ServerCore.end_round``.
+summary.json), with fedflat's round (``round_loop.run_round``, a ``ServerCore`` in this
+process) over a ``GridTransport``. At the first round the transport asks every node which
+partition it holds (a ``query`` message) and maps client id -> node id; each round it sends
+every job, with the client's persistent state and the scenario the Runner gives its
+workers, to that client's node, and returns the replies in job order.
 
 Because the cohorts, the client generators and the server pipeline are fedflat's, a Flower
 run produces the same model as the serial backend for the same scenario and seed.
@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import yaml
@@ -39,12 +39,12 @@ from flwr.serverapp import Grid, ServerApp
 from fedflat.client.update import ClientResult
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.flower import codec
-from fedflat.runtime.backends import CoreBackend
 from fedflat.runtime.build import FederatedData
+from fedflat.runtime.driver import Runner, RunResult, load_data, new_run_dir
 from fedflat.runtime.preflight import preflight
-from fedflat.runtime.run import Runner, RunResult, _load_data, _new_run_dir
+from fedflat.runtime.round_loop import ClientState, LocalBackend, Mapped, Transport
 from fedflat.runtime.server_core import ServerCore
-from fedflat.runtime.worker import ClientJob
+from fedflat.runtime.worker import ClientJob, RoundPayload
 from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
 from fedflat.scenario.schema import Scenario
 
@@ -165,7 +165,7 @@ def prepare(settings: ServerSettings) -> tuple[LoadedScenario, FederatedData]:
     except yaml.YAMLError as exc:
         raise ScenarioError(f"YAML syntax error: {exc}", file="run config scenario") from None
     loaded = load_scenario(data if isinstance(data, dict) else {}, list(settings.overrides))
-    fed = _load_data(loaded)
+    fed = load_data(loaded)
     preflight(loaded, fed)  # as `fedflat run`: what fails before round 0, before the folder
     return loaded, fed
 
@@ -266,19 +266,19 @@ def _ranges(ids: Sequence[int]) -> str:
     return ", ".join(out)
 
 
-# ---------------------------------------------------------------------- backend
-class FlowerGridBackend(CoreBackend):
-    """A fedflat Backend whose clients are Flower nodes; the server state is a ServerCore.
+# ---------------------------------------------------------------------- transport
+class GridTransport:
+    """A fedflat transport whose clients are Flower nodes (see ``round_loop.Transport``).
 
-    Satisfies :class:`fedflat.runtime.backends.Backend`, so fedflat's ``Runner`` drives it.
-    The nodes are discovered at the first round (inside the Runner's loop, so a missing
-    node fails the run with a summary.json that says why).
+    The Runner drives it through a ``LocalBackend`` (fedflat's round, a ``ServerCore`` in
+    this process). The nodes are discovered at the first round (inside the Runner's loop,
+    so a missing node fails the run with a summary.json that says why).
     """
 
-    def __init__(self, grid: Grid, core: ServerCore, scenario_yaml: str,
+    def __init__(self, grid: Grid, num_clients: int, scenario_yaml: str,
                  settings: ServerSettings, node_of: Mapping[int, int] | None = None) -> None:
         self.grid = grid
-        self.core = core
+        self.num_clients = num_clients
         self.node_of = dict(node_of) if node_of is not None else None
         self.scenario_yaml = scenario_yaml
         self.scenario_sha = codec.scenario_digest(scenario_yaml)
@@ -286,28 +286,30 @@ class FlowerGridBackend(CoreBackend):
         self.failures: list[ClientFailure] = []
         self.discovery_seconds = 0.0
 
+    def summary_facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {"node_discovery_seconds": self.discovery_seconds}
+        if self.failures:
+            facts["failed_replies"] = [str(f) for f in self.failures]
+        return facts
+
     def connect(self) -> dict[int, int]:
         """Client id -> node id, discovered once (see ``discover_nodes``)."""
         if self.node_of is None:
             t = time.perf_counter()
-            self.node_of = discover_nodes(self.grid, self.core.num_clients,
+            self.node_of = discover_nodes(self.grid, self.num_clients,
                                           timeout_s=self.settings.node_timeout_s,
                                           poll_s=self.settings.poll_s)
             self.discovery_seconds = time.perf_counter() - t
         return self.node_of
 
-    def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None,
-              following: Any = None) -> dict[str, Any]:
-        """One round over the nodes (``following``, the Ray backend's prefetch hint for the
-        next round, is not used: a round's messages depend on this round's replies)."""
-        jobs = list(jobs)
+    def map_clients(self, payload: RoundPayload, jobs: Sequence[ClientJob],
+                    states: Sequence[ClientState]) -> Mapped:
+        """Send every job, with its client's state, to that client's node; the replies in
+        job order. A failed reply aborts the round or (``on_failure: drop``) is left out."""
+        round_ = payload.round
         node_of = self.connect()
         if not jobs:
-            return self.core.end_round(round_, jobs, [], keep_versions)
-        payload = self.core.begin_round(
-            round_, sorted({j.version for j in jobs if j.version is not None}))
-        states = self.core.states_for([j.client_id for j in jobs])
+            return Mapped([])
         messages = []
         for job, state in zip(jobs, states, strict=True):
             content = codec.encode_instruction(payload, job, state, self.scenario_yaml,
@@ -318,7 +320,8 @@ class FlowerGridBackend(CoreBackend):
                                    poll_s=self.settings.poll_s)
         # A client may appear twice in an asynchronous buffer: match replies by message.
         ordered = [replies.get(m.metadata.message_id) for m in messages]
-        ok_jobs, results, failures = self._collect(round_, jobs, ordered)
+        results, failures = self._collect(payload, jobs, ordered)
+        record: dict[str, Any] = {}
         if failures:
             for f in failures:
                 log.error("failed reply: %s", f)
@@ -326,22 +329,22 @@ class FlowerGridBackend(CoreBackend):
             if self.settings.on_failure == "abort":
                 raise FlowerRunError(f"{len(failures)} of {len(jobs)} clients failed in round "
                                      f"{round_}: " + "; ".join(str(f) for f in failures))
-        rec = self.core.end_round(round_, ok_jobs, results, keep_versions)
-        if failures:
-            rec["failed_clients"] = [f.client_id for f in failures]
-            rec["failures"] = [f.reason for f in failures]
-        return rec
+            record = {"failed_clients": [f.client_id for f in failures],
+                      "failures": [f.reason for f in failures]}
+        return Mapped(results, record)
 
-    def _collect(self, round_: int, jobs: Sequence[ClientJob], replies: Sequence[Message | None]
-                 ) -> tuple[list[ClientJob], list[ClientResult], list[ClientFailure]]:
-        """The answered jobs and their results in job order (``replies[i]`` answers
-        ``jobs[i]``); every job without a usable reply becomes a failure."""
-        ok_jobs, results, failures = [], [], []
+    def _collect(self, payload: RoundPayload, jobs: Sequence[ClientJob],
+                 replies: Sequence[Message | None]
+                 ) -> tuple[list[ClientResult | None], list[ClientFailure]]:
+        """The results in job order (``replies[i]`` answers ``jobs[i]``); every job without
+        a usable reply is None there and becomes a failure."""
+        results: list[ClientResult | None] = []
+        failures = []
         timeout = self.settings.reply_timeout_s
         node_of = self.connect()
         for job, r in zip(jobs, replies, strict=True):
             node = node_of[job.client_id]
-            reason = None
+            reason, res = None, None
             if r is None:
                 reason = f"no reply within {timeout:.0f} s" if timeout else "no reply"
             elif r.has_error():
@@ -354,27 +357,25 @@ class FlowerGridBackend(CoreBackend):
                 else:
                     if res.client_id != job.client_id:
                         reason = f"reply is for client {res.client_id}"
-                    elif res.delta.shape != self.core.params.shape:
+                    elif res.delta.shape != payload.params.shape:
                         reason = (f"delta of shape {tuple(res.delta.shape)}, expected "
-                                  f"{tuple(self.core.params.shape)}")
-                    elif res.buffers.shape != self.core.buffers.shape:
+                                  f"{tuple(payload.params.shape)}")
+                    elif res.buffers.shape != payload.buffers.shape:
                         reason = (f"{res.buffers.numel()} BatchNorm statistics, expected "
-                                  f"{self.core.buffers.numel()}")
-                    else:
-                        ok_jobs.append(job)
-                        results.append(res)
+                                  f"{payload.buffers.numel()}")
             if reason is not None:
-                failures.append(ClientFailure(round_, job.client_id, node, reason))
-        return ok_jobs, results, failures
-
+                failures.append(ClientFailure(payload.round, job.client_id, node, reason))
+                res = None
+            results.append(res)
+        return results, failures
 
 
 # ---------------------------------------------------------------------- main
 def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
     """The ServerApp's main: fedflat's driver loop with Flower nodes as clients.
 
-    Runs ``Runner.execute`` of :mod:`fedflat.runtime.run` with a ``FlowerGridBackend`` in
-    place of the serial/Ray backend, so the run folder is the one ``fedflat run`` writes
+    Runs ``Runner.execute`` of :mod:`fedflat.runtime.run` with a ``GridTransport`` in
+    place of the serial/Ray transport, so the run folder is the one ``fedflat run`` writes
     (scenario.yaml, clients.json, metrics.jsonl, checkpoints/, final_model.pt, plots,
     summary.json); summary.json also says ``backend: flower`` and lists failed replies.
 
@@ -383,47 +384,61 @@ def run_server(grid: Grid, settings: ServerSettings) -> RunResult:
         FlowerRunError: missing nodes, or failed replies under ``on_failure = "abort"``
             (summary.json then says ``status: failed`` and why).
     """
+    return run_over_transport(
+        settings, lambda loaded: check_supported(loaded, settings),
+        # ``sc`` is the scenario the Runner hands its workers (privacy noise calibrated):
+        # the nodes get exactly that text.
+        lambda sc, fed: GridTransport(grid, fed.num_clients, dump_scenario(sc), settings))
+
+
+class FlowerTransport(Transport, Protocol):
+    """A transport over Flower nodes that also reports facts for summary.json."""
+
+    def summary_facts(self) -> dict[str, Any]:
+        """What summary.json says about this transport (node discovery, failures)."""
+        ...
+
+
+def run_over_transport(settings: ServerSettings, check: Callable[[LoadedScenario], None],
+                       make_transport: Callable[[Scenario, FederatedData], FlowerTransport]
+                       ) -> RunResult:
+    """fedflat's driver (``Runner.execute``) and round over a Flower transport.
+
+    ``check`` refuses a scenario before anything is written; ``make_transport(sc, fed)``
+    builds the transport from the scenario the Runner hands its workers. The loop, privacy
+    planning, checkpoints and summary stay the driver's; summary.json also says
+    ``backend: flower`` and the transport's ``summary_facts``.
+    """
     loaded, fed = prepare(settings)
-    check_supported(loaded, settings)
-    run_dir = _new_run_dir(loaded.scenario, settings.out)
+    check(loaded)
+    run_dir = new_run_dir(loaded.scenario, settings.out)
     runner = Runner(loaded, run_dir, fed)
     runner.write_static_files()
     runner.write_summary("running", backend="flower")
-    made: list[FlowerGridBackend] = []
+    made: list[FlowerTransport] = []
 
-    def factory(sc: Scenario, fed_: FederatedData, params0: torch.Tensor) -> FlowerGridBackend:
-        # ``sc`` is the scenario the Runner hands its workers (privacy noise calibrated):
-        # the nodes get exactly that text.
+    def factory(sc: Scenario, fed_: FederatedData, params0: torch.Tensor) -> LocalBackend:
         core = ServerCore(sc, fed_, params0, threads=sc.runtime.threads)
-        made.append(FlowerGridBackend(grid, core, dump_scenario(sc), settings))
-        return made[0]
+        made.append(make_transport(sc, fed_))
+        return LocalBackend(core, made[0])
 
     try:
-        result = execute_with_backend(runner, factory)
+        result = runner.execute(make_backend=factory)
     finally:
-        _annotate_summary(run_dir, made[0] if made else None)
+        _annotate_summary(run_dir, made[0].summary_facts() if made else {})
     result.summary = json.loads((run_dir / "summary.json").read_text())
     settings.result["run"] = result
     return result
 
 
-def execute_with_backend(runner: Runner, factory: Callable[..., Any]) -> RunResult:
-    """``runner.execute()`` with ``factory(sc, fed, params0)`` building the backend: the
-    loop, privacy planning, checkpoints and summary stay the driver's."""
-    return runner.execute(make_backend=factory)
-
-
-def _annotate_summary(run_dir: Path, backend: FlowerGridBackend | None) -> None:
+def _annotate_summary(run_dir: Path, facts: Mapping[str, Any]) -> None:
     """Add the Flower facts to the summary.json the Runner wrote."""
     path = run_dir / "summary.json"
     if not path.is_file():
         return
     summary = json.loads(path.read_text())
     summary["backend"] = "flower"
-    if backend is not None:
-        summary["node_discovery_seconds"] = backend.discovery_seconds
-        if backend.failures:
-            summary["failed_replies"] = [str(f) for f in backend.failures]
+    summary.update(facts)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)

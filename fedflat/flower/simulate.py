@@ -20,8 +20,8 @@ from typing import Any
 from fedflat.errors import FedflatError
 from fedflat.flower.client_app import ClientSettings, make_client_app
 from fedflat.flower.server_app import FlowerRunError, ServerSettings, make_server_app
+from fedflat.runtime.driver import RunResult, load_data, new_run_dir
 from fedflat.runtime.preflight import preflight
-from fedflat.runtime.run import RunResult, _load_data, _new_run_dir
 from fedflat.scenario.loader import load_scenario
 from fedflat.scenario.schema import Scenario
 
@@ -107,9 +107,9 @@ def simulate(
         raise FlowerRunError("Ray is already running in this process; Flower's simulation "
                              "engine would use it and shut it down at the end. Run "
                              "'fedflat flower simulate' in a fresh process.")
-    fed = _load_data(loaded)
+    fed = load_data(loaded)
     preflight(loaded, fed)  # as `fedflat run`: what fails before round 0, before the folder
-    run_dir = _new_run_dir(sc, out)
+    run_dir = new_run_dir(sc, out)
     settings = ServerSettings(out=run_dir, prepared=(loaded, fed), secagg=use_secagg)
     threads = max(1, math.ceil(cpus_per_client or sc.runtime.num_cpus))
     if use_secagg:

@@ -41,12 +41,31 @@ from fedflat.personalization.methods import (
 from fedflat.rng import stream
 from fedflat.runtime.backends import SerialBackend
 from fedflat.runtime.build import FederatedData, build_flat_model, client_lr
-from fedflat.runtime.run import Runner, RunResult
-from fedflat.runtime.worker import ClientJob
+from fedflat.runtime.driver import Runner, RunResult
+from fedflat.runtime.round_loop import ClientState, Mapped, WorkerTransport
+from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
 from fedflat.scenario.loader import LoadedScenario
 from fedflat.scenario.schema import Scenario
 
 V_KEY, ALPHA_KEY = "personal_v", "apfl_alpha"  # client-state keys
+
+
+class PersonalTransport(WorkerTransport):
+    """The in-process transport whose clients also take their personal steps (ditto,
+    apfl) after the global update; what the server receives is unchanged."""
+
+    def __init__(self, worker: ClientWorker,
+                 personal_update: Callable[[ClientJob, ClientResult, ClientState, Tensor], None]
+                 ) -> None:
+        super().__init__(worker)
+        self.personal_update = personal_update
+
+    def map_clients(self, payload: RoundPayload, jobs: Sequence[ClientJob],
+                    states: Sequence[ClientState]) -> Mapped:
+        results = list(self.worker.run(payload, jobs, states))
+        for job, res, state in zip(jobs, results, states, strict=True):
+            self.personal_update(job, res, state, payload.params)
+        return Mapped(results)
 
 
 class PersonalBackend(SerialBackend):
@@ -64,17 +83,12 @@ class PersonalBackend(SerialBackend):
         self.pz = sc.personalization
         self.model = build_flat_model(sc, ds)  # personal training and evaluation
         self.model.module.train()
+        if self.pz.method in ("ditto", "apfl"):  # personal steps ride with the client update
+            self.transport = PersonalTransport(self.worker, self._personal_update)
 
     def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None,
-              following: Any = None) -> dict[str, Any]:
-        payload = self.core.begin_round(round_, ())
-        states = self.core.states_for([j.client_id for j in jobs])
-        results = self.worker.run(payload, jobs, states)
-        if self.pz.method in ("ditto", "apfl"):
-            for job, res, state in zip(jobs, results, states, strict=True):
-                self._personal_update(job, res, state, payload.params)
-        rec = self.core.end_round(round_, jobs, results, keep_versions)
+              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
+        rec = super().round(round_, jobs, keep_versions)  # the one round loop
         ev = self.sc.eval
         if (round_ + 1) % ev.every == 0 or round_ + 1 == self.sc.server.rounds:
             rec.update(self.evaluate_personal(round_))

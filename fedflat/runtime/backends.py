@@ -1,11 +1,13 @@
 """Backends move data and call the client and server code; they decide no numbers.
 
-``SerialBackend`` is the in-process reference. ``RayBackend`` runs a pool of client actors
-(each training a chunk of the round's clients with its model and data resident) and one
-server actor that owns the global state and hands each round's chunks to the client actors
-itself (the driver only asks for rounds and receives records). The round's payload (global
-model and broadcast) is packed once; it travels inline up to Ray's inline limit and through the
-object store, once, above it. Both return the same records for the same scenario.
+Every backend runs the round of :func:`fedflat.runtime.round_loop.run_round` over a
+transport. ``SerialBackend`` is the in-process reference (a ``ClientWorker`` transport).
+``RayBackend`` runs a pool of client actors (each training a chunk of the round's clients
+with its model and data resident) and one server actor that owns the ``ServerCore`` and
+runs ``run_round`` itself over ``ActorPool``, the transport that hands the chunks to the
+client actors (the driver only asks for rounds and receives records). The round's payload
+(global model and broadcast) is packed once; it travels inline up to Ray's inline limit and
+through the object store, once, above it. Both return the same records for the same scenario.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,71 +26,25 @@ import torch
 from fedflat.client.update import ClientResult
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.runtime.build import FederatedData
+from fedflat.runtime.round_loop import (
+    Backend,
+    ClientState,
+    LocalBackend,
+    Mapped,
+    WorkerTransport,
+    run_round,
+)
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
 from fedflat.scenario.schema import RuntimeConfig, Scenario
 
-Following = tuple[int, Sequence[ClientJob]] | None  # the next round's (index, jobs), if known
 
-
-class Backend(Protocol):
-    def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None,
-              following: Following = None) -> dict[str, Any]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def final_params(self) -> torch.Tensor: ...
-    def final_buffers(self) -> torch.Tensor: ...
-    def close(self) -> None: ...
-
-
-class CoreBackend:
-    """A backend whose server side is a ``ServerCore`` in this process (``self.core``):
-    serial, and the Flower grid backends."""
-
-    core: ServerCore
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.core.load_state_dict(state)
-
-    def final_params(self) -> torch.Tensor:
-        return self.core.params
-
-    def final_buffers(self) -> torch.Tensor:
-        return self.core.buffers
-
-    def close(self) -> None:
-        pass
-
-
-class SerialBackend(CoreBackend):
+class SerialBackend(LocalBackend):
     """Everything in this process, clients one after another."""
 
     def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor) -> None:
         self.worker = ClientWorker(sc, fed, threads=sc.runtime.threads)
-        self.core = ServerCore(sc, fed, params)
-
-    def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None,
-              following: Following = None) -> dict[str, Any]:
-        payload = self.core.begin_round(round_, _versions(jobs))
-        states = self.core.states_for([j.client_id for j in jobs])
-        results = self.worker.run(payload, jobs, states)
-        return self.core.end_round(round_, jobs, results, keep_versions)
-
-
-class VmapBackend(SerialBackend):
-    """In-process, every client of the round trained at once (``runtime.backend: vmap``):
-    ``SerialBackend`` whose worker runs its jobs through
-    ``fedflat.runtime.vmap_backend.ChunkRunner`` (the worker chooses it from the scenario;
-    this class lives here so that ``vmap_backend`` need not import the backends)."""
-
-
-def _versions(jobs: Sequence[ClientJob]) -> list[int]:
-    return sorted({j.version for j in jobs if j.version is not None})
+        super().__init__(ServerCore(sc, fed, params), WorkerTransport(self.worker))
 
 
 def balance_chunks(jobs: Sequence[ClientJob], sizes: Sequence[int], k: int) -> list[list[int]]:
@@ -151,48 +107,51 @@ def _where() -> dict[str, Any]:
     return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
-class _ServerActor:
-    """Server actor body: a ServerCore that sends the round's work to the client actors
-    itself, so that payloads and results travel server <-> client actor directly (the
-    driver is not on the round's critical path). A client actor that dies is replaced from
-    its ``ActorSpec``; its chunk is retried on the replacement (``on_actor_failure: retry``:
-    a chunk's random streams are functions of (seed, round, client), so the retry returns
-    what the lost actor would have) or its clients are left out of the round (``drop``)."""
+class ActorPool:
+    """The Ray transport, run inside the server actor: each round's jobs go to the client
+    actors in balanced chunks, directly from the server actor (the driver is not on the
+    round's critical path). A client actor that dies is replaced from its ``ActorSpec``; its
+    chunk is retried on the replacement (``on_actor_failure: retry``: a chunk's random
+    streams are functions of (seed, round, client), so the retry returns what the lost actor
+    would have) or its clients are left out of the round (``drop``)."""
 
-    def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor, threads: int,
-                 inline_bytes: int = INLINE_BYTES, spec: ActorSpec | None = None) -> None:
-        self.core = ServerCore(sc, fed, params, threads=threads)
+    def __init__(self, policy: str, sizes: Sequence[int], inline_bytes: int = INLINE_BYTES,
+                 spec: ActorSpec | None = None) -> None:
+        self.policy = policy
+        self.sizes = list(sizes)
         self.inline_bytes = inline_bytes
-        self.policy = sc.runtime.on_actor_failure
         self.spec = spec
         self.actors: list[Any] = []
         self.placement: list[dict[str, Any]] = []
         self.failures_total = 0
-        self._pending: tuple[int, list[ClientJob], list[list[int]], _Sent] | None = None
-
-    def where(self) -> dict[str, Any]:
-        return _where()
 
     def attach(self, actors: list[Any], placement: list[dict[str, Any]] | None = None) -> None:
         self.actors = list(actors)
         self.placement = [dict(p, actor=i, replaced=0)
                           for i, p in enumerate(placement or [{}] * len(actors))]
 
-    def describe(self) -> dict[str, Any]:
-        return {"ray_actors": self.placement, "actor_failures": self.failures_total}
-
-    def _submit(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]]) -> _Sent:
+    def map_clients(self, payload: RoundPayload, jobs: Sequence[ClientJob],
+                    states: Sequence[ClientState]) -> Mapped:
         import ray
 
+        jobs = list(jobs)
+        chunks = balance_chunks(jobs, self.sizes, len(self.actors))
         # The payload is packed once. Up to the inline limit it travels inside each chunk's
         # task (measured: ~1 ms less per task than a stored object for a 68 KB model); above
         # it, Ray would store a copy per task, so it goes into the object store once.
-        payload: Any = pack_payload(self.core.begin_round(round_, _versions(jobs)))
-        if _nbytes(payload) > self.inline_bytes:
-            payload = ray.put(payload)
-        args = [(payload, [_arrays(s) for s in self.core.states_for(
-                    [jobs[i].client_id for i in c])], [jobs[i] for i in c]) for c in chunks]
-        return _Sent(args, [self.actors[a].run.remote(*args[a]) for a in range(len(chunks))])
+        wire: Any = pack_payload(payload)
+        if _nbytes(wire) > self.inline_bytes:
+            wire = ray.put(wire)
+        args = [(wire, [_arrays(states[i]) for i in c], [jobs[i] for i in c]) for c in chunks]
+        refs = [self.actors[a].run.remote(*args[a]) for a in range(len(chunks))]
+        results, failures = self._collect(payload.round, refs, args, chunks, jobs)
+        record: dict[str, Any] = {}
+        if failures:
+            record["actor_failures"] = failures
+            if self.policy == "drop":
+                record["actor_dropped"] = [jobs[i].client_id for i, r in enumerate(results)
+                                           if r is None]
+        return Mapped(results, record)
 
     def _replace(self, a: int, err: Exception) -> None:
         """Start a fresh client actor in place of actor ``a`` (same resources and bundle)."""
@@ -210,8 +169,9 @@ class _ServerActor:
         old = self.placement[a]
         self.placement[a] = {**where, "actor": a, "replaced": old.get("replaced", 0) + 1}
 
-    def _collect(self, round_: int, sent: _Sent, chunks: list[list[int]],
-                 jobs: list[ClientJob]) -> tuple[list[ClientResult | None], int]:
+    def _collect(self, round_: int, refs: list[Any], args: list[tuple[Any, ...]],
+                 chunks: list[list[int]], jobs: list[ClientJob]
+                 ) -> tuple[list[ClientResult | None], int]:
         """The chunk results, replacing lost actors; None where a chunk's clients were
         dropped. Returns the results by job position and the number of actor failures."""
         import ray
@@ -220,7 +180,7 @@ class _ServerActor:
         results: list[ClientResult | None] = [None] * len(jobs)
         failures = 0
         for a, positions in enumerate(chunks):
-            ref, tries = sent.refs[a], 0
+            ref, tries = refs[a], 0
             while True:
                 try:
                     packed = ray.get(ref)
@@ -237,43 +197,41 @@ class _ServerActor:
                             f"round {round_}: the chunk of clients "
                             f"{[jobs[i].client_id for i in positions]} lost {tries} client "
                             f"actors in a row (last: {_reason(err)})") from err
-                    ref = self.actors[a].run.remote(*sent.args[a])
+                    ref = self.actors[a].run.remote(*args[a])
             if packed is not None:
                 for pos, r in zip(positions, unpack_results(packed), strict=True):
                     results[pos] = r
         self.failures_total += failures
         return results, failures
 
-    def step(self, round_: int, jobs: list[ClientJob], chunks: list[list[int]],
-             keep_versions: list[int] | None,
-             following: tuple[int, list[ClientJob], list[list[int]]] | None) -> dict[str, Any]:
-        """Run round ``round_`` and return its record. With ``following`` (round t+1's jobs
-        and chunks) the next round's client work is sent out before returning, so that it
-        runs while the driver records round t."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[:3] == (round_, jobs, chunks):
-            sent = pending[3]  # sent out while round t-1 was being recorded
-        else:
-            sent = self._submit(round_, jobs, chunks)
-        results, failures = self._collect(round_, sent, chunks, jobs)
-        kept = [i for i, r in enumerate(results) if r is not None]
-        rec = self.core.end_round(round_, [jobs[i] for i in kept],
-                                  [r for r in results if r is not None], keep_versions)
-        if failures:
-            rec["actor_failures"] = failures
-            if self.policy == "drop":
-                rec["actor_dropped"] = [jobs[i].client_id for i, r in enumerate(results)
-                                        if r is None]
-        if following is not None:
-            t1, jobs1, chunks1 = following
-            self._pending = (t1, jobs1, chunks1, self._submit(t1, jobs1, chunks1))
-        return rec
+
+class _ServerActor:
+    """Server actor body: a ServerCore running :func:`run_round` over an ``ActorPool``."""
+
+    def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor, threads: int,
+                 inline_bytes: int = INLINE_BYTES, spec: ActorSpec | None = None) -> None:
+        self.core = ServerCore(sc, fed, params, threads=threads)
+        self.pool = ActorPool(sc.runtime.on_actor_failure, fed.client_sizes().tolist(),
+                              inline_bytes, spec)
+
+    def where(self) -> dict[str, Any]:
+        return _where()
+
+    def attach(self, actors: list[Any], placement: list[dict[str, Any]] | None = None) -> None:
+        self.pool.attach(actors, placement)
+
+    def describe(self) -> dict[str, Any]:
+        return {"ray_actors": self.pool.placement, "actor_failures": self.pool.failures_total}
+
+    def step(self, round_: int, jobs: list[ClientJob],
+             keep_versions: list[int] | None) -> dict[str, Any]:
+        """Run round ``round_`` and return its record."""
+        return run_round(self.core, self.pool, round_, jobs, keep_versions)
 
     def state_dict(self) -> dict[str, Any]:
         return self.core.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = None
         self.core.load_state_dict(state)
 
     def params(self) -> torch.Tensor:
@@ -281,14 +239,6 @@ class _ServerActor:
 
     def buffers(self) -> torch.Tensor:
         return self.core.buffers
-
-
-@dataclass
-class _Sent:
-    """One round's chunk tasks: their arguments (kept to resend a chunk) and result refs."""
-
-    args: list[tuple[Any, ...]]
-    refs: list[Any]
 
 
 def _reason(exc: BaseException) -> str:
@@ -493,7 +443,6 @@ class RayBackend:
             server_cls = server_cls.options(runtime_env=runtime_env)
         self.server = server_cls.remote(sc, fed_ref, params, threads, inline_bytes, spec)
         self.actors = [spec.spawn(i) for i in range(rt.num_actors)]
-        self.sizes = fed.client_sizes().tolist()
         # Surface construction errors now, and say so when the cluster makes us wait.
         where = [a.where.remote() for a in self.actors]
         self._wait([*where, self.server.where.remote()], f"{rt.num_actors} client actors "
@@ -532,17 +481,9 @@ class RayBackend:
             raise ClusterError(self._server_lost) from None
 
     def round(self, round_: int, jobs: Sequence[ClientJob],
-              keep_versions: Sequence[int] | None = None,
-              following: Following = None) -> dict[str, Any]:
-        jobs = list(jobs)
+              keep_versions: Sequence[int] | None = None) -> dict[str, Any]:
         keep = list(keep_versions) if keep_versions is not None else None
-        chunks = balance_chunks(jobs, self.sizes, len(self.actors))
-        nxt = None
-        if following is not None:
-            jobs1 = list(following[1])
-            nxt = (following[0], jobs1, balance_chunks(jobs1, self.sizes, len(self.actors)))
-        return self._call(f"in round {round_}", self.server.step, round_, jobs, chunks, keep,
-                          nxt)
+        return self._call(f"in round {round_}", self.server.step, round_, list(jobs), keep)
 
     def state_dict(self) -> dict[str, Any]:
         return self._call("while saving a checkpoint", self.server.state_dict)
@@ -592,6 +533,5 @@ class RayBackend:
 def make_backend(sc: Scenario, fed: FederatedData, params: torch.Tensor) -> Backend:
     if sc.runtime.backend == "ray":
         return RayBackend(sc, fed, params)
-    if sc.runtime.backend == "vmap":
-        return VmapBackend(sc, fed, params)
+    # serial and vmap: the worker of a vmap run trains each round through its ChunkRunner
     return SerialBackend(sc, fed, params)

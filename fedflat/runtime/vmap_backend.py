@@ -1,12 +1,13 @@
-"""The vectorised backend (``runtime.backend: vmap``) and the chunk runner of workers.
+"""The chunk runner of workers: the vectorised backend (``runtime.backend: vmap``).
 
-``VmapBackend`` is ``SerialBackend`` whose worker trains the round's clients at once with
-``fedflat.client.vectorized.ChunkEngine``; a Ray client actor does the same with its chunk
-when ``runtime.vectorize`` is on. This module only moves data: it draws each client's
-batches (``batch_indices``) and DP noise from the client's own stream, in the order the
-serial loop draws them, pads them into one step, and sends the deltas through the worker's
-uplink chain (DP-FedSAM's clip and noise, then the codec) as the serial worker does, one
-client at a time from each client's own streams. The server side is ``ServerCore``.
+``runtime.backend: vmap`` is the serial backend whose worker trains the round's clients at
+once with ``fedflat.client.vectorized.ChunkEngine`` (through ``ChunkRunner``); a Ray client
+actor does the same with its chunk when ``runtime.vectorize`` is on. This module only moves
+data: it draws each client's batches (``batch_indices``) and DP noise from the client's own
+stream, in the order the serial loop draws them, pads them into one step, and sends the
+deltas through the worker's uplink chain (DP-FedSAM's clip and noise, then the codec) as the
+serial worker does, one client at a time from each client's own streams. The round and the
+server side are ``round_loop.run_round`` and ``ServerCore``.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from typing import Any
 import fedflat
 from fedflat.errors import FedflatError, ScenarioError
 from fedflat.runtime.checkpoint import list_checkpoints
-from fedflat.runtime.run import EXIT_DIVERGED, _write_json
+from fedflat.runtime.driver import EXIT_DIVERGED, write_json
 from fedflat.scenario.loader import load_scenario
 from fedflat.sweep.spec import (
     SweepPoint,
@@ -92,7 +92,7 @@ def write_index(spec: SweepSpec, sweep_dir: Path, runs: list[SweepRun]) -> None:
                                               "overrides": r.point.overrides, "runs": []})
         p["runs"].append({"seed": r.seed, "dir": str(r.run_dir.relative_to(sweep_dir)),
                           "status": run_status(r.run_dir)})
-    _write_json(sweep_dir / INDEX, {
+    write_json(sweep_dir / INDEX, {
         "format": 1, "fedflat_version": fedflat.__version__, "identity": spec.identity(),
         "scenario": spec.scenario, "grid": spec.grid, "zip": spec.zip, "seeds": spec.seeds,
         "sets": spec.sets,
