@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedflat.attacks.byzantine import attack_step, byzantine_ids
+from fedflat.client.adversarial import adversarial_oracle
 from fedflat.client.correction import Correction, feddyn, fedprox, mofedsam, scaffold
 from fedflat.client.optim import LocalOptimizer, adam, sgd
 from fedflat.client.oracle import Oracle
@@ -289,6 +290,8 @@ def build_local_rule(sc: Scenario) -> LocalRule:
         if dp.mechanism != "dp_sgd":
             common["rho"] = dp.rho
         oracle = DP_MECHANISMS[dp.mechanism](**common)
+    if sc.adversarial.enabled:  # outermost: every oracle (SAM, DP) sees the adversarial batch
+        oracle = adversarial_oracle(oracle, sc.adversarial.train_attack())
     return LocalRule(oracle=oracle, corrections=corrections, optimizer=build_optimizer(sc),
                      schedule=schedule)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedflat.client.adversarial import robust_accuracy
 from fedflat.client.update import ClientResult
 from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
 from fedflat.metrics.fairness import PerClientEvaluator
@@ -243,7 +244,22 @@ class ServerCore:
             loss_sum, correct, n = self.model.evaluate(w, x, y)
             out[f"{name}_loss"] = loss_sum / max(n, 1)
             out[f"{name}_accuracy"] = correct / max(n, 1)
+        if self.sc.adversarial.evaluating and "test" in self._eval_sets:
+            out["robust_test_accuracy"] = self._robust_accuracy(w)
         return out
+
+    def _robust_accuracy(self, w: Tensor) -> float:
+        """PGD accuracy on a fixed test subset; the random starts restart from one stream
+        each evaluation, so the figure depends on w only."""
+        adv = self.sc.adversarial
+        x, y = self._eval_sets["test"]
+        if adv.eval_samples is not None and len(y) > adv.eval_samples:
+            keep = numpy_rng(self.sc.seed, "eval", 3).choice(len(y), adv.eval_samples,
+                                                             replace=False)
+            keep_t = torch.as_tensor(sorted(keep))
+            x, y = x[keep_t], y[keep_t]
+        return robust_accuracy(self.model, w, x, y, adv.eval_attack(),
+                               stream(self.sc.seed, "eval", 2))
 
     def _evaluate_per_client(self, w: Tensor) -> dict[str, float]:
         """bn_aggregation local (FedBN): each client evaluates the global parameters with

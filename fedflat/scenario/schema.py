@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedflat.scenario.adversarial import AdversarialConfig, adversarial_checks
 from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
@@ -284,6 +285,7 @@ class Scenario(Section):
     system: SystemConfig = Field(default_factory=SystemConfig)
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
 
 
 
@@ -293,6 +295,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     n = sc.data.num_clients
     errors.extend(topology_checks(sc))  # first: a graph run refuses server keys by name
     errors.extend(personalization_checks(sc))
+    errors.extend(adversarial_checks(sc))
     if sc.server.clients_per_round > n and sc.topology.kind == "none":
         errors.append(("server.clients_per_round",
                        f"clients_per_round = {sc.server.clients_per_round} exceeds "
