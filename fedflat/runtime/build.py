@@ -21,6 +21,7 @@ from fedflat.client.oracle import Oracle
 from fedflat.client.oracles import fedsmoo, make_oracle
 from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
+from fedflat.client.zeroth_order import zo_oracle
 from fedflat.comm.codecs import codec_from_config
 from fedflat.data import partition as part
 from fedflat.data.datasets import Dataset, load_dataset
@@ -290,6 +291,9 @@ def build_local_rule(sc: Scenario) -> LocalRule:
         if dp.mechanism != "dp_sgd":
             common["rho"] = dp.rho
         oracle = DP_MECHANISMS[dp.mechanism](**common)
+    zo = c.zeroth_order
+    if zo.enabled:  # the estimate replaces the gradient (checks refuse other oracles, DP)
+        oracle = zo_oracle(zo.queries, zo.mu, zo.estimator)
     if sc.adversarial.enabled:  # outermost: every oracle (SAM, DP) sees the adversarial batch
         oracle = adversarial_oracle(oracle, sc.adversarial.train_attack())
     return LocalRule(oracle=oracle, corrections=corrections, optimizer=build_optimizer(sc),

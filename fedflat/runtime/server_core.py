@@ -17,11 +17,17 @@ from torch import Tensor
 
 from fedflat.client.adversarial import robust_accuracy
 from fedflat.client.update import ClientResult
+from fedflat.client.zeroth_order import message_nbytes, replay
 from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
 from fedflat.metrics.fairness import PerClientEvaluator
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
-from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
+from fedflat.runtime.build import (
+    FederatedData,
+    build_flat_model,
+    build_optimizer,
+    build_pipeline,
+)
 from fedflat.runtime.worker import BN_KEY, ClientJob, RoundPayload
 from fedflat.scenario.schema import Scenario
 from fedflat.server.pipeline import ServerRound
@@ -109,6 +115,9 @@ class ServerCore:
             if self.per_client is not None:
                 self.per_client.record(round_, [r.client_id for r in results],
                                        [r.metrics for r in results])
+            zo = self.sc.client.zeroth_order
+            if zo.enabled and zo.uplink == "seeds":
+                self._replay_seed_messages(jobs, results)
             d = self.params.numel()
             deltas = (torch.stack([r.delta for r in results]) if results
                       else self.params.new_zeros(0, d))
@@ -165,6 +174,21 @@ class ServerCore:
         if (sh.lambda_max or sh.trace or sh.m_sharpness) and ((round_ + 1) % sh.every == 0 or last):
             rec.update(self.sharpness(round_))
         return rec
+
+    def _replay_seed_messages(self, jobs: Sequence[ClientJob],
+                              results: Sequence[ClientResult]) -> None:
+        """Zeroth-order seed uplink: rebuild every delta from its (seeds, scalars) message
+        and count the message's bytes. The replay must equal the client's own delta bit for
+        bit; a difference is a bug, never a tolerance."""
+        zo, opt = self.sc.client.zeroth_order, build_optimizer(self.sc)
+        for job, r in zip(jobs, results, strict=True):
+            seeds, scalars = r.message["zo_seeds"], r.message["zo_scalars"]
+            delta = replay(self.params, seeds, scalars, job.lr, zo.estimator, opt)
+            if not torch.equal(delta, r.delta):
+                raise RuntimeError(f"zeroth-order seed replay of client {r.client_id} differs "
+                                   "from its delta")
+            r.delta = delta
+            r.metrics["bytes_up"] = float(message_nbytes(seeds, scalars))
 
     def _average_buffers(self, jobs: Sequence[ClientJob],
                          results: Sequence[ClientResult]) -> Tensor:

@@ -28,6 +28,7 @@ from fedflat.scenario.resources import resource_checks
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.topology import TopologyConfig, topology_checks
 from fedflat.scenario.vectorize import vectorize_checks
+from fedflat.scenario.zeroth_order import ZerothOrderConfig, zeroth_order_checks
 
 
 class Section(BaseModel):
@@ -116,6 +117,7 @@ class ModelConfig(Section):
 
 
 class ClientConfig(Section):
+    zeroth_order: ZerothOrderConfig = Field(default_factory=ZerothOrderConfig)
     optimizer: Literal["sgd", "adam"] = Field(
         "sgd", description="Base local optimizer (PyTorch semantics).")
     lr: float = Field(0.01, gt=0, description="Local learning rate η.")
@@ -296,6 +298,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     errors.extend(topology_checks(sc))  # first: a graph run refuses server keys by name
     errors.extend(personalization_checks(sc))
     errors.extend(adversarial_checks(sc))
+    errors.extend(zeroth_order_checks(sc))
     if sc.server.clients_per_round > n and sc.topology.kind == "none":
         errors.append(("server.clients_per_round",
                        f"clients_per_round = {sc.server.clients_per_round} exceeds "
