@@ -135,3 +135,19 @@ def test_adversarial_refusals(over, key):
     with pytest.raises(ScenarioError) as info:
         load_scenario(sc)
     assert key in str(info.value)
+
+
+@pytest.mark.slow
+def test_reproduce_adversarial_quick_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_adversarial.py"
+    spec = importlib.util.spec_from_file_location("reproduce_adversarial", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "adv.md"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    for row in ("| FedAvg |", "| FedAvg + PGD-AT |", "| FedSAM + PGD-AT |"):
+        assert row in text

@@ -127,3 +127,22 @@ def test_zo_refusals(over, key):
     with pytest.raises(ScenarioError) as info:
         load_scenario(sc)
     assert key in str(info.value)
+
+
+@pytest.mark.slow
+def test_reproduce_zo_quick_table(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_zo.py"
+    spec = importlib.util.spec_from_file_location("reproduce_zo", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "zo.md"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    # 10 local steps: seeds send 10·(8 + 4·20) + 4 = 884 bytes, vectors 4·650 + 4 = 2604.
+    assert "| ZO-FedAvg q=20, seed uplink |" in text
+    assert "| 884 |" in text
+    assert "| 2604 |" in text
+    assert "identical accuracy" in text
