@@ -146,3 +146,18 @@ def test_reproduce_zo_quick_table(tmp_path):
     assert "| 884 |" in text
     assert "| 2604 |" in text
     assert "identical accuracy" in text
+
+
+@pytest.mark.slow
+def test_ray_equals_serial_with_seed_uplink_and_adversarial(tmp_path, ray_session):
+    """What travels (the seed message; the adversarial random starts drawn on the client's
+    generator) gives the serial model bit for bit on Ray."""
+    from test_adversarial import _scenario as adv_scenario
+
+    ray = {"runtime": {"backend": "ray", "num_actors": 2, "threads": 1}}
+    for name, sc in (("zo", _scenario(uplink="seeds")), ("adv", adv_scenario(enabled=True))):
+        serial = fedflat.run(sc, out=tmp_path / f"{name}_s")
+        on_ray = fedflat.run({**sc, **ray}, out=tmp_path / f"{name}_r")
+        assert torch.equal(serial.params, on_ray.params)
+        assert [m.get("bytes_up") for m in serial.metrics] == \
+            [m.get("bytes_up") for m in on_ray.metrics]

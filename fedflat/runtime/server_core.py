@@ -182,6 +182,10 @@ class ServerCore:
         bit; a difference is a bug, never a tolerance."""
         zo, opt = self.sc.client.zeroth_order, build_optimizer(self.sc)
         for job, r in zip(jobs, results, strict=True):
+            if "zo_seeds" not in r.message:  # a transport that drops the message (Flower)
+                raise RuntimeError("client.zeroth_order.uplink is 'seeds' but client "
+                                   f"{r.client_id}'s result carries no seed message; this "
+                                   "deployment supports uplink: vector only")
             seeds, scalars = r.message["zo_seeds"], r.message["zo_scalars"]
             delta = replay(self.params, seeds, scalars, job.lr, zo.estimator, opt)
             if not torch.equal(delta, r.delta):
