@@ -121,6 +121,7 @@ def test_zo_differs_from_first_order_and_learns(tmp_path):
     ({"privacy": {"sample_level": {"enabled": True, "noise_multiplier": 1.0}}},
      "privacy.sample_level.enabled"),
     ({"comm": {"uplink": {"codec": "fp16"}}}, "comm.uplink.codec"),
+    ({"topology": {"kind": "ring"}, "server": {"rounds": 2}}, "topology.kind"),
 ])
 def test_zo_refusals(over, key):
     sc = {**_scenario(uplink="seeds"), **over}

@@ -86,6 +86,9 @@ def zeroth_order_checks(sc: Scenario) -> list[tuple[str, str]]:
                            "cannot be replayed from seeds"))
         if sc.system.asynchronous is not None:
             errors.append(("system.asynchronous", f"{why}: synchronous rounds only"))
+        if sc.topology.kind != "none":
+            errors.append(("topology.kind", f"{why}: gossip sends models, not updates a "
+                           "server could replay; use uplink: vector"))
         if sc.runtime.backend == "ray" and sc.runtime.num_gpus > 0:
             errors.append(("runtime.num_gpus", f"{why}: the server rebuilds the directions "
                            "on CPU; train on CPU"))
