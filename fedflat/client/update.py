@@ -17,6 +17,7 @@ from torch import Tensor
 from fedflat.client.correction import Correction
 from fedflat.client.optim import LocalOptimizer
 from fedflat.client.oracle import Oracle, UpdateContext
+from fedflat.client.zeroth_order import ZOState
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,9 @@ class ClientResult:
     # The model's BatchNorm running statistics after the update (``model.bn_aggregation:
     # average``), averaged by the server like the parameters; empty otherwise.
     buffers: Tensor = field(default_factory=lambda: torch.zeros(0))
+    # Zeroth-order clients: the (seeds, scalars) message the server can replay the update
+    # from (``fedflat.client.zeroth_order``); empty otherwise.
+    message: dict[str, Tensor] = field(default_factory=dict)
 
 
 def batch_indices(
@@ -154,6 +158,10 @@ def client_update(
         state.update(new_state)
         extras.update(ex)
     metrics = {k: v / max(steps, 1) for k, v in metrics.items()}
+    message: dict[str, Tensor] = {}
+    if isinstance(ostate, ZOState):  # a total per update, not a per-step mean
+        message = ostate.message()
+        metrics["zo_queries"] = float(ostate.queries)
     return ClientResult(
         client_id=ctx.client_id,
         delta=w - ctx.x_global,
@@ -163,4 +171,5 @@ def client_update(
         client_state=state,
         extras=extras,
         metrics=metrics,
+        message=message,
     )

@@ -300,7 +300,7 @@ def pack_results(results: list[ClientResult]) -> Wire:
     return {"deltas": deltas, "buffers": buffers, "clients": [
         {"client_id": r.client_id, "num_samples": r.num_samples, "train_loss": r.train_loss,
          "steps": r.steps, "client_state": _arrays(r.client_state), "extras": _arrays(r.extras),
-         "metrics": r.metrics} for r in results]}
+         "metrics": r.metrics, "message": _arrays(r.message)} for r in results]}
 
 
 def unpack_results(wire: Wire) -> list[ClientResult]:
@@ -308,7 +308,8 @@ def unpack_results(wire: Wire) -> list[ClientResult]:
     return [ClientResult(client_id=c["client_id"], delta=deltas[i], num_samples=c["num_samples"],
                          train_loss=c["train_loss"], steps=c["steps"],
                          client_state=_tensors(c["client_state"]), extras=_tensors(c["extras"]),
-                         metrics=c["metrics"], buffers=buffers[i])
+                         metrics=c["metrics"], buffers=buffers[i],
+                         message=_tensors(c["message"]))
             for i, c in enumerate(wire["clients"])]
 
 

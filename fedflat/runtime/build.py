@@ -14,12 +14,14 @@ import numpy as np
 import torch
 
 from fedflat.attacks.byzantine import attack_step, byzantine_ids
+from fedflat.client.adversarial import adversarial_oracle
 from fedflat.client.correction import Correction, feddyn, fedprox, mofedsam, scaffold
 from fedflat.client.optim import LocalOptimizer, adam, sgd
 from fedflat.client.oracle import Oracle
 from fedflat.client.oracles import FedSmoo, build_oracle
 from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
+from fedflat.client.zeroth_order import zo_oracle
 from fedflat.comm.codecs import codec_from_config
 from fedflat.data import partition as part
 from fedflat.data.datasets import Dataset, load_dataset, load_synthetic_devices
@@ -296,6 +298,11 @@ def build_local_rule(sc: Scenario) -> LocalRule:
         if dp.mechanism != "dp_sgd":
             common["rho"] = dp.rho
         oracle = DP_MECHANISMS[dp.mechanism](**common)
+    zo = c.zeroth_order
+    if zo.enabled:  # the estimate replaces the gradient (checks refuse other oracles, DP)
+        oracle = zo_oracle(zo.queries, zo.mu, zo.estimator)
+    if sc.adversarial.enabled:  # outermost: every oracle (SAM, DP) sees the adversarial batch
+        oracle = adversarial_oracle(oracle, sc.adversarial.train_attack())
     return LocalRule(oracle=oracle, corrections=corrections, optimizer=build_optimizer(sc),
                      schedule=schedule)
 

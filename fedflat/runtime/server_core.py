@@ -15,14 +15,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedflat.client.adversarial import robust_accuracy
 from fedflat.client.update import ClientResult
+from fedflat.client.zeroth_order import message_nbytes, replay
 from fedflat.comm.codecs import codec_from_config, fp32_nbytes, transmit
 from fedflat.data.datasets import sample_devices
 from fedflat.data.synthetic import SyntheticDevices
 from fedflat.metrics.fairness import PerClientEvaluator
 from fedflat.metrics.sharpness import hessian_trace, lambda_max, m_sharpness
 from fedflat.rng import numpy_rng, stream
-from fedflat.runtime.build import FederatedData, build_flat_model, build_pipeline
+from fedflat.runtime.build import (
+    FederatedData,
+    build_flat_model,
+    build_optimizer,
+    build_pipeline,
+)
 from fedflat.runtime.client_store import ClientStore
 from fedflat.runtime.worker import BN_KEY, ClientJob, RoundPayload
 from fedflat.scenario.schema import Scenario
@@ -116,6 +123,9 @@ class ServerCore:
             if self.per_client is not None:
                 self.per_client.record(round_, [r.client_id for r in results],
                                        [r.metrics for r in results])
+            zo = self.sc.client.zeroth_order
+            if zo.enabled and zo.uplink == "seeds":
+                self._replay_seed_messages(jobs, results)
             d = self.params.numel()
             deltas = (torch.stack([r.delta for r in results]) if results
                       else self.params.new_zeros(0, d))
@@ -175,6 +185,25 @@ class ServerCore:
         if (sh.lambda_max or sh.trace or sh.m_sharpness) and ((round_ + 1) % sh.every == 0 or last):
             rec.update(self.sharpness(round_))
         return rec
+
+    def _replay_seed_messages(self, jobs: Sequence[ClientJob],
+                              results: Sequence[ClientResult]) -> None:
+        """Zeroth-order seed uplink: rebuild every delta from its (seeds, scalars) message
+        and count the message's bytes. The replay must equal the client's own delta bit for
+        bit; a difference is a bug, never a tolerance."""
+        zo, opt = self.sc.client.zeroth_order, build_optimizer(self.sc)
+        for job, r in zip(jobs, results, strict=True):
+            if "zo_seeds" not in r.message:  # a transport that drops the message (Flower)
+                raise RuntimeError("client.zeroth_order.uplink is 'seeds' but client "
+                                   f"{r.client_id}'s result carries no seed message; this "
+                                   "deployment supports uplink: vector only")
+            seeds, scalars = r.message["zo_seeds"], r.message["zo_scalars"]
+            delta = replay(self.params, seeds, scalars, job.lr, zo.estimator, opt)
+            if not torch.equal(delta, r.delta):
+                raise RuntimeError(f"zeroth-order seed replay of client {r.client_id} differs "
+                                   "from its delta")
+            r.delta = delta
+            r.metrics["bytes_up"] = float(message_nbytes(seeds, scalars))
 
     def _average_buffers(self, jobs: Sequence[ClientJob],
                          results: Sequence[ClientResult]) -> Tensor:
@@ -272,7 +301,22 @@ class ServerCore:
             loss_sum, correct, n = self.model.evaluate(w, x, y)
             out[f"{name}_loss"] = loss_sum / max(n, 1)
             out[f"{name}_accuracy"] = correct / max(n, 1)
+        if self.sc.adversarial.evaluating and "test" in self._eval_sets:
+            out["robust_test_accuracy"] = self._robust_accuracy(w)
         return out
+
+    def _robust_accuracy(self, w: Tensor) -> float:
+        """PGD accuracy on a fixed test subset; the random starts restart from one stream
+        each evaluation, so the figure depends on w only."""
+        adv = self.sc.adversarial
+        x, y = self._eval_sets["test"]
+        if adv.eval_samples is not None and len(y) > adv.eval_samples:
+            keep = numpy_rng(self.sc.seed, "eval", 3).choice(len(y), adv.eval_samples,
+                                                             replace=False)
+            keep_t = torch.as_tensor(sorted(keep))
+            x, y = x[keep_t], y[keep_t]
+        return robust_accuracy(self.model, w, x, y, adv.eval_attack(),
+                               stream(self.sc.seed, "eval", 2))
 
     def _evaluate_per_client(self, w: Tensor) -> dict[str, float]:
         """bn_aggregation local (FedBN): each client evaluates the global parameters with

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fedflat.scenario.adversarial import AdversarialConfig, adversarial_checks
 from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
@@ -28,6 +29,7 @@ from fedflat.scenario.resources import resource_checks
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.topology import TopologyConfig, topology_checks
 from fedflat.scenario.vectorize import vectorize_checks
+from fedflat.scenario.zeroth_order import ZerothOrderConfig, zeroth_order_checks
 
 
 class Section(BaseModel):
@@ -122,6 +124,7 @@ class ModelConfig(Section):
 
 
 class ClientConfig(Section):
+    zeroth_order: ZerothOrderConfig = Field(default_factory=ZerothOrderConfig)
     optimizer: Literal["sgd", "adam"] = Field(
         "sgd", description="Base local optimizer (PyTorch semantics).")
     lr: float = Field(0.01, gt=0, description="Local learning rate η.")
@@ -306,6 +309,7 @@ class Scenario(Section):
     system: SystemConfig = Field(default_factory=SystemConfig)
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
 
 
 
@@ -315,6 +319,8 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     n = sc.data.num_clients
     errors.extend(topology_checks(sc))  # first: a graph run refuses server keys by name
     errors.extend(personalization_checks(sc))
+    errors.extend(adversarial_checks(sc))
+    errors.extend(zeroth_order_checks(sc))
     if sc.server.clients_per_round > n and sc.topology.kind == "none":
         errors.append(("server.clients_per_round",
                        f"clients_per_round = {sc.server.clients_per_round} exceeds "
