@@ -112,30 +112,3 @@ def test_flower_server_app_with_batchnorm_equals_serial(tmp_path):
     assert serial.buffers.numel() > 0
     assert torch.equal(res.buffers, serial.buffers)
     same_records(res.metrics, serial.metrics)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_flower_simulation_with_batchnorm_equals_serial(tmp_path):
-    # `fedflat flower simulate` (Flower's Ray simulation engine, in a fresh process as in
-    # tests/test_flower.py): the same model, statistics and records as the serial backend.
-    pytest.importorskip("flwr")
-    import subprocess
-    import sys
-
-    import yaml
-    from test_flower import _env, same_records
-
-    sc = bn_scenario(**{**SMALL, "output.checkpoint_every": 0})
-    src = tmp_path / "bn.yaml"
-    src.write_text(yaml.safe_dump(sc))
-    proc = subprocess.run([sys.executable, "-m", "fedflat.cli", "flower", "simulate", str(src),
-                           "--out", str(tmp_path / "flower")], capture_output=True, text=True,
-                          env=_env(), cwd=tmp_path, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    serial = fedflat.run(src, out=tmp_path / "serial")
-    assert torch.equal(torch.load(tmp_path / "flower" / "final_model.pt"), serial.params)
-    assert torch.equal(torch.load(tmp_path / "flower" / "final_buffers.pt"), serial.buffers)
-    read = [[json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-            for d in ("flower", "serial")]
-    same_records(*read)

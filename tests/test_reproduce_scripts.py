@@ -200,12 +200,18 @@ def test_reuse_survives_schema_additions_but_not_changes(tmp_path: Path) -> None
     run = tmp_path / "run"
     run.mkdir()
     (run / "scenario.yaml").write_text(yaml.safe_dump(stored))
-    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    from fedflat._version import code_revision
+
+    done = {"status": "completed", "code_revision": code_revision()}
+    (run / "summary.json").write_text(json.dumps(done))
     assert rf.reusable(run, base, over)
     # output.* never changes a number: another plots setting still reuses.
     assert rf.reusable(run, base, {**over, "output.plots": False})
     assert not rf.reusable(run, base, {**over, "client.lr": 0.07})
-    (run / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    # A run made by other code is not reused: a table never mixes code revisions.
+    (run / "summary.json").write_text(json.dumps({**done, "code_revision": "0" * 40}))
+    assert not rf.reusable(run, base, over)
+    (run / "summary.json").write_text(json.dumps({**done, "status": "interrupted"}))
     assert not rf.reusable(run, base, over)
 
 
