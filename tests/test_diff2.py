@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from fedflat.privacy.accountant import Accountant
-from fedflat.privacy.accounting import epsilon
-from fedflat.privacy.diff2 import Diff2Config, clip_rows, diff2_gd, difference_release
+from fedflat.privacy.accounting import compute_epsilon, epsilon
+from fedflat.privacy.diff2 import (
+    Diff2Config,
+    clip_rows,
+    diff2_gd,
+    difference_release,
+    split_sigma,
+)
 from fedflat.rng import stream
 
 
@@ -79,3 +85,20 @@ def test_full_rounds_follow_the_period():
     # gradients 1..7 (norm = value): full rounds 0, 3, 6 clip to 1; differences are 1, ≤ C2
     # v: r0 1, r1 2, r2 3, r3 1, r4 2, r5 3, r6 1 -> Σ = 13
     torch.testing.assert_close(w, torch.tensor([-1.3]))
+
+
+def test_split_ledger_has_dp_gds_epsilon():
+    # full rounds 0, 10, 20 get σ1, the other 27 σ2: one release per round in round order
+    s1, s2 = split_sigma(2.0, 30, 10)
+    assert 3 / s1**2 == pytest.approx(27 / s2**2) == pytest.approx(30 / (2 * 2.0**2))
+    gen = stream(3, "data")
+    a, b = torch.rand(8, generator=gen) + 0.5, torch.randn(8, 3, generator=gen)
+    acc = Accountant()
+    cfg = Diff2Config(lr=0.1, rounds=30, period=10, clip_full=1.0, clip_diff=0.1, sigma=s1,
+                      sigma_diff=s2)
+    diff2_gd(quadratic_rows(a, b), torch.zeros(3), cfg, stream(0, "noise"), accountant=acc)
+    assert acc.history == [(s1, 1.0, 1), (s2, 1.0, 9)] * 3
+    # Gaussian RDP α/(2σ²) adds up: the same ε as 30 DP-GD steps at σ = 2
+    dp_gd = epsilon(sampling_rate=1.0, steps=30, noise_multiplier=2.0, delta=1e-5)
+    assert compute_epsilon(acc.history, delta=1e-5).epsilon == pytest.approx(dp_gd, rel=1e-6)
+    assert split_sigma(2.0, 30, 1) == (2.0, 2.0)

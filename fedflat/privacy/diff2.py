@@ -12,30 +12,36 @@ Estimator (DIFF2 with the GD subroutine, Algorithm 1 of the paper), rounds r = 0
 
 - **full round** (r mod T == 0)::
 
-      v_r = (1/N) [ Σ_z clip_C1(∇ℓ(x_r; z)) + N(0, σ² C1² I) ]
+      v_r = (1/N) [ Σ_z clip_C1(∇ℓ(x_r; z)) + N(0, σ1² C1² I) ]
 
 - **difference round** (otherwise)::
 
-      v_r = v_{r-1} + (1/N) [ Σ_z clip_C2(∇ℓ(x_r; z) − ∇ℓ(x_{r-1}; z)) + N(0, σ² C2² I) ]
+      v_r = v_{r-1} + (1/N) [ Σ_z clip_C2(∇ℓ(x_r; z) − ∇ℓ(x_{r-1}; z)) + N(0, σ2² C2² I) ]
 
 - update ``x_{r+1} = x_r − η v_r``.
 
 ``clip_C(u) = u · min(1, C/‖u‖)``, per record. **Sensitivity**: adding or removing one
 record changes a clipped sum by at most C (C1 on full rounds, C2 on difference rounds;
 the difference of *one record's* two gradients is clipped as one vector), so with
-noise std σ·C each release is a Gaussian mechanism of noise multiplier σ, and R rounds
-compose as R full-batch (q = 1) Gaussian releases: the accountant records one step
-``(σ, 1.0)`` per round, the same ledger as DP-GD with R steps at σ. Equal σ therefore
-means equal ε, and the gain comes from C2 ≪ C1: for an L-smooth loss the difference
-is at most L·η·‖v_{r-1}‖, so a small C2 clips little while its noise is C2/C1 times
-DP-GD's.
+noise std σ1·C1 (σ2·C2) each release is a Gaussian mechanism of noise multiplier σ1
+(σ2), and R rounds compose as full-batch (q = 1) Gaussian releases: the accountant
+records one step ``(σ1, 1.0)`` per full round and ``(σ2, 1.0)`` per difference round.
+The Gaussian mechanism's RDP is α/(2σ²) exactly, so the ledger has DP-GD's ε (R steps at
+σ) whenever K/σ1² + (R−K)/σ2² = R/σ², K = ⌈R/T⌉ full rounds; :func:`split_sigma` gives
+the split that spends half of that RDP on each kind (the paper's calibration also
+spends a constant share on each). The gain comes from C2 ≪ C1 (for an L-smooth loss a
+record's difference is at most L·η·‖v_{r-1}‖) and from the fewer, less noisy full
+rounds.
 
 Pitfalls (the paper's and ours): the division by N uses the fixed record count (the
 add/remove convention of the accountants; under replace-one adjacency the sensitivity
 is 2C); the noise of difference rounds accumulates in v over a period (variance grows
 linearly with the rounds since the last full round), which is why full rounds restart
 it every T rounds (the paper's T ≈ a few to tens); the first round of a period must be
-a full round. A non-private DIFF2 (σ = 0, no clipping) reduces to GD exactly, since
+a full round. With *equal* σ on both kinds (σ1 = σ2 = DP-GD's σ, also equal ε) a
+full round's noise stays in v for T rounds instead of averaging out as DP-GD's fresh noise
+does, and DIFF2 loses to DP-GD (measured in ``scripts/reproduce_diff2.py``).
+A non-private DIFF2 (σ = 0, no clipping) reduces to GD exactly, since
 v_r telescopes to the mean gradient at x_r.
 """
 
@@ -89,7 +95,8 @@ class Diff2Config:
         period: T, rounds between full releases (1 = DP-GD).
         clip_full: C1, per-record clip of full gradients.
         clip_diff: C2, per-record clip of gradient differences.
-        sigma: noise multiplier σ of every release.
+        sigma: noise multiplier σ1 of full releases.
+        sigma_diff: noise multiplier σ2 of difference releases (None = ``sigma``).
     """
 
     lr: float
@@ -98,6 +105,20 @@ class Diff2Config:
     clip_full: float
     clip_diff: float
     sigma: float
+    sigma_diff: float | None = None
+
+
+def split_sigma(sigma: float, rounds: int, period: int) -> tuple[float, float]:
+    """(σ1, σ2) with half of DP-GD's RDP (R releases at σ) on each kind of release.
+
+    K = ⌈R/T⌉ full rounds: K/σ1² = (R−K)/σ2² = R/(2σ²), so the ledger's RDP, hence ε
+    under the RDP accountant, equals DP-GD's. ``period = 1`` gives (σ, σ) (no
+    difference rounds).
+    """
+    full = -(-rounds // period)
+    if full == rounds:
+        return sigma, sigma
+    return sigma * (2 * full / rounds) ** 0.5, sigma * (2 * (rounds - full) / rounds) ** 0.5
 
 
 def diff2_gd(grads: PerRecordGrads, w0: Tensor, cfg: Diff2Config, gen: torch.Generator,
@@ -107,7 +128,7 @@ def diff2_gd(grads: PerRecordGrads, w0: Tensor, cfg: Diff2Config, gen: torch.Gen
 
     ``grads(w)`` gives the ``[N, d]`` per-record gradients (all clients' records stacked:
     the server only ever sees their clipped sums plus noise, so the client split does
-    not change the releases). Each round records one ``(σ, q = 1)`` step in
+    not change the releases). Each round records one ``(σ1 or σ2, q = 1)`` step in
     ``accountant``; ``on_round(r, w)`` is called with the parameters before round r's
     update. ``period = 1`` is DP-GD with clip C1.
     """
@@ -116,18 +137,20 @@ def diff2_gd(grads: PerRecordGrads, w0: Tensor, cfg: Diff2Config, gen: torch.Gen
     w = w0.clone()
     v = torch.zeros_like(w)
     prev: Tensor | None = None
+    sigma_diff = cfg.sigma if cfg.sigma_diff is None else cfg.sigma_diff
     for r in range(cfg.rounds):
         if on_round is not None:
             on_round(r, w)
         rows = grads(w)
         n = rows.shape[0]
-        if is_full_round(r, cfg.period) or prev is None:
+        full = is_full_round(r, cfg.period) or prev is None
+        if full:
             v = full_release(rows, clip=cfg.clip_full, sigma=cfg.sigma, n_records=n, gen=gen)
         else:
-            v = difference_release(rows, prev, v, clip=cfg.clip_diff, sigma=cfg.sigma,
+            v = difference_release(rows, prev, v, clip=cfg.clip_diff, sigma=sigma_diff,
                                    n_records=n, gen=gen)
         if accountant is not None:
-            accountant.step(cfg.sigma, 1.0)
+            accountant.step(cfg.sigma if full else sigma_diff, 1.0)
         prev = rows
         w = w - cfg.lr * v
     return w
