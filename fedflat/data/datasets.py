@@ -357,6 +357,66 @@ def _load_cifar10(
     )
 
 
+def _load_shakespeare(
+    data_dir: str | None, seed: int, num_clients: int, options: dict[str, Any]
+) -> Dataset:
+    """LEAF-style Shakespeare, one client per (play, role): see :mod:`fedflat.data.shakespeare`.
+
+    Read from ``<data_dir>/shakespeare_plays/*.txt``. Inputs ``[n, 80]`` float32 character
+    indices, labels the next character (80 classes). The first ``num_clients`` roles of a
+    fixed permutation are used; the pooled train/test arrays hold only their samples.
+    ``options``: ``stride`` (window step, 1 = LEAF), ``test_fraction`` (last share of each
+    role's samples held out, default 0.1).
+
+    Raises:
+        DataError: the folder is missing, or it has fewer roles than ``num_clients``.
+    """
+    from fedflat.data import shakespeare as shk
+
+    allowed = {"stride", "test_fraction"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"data.shakespeare: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
+        )
+    stride = int(options.get("stride", 1))
+    test_fraction = float(options.get("test_fraction", 0.1))
+    folder = _require_file("shakespeare", data_dir, "shakespeare_plays/SOURCE.md").parent
+    roles = [r for r in shk.read_roles(folder) if len(shk.windows(r.codes, stride)[1]) >= 2]
+    if num_clients > len(roles):
+        raise DataError(
+            f"dataset 'shakespeare': num_clients={num_clients} but {folder} has only "
+            f"{len(roles)} roles with >= 2 samples (stride {stride})"
+        )
+    order = numpy_rng(SPLIT_SEED, "split", list(DATASETS).index("shakespeare")).permutation(
+        len(roles)
+    )
+    xs_tr, ys_tr, xs_te, ys_te = [], [], [], []
+    for k in order[:num_clients]:
+        x, y = shk.windows(roles[k].codes, stride)
+        n_tr, _ = shk.split_sizes(len(y), test_fraction)
+        xs_tr.append(x[:n_tr])
+        ys_tr.append(y[:n_tr])
+        xs_te.append(x[n_tr:])
+        ys_te.append(y[n_tr:])
+
+    def groups(parts: list[np.ndarray]) -> list[np.ndarray]:
+        ends = np.cumsum([len(p) for p in parts])
+        return [np.arange(e - len(p), e, dtype=np.int64) for p, e in zip(parts, ends, strict=True)]
+
+    return Dataset(
+        name="shakespeare",
+        x_train=torch.from_numpy(np.concatenate(xs_tr).astype(np.float32)),
+        y_train=torch.from_numpy(np.concatenate(ys_tr)),
+        x_test=torch.from_numpy(np.concatenate(xs_te).astype(np.float32)),
+        y_test=torch.from_numpy(np.concatenate(ys_te)),
+        num_classes=shk.VOCAB_SIZE,
+        in_shape=(shk.SEQ_LEN,),
+        train_groups=groups(ys_tr),
+        test_groups=groups(ys_te),
+    )
+
+
 Loader = Callable[[str | None, int, int, dict[str, Any]], Dataset]
 
 DATASETS: dict[str, Loader] = {
@@ -366,6 +426,7 @@ DATASETS: dict[str, Loader] = {
     "mnist": _load_mnist,
     "fashion_mnist": _load_fashion_mnist,
     "cifar10": _load_cifar10,
+    "shakespeare": _load_shakespeare,
 }
 
 
@@ -376,12 +437,13 @@ def load_dataset(
     seed: int,
     num_clients: int,
     synthetic: dict[str, Any] | None = None,
+    shakespeare: dict[str, Any] | None = None,
 ) -> Dataset:
     """Load dataset ``name``.
 
     Args:
         name: one of ``DATASETS``: "synthetic", "digits", "femnist", "mnist",
-            "fashion_mnist", "cifar10".
+            "fashion_mnist", "cifar10", "shakespeare".
         data_dir: folder holding ``<name>/...`` files (see :func:`resolve_data_dir`);
             not needed for "synthetic" and "digits".
         seed: run seed; only "synthetic" draws from it (``numpy_rng(seed, "data")``).
@@ -390,6 +452,7 @@ def load_dataset(
         synthetic: keyword options of
             :func:`fedflat.data.synthetic.generate_synthetic` (alpha, beta, iid, ...);
             ignored by the other datasets.
+        shakespeare: options of the "shakespeare" loader (stride, test_fraction).
 
     Returns:
         The dataset.
@@ -406,7 +469,8 @@ def load_dataset(
         ) from None
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
-    return loader(data_dir, seed, num_clients, dict(synthetic or {}))
+    options = shakespeare if name == "shakespeare" else synthetic
+    return loader(data_dir, seed, num_clients, dict(options or {}))
 
 
 # ----------------------------------------------------------------------------------

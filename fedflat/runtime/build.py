@@ -84,7 +84,8 @@ def build_data(sc: Scenario) -> FederatedData:
         return _on_demand(sc)
     try:
         ds = load_dataset(d.dataset, data_dir=d.data_dir, seed=sc.seed, num_clients=d.num_clients,
-                          synthetic=d.synthetic.model_dump() if d.dataset == "synthetic" else None)
+                          synthetic=d.synthetic.model_dump() if d.dataset == "synthetic" else None,
+                          shakespeare=d.shakespeare.model_dump())
     except DataError as exc:
         raise DataError(str(exc), key=exc.key or "data.data_dir") from None
     except ValueError as exc:
@@ -146,7 +147,8 @@ def _split(  # type: ignore[no-untyped-def]
 def build_flat_model(sc: Scenario, ds: Dataset, device: str | torch.device = "cpu") -> FlatModel:
     m = sc.model
     module = build_model(m.name, ds.in_shape, ds.num_classes, hidden=m.hidden,
-                         channels=m.channels, norm=m.norm, groups=m.groups)
+                         channels=m.channels, norm=m.norm, groups=m.groups,
+                         lstm_hidden=m.lstm_hidden)
     return FlatModel(module, device=device)
 
 

@@ -93,10 +93,21 @@ class PartitionConfig(Section):
         "as FL-Simulator).")
 
 
+class ShakespeareConfig(Section):
+    stride: int = Field(
+        1, ge=1, description="Step between the 80-character windows of a role's text "
+        "(characters); 1 = every position, as LEAF.")
+    test_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Share of each role's samples held out as its test set "
+        "(the last ones in text order).")
+
+
 class DataConfig(Section):
-    dataset: Literal["synthetic", "digits", "femnist", "mnist", "fashion_mnist", "cifar10"] = Field(
+    dataset: Literal["synthetic", "digits", "femnist", "mnist", "fashion_mnist", "cifar10",
+                     "shakespeare"] = Field(
         "synthetic", description="Dataset. synthetic and digits are built in; the others read "
-        "files from data_dir.")
+        "files from data_dir (shakespeare: LEAF next-character prediction, one client per "
+        "(play, role)).")
     data_dir: str | None = Field(None, description="Directory holding the dataset folders "
                                  "(femnist/, mnist/, ...). "
                                  "Defaults to the environment variable FEDFLAT_DATA.")
@@ -105,12 +116,17 @@ class DataConfig(Section):
         description="Number of clients N (synthetic devices, FEMNIST writers, or partitions).")
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    shakespeare: ShakespeareConfig = Field(default_factory=ShakespeareConfig)
 
 
 class ModelConfig(Section):
-    name: Literal["logistic", "mlp", "cnn"] = Field(
+    name: Literal["logistic", "mlp", "cnn", "char_lstm", "resnet8", "resnet18"] = Field(
         "logistic", description="logistic = multinomial logistic regression; mlp; cnn = "
-        "LeNet-style (images only).")
+        "LeNet-style (images only); char_lstm = LEAF's character LSTM (shakespeare); resnet8 / "
+        "resnet18 = CIFAR ResNets with GroupNorm (FedSAM's).")
+    lstm_hidden: int = Field(
+        64, ge=1, description="char_lstm: width of each of its 2 LSTM layers (LEAF uses 256; "
+        "64 keeps CPU runs fast).")
     hidden: list[int] = Field(
         [200], description="MLP hidden widths; the CNN uses hidden[0] for its dense layer.")
     channels: list[int] = Field([32, 64], description="CNN convolution widths.")
