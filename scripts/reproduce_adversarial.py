@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fedflat  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 EPS = 0.1
 ATTACK = {"epsilon": EPS, "step_size": 0.025, "steps": 7, "norm": "linf",
@@ -61,12 +62,6 @@ def scenario(method: dict[str, Any], seed: int, rounds: int, dataset: str) -> di
         "eval": {"every": rounds, "max_samples": 2000},
         "output": {"checkpoint_every": 0, "plots": False, "progress": False},
     }
-
-
-def _ms(xs: list[float], scale: float = 100.0) -> str:
-    if len(xs) == 1:
-        return f"{xs[0] * scale:.1f}"
-    return f"{statistics.mean(xs) * scale:.1f} ± {statistics.stdev(xs) * scale:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|",
     ]
     for name, acc in cells.items():
-        lines.append(f"| {name} | {_ms(acc['clean'])} | {_ms(acc['robust'])} |")
+        lines.append(f"| {name} | {mean_sd(acc['clean'], 100)} | {mean_sd(acc['robust'], 100)} |")
     lines += [
         "",
         f"Direction (expected, Madry et al. 2018; Zizzo et al. 2020: PGD-AT raises robust and "

@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 
 import fedflat  # noqa: E402
 from fedflat.decentralized import topology as topo  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 N = 16
 GRAPHS: dict[str, dict[str, Any]] = {
@@ -80,12 +81,6 @@ def rho_of(graph: dict[str, Any]) -> tuple[float, float | None]:
     a = topo.graph(graph["kind"], N)
     w = topo.mixing_matrix(a, "metropolis_hastings")
     return topo.second_eigenvalue(w), topo.closed_form_second_eigenvalue(graph["kind"], N)
-
-
-def _ms(xs: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    if len(xs) == 1:
-        return f"{xs[0] * scale:.{digits}f}"
-    return f"{statistics.mean(xs) * scale:.{digits}f} ± {statistics.stdev(xs) * scale:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[name]
         lines.append(
             f"| {name} | {rho:.6f} | {'—' if closed is None else f'{closed:.6f}'} "
-            f"| {1 - rho:.4f} | {_ms(r['consensus_distance'], digits=4)} "
-            f"| {_ms(r['test_accuracy'], 100)} | {_ms(r['node_test_accuracy_mean'], 100)} "
-            f"| {_ms(r['node_test_accuracy_min'], 100)} | {int(r['bytes_per_edge'][0])} |")
+            f"| {1 - rho:.4f} | {mean_sd(r['consensus_distance'], digits=4)} "
+            f"| {mean_sd(r['test_accuracy'], 100)} | {mean_sd(r['node_test_accuracy_mean'], 100)} "
+            f"| {mean_sd(r['node_test_accuracy_min'], 100)} | {int(r['bytes_per_edge'][0])} |")
     cons = [statistics.mean(rows[g]["consensus_distance"]) for g in ORDER]
     node = [statistics.mean(rows[g]["node_test_accuracy_mean"]) for g in ORDER]
     mixes = all(a > b for a, b in itertools.pairwise(cons))

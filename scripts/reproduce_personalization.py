@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fedflat  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 PARTITIONS: dict[str, dict[str, Any]] = {
     "pathological (2 shards)": {"method": "shards", "shards_per_client": 2},
@@ -63,12 +64,6 @@ def scenario(partition: dict[str, Any], method: dict[str, Any], seed: int,
         "eval": {"every": rounds},
         "output": {"checkpoint_every": 0, "plots": False, "progress": False},
     }
-
-
-def _ms(xs: list[float], scale: float = 100.0) -> str:
-    if len(xs) == 1:
-        return f"{xs[0] * scale:.1f}"
-    return f"{statistics.mean(xs) * scale:.1f} ± {statistics.stdev(xs) * scale:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     for (pname, mname), acc in cells.items():
         alpha = f"{statistics.mean(acc['apfl_alpha_mean']):.2f}" \
             if "apfl_alpha_mean" in acc else "—"
-        lines.append(f"| {pname} | {mname} | {_ms(acc['client_test_accuracy'])} "
-                     f"| {_ms(acc['personal_test_accuracy'])} | {_ms(acc['personal_gain'])} "
+        lines.append(f"| {pname} | {mname} | {mean_sd(acc['client_test_accuracy'], 100)} "
+                     f"| {mean_sd(acc['personal_test_accuracy'], 100)} "
+                     f"| {mean_sd(acc['personal_gain'], 100)} "
                      f"| {alpha} |")
     patho = [statistics.mean(cells[(next(iter(PARTITIONS)), m)]["personal_gain"])
              for m in METHODS]

@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fedflat  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 MU = 1e-3
 METHODS: dict[str, dict[str, Any]] = {
@@ -59,12 +60,6 @@ def scenario(client: dict[str, Any], seed: int, rounds: int) -> dict[str, Any]:
         "eval": {"every": max(1, rounds // 4)},
         "output": {"checkpoint_every": 0, "plots": False, "progress": False},
     }
-
-
-def _ms(xs: list[float], scale: float = 100.0) -> str:
-    if len(xs) == 1:
-        return f"{xs[0] * scale:.1f}"
-    return f"{statistics.mean(xs) * scale:.1f} ± {statistics.stdev(xs) * scale:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---|" + "---|" * len(checkpoints) + "---|---|",
     ]
     for name, cell in cells.items():
-        lines.append(f"| {name} | " + " | ".join(_ms(cell["acc"][r]) for r in checkpoints)
+        lines.append(f"| {name} | " + " | ".join(mean_sd(cell["acc"][r], 100) for r in checkpoints)
                      + f" | {statistics.mean(cell['up']):.0f} | "
                      f"{statistics.mean(cell['queries']):.0f} |")
     lines += [

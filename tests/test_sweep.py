@@ -20,7 +20,7 @@ import fedflat
 from fedflat.cli import main
 from fedflat.errors import ScenarioError
 from fedflat.runtime.checkpoint import list_checkpoints
-from fedflat.sweep.results import t_interval, write_tables
+from fedflat.sweep.results import mean_sd, t_interval, write_tables
 from fedflat.sweep.runner import plan, write_index
 from fedflat.sweep.spec import SweepSpec, expand_points, load_sweep_file, run_overrides, validate
 
@@ -90,6 +90,13 @@ def test_points_run_serial_unless_the_user_chose_a_backend(tmp_path):
 
 
 # ---------------------------------------------------------------------------- statistics
+def test_mean_sd_cell_by_hand():
+    # mean 0.6, sample sd √((0.01 + 0.01)/1) = 0.1414 → ×100
+    assert mean_sd([0.5, 0.7], 100) == "60.0 ± 14.1"
+    assert mean_sd([0.123], 100) == "12.3"
+    assert mean_sd([1.0, 2.0, 3.0], digits=3) == "2.000 ± 1.000"
+
+
 def test_t_interval_matches_scipy_and_the_t_table():
     scipy_stats = pytest.importorskip("scipy.stats")
     x = [0.61, 0.64, 0.58, 0.66, 0.60]

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,15 @@ def sweep_results(sweep_dir: str | Path, target: float | None = None) -> list[di
         entry["code_revisions"] = sorted(revisions)  # of the counted runs (summary.json)
         out.append(entry)
     return out
+
+
+def mean_sd(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``mean ± sample sd`` of ``values`` × ``scale`` (a lone value without ± sd), the cell
+    of the reproduction scripts' tables."""
+    if len(values) == 1:
+        return f"{values[0] * scale:.{digits}f}"
+    return (f"{statistics.mean(values) * scale:.{digits}f} ± "
+            f"{statistics.stdev(values) * scale:.{digits}f}")
 
 
 def format_cell(s: dict[str, Any], spec: str) -> str:
