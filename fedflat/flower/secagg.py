@@ -116,12 +116,10 @@ from fedflat.flower.client_app import (
     node_partition,
 )
 from fedflat.flower.secagg_checks import (  # noqa: F401 - re-exported: SecAgg+ API in one place
-    ROBUST_RULES,
     SERVER_SIDE_ATTACKS,
     check_secagg,
     flower_config,
     secagg_refusals,
-    secagg_requested,
 )
 from fedflat.flower.server_app import (
     FlowerRunError,

@@ -13,8 +13,6 @@ from fedflat.scenario.flower import SECAGG_MODULUS_RANGE, FlowerConfig
 from fedflat.scenario.loader import LoadedScenario
 from fedflat.scenario.schema import Scenario
 
-ROBUST_RULES = ("median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median",
-                "centered_clipping")
 SERVER_SIDE_ATTACKS = ("sign_flip", "scaling", "alie", "ipm")
 
 
@@ -28,11 +26,6 @@ def flower_config(sc: Scenario) -> FlowerConfig:
         return block
     return FlowerConfig.model_validate(block.model_dump() if hasattr(block, "model_dump")
                                        else dict(block))
-
-
-def secagg_requested(sc: Scenario, flag: bool = False) -> bool:
-    """True when ``flag`` (``--secagg``) or the scenario's ``flower.secagg`` asks for it."""
-    return bool(flag) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
 
 
 def secagg_refusals(sc: Scenario) -> list[tuple[str, str]]:
