@@ -58,6 +58,11 @@ def preflight(loaded: LoadedScenario, fed: FederatedData | None = None) -> Prefl
             column) of the first problem.
     """
     sc = loaded.scenario
+    if sc.output.tensorboard or sc.output.mlflow is not None:  # a tracker's library missing
+        from fedflat.report.tracking import missing_libraries
+
+        for key, msg in missing_libraries(sc):
+            raise loaded.error(key, msg)
     num_clients = fed.num_clients if fed is not None else sc.data.num_clients
     _check_traces(loaded, num_clients)
     if fed is not None and sc.privacy.sample_level.enabled:

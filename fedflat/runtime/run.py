@@ -31,16 +31,6 @@ from fedflat.scenario.loader import LoadedScenario, load_scenario
 from fedflat.scenario.schema import Scenario
 
 
-def _check_trackers(loaded: LoadedScenario) -> None:
-    """A tracker whose library is missing: refused before any folder is made."""
-    sc = loaded.scenario
-    if sc.output.tensorboard or sc.output.mlflow is not None:
-        from fedflat.report.tracking import missing_libraries
-
-        for key, msg in missing_libraries(sc):
-            raise loaded.error(key, msg)
-
-
 def _runner(loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> Runner:
     """The driver of this scenario: the federated one, the gossip one (``topology:``) or
     the personalized one (``personalization:``); the latter two import this module."""
@@ -74,7 +64,6 @@ def run(
         ScenarioError: invalid scenario or missing data; nothing is written then.
     """
     loaded = load_scenario(source, overrides)
-    _check_trackers(loaded)
     fed = load_data(loaded)
     preflight(loaded, fed)  # everything that can fail before round 0, before the folder exists
     run_dir = new_run_dir(loaded.scenario, out)
@@ -103,7 +92,6 @@ def resume(run_dir: str | Path) -> RunResult:
     if not (run_dir / "scenario.yaml").is_file():
         raise FedflatError(f"{run_dir} is not a run folder (no scenario.yaml)")
     loaded = load_scenario(run_dir / "scenario.yaml")
-    _check_trackers(loaded)
     latest = latest_checkpoint(run_dir)
     for path, why in latest.skipped:
         fallback = latest.path.name if latest.path is not None else "none left"
