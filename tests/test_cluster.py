@@ -241,7 +241,7 @@ def test_killed_server_actor_fails_the_run_and_resume_reaches_the_same_model(
 
 # ---------------------------------------------------------------------------- two nodes
 CLUSTER_SCRIPT = r"""
-import contextlib, io, json, os, sys
+import contextlib, io, json, os, sys, time
 import numpy as np
 import ray
 from ray.cluster_utils import Cluster
@@ -284,12 +284,20 @@ try:
         def big(self):
             return np.zeros(1_000_000 // 8)
 
-    locs = {}
-    for name, env in (("with", INLINE_RUNTIME_ENV), ("without", None)):
-        ref = Probe.options(runtime_env=env).remote().big.remote()
-        ray.get(ref)
-        locs[name] = ray.experimental.get_object_locations([ref])[ref]["node_ids"]
-    out["inline_locations"] = locs
+    refs = {name: Probe.options(runtime_env=env).remote().big.remote()
+            for name, env in (("with", INLINE_RUNTIME_ENV), ("without", None))}
+    ray.get(list(refs.values()))
+
+    def where(ref):
+        return ray.experimental.get_object_locations([ref])[ref]["node_ids"]
+
+    # Locations are reported to the owner asynchronously: wait for the control (stored)
+    # object's location before reading the inlined one's, so a slow report is not misread.
+    for _ in range(200):
+        if where(refs["without"]):
+            break
+        time.sleep(0.1)
+    out["inline_locations"] = {name: where(ref) for name, ref in refs.items()}
     ray.shutdown()
 finally:
     cluster.shutdown()
