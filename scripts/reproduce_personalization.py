@@ -59,9 +59,9 @@ def scenario(partition: dict[str, Any], method: dict[str, Any], seed: int,
         "model": {"name": "mlp", "hidden": [64]},
         "client": {"lr": 0.05, "batch_size": 16, "local_steps": 10},
         "server": {"rounds": rounds, "clients_per_round": 10},
-        "personalization": {"test_fraction": 0.2, **method},
+        "personalization": method,
         "runtime": {"threads": 1},
-        "eval": {"every": rounds},
+        "eval": {"every": rounds, "client_test": "local_holdout", "holdout_fraction": 0.2},
         "output": {"checkpoint_every": 0, "plots": False, "progress": False},
     }
 

@@ -13,8 +13,8 @@ import torch
 from conftest import tiny_scenario
 
 import fedflat
+from fedflat.data.client_test import label_mirroring_share
 from fedflat.metrics.fairness import (
-    client_test_indices,
     gini,
     sample_clients,
     summarize,
@@ -80,7 +80,7 @@ def test_label_matched_test_split_is_a_disjoint_proportional_cover():
     owners = np.where(y_train < 2, 0, np.where(y_train == 2, 1, 2))
     owners[(y_train == 0) & (rng.uniform(size=400) < 0.5)] = 2  # class 0 shared by 0 and 2
     clients = [np.flatnonzero(owners == i) for i in range(3)]
-    splits = client_test_indices(y_train, y_test, clients, 4, seed=5)
+    splits = label_mirroring_share(y_train, y_test, clients, 4, seed=5)
     flat = np.concatenate(splits)
     assert len(flat) == len(set(flat.tolist())) == len(y_test)  # disjoint, every test sample
     assert set(y_test[splits[1]].tolist()) == {2}
@@ -91,7 +91,7 @@ def test_label_matched_test_split_is_a_disjoint_proportional_cover():
         for i, ix in enumerate(splits):
             share = (y_train[clients[i]] == c).sum() / total_train * total_test
             assert abs((y_test[ix] == c).sum() - share) < 1
-    again = client_test_indices(y_train, y_test, clients, 4, seed=5)
+    again = label_mirroring_share(y_train, y_test, clients, 4, seed=5)
     assert all(np.array_equal(a, b) for a, b in zip(splits, again, strict=True))
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import fedflat
+from fedflat.data.client_test import local_holdout
 from fedflat.errors import ScenarioError
 from fedflat.personalization.methods import (
     apfl_model,
     apfl_update,
     ditto_update,
     sgd_steps,
-    split_clients,
 )
 from fedflat.rng import stream
 from fedflat.scenario.loader import load_scenario
@@ -38,19 +38,19 @@ def _gen():
     return stream(0, "eval", 7)
 
 
-def test_split_clients_disjoint_and_sized():
+def test_local_holdout_disjoint_and_sized():
     ix = [np.arange(0, 10), np.arange(10, 13), np.arange(13, 33)]
-    train, test = split_clients(ix, 0.2, seed=3)
+    train, test = local_holdout(ix, 0.2, seed=3)
     for a, tr, te in zip(ix, train, test, strict=True):
         assert len(te) == max(1, int(np.ceil(0.2 * len(a))))
         assert not set(tr) & set(te)
         assert sorted([*tr, *te]) == list(a)
-    again, _ = split_clients(ix, 0.2, seed=3)
+    again, _ = local_holdout(ix, 0.2, seed=3)
     assert all((a == b).all() for a, b in zip(train, again, strict=True))
-    other, _ = split_clients(ix, 0.2, seed=4)
+    other, _ = local_holdout(ix, 0.2, seed=4)
     assert any(not np.array_equal(a, b) for a, b in zip(train, other, strict=True))
     with pytest.raises(ValueError, match="client 1"):
-        split_clients([np.arange(5), np.arange(1)], 0.2, seed=0)
+        local_holdout([np.arange(5), np.arange(1)], 0.2, seed=0)
 
 
 def test_finetune_is_gradient_descent_closed_form():
@@ -190,8 +190,7 @@ def test_natural_datasets_use_their_own_client_test_split(tmp_path):
     # Nothing held out: the clients train on all their training data.
     clients = json.loads((res.run_dir / "clients.json").read_text())["clients"]
     assert [c["num_samples"] for c in clients] == [len(ix) for ix in fed.client_indices]
-    held = fedflat.run({**sc, "personalization": {"method": "finetune",
-                                                  "test_split": "holdout"}},
+    held = fedflat.run({**sc, "eval": {**sc["eval"], "client_test": "local_holdout"}},
                        out=tmp_path / "hold")
     sizes = [len(ix) for ix in fed.client_indices]
     assert held.metrics[-1]["personal_test_samples"] == sum(

@@ -1,10 +1,8 @@
 """Per-client evaluation and fairness summaries (issue 12).
 
-Each client has its own test split: the dataset's own per-client test data where a natural
-partition has one (synthetic devices, FEMNIST writers), otherwise a disjoint share of the
-pooled test set that mirrors the client's training labels (class c of the test set is split
-across clients in proportion to their class-c training counts). Pure numpy/torch; the server
-core and the client workers build the same splits from the same inputs.
+Each client is evaluated on its own test split as ``eval.client_test`` defines it
+(:mod:`fedflat.data.client_test`, the same splits personalization evaluates on), built once
+with the federated data. Pure numpy/torch.
 """
 
 from __future__ import annotations
@@ -14,9 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from fedflat.data.client_test import ClientTestSplits
 from fedflat.data.datasets import Dataset
 from fedflat.models.flat import FlatModel
 from fedflat.rng import numpy_rng
@@ -76,39 +74,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def client_test_indices(y_train: np.ndarray, y_test: np.ndarray,
-                        client_indices: Sequence[np.ndarray], num_classes: int, seed: int,
-                        test_groups: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
-    """Each client's own test split as indices into the pooled test set.
-
-    With ``test_groups`` (a natural partition of a dataset that has per-client test data)
-    these are returned as they are. Otherwise each class's test samples are shuffled with a
-    fixed seed and dealt out in consecutive blocks whose sizes are proportional to the
-    clients' training counts of that class (largest remainder, so the blocks cover the class).
-    """
-    n = len(client_indices)
-    if test_groups is not None:
-        return [np.asarray(g, dtype=np.int64) for g in test_groups[:n]]
-    counts = np.zeros((n, num_classes), dtype=np.int64)
-    for i, ix in enumerate(client_indices):
-        counts[i] = np.bincount(y_train[np.asarray(ix, dtype=np.int64)], minlength=num_classes)
-    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
-    for c in range(num_classes):
-        pool = np.flatnonzero(y_test == c)
-        total = counts[:, c].sum()
-        if total == 0 or pool.size == 0:
-            continue
-        pool = pool[numpy_rng(seed, "eval", 3, c).permutation(pool.size)]
-        quota = pool.size * counts[:, c] / total
-        take = np.floor(quota).astype(np.int64)
-        rest = pool.size - take.sum()
-        take[np.argsort(-(quota - take), kind="stable")[:rest]] += 1
-        bounds = np.concatenate([[0], np.cumsum(take)])
-        for i in np.flatnonzero(take):
-            parts[i].append(pool[bounds[i]:bounds[i + 1]])
-    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
-
-
 def sample_clients(num_clients: int, k: int | None, seed: int) -> np.ndarray:
     """The fixed, seeded sample of clients evaluated every time (all clients when k is None
     or at least the population)."""
@@ -129,21 +94,6 @@ def evaluate_on(model: FlatModel, w: Tensor, x: Tensor, y: Tensor,
     return correct / n, loss_sum / n, n
 
 
-def split_tensors(x_test: Tensor, y_test: Tensor,
-                  indices: Sequence[np.ndarray]) -> list[tuple[Tensor, Tensor]]:
-    """The clients' test splits as tensors (gathered once)."""
-    return [(x_test[torch.as_tensor(ix)], y_test[torch.as_tensor(ix)]) for ix in indices]
-
-
-def client_splits(ds: Dataset, client_indices: Sequence[np.ndarray], seed: int,
-                  natural: bool) -> list[tuple[Tensor, Tensor]]:
-    """Every client's own test split of ``ds`` (see :func:`client_test_indices`)."""
-    groups = ds.test_groups if natural else None
-    ix = client_test_indices(ds.y_train.numpy(), ds.y_test.numpy(), client_indices,
-                             ds.num_classes, seed, groups)
-    return split_tensors(ds.x_test, ds.y_test, ix)
-
-
 def local_metrics(model: FlatModel, w_local: Tensor,
                   split: tuple[Tensor, Tensor]) -> dict[str, float]:
     """A client's own locally trained model on its own test split, evaluated on the worker
@@ -157,10 +107,10 @@ class PerClientEvaluator:
     """The server side of ``eval.per_client``: the sampled clients' test splits, and each
     client's local-model accuracy from its last participation (checkpointed state)."""
 
-    def __init__(self, sc: Scenario, ds: Dataset, client_indices: Sequence[np.ndarray]) -> None:
-        natural = sc.data.partition.method == "natural"
-        self.clients = sample_clients(len(client_indices), sc.eval.per_client_sample, sc.seed)
-        splits = client_splits(ds, client_indices, sc.seed, natural)
+    def __init__(self, sc: Scenario, ds: Dataset, client_test: ClientTestSplits) -> None:
+        self.clients = sample_clients(len(client_test.indices), sc.eval.per_client_sample,
+                                      sc.seed)
+        splits = client_test.tensors(ds)
         self.splits = {int(c): splits[c] for c in self.clients}
         # client id -> (round, local accuracy, local loss) of its last participation
         self.local: dict[int, tuple[int, float, float]] = {}

@@ -1,11 +1,11 @@
 """Personal models next to the global one: the updates, as pure functions.
 
-Every client i has its own test split — the dataset's per-client test data where it has
-one (synthetic devices, FEMNIST writers), else a holdout of its data (``split_clients``) —
-and is evaluated there with its personal model p_i; the global model w is evaluated on the same
-splits for comparison. Personal models are trained with plain mini-batch SGD on the
-client's training data (lr = ``client.lr``, batches of ``client.batch_size``), whatever
-oracle trains the global model.
+Every client i has its own test split — ``eval.client_test`` (``fedflat.data.client_test``),
+the same split ``eval.per_client`` evaluates the global model on — and is evaluated there
+with its personal model p_i; the global model w is evaluated on the same splits for
+comparison. Personal models are trained with plain mini-batch SGD on the client's training
+data (lr = ``client.lr``, batches of ``client.batch_size``), whatever oracle trains the
+global model.
 
 Methods (w^t = the global model the client receives in round t):
     finetune: p_i = w after k SGD steps on the client's data, computed at evaluation time
@@ -39,42 +39,16 @@ the scenario refuses personalization together with ``privacy``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fedflat.client.update import LocalSchedule, batch_indices
-from fedflat.rng import numpy_rng
 
 
 class GradModel(Protocol):
     def loss_grad(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]: ...
-
-
-def split_clients(client_indices: Sequence[np.ndarray], test_fraction: float,
-                  seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Hold out ⌈test_fraction · n_i⌉ of each client's samples (at least 1, leaving at least
-    1) as its own test split, uniformly at random from ``numpy_rng(seed, "split", 1, i)``.
-
-    Returns:
-        (train indices, test indices) per client, each sorted.
-
-    Raises:
-        ValueError: a client with fewer than 2 samples.
-    """
-    train, test = [], []
-    for i, ix in enumerate(client_indices):
-        n = len(ix)
-        if n < 2:
-            raise ValueError(f"client {i} has {n} sample(s); a personal test split needs >= 2")
-        k = min(n - 1, max(1, int(np.ceil(test_fraction * n))))
-        perm = numpy_rng(seed, "split", 1, i).permutation(n)
-        test.append(np.sort(ix[perm[:k]]))
-        train.append(np.sort(ix[perm[k:]]))
-    return train, test
 
 
 def sgd_steps(model: GradModel, w: Tensor, x: Tensor, y: Tensor, *, lr: float, steps: int,

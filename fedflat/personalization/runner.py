@@ -1,9 +1,8 @@
 """Personalized runs: the serial driver plus personal models and per-client evaluation.
 
-``PersonalRunner`` takes each client's test split — the dataset's own per-client test data
-(natural partition of synthetic / femnist, ``test_split: auto``) or a holdout of the client's
-training data (``split_clients``) — before the run and trains the global model on the rest
-exactly like a plain run. ``PersonalBackend`` is
+Each client's test split is ``eval.client_test`` (:mod:`fedflat.data.client_test`, built with
+the federated data, a local holdout already removed from the training data); the global model
+is trained exactly like a plain run. ``PersonalBackend`` is
 the serial backend with two additions: after a client's ordinary update it runs the
 client's personal update (ditto / apfl; the personal model and α live in the client's
 persistent state, so checkpoints and resume carry them), and at every evaluation it
@@ -11,11 +10,11 @@ evaluates, on every client's own test split, the global model and the personal m
 
 Randomness: personal steps of client i in round t draw batches from
 ``stream(seed, "client", t, i, 1)``; fine-tuning at evaluation from
-``stream(seed, "eval", 4, t, i)``; the test splits from ``numpy_rng(seed, "split", 1, i)``.
+``stream(seed, "eval", 4, t, i)``.
 
 Metrics when evaluated (pooled = Σ correct / Σ n over all clients' test splits, mean =
-unweighted over clients): ``client_test_accuracy`` / ``_mean`` (the global model),
-``personal_test_accuracy`` / ``_mean`` (the personal models), ``personal_gain``
+unweighted over the clients with test data): ``client_test_accuracy`` / ``_mean`` (the
+global model), ``personal_test_accuracy`` / ``_mean`` (the personal models), ``personal_gain``
 (pooled personal − pooled global, as a fraction), ``personal_test_samples`` and, for
 apfl, ``apfl_alpha_mean``. ``test_accuracy`` stays the global model on the pooled test set.
 """
@@ -23,7 +22,6 @@ apfl, ``apfl_alpha_mean``. ``test_accuracy`` stays the global model on the poole
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,6 @@ from fedflat.personalization.methods import (
     apfl_update,
     ditto_update,
     sgd_steps,
-    split_clients,
 )
 from fedflat.rng import stream
 from fedflat.runtime.backends import SerialBackend
@@ -44,7 +41,6 @@ from fedflat.runtime.build import FederatedData, build_flat_model, client_lr
 from fedflat.runtime.driver import Runner, RunResult
 from fedflat.runtime.round_loop import ClientState, Mapped, WorkerTransport
 from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
-from fedflat.scenario.loader import LoadedScenario
 from fedflat.scenario.schema import Scenario
 
 V_KEY, ALPHA_KEY = "personal_v", "apfl_alpha"  # client-state keys
@@ -71,14 +67,13 @@ class PersonalTransport(WorkerTransport):
 class PersonalBackend(SerialBackend):
     """The serial backend with personal updates and per-client evaluation."""
 
-    def __init__(self, sc: Scenario, fed: FederatedData, params: Tensor,
-                 test_indices: Sequence[np.ndarray], natural_test: bool = False) -> None:
+    def __init__(self, sc: Scenario, fed: FederatedData, params: Tensor) -> None:
         super().__init__(sc, fed, params)
         self.sc = sc
         ds = fed.dataset
-        x, y = (ds.x_test, ds.y_test) if natural_test else (ds.x_train, ds.y_train)
-        self.client_test = [(x[torch.as_tensor(ix)], y[torch.as_tensor(ix)])
-                            for ix in test_indices]
+        if fed.client_test is None:
+            raise ValueError("personalization needs the clients' test splits (fed.client_test)")
+        self.client_test = fed.client_test.tensors(ds)
         self.client_data = self.worker.client_data
         self.pz = sc.personalization
         self.model = build_flat_model(sc, ds)  # personal training and evaluation
@@ -139,12 +134,13 @@ class PersonalBackend(SerialBackend):
                 _, correct, n = self.model.evaluate(p, x, y)
                 tot[name][0] += correct
                 tot[name][1] += n
-                per[name].append(correct / max(n, 1))
+                if n:  # a client without test data has no accuracy (dataset_share can give 0)
+                    per[name].append(correct / n)
         out = {
             "client_test_accuracy": tot["global"][0] / max(tot["global"][1], 1),
-            "client_test_accuracy_mean": float(np.mean(per["global"])),
+            "client_test_accuracy_mean": _mean(per["global"]),
             "personal_test_accuracy": tot["personal"][0] / max(tot["personal"][1], 1),
-            "personal_test_accuracy_mean": float(np.mean(per["personal"])),
+            "personal_test_accuracy_mean": _mean(per["personal"]),
         }
         out["personal_gain"] = out["personal_test_accuracy"] - out["client_test_accuracy"]
         out["personal_test_samples"] = float(tot["global"][1])
@@ -156,27 +152,13 @@ class PersonalBackend(SerialBackend):
         return out
 
 
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 class PersonalRunner(Runner):
     """The run driver for a ``personalization:`` scenario (serial backend)."""
 
-    def __init__(self, loaded: LoadedScenario, run_dir: Path, fed: FederatedData) -> None:
-        sc = loaded.scenario
-        ds = fed.dataset
-        self.natural_test = (sc.personalization.test_split == "auto"
-                             and sc.data.partition.method == "natural"
-                             and ds.test_groups is not None)
-        if self.natural_test:  # the dataset's own per-client test data (indices into x_test)
-            assert ds.test_groups is not None  # noqa: S101 - checked just above
-            train = list(fed.client_indices)
-            self.test_indices = [np.asarray(g) for g in ds.test_groups[: fed.num_clients]]
-        else:
-            train, self.test_indices = split_clients(
-                fed.client_indices, sc.personalization.test_fraction, sc.seed)
-        super().__init__(loaded, run_dir, FederatedData(ds, train))
-
     def execute(self, backend_state: dict[str, Any] | None = None,
                 make_backend: Callable[..., Any] | None = None) -> RunResult:
-        def make(sc: Scenario, fed: FederatedData, params: Tensor) -> PersonalBackend:
-            return PersonalBackend(sc, fed, params, self.test_indices, self.natural_test)
-
-        return super().execute(backend_state, make_backend or make)
+        return super().execute(backend_state, make_backend or PersonalBackend)

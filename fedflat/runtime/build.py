@@ -24,6 +24,7 @@ from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
 from fedflat.client.zeroth_order import zo_oracle
 from fedflat.comm.codecs import codec_from_config
 from fedflat.data import partition as part
+from fedflat.data.client_test import ClientTestSplits, client_test_split
 from fedflat.data.datasets import Dataset, load_dataset, load_synthetic_devices
 from fedflat.data.synthetic import SyntheticDevices
 from fedflat.errors import DataError
@@ -62,6 +63,9 @@ class FederatedData:
     dataset: Dataset
     client_indices: list[np.ndarray]
     source: SyntheticDevices | None = None
+    # Every client's own test split (eval.client_test; fedflat.data.client_test), None where
+    # there is none (on-demand devices, a Flower node's own data file).
+    client_test: ClientTestSplits | None = None
 
     @property
     def num_clients(self) -> int:
@@ -98,7 +102,11 @@ def build_data(sc: Scenario) -> FederatedData:
         parts = _split(p, ds, labels, n, rng)
     except ValueError as exc:  # a partitioner that cannot satisfy its constraints
         raise DataError(str(exc), key="data.partition") from None
-    return FederatedData(ds, [np.asarray(ix, dtype=np.int64) for ix in parts])
+    try:  # a local holdout leaves the training data here, before any backend sees it
+        train, test = client_test_split(sc, ds, [np.asarray(ix, dtype=np.int64) for ix in parts])
+    except ValueError as exc:
+        raise DataError(str(exc), key="eval.client_test") from None
+    return FederatedData(ds, train, client_test=test)
 
 
 def _on_demand(sc: Scenario) -> FederatedData:
@@ -109,6 +117,13 @@ def _on_demand(sc: Scenario) -> FederatedData:
     if sc.eval.per_client:
         raise DataError("eval.per_client is not available with data.synthetic.on_demand (it "
                         "scores every client's test split)", key="eval.per_client")
+    if sc.eval.client_test == "local_holdout":
+        raise DataError("eval.client_test: local_holdout is not available with "
+                        "data.synthetic.on_demand (devices are generated when sampled)",
+                        key="eval.client_test")
+    if sc.personalization.method != "none":
+        raise DataError("personalization is not available with data.synthetic.on_demand (it "
+                        "scores every client's test split)", key="personalization.method")
     try:
         ds, devices = load_synthetic_devices(sc.seed, sc.data.num_clients,
                                              sc.data.synthetic.model_dump())

@@ -174,9 +174,11 @@ class Runner:
                                            "max": int(sizes.max())}})
             return
         stats = client_stats(self.fed.client_indices, ds.y_train.numpy(), ds.num_classes)
-        write_json(self.run_dir / "clients.json",
-                    {"dataset": ds.name, "num_clients": self.fed.num_clients,
-                     "clients": stats})
+        info: dict[str, Any] = {"dataset": ds.name, "num_clients": self.fed.num_clients,
+                                "clients": stats}
+        if self.fed.client_test is not None:  # which test split per-client figures are on
+            info["client_test"] = self.fed.client_test.describe()
+        write_json(self.run_dir / "clients.json", info)
 
     def write_summary(self, status: str, **extra: Any) -> dict[str, Any]:
         accs = [m["test_accuracy"] for m in self.metrics if m.get("test_accuracy") is not None]

@@ -72,8 +72,9 @@ class ServerCore:
         self._client_sizes = fed.client_sizes()
         self._eval_sets = self._make_eval_sets(fed)
         self._client_test = self._per_client_test(fed)
-        self.per_client = (PerClientEvaluator(scenario, fed.dataset, fed.client_indices)
-                           if scenario.eval.per_client else None)
+        self.per_client = (PerClientEvaluator(scenario, fed.dataset, fed.client_test)
+                           if scenario.eval.per_client and fed.client_test is not None
+                           else None)
 
     # ------------------------------------------------------------------ rounds
     def begin_round(self, round_: int, versions: Sequence[int] = ()) -> RoundPayload:

@@ -19,7 +19,7 @@ from fedflat.client.update import ClientResult, client_update
 from fedflat.client.uplink import BYTES_KEY, STATE_PREFIX, UplinkContext, state_key
 from fedflat.comm.codecs import fp32_nbytes
 from fedflat.data.datasets import OnDemandClients
-from fedflat.metrics.fairness import client_splits, local_metrics
+from fedflat.metrics.fairness import local_metrics
 from fedflat.rng import stream
 from fedflat.runtime.build import (
     FederatedData,
@@ -91,11 +91,10 @@ class ClientWorker:
             if scenario.attack.kind == "label_flip" else frozenset()
         self.num_classes = ds.num_classes
         # eval.per_client: each client's own test split, for its local model after the update.
-        self.own_test = (client_splits(ds, fed.client_indices, scenario.seed,
-                                       scenario.data.partition.method == "natural")
-                         if scenario.eval.per_client else None)
-        if self.own_test is not None:
-            self.own_test = [(x.to(self.device), y.to(self.device)) for x, y in self.own_test]
+        self.own_test: list[tuple[Tensor, Tensor]] | None = None
+        if scenario.eval.per_client and fed.client_test is not None:
+            self.own_test = [(x.to(self.device), y.to(self.device))
+                             for x, y in fed.client_test.tensors(ds)]
         # runtime.backend vmap / runtime.vectorize: a chunk's clients trained at once, with
         # the same batches, noise and results (imported here: only the vectorised paths need it).
         self.chunks = None

@@ -5,19 +5,25 @@ Example::
     personalization:
       method: ditto        # none | finetune | ditto | apfl
       ditto_lambda: 0.1
-      test_fraction: 0.2
 
-Definitions, citations and pitfalls: ``fedflat.personalization.methods``.
+Each client's test split is ``eval.client_test`` (``fedflat.data.client_test``), the same one
+``eval.per_client`` evaluates on. Definitions, citations and pitfalls:
+``fedflat.personalization.methods``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from fedflat.scenario.schema import Scenario
+
+#: Keys that left this block, and where they went.
+MOVED = {"test_split": "eval.client_test (auto, dataset_share or local_holdout; 'holdout' is "
+                       "local_holdout)",
+         "test_fraction": "eval.holdout_fraction"}
 
 
 class PersonalizationConfig(BaseModel):
@@ -29,13 +35,6 @@ class PersonalizationConfig(BaseModel):
         "none", description="Personal models: 'finetune' = k SGD steps from the global model "
         "before evaluation; 'ditto' = proximal personal models (Li et al. 2021); 'apfl' = "
         "adaptive mixture α v + (1−α) w with α learned per client (Deng et al. 2020).")
-    test_split: Literal["auto", "holdout"] = Field(
-        "auto", description="Each client's test split: 'auto' = the dataset's own per-client "
-        "test data when it has one (natural partition of synthetic or femnist), else a "
-        "holdout; 'holdout' = always hold out test_fraction of the client's training data.")
-    test_fraction: float = Field(
-        0.2, gt=0, lt=1, description="holdout: share of each client's samples held out as its "
-        "own test split (removed from its training data).")
     finetune_steps: int = Field(5, ge=1, description="finetune: SGD steps k before evaluation.")
     personal_steps: int | None = Field(
         None, ge=1, description="ditto / apfl: personal SGD steps per participation (None = "
@@ -44,6 +43,16 @@ class PersonalizationConfig(BaseModel):
     apfl_alpha: float = Field(0.5, ge=0, le=1, description="apfl: initial mixing weight α.")
     apfl_alpha_lr: float | None = Field(
         None, ge=0, description="apfl: step size of α (None = client.lr; 0 = fixed α).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        # The test split is one definition shared with eval.per_client (fedflat.data.client_test).
+        if isinstance(data, dict):
+            for key, to in MOVED.items():
+                if key in data:
+                    raise ValueError(f"personalization.{key} moved to {to}")
+        return data
 
 
 def personalization_checks(sc: Scenario) -> list[tuple[str, str]]:

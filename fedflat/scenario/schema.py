@@ -265,6 +265,17 @@ class EvalConfig(Section):
     per_client_sample: int | None = Field(
         None, ge=1, description="Evaluate a fixed seeded sample of this many clients (clients); "
         "None = all.")
+    client_test: Literal["auto", "dataset_share", "local_holdout"] = Field(
+        "auto", description="Each client's own test split, for eval.per_client and "
+        "personalization alike: 'dataset_share' = the dataset's own per-client test data under "
+        "a natural partition (synthetic, femnist, shakespeare), else a disjoint share of the "
+        "test set mirroring the client's training labels (training data untouched); "
+        "'local_holdout' = eval.holdout_fraction of the client's own samples, removed from its "
+        "training data; 'auto' = local_holdout for a personalized run on a dataset without "
+        "per-client test data, else dataset_share.")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="local_holdout: share f of each client's n samples held "
+        "out as its test split: ceil(f·n), at least 1, leaving at least 1 (fraction).")
 
 
 class MlflowConfig(Section):
