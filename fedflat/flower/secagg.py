@@ -32,7 +32,7 @@ checkpoints, privacy planning and resume with Flower's own ``History``).
 Precision: each coordinate of w_i/W·Δ_i is clipped to [-c, c] and stochastically rounded
 to a grid of step 2c/T, so the mean the server gets differs from fedflat's weighted mean
 by at most ``k · (2c/T) / Σ_i (w_i/W)`` per coordinate in a cohort of k (plus a relative
-≤ W/(2 w_i T) from quantising the weights): see :func:`mean_error_bound`. Runs are not
+≤ W/(2 w_i T) from quantising the weights). Runs are not
 bit-reproducible: Flower's quantiser uses NumPy's global generator and its neighbour
 graph Python's ``random``. Scalars travel in the clear (n_i, train loss, steps, the
 fraction of clipped coordinates): SecAgg+ hides the vectors only.
@@ -149,25 +149,6 @@ def max_weight(sc: Scenario, fed: FederatedData) -> float:
     if sc.server.aggregation.weighting == "uniform":
         return 1.0
     return float(max(1, max(len(ix) for ix in fed.client_indices)))
-
-
-def mean_error_bound(weights: Sequence[float], *, max_weight: float, clipping_range: float,
-                     quantization_range: int) -> float:
-    """Largest per-coordinate error of SecAgg+'s weighted mean, clipping aside.
-
-    Each client's ``w_i/W · Δ_i`` is stochastically rounded to a grid of step
-    ``2c/T`` (error < one step each); the sum of k errors is divided by ``Σ w_i/W``.
-
-    Args:
-        weights: the cohort's weights w_i (n_i or 1).
-        max_weight: W.
-        clipping_range: c.
-        quantization_range: T.
-    """
-    if not weights:
-        raise ValueError("weights must not be empty")
-    step = 2.0 * clipping_range / quantization_range
-    return len(weights) * step / (sum(weights) / max_weight)
 
 
 # ---------------------------------------------------------------------- client side
