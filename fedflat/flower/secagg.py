@@ -108,7 +108,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid, ServerApp
 
 from fedflat.client.update import ClientResult
-from fedflat.flower import codec
+from fedflat.flower import messages
 from fedflat.flower.client_app import (
     ClientSettings,
     FlowerClientError,
@@ -163,7 +163,7 @@ class SecAggClient(NumPyClient):
         """The partition this node holds (-1: none): the server's client id -> node map."""
         pid = node_partition(self.ctx)
         return {"partition-id": -1 if pid is None else pid,
-                "wire_version": codec.WIRE_VERSION}
+                "wire_version": messages.WIRE_VERSION}
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
@@ -199,34 +199,35 @@ class SecAggClient(NumPyClient):
 
 
 def decode_fit(parameters: Sequence[np.ndarray], config: Mapping[str, Any]
-               ) -> codec.TrainInstruction:
+               ) -> messages.TrainInstruction:
     """A fit call's arrays and config as a fedflat TrainInstruction (inverse of
     :func:`encode_fit`).
 
     Raises:
-        codec.CodecError: a missing key, a wire-version mismatch or a scenario whose digest
-            does not match its text.
+        messages.MessageError: a missing key, a wire-version mismatch or a scenario whose
+            digest does not match its text.
     """
-    if config.get("wire_version") != codec.WIRE_VERSION:
-        raise codec.CodecError(f"wire version {config.get('wire_version')} from the server, "
-                               f"this node speaks {codec.WIRE_VERSION}")
+    if config.get("wire_version") != messages.WIRE_VERSION:
+        raise messages.MessageError(f"wire version {config.get('wire_version')} from the "
+                                    f"server, this node speaks {messages.WIRE_VERSION}")
     keys = [k for k in str(config.get(_BROADCAST_KEYS, "")).split("\n") if k]
     if len(parameters) != 1 + len(keys):
-        raise codec.CodecError(f"fit sent {len(parameters)} arrays, expected 1 + "
-                               f"{len(keys)} broadcast tensors")
+        raise messages.MessageError(f"fit sent {len(parameters)} arrays, expected 1 + "
+                                    f"{len(keys)} broadcast tensors")
     text, sha = str(config[_YAML]), str(config[_SHA])
-    if codec.scenario_digest(text) != sha:
-        raise codec.CodecError("the scenario text does not match its SHA-256 digest")
+    if messages.scenario_digest(text) != sha:
+        raise messages.MessageError("the scenario text does not match its SHA-256 digest")
     x = torch.from_numpy(np.array(parameters[0], copy=True))
     broadcast = {k: torch.from_numpy(np.array(a, copy=True))
                  for k, a in zip(keys, parameters[1:], strict=True)}
-    job = ClientJob(round=codec._int(config, "job_round"),
-                    client_id=codec._int(config, "client_id"),
-                    lr=codec._float(config, "lr"),
-                    max_steps=codec._opt(config, "max_steps", codec._int))
-    payload = RoundPayload(round=codec._int(config, "round"), params=x, broadcast=broadcast)
-    return codec.TrainInstruction(payload=payload, job=job, state={}, scenario_yaml=text,
-                                  scenario_sha256=sha)
+    job = ClientJob(round=messages.config_int(config, "job_round"),
+                    client_id=messages.config_int(config, "client_id"),
+                    lr=messages.config_float(config, "lr"),
+                    max_steps=messages.config_optional(config, "max_steps", messages.config_int))
+    payload = RoundPayload(round=messages.config_int(config, "round"), params=x,
+                           broadcast=broadcast)
+    return messages.TrainInstruction(payload=payload, job=job, state={}, scenario_yaml=text,
+                                     scenario_sha256=sha)
 
 
 def encode_fit(payload: RoundPayload, job: ClientJob, scenario_yaml: str, sha: str, *,
@@ -236,7 +237,7 @@ def encode_fit(payload: RoundPayload, job: ClientJob, scenario_yaml: str, sha: s
     arrays = [payload.params.detach().cpu().numpy()] + [
         payload.broadcast[k].detach().cpu().numpy() for k in keys]
     cfg: dict[str, Any] = {
-        "wire_version": codec.WIRE_VERSION, "round": payload.round, "job_round": job.round,
+        "wire_version": messages.WIRE_VERSION, "round": payload.round, "job_round": job.round,
         "client_id": job.client_id, "lr": float(job.lr), _YAML: scenario_yaml, _SHA: sha,
         _BROADCAST_KEYS: "\n".join(keys), _WEIGHT_MODE: weighting,
         _MAX_WEIGHT: float(max_weight_), _CLIP: float(clipping_range),
@@ -387,7 +388,7 @@ def discover_partitions(grid: Grid, num_clients: int, *, timeout_s: float,
                     failed[node] = f"error {r.error.code}: {r.error.reason}"
                     continue
                 props = compat.recorddict_to_getpropertiesres(r.content).properties
-                if props.get("wire_version") != codec.WIRE_VERSION:
+                if props.get("wire_version") != messages.WIRE_VERSION:
                     failed[node] = f"wire version {props.get('wire_version')}"
                     continue
                 partition_of[node] = int(props.get("partition-id", -1))  # type: ignore[arg-type]
@@ -425,7 +426,7 @@ class SecAggTransport:
         self.settings = settings
         # The nodes get the scenario the Runner hands its workers (privacy noise calibrated).
         self.scenario_yaml = dump_scenario(sc)
-        self.sha = codec.scenario_digest(self.scenario_yaml)
+        self.sha = messages.scenario_digest(self.scenario_yaml)
         self.fc = flower_config(sc)
         self.max_weight = weight_bound
         self.strategy = CohortStrategy()
