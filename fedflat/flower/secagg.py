@@ -124,9 +124,8 @@ from fedflat.flower.secagg_checks import (  # noqa: F401 - re-exported: SecAgg+ 
 from fedflat.flower.server_app import (
     FlowerRunError,
     ServerSettings,
-    _ranges,
+    discover_nodes,
     run_over_transport,
-    send_and_receive,
 )
 from fedflat.runtime.build import FederatedData
 from fedflat.runtime.driver import RunResult
@@ -365,52 +364,19 @@ def _failure_text(f: Any) -> str:
     return f"node {proxy.node_id}: {res.status.message}"
 
 
-def discover_partitions(grid: Grid, num_clients: int, *, timeout_s: float,
-                        poll_s: float) -> dict[int, int]:
-    """Client id -> node id, from each node's ``get_properties`` (its ``partition-id``).
-
-    Raises:
-        FlowerRunError: duplicate partitions, or missing clients after ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    partition_of: dict[int, int] = {}
-    failed: dict[int, str] = {}
+def _properties_query(node: int) -> Message:
     content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
-    while True:
-        new = [n for n in grid.get_node_ids() if n not in partition_of and n not in failed]
-        if new:
-            msgs = [Message(RecordDict(content), dst_node_id=n,
-                            message_type=MessageTypeLegacy.GET_PROPERTIES) for n in new]
-            left = max(1.0, deadline - time.monotonic())
-            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s).values():
-                node = r.metadata.src_node_id
-                if r.has_error():
-                    failed[node] = f"error {r.error.code}: {r.error.reason}"
-                    continue
-                props = compat.recorddict_to_getpropertiesres(r.content).properties
-                if props.get("wire_version") != messages.WIRE_VERSION:
-                    failed[node] = f"wire version {props.get('wire_version')}"
-                    continue
-                partition_of[node] = int(props.get("partition-id", -1))  # type: ignore[arg-type]
-            for n in new:
-                if n not in partition_of and n not in failed:
-                    failed[n] = "no reply to get_properties"
-        holders: dict[int, list[int]] = {}
-        for node, pid in partition_of.items():
-            if pid >= 0:
-                holders.setdefault(pid, []).append(node)
-        dupes = {p: ns for p, ns in holders.items() if len(ns) > 1}
-        if dupes:
-            raise FlowerRunError("several nodes hold the same partition-id: " + "; ".join(
-                f"partition {p} on nodes {ns}" for p, ns in sorted(dupes.items())))
-        missing = [c for c in range(num_clients) if c not in holders]
-        if not missing:
-            return {c: holders[c][0] for c in range(num_clients)}
-        if time.monotonic() >= deadline:
-            why = "; ".join(f"node {n}: {w}" for n, w in sorted(failed.items()))
-            raise FlowerRunError(f"after {timeout_s:.0f} s no node holds client(s) "
-                                 f"{_ranges(missing)}" + (f" (failed: {why})" if why else ""))
-        time.sleep(max(poll_s, 0.1))
+    return Message(RecordDict(content), dst_node_id=node,
+                   message_type=MessageTypeLegacy.GET_PROPERTIES)
+
+
+def _read_partition(reply: Message) -> int | None:
+    """A ``get_properties`` reply's partition-id (-1: none), after the wire version."""
+    props = compat.recorddict_to_getpropertiesres(reply.content).properties
+    if props.get("wire_version") != messages.WIRE_VERSION:
+        raise messages.MessageError(f"wire version {props.get('wire_version')}")
+    pid = int(props.get("partition-id", -1))  # type: ignore[arg-type]
+    return None if pid < 0 else pid
 
 
 class SecAggTransport:
@@ -458,9 +424,10 @@ class SecAggTransport:
     def connect(self) -> dict[int, int]:
         if self.node_of is None:
             t = time.perf_counter()
-            self.node_of = discover_partitions(self.grid._grid, self.num_clients,
-                                               timeout_s=self.settings.node_timeout_s,
-                                               poll_s=self.settings.poll_s)
+            self.node_of = discover_nodes(self.grid._grid, self.num_clients,
+                                          timeout_s=self.settings.node_timeout_s,
+                                          poll_s=self.settings.poll_s,
+                                          query=_properties_query, read=_read_partition)
             self.discovery_seconds = time.perf_counter() - t
         return self.node_of
 

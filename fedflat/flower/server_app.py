@@ -196,33 +196,45 @@ def send_and_receive(grid: Grid, messages: Sequence[Message], *, timeout_s: floa
     return replies
 
 
-def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float,
-                   poll_s: float) -> dict[int, int]:
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float, poll_s: float,
+                   query: Callable[[int], Message] | None = None,
+                   read: Callable[[Message], int | None] | None = None) -> dict[int, int]:
     """Map each client id 0..num_clients-1 to the node whose partition-id equals it.
 
-    Nodes are asked once each (a ``query`` message) as they register; the call returns as
-    soon as every client has a node.
+    Nodes are asked once each as they register; the call returns as soon as every client
+    has a node. The Message API app asks with a ``query`` message (the defaults); SecAgg+'s
+    legacy app passes its own ``get_properties`` message and reader.
+
+    Args:
+        query: node id -> the message that asks it for its partition.
+        read: a reply -> its partition id (None: the node holds none); raises
+            ``MessageError`` / ``KeyError`` / ``ValueError`` for a reply it cannot read.
 
     Raises:
         FlowerRunError: after ``timeout_s``, naming the missing client ids, the nodes that
             hold the same partition, and the nodes whose query failed.
     """
+    if query is None:
+        def query(node: int) -> Message:
+            return Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+    if read is None:
+        def read(reply: Message) -> int | None:
+            return messages.decode_node_info(reply.content)
     deadline = time.monotonic() + timeout_s
     partition_of: dict[int, int | None] = {}
     failed: dict[int, str] = {}
     while True:
         new = [n for n in grid.get_node_ids() if n not in partition_of and n not in failed]
         if new:
-            msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                    for n in new]
             left = max(1.0, deadline - time.monotonic())
-            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s).values():
+            sent = [query(n) for n in new]
+            for r in send_and_receive(grid, sent, timeout_s=left, poll_s=poll_s).values():
                 node = r.metadata.src_node_id
                 if r.has_error():
                     failed[node] = f"error {r.error.code}: {r.error.reason}"
                     continue
                 try:
-                    partition_of[node] = messages.decode_node_info(r.content)
+                    partition_of[node] = read(r)
                 except (messages.MessageError, KeyError, ValueError) as exc:
                     failed[node] = str(exc)
             for n in new:
