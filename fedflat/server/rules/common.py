@@ -52,7 +52,8 @@ def _require_float(
     return float(value)
 
 
-def _check_updates(updates: Tensor) -> Tensor:
+def check_deltas(updates: Tensor) -> Tensor:
+    """The [n, d] stacked deltas unchanged, after checking shape, n >= 1 and dtype."""
     if not isinstance(updates, Tensor) or updates.dim() != 2:
         shape = tuple(updates.shape) if isinstance(updates, Tensor) else type(updates)
         raise ValueError(f"updates must be a 2-D tensor [n, d], got {shape}")
@@ -63,7 +64,7 @@ def _check_updates(updates: Tensor) -> Tensor:
     return updates
 
 
-def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
+def check_weights(weights: Tensor | None, n: int) -> Tensor | None:
     """Validate raw weights; return them as float64 on their device (or None)."""
     if weights is None:
         return None
@@ -83,14 +84,14 @@ def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
     return w
 
 
-def _drop_if_equal(w: Tensor | None) -> Tensor | None:
+def drop_if_equal(w: Tensor | None) -> Tensor | None:
     """None for equal weights: the unweighted path gives the same statistic, faster."""
     if w is not None and bool((w == w[0]).all()):
         return None
     return w
 
 
-def _alpha(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
+def normalized_weights(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
     """Normalised weights (sum 1), float64 on ``like``'s device; uniform if None."""
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64, device=like.device)
@@ -136,14 +137,14 @@ def mean(x: Tensor, weights: Tensor | None = None) -> Tensor:
         McMahan et al., "Communication-Efficient Learning of Deep Networks from
         Decentralized Data", AISTATS 2017.
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     if w is None:
         return x.mean(dim=0)
-    return _alpha(w, x.shape[0], x).to(x.dtype) @ x
+    return normalized_weights(w, x.shape[0], x).to(x.dtype) @ x
 
 
-def _mean_of(x: Tensor, alpha: Tensor | None) -> Tensor:
+def weighted_mean(x: Tensor, alpha: Tensor | None) -> Tensor:
     """Mean of rows weighted by an unnormalised alpha; uniform if its sum is 0."""
     if alpha is None or float(alpha.sum()) <= 0.0:
         return x.mean(dim=0)
@@ -176,7 +177,7 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     return dist
 
 
-def _dists_to(x: Tensor, z: Tensor) -> Tensor:
+def dists_to(x: Tensor, z: Tensor) -> Tensor:
     """||x_i - z|| for every row, in float64, without an [n, d] temporary."""
     # The direct (non-Gram) cdist path: exact differences, no cancellation.
     d = torch.cdist(x, z[None].to(x.dtype), compute_mode="donot_use_mm_for_euclid_dist")

@@ -14,10 +14,10 @@ from torch import Tensor
 
 from fedflat.server.pipeline import Metrics
 from fedflat.server.rules.common import (
-    _check_updates,
-    _check_weights,
     _require_float,
     _require_int,
+    check_deltas,
+    check_weights,
 )
 from fedflat.server.rules.distance import nnm
 
@@ -52,8 +52,8 @@ def bucket_means(
         Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
         Bucketing", ICLR 2022.
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     s = _require_int("bucket_size", bucket_size, 1)
     if gen is None:
         raise ValueError(
@@ -113,7 +113,7 @@ def arc(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
         Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Adaptive Gradient Clipping
         for Robust Federated Learning" (ARC), 2024.
     """
-    x = _check_updates(x)
+    x = check_deltas(x)
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     if f >= n:
@@ -128,11 +128,11 @@ def arc(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
 
 def clip(x: Tensor, *, clip_norm: float) -> Tensor:
     """Static clipping: every input scaled to L2 norm at most ``clip_norm``."""
-    x = _check_updates(x)
+    x = check_deltas(x)
     return _clip_rows(x, _require_float("clip_norm", clip_norm, low=0.0, strict=True))[0]
 
 
-def _apply_pre(
+def apply_pre(
     x: Tensor, w: Tensor | None, p: dict[str, Any], gen: torch.Generator | None
 ) -> tuple[Tensor, Tensor | None, Metrics]:
     """Run the ordered pre-aggregators of resolved params ``p``."""
