@@ -122,7 +122,7 @@ def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
     unweighted median. Rows of weight zero are ignored.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
 
     Returns:
@@ -156,7 +156,7 @@ def trimmed_mean(
     the total, so huge trimmed values cannot cost precision.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         trim_ratio: beta in [0, 1/2).
 
@@ -192,7 +192,7 @@ def meamed(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
     the coordinate-wise median (weighted by the rows' weights if given).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         num_byzantine: f, with n >= 2f + 1.
 

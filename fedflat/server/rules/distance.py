@@ -91,7 +91,7 @@ def krum_select(
     """Indices of the ``num_selected`` lowest Krum scores, best first (ties: low index).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f, with n >= 2f + 3.
         num_selected: m in [1, n].
         variant: Krum score, "paper" or "epfml" (``krum_scores``).
@@ -126,7 +126,7 @@ def krum(x: Tensor, *, num_byzantine: int, variant: str = "paper") -> Tensor:
     uses the squared-squared distances of the epfml code.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f, with n >= 2f + 3.
         variant: "paper" or "epfml".
 
@@ -154,7 +154,7 @@ def multi_krum(
     unweighted *sum* of the selection. m = n - f by default; m = 1 is Krum.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 3.
         num_selected: m in [1, n], default n - f.
@@ -184,7 +184,7 @@ def bulyan_select(x: Tensor, *, num_byzantine: int) -> Tensor:
     >= 1 in the last rounds, where r falls to 2f + 1).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f, with n >= 4f + 3.
 
     Returns:
@@ -228,7 +228,7 @@ def bulyan(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
     coordinate-wise median are averaged (weighted by the rows' weights if given).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 4f + 3.
 
@@ -259,7 +259,7 @@ def mda(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tens
     ``MAX_SUBSETS`` (``fedflat.scenario.aggregation``) subsets are refused.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 1.
 
@@ -302,7 +302,7 @@ def monna(
     """MoNNA: the mean of the n - f nearest neighbours of a trusted input (itself included).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 1.
         trusted_index: row of the trusted input.
@@ -334,7 +334,7 @@ def nnm(x: Tensor, *, num_byzantine: int) -> Tensor:
     Neighbours include the input itself (distance 0); ties go to the lower index.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f < n.
 
     Returns:
@@ -406,7 +406,7 @@ def smea(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Ten
     the final average uses the selected rows' weights if given.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 1.
 

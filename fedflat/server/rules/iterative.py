@@ -85,7 +85,7 @@ def geometric_median(
     nu=0.1, max_iters=8 or 3.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights (alpha ∝ n_i in RFA).
         nu: smoothing > 0.
         max_iters: cap on the iterations >= 1 (4 = RFA official).
@@ -146,7 +146,7 @@ def centered_clipping(
     first round as in the reference code).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         center: [d] starting point v, default zeros.
         tau: clipping radius > 0 (``math.inf``: one iteration from 0 gives the mean).
@@ -174,7 +174,7 @@ def checked_center(center: Tensor | None, x: Tensor) -> Tensor:
         return torch.zeros_like(x[0])
     if center.shape != x[0].shape:
         raise ValueError(
-            f"centered clipping state v has shape {tuple(center.shape)}, updates have "
+            f"centered clipping state v has shape {tuple(center.shape)}, deltas have "
             f"{tuple(x[0].shape)}"
         )
     return center.to(device=x.device, dtype=x.dtype)
@@ -257,7 +257,7 @@ def caf(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tens
     Cost O(n^2 d + f n^3) (``caf_weights``).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights (the initial c).
         num_byzantine: f, with n >= 2f + 1.
 

@@ -37,7 +37,7 @@ def bucket_means(
     bucketing followed by the weighted mean is the weighted mean.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         bucket_size: s >= 1.
         gen: generator for the permutation (required).
@@ -103,7 +103,7 @@ def arc(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
     k = floor(2 (f/n) (n - f)) (``arc_num_clipped``); with k = 0 nothing changes.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f < n.
 
     Returns:

@@ -271,7 +271,7 @@ if set(_DISPATCH) != set(RULE_PARAMETERS):  # one table of names: fail at import
 
 
 def apply_rule(
-    updates: Tensor,
+    deltas: Tensor,
     weights: Tensor | None,
     *,
     rule: str,
@@ -279,10 +279,10 @@ def apply_rule(
     state: Mapping[str, Tensor] | None,
     gen: torch.Generator | None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
-    """Aggregate a stacked update matrix with a named rule.
+    """Aggregate a stacked delta matrix with a named rule.
 
     Args:
-        updates: [n, d] updates (already sanitised: every entry finite).
+        deltas: [n, d] deltas (already sanitised: every entry finite).
         weights: optional [n] non-negative weights (None = uniform).
         rule: one of ``RULES``.
         params: the rule's parameters (``server.aggregation`` names; missing ones take
@@ -307,7 +307,7 @@ def apply_rule(
             inputs overflowing a non-robust rule such as the mean).
     """
     p = resolve_params(rule, params)
-    x = check_deltas(updates)
+    x = check_deltas(deltas)
     w = check_weights(weights, x.shape[0])
     x, w, metrics = apply_pre(x, w, p, gen)
     agg, new_state, m = _DISPATCH[rule](x, w, p, dict(state or {}))
@@ -323,7 +323,7 @@ def apply_rule(
 
 
 def aggregate(
-    updates: Any,
+    deltas: Any,
     rule: str = "median",
     weights: Any = None,
     *,
@@ -336,7 +336,7 @@ def aggregate(
     """One-call aggregation: ``aggregate(x, "krum", pre=["nnm"], num_byzantine=2)``.
 
     Args:
-        updates: [n, d] updates: a tensor, or a numpy array / nested list (converted
+        deltas: [n, d] deltas: a tensor, or a numpy array / nested list (converted
             with ``torch.as_tensor``; integers become float64).
         rule: one of ``RULES``.
         weights: optional [n] non-negative weights (tensor or array-like).
@@ -350,7 +350,7 @@ def aggregate(
     Returns:
         [d] aggregate (a tensor).
     """
-    x = torch.as_tensor(updates)
+    x = torch.as_tensor(deltas)
     if not x.is_floating_point():
         x = x.to(torch.float64)
     w = None if weights is None else torch.as_tensor(weights)
