@@ -32,7 +32,7 @@ Accounting (the lead's part; user level, separate from any sample-level budget):
 record ``accountant.step(z, q, 1)`` once per round with q = expected clients per
 round / population N (Poisson cohort sampling, ``sample_cohort(method="poisson")``; a
 uniform fixed-size cohort is a different mechanism) and T = rounds. With adaptive
-clipping record the TOTAL z (the update sum gets z_Δ ≥ z, see
+clipping record the TOTAL z (the delta sum gets z_Δ ≥ z, see
 ``adaptive_clip_noise_split``).
 
 All noise comes from the generator handed to ``apply`` (the ``"noise"`` stream); it is
@@ -327,7 +327,7 @@ def adaptive_clipping(
     expected_clients: float,
     update: str = "geometric",
 ) -> ServerStep:
-    """DP-FedAvg with the clip norm tracking a quantile of update norms, privately.
+    """DP-FedAvg with the clip norm tracking a quantile of delta norms, privately.
 
     Per round with clip C_t (from the step state):
 
@@ -339,7 +339,7 @@ def adaptive_clipping(
     4. C_{t+1} = C_t·exp(−η_C(b̄ − γ)) (geometric) or C_t − η_C(b̄ − γ) (arithmetic,
        kept ≥ 1e-12 so that a clip norm of 0 cannot stall the estimate).
 
-    Account the TOTAL z with q = m / N per round. With z = 0 (no privacy) the update sum
+    Account the TOTAL z with q = m / N per round. With z = 0 (no privacy) the delta sum
     gets no noise and σ_b may be anything ≥ 0.
 
     Args:
