@@ -25,7 +25,7 @@ def resume(run_dir: Any) -> RunResult:
 
 
 def aggregate(
-    updates: Any,
+    deltas: Any,
     rule: str = "mean",
     weights: Any = None,
     *,
@@ -33,13 +33,13 @@ def aggregate(
     seed: int = 0,
     **params: Any,
 ) -> Any:
-    """Aggregate [n, d] updates (tensor or numpy array / array-like) with a named rule,
+    """Aggregate [n, d] deltas (tensor or numpy array / array-like) with a named rule,
     after the ordered pre-aggregators ``pre``; returns a [d] tensor. ``seed`` seeds
     bucketing's permutation unless ``gen=`` is given. See ``fedflat.server.rules.aggregate``.
     """
     from fedflat.server.rules import aggregate as _aggregate
 
-    return _aggregate(updates, rule=rule, weights=weights, pre=pre, seed=seed, **params)
+    return _aggregate(deltas, rule=rule, weights=weights, pre=pre, seed=seed, **params)
 
 
 __all__ = ["__version__", "aggregate", "resume", "run"]

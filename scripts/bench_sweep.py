@@ -27,7 +27,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedflat.sweep.runner import _command, plan  # noqa: E402 - after the path
+from fedflat.sweep.runner import command_line, plan  # noqa: E402 - after the path
 from fedflat.sweep.spec import SweepSpec, parse_seeds  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def main() -> int:
         runs = plan(spec, Path(tmp) / "serial")
         t0, c0 = time.perf_counter(), cpu_seconds()
         for r in runs:
-            subprocess.run(_command(spec, r), check=True, env=env, stdout=subprocess.DEVNULL,
+            subprocess.run(command_line(spec, r), check=True, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
         serial, serial_cpu = time.perf_counter() - t0, cpu_seconds() - c0
         out = Path(tmp) / "sweep"

@@ -79,7 +79,8 @@ def test_l2_pgd_on_linear_model_reaches_closed_form():
     assert torch.allclose(xa, x - eps * y[:, None] * (w / w.norm())[None, :], atol=1e-6)
 
 
-def _scenario(**adv) -> dict:
+def adversarial_scenario(**adv) -> dict:
+    """A small digits scenario with an adversarial block (test_zo uses it too)."""
     return {
         "name": "adv", "seed": 2,
         "data": {"dataset": "digits", "num_clients": 6, "partition": {"method": "iid"}},
@@ -94,13 +95,13 @@ def _scenario(**adv) -> dict:
 
 
 def test_adversarial_training_changes_training_and_logs_robust_accuracy(tmp_path):
-    clean = fedflat.run(_scenario(enabled=False, evaluate=True), out=tmp_path / "c")
-    adv = fedflat.run(_scenario(enabled=True), out=tmp_path / "a")
+    clean = fedflat.run(adversarial_scenario(enabled=False, evaluate=True), out=tmp_path / "c")
+    adv = fedflat.run(adversarial_scenario(enabled=True), out=tmp_path / "a")
     assert not torch.equal(clean.params, adv.params)
     for res in (clean, adv):
         last = res.metrics[-1]
         assert 0.0 <= last["robust_test_accuracy"] <= last["test_accuracy"] + 0.1
-    off = fedflat.run(_scenario(enabled=False), out=tmp_path / "o")
+    off = fedflat.run(adversarial_scenario(enabled=False), out=tmp_path / "o")
     assert "robust_test_accuracy" not in off.metrics[-1]
     assert torch.equal(off.params, clean.params)  # evaluation does not touch training
 
@@ -108,16 +109,16 @@ def test_adversarial_training_changes_training_and_logs_robust_accuracy(tmp_path
 def test_sam_plus_adversarial_runs_and_differs_from_each_alone(tmp_path):
     sam = {"client": {"lr": 0.1, "batch_size": 32, "local_steps": 3,
                       "oracle": {"name": "sam", "rho": 0.05}}}
-    both = fedflat.run({**_scenario(enabled=True), **sam}, out=tmp_path / "b")
-    sam_only = fedflat.run({**_scenario(enabled=False), **sam}, out=tmp_path / "s")
-    adv_only = fedflat.run(_scenario(enabled=True), out=tmp_path / "a")
+    both = fedflat.run({**adversarial_scenario(enabled=True), **sam}, out=tmp_path / "b")
+    sam_only = fedflat.run({**adversarial_scenario(enabled=False), **sam}, out=tmp_path / "s")
+    adv_only = fedflat.run(adversarial_scenario(enabled=True), out=tmp_path / "a")
     assert torch.isfinite(both.params).all()
     assert not torch.equal(both.params, sam_only.params)
     assert not torch.equal(both.params, adv_only.params)
 
 
 def test_adversarial_with_dp_sgd_runs(tmp_path):
-    sc = _scenario(enabled=True)
+    sc = adversarial_scenario(enabled=True)
     sc["privacy"] = {"sample_level": {"enabled": True, "noise_multiplier": 1.0,
                                       "clip_norm": 1.0}}
     res = fedflat.run(sc, out=tmp_path / "dp")
@@ -131,7 +132,7 @@ def test_adversarial_with_dp_sgd_runs(tmp_path):
      "adversarial.clip_max"),
 ])
 def test_adversarial_refusals(over, key):
-    sc = {**_scenario(enabled=True), **over}
+    sc = {**adversarial_scenario(enabled=True), **over}
     with pytest.raises(ScenarioError) as info:
         load_scenario(sc)
     assert key in str(info.value)

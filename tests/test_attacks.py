@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from fedflat.attacks import (
     alie_z,
+    attack_deltas,
     attack_step,
-    attack_updates,
     byzantine_ids,
     flip_labels,
     round_alie_z,
@@ -62,7 +62,7 @@ def _honest_byz(h: int, b: int, d: int, key: int) -> tuple[torch.Tensor, torch.T
 
 def test_alie_is_mu_minus_z_sigma() -> None:
     honest, byz = _honest_byz(20, 5, 30, 1)
-    out = attack_updates("alie", honest, byz, n_total=25, params={})  # epfml z
+    out = attack_deltas("alie", honest, byz, n_total=25, params={})  # epfml z
     h = honest.numpy()
     expected = h.mean(0) - 0.2533471031357998 * h.std(0, ddof=1)
     for row in out.numpy():
@@ -71,7 +71,7 @@ def test_alie_is_mu_minus_z_sigma() -> None:
 
 def test_ipm_is_minus_epsilon_honest_mean() -> None:
     honest, byz = _honest_byz(11, 3, 12, 2)
-    out = attack_updates("ipm", honest, byz, n_total=14, params={"epsilon": 0.1})
+    out = attack_deltas("ipm", honest, byz, n_total=14, params={"epsilon": 0.1})
     expected = -0.1 * honest.numpy().mean(0)
     np.testing.assert_allclose(out.numpy(), np.tile(expected, (3, 1)), rtol=1e-12)
 
@@ -79,20 +79,20 @@ def test_ipm_is_minus_epsilon_honest_mean() -> None:
 def test_sign_flip_scaling_and_passive_kinds() -> None:
     honest, byz = _honest_byz(4, 2, 5, 3)
     torch.testing.assert_close(
-        attack_updates("sign_flip", honest, byz, n_total=6, params={}), -byz
+        attack_deltas("sign_flip", honest, byz, n_total=6, params={}), -byz
     )
     torch.testing.assert_close(
-        attack_updates("scaling", honest, byz, n_total=6, params={"scale": 7.0}),
+        attack_deltas("scaling", honest, byz, n_total=6, params={"scale": 7.0}),
         7.0 * byz,
     )
     for kind in ("none", "label_flip"):
         torch.testing.assert_close(
-            attack_updates(kind, honest, byz, n_total=6, params={}), byz
+            attack_deltas(kind, honest, byz, n_total=6, params={}), byz
         )
     with pytest.raises(ValueError, match="unknown attack kind"):
-        attack_updates("empire", honest, byz, n_total=6, params={})
+        attack_deltas("empire", honest, byz, n_total=6, params={})
     with pytest.raises(ValueError, match="n_total"):
-        attack_updates("ipm", honest, byz, n_total=5, params={})
+        attack_deltas("ipm", honest, byz, n_total=5, params={})
 
 
 def test_flip_labels() -> None:

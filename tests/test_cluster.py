@@ -74,17 +74,17 @@ def test_check_resources_counts_room_node_by_node():
 
 
 def test_ray_address_from_the_environment_is_used_or_refused(monkeypatch):
-    from fedflat.runtime.backends import _cluster_address
+    from fedflat.runtime.backends import cluster_address
 
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    assert _cluster_address(RuntimeConfig()) == "10.0.0.1:6379"
-    assert _cluster_address(RuntimeConfig(address="10.0.0.1:6379")) == "10.0.0.1:6379"
-    assert _cluster_address(RuntimeConfig(address="auto")) == "auto"
+    assert cluster_address(RuntimeConfig()) == "10.0.0.1:6379"
+    assert cluster_address(RuntimeConfig(address="10.0.0.1:6379")) == "10.0.0.1:6379"
+    assert cluster_address(RuntimeConfig(address="auto")) == "auto"
     with pytest.raises(ScenarioError, match=re.escape("RAY_ADDRESS='10.0.0.1:6379'")) as err:
-        _cluster_address(RuntimeConfig(address="10.0.0.2:6379"))
+        cluster_address(RuntimeConfig(address="10.0.0.2:6379"))
     assert err.value.key == "runtime.address"
     monkeypatch.delenv("RAY_ADDRESS")
-    assert _cluster_address(RuntimeConfig()) is None
+    assert cluster_address(RuntimeConfig()) is None
 
 
 def _write(path: Path, sc: dict) -> Path:

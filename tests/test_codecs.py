@@ -320,7 +320,7 @@ def test_pack_bits_round_trip_and_size():
 def test_pack_bits_across_chunks(bits: int):
     # More codes than one packing chunk, in each code path (one 64-bit word per group
     # for 3, 10 and 24 bits; a bit-by-bit expansion for 9).
-    n = C._PACK_CHUNK + 13
+    n = C.PACK_CHUNK + 13
     codes = torch.from_numpy(np.random.default_rng(bits).integers(0, 2**bits, n))
     packed = C.pack_bits(codes, bits)
     assert packed.numel() == math.ceil(n * bits / 8)

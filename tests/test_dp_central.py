@@ -15,7 +15,7 @@ from fedflat.models import FlatModel, build_model
 from fedflat.privacy.central import (
     adaptive_clipping,
     capped_weights,
-    clip_updates,
+    clip_deltas,
     cohort_noise_topup,
     gaussian_sum_noise,
 )
@@ -58,11 +58,11 @@ def rows(norms, d=7, seed=0) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- clipping
-def test_clip_updates_bounds_norms_keeps_directions_and_zeroes_nonfinite():
+def test_clip_deltas_bounds_norms_keeps_directions_and_zeroes_nonfinite():
     norms = [0.5, 1.0, 3.0, 10.0, 0.0]
     x = rows(norms)
     x = torch.cat([x, torch.full((1, 7), float("nan"))])
-    out, _, m = run_step(clip_updates(clip_norm=2.0), make_round(x))
+    out, _, m = run_step(clip_deltas(clip_norm=2.0), make_round(x))
     got = out.deltas.norm(dim=1).numpy()
     np.testing.assert_allclose(got, [0.5, 1.0, 2.0, 2.0, 0.0, 0.0], rtol=1e-6)
     torch.testing.assert_close(out.deltas[:2], x[:2])
@@ -121,7 +121,7 @@ def test_weighted_estimator_closed_form():
 
 def test_gaussian_sum_noise_refuses_unclipped_rows_and_double_aggregation():
     step = gaussian_sum_noise(noise_multiplier=1.0, clip_norm=1.0, expected_clients=3)
-    with pytest.raises(ValueError, match="clip_updates"):
+    with pytest.raises(ValueError, match="clip_deltas"):
         run_step(step, make_round(rows([0.5, 1.5])))
     rnd = make_round(rows([0.5, 0.5])).with_(aggregate=torch.zeros(7))
     with pytest.raises(ValueError, match="aggregat"):
@@ -135,7 +135,7 @@ def test_gaussian_sum_noise_refuses_unclipped_rows_and_double_aggregation():
 
 def test_pipeline_clip_noise_optimizer():
     x = rows([0.4, 5.0, 9.0], d=7)
-    pipe = Pipeline([clip_updates(clip_norm=1.0),
+    pipe = Pipeline([clip_deltas(clip_norm=1.0),
                      gaussian_sum_noise(noise_multiplier=0.0, clip_norm=1.0,
                                         expected_clients=4),
                      fedavg(lr=1.0)])

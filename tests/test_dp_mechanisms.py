@@ -24,11 +24,11 @@ from fedflat.models import FlatModel, build_model
 from fedflat.privacy.mechanisms import (
     DP_ORACLES,
     DPOracle,
-    accounting_segment,
     dp_sam,
     dp_sat,
     dp_sat_momentum,
     dp_sgd,
+    history_entry,
     layer_clip_norms,
     per_example_grads,
     releases_per_step,
@@ -388,11 +388,11 @@ def test_releases_per_step_and_accounting_multiplier():
         k = 2 if name == "dp_sam" else 1
         assert releases_per_step(o) == k
         assert o.passes == k
-        assert accounting_segment(o, sampling_rate=0.01, steps=30) == pytest.approx(
+        assert history_entry(o, sampling_rate=0.01, steps=30) == pytest.approx(
             (1.2 / math.sqrt(k), 0.01, 30))
     assert releases_per_step(plain()) == 0
     with pytest.raises(ValueError, match="DPOracle"):
-        accounting_segment(plain(), sampling_rate=0.1, steps=1)
+        history_entry(plain(), sampling_rate=0.1, steps=1)
 
 
 def test_dp_sam_noise_is_two_independent_draws():

@@ -1,4 +1,4 @@
-"""fedflat on Flower: the wire codec, the ServerApp loop (over an in-process grid that runs
+"""fedflat on Flower: the message format, the ServerApp loop (over an in-process grid that runs
 the real ClientApp), Flower's simulation engine against the serial backend, the app folder
 Flower's own tools accept, and (slow) a TLS loopback deployment."""
 
@@ -25,7 +25,7 @@ from flwr.app import Context, Error, Message, RecordDict
 import fedflat
 from fedflat.client.update import ClientResult
 from fedflat.errors import ScenarioError
-from fedflat.flower import codec
+from fedflat.flower import messages
 from fedflat.flower.app import write_app
 from fedflat.flower.client_app import ClientSettings, make_client_app
 from fedflat.flower.server_app import (
@@ -115,15 +115,15 @@ def same_records(a, b):
                 assert va == vb, k
 
 
-# ----------------------------------------------------------------------------- codec
-def test_codec_round_trip_is_bit_exact():
+# ----------------------------------------------------------------------------- messages
+def test_messages_round_trip_is_bit_exact():
     g = torch.Generator().manual_seed(0)
     payload = RoundPayload(round=5, params=torch.randn(257, generator=g),
                            broadcast={"c": torch.randn(257, generator=g)})
     state = {"c_i": torch.randn(257, generator=g), "count": torch.arange(3)}
     for job in (ClientJob(5, 11, 0.125), ClientJob(5, 11, 0.125, max_steps=7)):
-        content = codec.encode_instruction(payload, job, state, "seed: 1\n")
-        back = codec.decode_instruction(content)
+        content = messages.encode_instruction(payload, job, state, "seed: 1\n")
+        back = messages.decode_instruction(content)
         assert back.job == job
         assert back.payload.versions == {}
         assert torch.equal(back.payload.params, payload.params)
@@ -137,7 +137,7 @@ def test_codec_round_trip_is_bit_exact():
     stale = torch.randn(257, generator=g)
     apayload = RoundPayload(round=9, params=payload.params, broadcast={}, versions={3: stale})
     ajob = ClientJob(round=14, client_id=2, lr=0.1, version=3, weight=0.25)
-    back = codec.decode_instruction(codec.encode_instruction(apayload, ajob, {}, "seed: 1\n"))
+    back = messages.decode_instruction(messages.encode_instruction(apayload, ajob, {}, "seed: 1\n"))
     assert back.job == ajob
     assert back.payload.round == 9
     assert torch.equal(back.payload.versions[3], stale)
@@ -145,7 +145,7 @@ def test_codec_round_trip_is_bit_exact():
     res = ClientResult(client_id=11, delta=torch.randn(257, generator=g), num_samples=40,
                        train_loss=float("nan"), steps=4, client_state={},
                        extras={"h": torch.ones(257)}, metrics={"bytes_up": 1032.0})
-    out = codec.decode_result(codec.encode_result(res))
+    out = messages.decode_result(messages.encode_result(res))
     assert torch.equal(out.delta, res.delta)
     assert math.isnan(out.train_loss)
     assert (out.client_id, out.num_samples, out.steps) == (11, 40, 4)
@@ -154,22 +154,22 @@ def test_codec_round_trip_is_bit_exact():
     assert out.metrics == {"bytes_up": 1032.0}
 
 
-def test_codec_refuses_what_it_cannot_carry():
-    with pytest.raises(codec.CodecError, match="bfloat16"):
-        codec.tensors_to_record({"w": torch.zeros(3, dtype=torch.bfloat16)})
+def test_messages_refuse_what_they_cannot_carry():
+    with pytest.raises(messages.MessageError, match="bfloat16"):
+        messages.tensors_to_record({"w": torch.zeros(3, dtype=torch.bfloat16)})
     payload = RoundPayload(round=1, params=torch.zeros(3), broadcast={})
-    with pytest.raises(codec.CodecError, match="version 4"):
-        codec.encode_instruction(payload, ClientJob(1, 0, 0.1, version=4), {}, "a: 1\n")
-    content = codec.encode_instruction(payload, ClientJob(1, 0, 0.1), {}, "a: 1\n")
-    content.config_records[codec.SCENARIO]["yaml"] = "a: 2\n"  # tampered text
-    with pytest.raises(codec.CodecError, match="SHA-256"):
-        codec.decode_instruction(content)
-    content = codec.encode_instruction(payload, ClientJob(1, 0, 0.1), {}, "a: 1\n")
-    content.config_records[codec.JOB]["wire_version"] = 99
-    with pytest.raises(codec.CodecError, match="wire version"):
-        codec.decode_instruction(content)
-    with pytest.raises(codec.CodecError, match="lacks records"):
-        codec.decode_result(RecordDict())
+    with pytest.raises(messages.MessageError, match="version 4"):
+        messages.encode_instruction(payload, ClientJob(1, 0, 0.1, version=4), {}, "a: 1\n")
+    content = messages.encode_instruction(payload, ClientJob(1, 0, 0.1), {}, "a: 1\n")
+    content.config_records[messages.SCENARIO]["yaml"] = "a: 2\n"  # tampered text
+    with pytest.raises(messages.MessageError, match="SHA-256"):
+        messages.decode_instruction(content)
+    content = messages.encode_instruction(payload, ClientJob(1, 0, 0.1), {}, "a: 1\n")
+    content.config_records[messages.JOB]["wire_version"] = 99
+    with pytest.raises(messages.MessageError, match="wire version"):
+        messages.decode_instruction(content)
+    with pytest.raises(messages.MessageError, match="lacks records"):
+        messages.decode_result(RecordDict())
 
 
 # ----------------------------------------------------------------------------- server loop
@@ -202,7 +202,7 @@ def test_server_app_equals_serial(tmp_path, extra):
     trains = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert len(trains) == sum(len(r["clients"]) for r in serial.metrics)
     for m in trains:
-        cid = int(m.content.config_records[codec.JOB]["client_id"])
+        cid = int(m.content.config_records[messages.JOB]["client_id"])
         assert grid.nodes[m.metadata.dst_node_id].node_config["partition-id"] == cid
     if "method" in extra:
         states = load_latest(tmp_path / "flower")["server"]["client_states"]
@@ -211,8 +211,8 @@ def test_server_app_equals_serial(tmp_path, extra):
         # a client sampled twice received the state its previous reply carried
         seen = {}
         for m in trains:
-            cid = int(m.content.config_records[codec.JOB]["client_id"])
-            st = codec.record_to_tensors(m.content.array_records[codec.STATE])
+            cid = int(m.content.config_records[messages.JOB]["client_id"])
+            st = messages.record_to_tensors(m.content.array_records[messages.STATE])
             assert bool(st) == (cid in seen)
             seen[cid] = True
 
@@ -286,8 +286,8 @@ def test_node_with_local_data_file(tmp_path):
              y=fed.dataset.y_train[ix].numpy(), num_classes=fed.dataset.num_classes)
     params = torch.randn(fed.dataset.x_train.shape[1] * fed.dataset.num_classes
                          + fed.dataset.num_classes, generator=torch.Generator().manual_seed(1))
-    content = codec.encode_instruction(RoundPayload(2, params, {}), ClientJob(2, 7, 0.05), {},
-                                       dump_scenario(sc))
+    content = messages.encode_instruction(RoundPayload(2, params, {}), ClientJob(2, 7, 0.05), {},
+                                          dump_scenario(sc))
     grid = LocalGrid([{"partition-id": 7},
                       {"partition-id": 7, "data-path": str(tmp_path / "client7.pt")},
                       {"partition-id": 7, "data-path": str(tmp_path / "client7.npz")},
@@ -298,7 +298,7 @@ def test_node_with_local_data_file(tmp_path):
         [mid] = grid.push_messages([msg])
         out[node] = grid.replies[mid]
     ref, by_file, by_npz, wrong = (out[n] for n in grid.nodes)
-    a, b, c = (codec.decode_result(r.content) for r in (ref, by_file, by_npz))
+    a, b, c = (messages.decode_result(r.content) for r in (ref, by_file, by_npz))
     assert a.num_samples == len(ix)
     assert a.steps > 0
     assert torch.equal(a.delta, b.delta)

@@ -131,12 +131,13 @@ def check_close(sc_dict, params, metrics, serial):
 
 
 # ----------------------------------------------------------------------------- fast
-def test_fit_codec_round_trip():
+def test_fit_message_round_trip():
     g = torch.Generator().manual_seed(0)
     payload = RoundPayload(round=3, params=torch.randn(11, generator=g),
                            broadcast={"prev_global_update": torch.randn(11, generator=g)})
     job = ClientJob(round=3, client_id=5, lr=0.125, max_steps=4)
-    fit = encode_fit(payload, job, "seed: 1\n", fedflat.flower.codec.scenario_digest("seed: 1\n"),
+    fit = encode_fit(payload, job, "seed: 1\n",
+                     fedflat.flower.messages.scenario_digest("seed: 1\n"),
                      weighting="samples", max_weight_=40.0, clipping_range=8.0)
     from flwr.common import parameters_to_ndarrays
 
@@ -146,7 +147,7 @@ def test_fit_codec_round_trip():
     assert torch.equal(back.payload.params, payload.params)
     assert torch.equal(back.payload.broadcast["prev_global_update"],
                        payload.broadcast["prev_global_update"])
-    with pytest.raises(fedflat.flower.codec.CodecError, match="SHA-256"):
+    with pytest.raises(fedflat.flower.messages.MessageError, match="SHA-256"):
         decode_fit(parameters_to_ndarrays(fit.parameters), {**fit.config, "fedflat.yaml": "x"})
 
 

@@ -149,21 +149,21 @@ def _client_app_reply(raw_sc: dict, client_id: int):
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedflat.flower import codec
+    from fedflat.flower import messages
     from fedflat.flower.client_app import ClientSettings, make_client_app
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     sc = load_scenario(raw_sc).scenario
     fed = build_data(sc)
     params = initial_params(sc, ClientWorker(sc, fed, threads=1).model)
-    content = codec.encode_instruction(RoundPayload(ROUND, params, {}),
-                                       ClientJob(ROUND, client_id, 0.05), {}, dump_scenario(sc))
+    content = messages.encode_instruction(RoundPayload(ROUND, params, {}),
+                                          ClientJob(ROUND, client_id, 0.05), {}, dump_scenario(sc))
     ctx = Context(run_id=1, node_id=7001, node_config={"partition-id": client_id},
                   state=RecordDict(), run_config={})
     reply = make_client_app(ClientSettings(threads=1))(
         Message(content, dst_node_id=7001, message_type="train"), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    return sc, codec.decode_result(reply.content)
+    return sc, messages.decode_result(reply.content)
 
 
 def test_flower_client_app_reply_carries_the_noisy_encoded_delta(raw):

@@ -153,7 +153,7 @@ def test_reproduce_zo_quick_table(tmp_path):
 def test_ray_equals_serial_with_seed_uplink_and_adversarial(tmp_path, ray_session):
     """What travels (the seed message; the adversarial random starts drawn on the client's
     generator) gives the serial model bit for bit on Ray."""
-    from test_adversarial import _scenario as adv_scenario
+    from test_adversarial import adversarial_scenario as adv_scenario
 
     ray = {"runtime": {"backend": "ray", "num_actors": 2, "threads": 1}}
     for name, sc in (("zo", _scenario(uplink="seeds")), ("adv", adv_scenario(enabled=True))):

@@ -4,8 +4,8 @@ Mimic, inf, Gaussian (ALGORITHMS.md §5.2)."""
 from fedflat.attacks.byzantine import (
     ATTACKS,
     alie_z,
+    attack_deltas,
     attack_step,
-    attack_updates,
     byzantine_ids,
     default_factor,
     factor_grid,
@@ -18,8 +18,8 @@ from fedflat.attacks.search import line_search
 __all__ = [
     "ATTACKS",
     "alie_z",
+    "attack_deltas",
     "attack_step",
-    "attack_updates",
     "byzantine_ids",
     "default_factor",
     "factor_grid",

@@ -193,7 +193,7 @@ def round_alie_z(n_total: int, num_byz: int, params: Mapping[str, Any]) -> float
     return alie_z(n_total, f, rule)
 
 
-def attack_updates(
+def attack_deltas(
     kind: str,
     honest: Tensor,
     byzantine: Tensor,
@@ -399,7 +399,7 @@ def attack_step(
             if moments is not None and factor is not None:
                 rows = _scaled_rows(moments, factor, num_byz)
             else:
-                rows = attack_updates(cfg.kind, honest, rnd.deltas[mask], n_total=n_total,
+                rows = attack_deltas(cfg.kind, honest, rnd.deltas[mask], n_total=n_total,
                                       params=params, factor=factor, **kw)
             deltas = rnd.deltas.clone()
             deltas[mask] = rows
@@ -434,8 +434,8 @@ def attack_step(
 __all__ = [
     "ATTACKS",
     "alie_z",
+    "attack_deltas",
     "attack_step",
-    "attack_updates",
     "byzantine_ids",
     "default_factor",
     "factor_grid",

@@ -4,8 +4,8 @@
 server's current model version ``v`` and ends at ``t + job_time_s[client]`` (the
 client's download + compute + upload time, see :func:`fedflat.comm.system.job_times`),
 or fails earlier with probability ``dropout`` (at a uniform fraction of its duration;
-the update is lost). Completed updates go to a buffer; when it holds ``buffer_size`` (K)
-updates the server takes a step and the version becomes ``v + 1``. Whenever a job ends,
+the update is lost). Completed deltas go to a buffer; when it holds ``buffer_size`` (K)
+deltas the server takes a step and the version becomes ``v + 1``. Whenever a job ends,
 a new client is drawn uniformly among the idle ones (not in flight) and starts at once
 with the version current at that moment (the new one if this completion filled the
 buffer).
@@ -60,7 +60,7 @@ class AsyncScheduler:
 
     Attributes:
         concurrency: clients in flight at any time.
-        buffer_size: updates K per server step.
+        buffer_size: deltas K per server step.
         staleness: weighting kind (see :func:`staleness_weights`).
         staleness_a: polynomial exponent / hinge slope a.
         staleness_b: hinge threshold b (server steps).
@@ -159,7 +159,7 @@ class AsyncState:
         version: server steps taken so far (the current model version).
         next_seq: ``seq`` of the next job to start.
         in_flight: heap of in-flight jobs (see ``Event``).
-        completed_total: updates delivered so far.
+        completed_total: deltas delivered so far.
         dropped_total: jobs lost to dropout so far.
     """
 
@@ -286,7 +286,7 @@ def next_buffer(
     job_time_s: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[list[Job], AsyncState]:
-    """Advance the clock until ``buffer_size`` updates have arrived.
+    """Advance the clock until ``buffer_size`` deltas have arrived.
 
     Args:
         sched: the scheduler.
@@ -352,7 +352,7 @@ def staleness_weights(
     * hinge: ``1`` if ``s <= b`` else ``1 / (a (s - b) + 1)``.
 
     FedBuff sums ``w_i * delta_i`` over the buffer and divides by K (not by the sum of
-    the weights), so stale updates shrink the step.
+    the weights), so stale deltas shrink the step.
     """
     s = np.asarray(staleness, dtype=np.float64)
     if np.any(s < 0):

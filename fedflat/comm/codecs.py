@@ -57,7 +57,7 @@ IndexEncoding = Literal["int32", "packed", "seed"]
 
 # Codes are packed in chunks of this many codes; a multiple of 8 so that every chunk
 # starts on a byte boundary whatever the bit width (8 codes * bits = bits whole bytes).
-_PACK_CHUNK = 1 << 20
+PACK_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,8 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     out = []
     # Chunks (a multiple of 8 codes, so each starts on a byte boundary) bound the size
     # of the temporaries for large d.
-    for start in range(0, n, _PACK_CHUNK):
-        chunk = codes[start : start + _PACK_CHUNK]
+    for start in range(0, n, PACK_CHUNK):
+        chunk = codes[start : start + PACK_CHUNK]
         if g * bits <= 56:
             # A group of g codes is one <= 56-bit integer: OR the shifted codes, then
             # cut it into bytes. Pad with zero codes to whole groups.
@@ -229,8 +229,8 @@ def unpack_bits(packed: Tensor, n: int, bits: int) -> Tensor:
     dev = packed.device
     mask = (1 << bits) - 1
     out = []
-    for start in range(0, n, _PACK_CHUNK):
-        count = min(_PACK_CHUNK, n - start)
+    for start in range(0, n, PACK_CHUNK):
+        count = min(PACK_CHUNK, n - start)
         first = start * bits // 8  # exact: start is a multiple of 8 codes
         chunk = packed[first : first + math.ceil(count * bits / 8)].to(torch.int64)
         if g * bits <= 56:

@@ -2,7 +2,7 @@
 
 Only this package imports Flower; the client and server code it runs never do.
 
-* :mod:`fedflat.flower.codec` - ``RoundPayload`` / ``ClientJob`` / client state <-> a train
+* :mod:`fedflat.flower.messages` - ``RoundPayload`` / ``ClientJob`` / client state <-> a train
   message's ``RecordDict``, ``ClientResult`` <-> the reply (bit-exact tensors).
 * :mod:`fedflat.flower.client_app` - the ClientApp (``app``): a node trains the client its
   ``partition-id`` names, with a cached ``ClientWorker``.

@@ -38,7 +38,7 @@ from flwr.clientapp import ClientApp
 
 from fedflat.data.datasets import DATA_ENV, Dataset
 from fedflat.errors import DataError, FedflatError
-from fedflat.flower import codec
+from fedflat.flower import messages
 from fedflat.runtime.build import FederatedData, build_data
 from fedflat.runtime.worker import ClientWorker
 from fedflat.scenario.loader import load_scenario
@@ -136,7 +136,7 @@ def load_local_data(path: str | Path, client_id: int, num_clients: int) -> Feder
     return FederatedData(ds, indices)
 
 
-def scenario_of(instr: codec.TrainInstruction) -> Scenario:
+def scenario_of(instr: messages.TrainInstruction) -> Scenario:
     """The scenario a train message carries, parsed once per process and digest."""
     sc = _SCENARIOS.get(instr.scenario_sha256)
     if sc is None:
@@ -163,7 +163,7 @@ def node_data_dir(ctx: Context, scenario_dir: str | None) -> str | None:
     return None
 
 
-def get_worker(instr: codec.TrainInstruction, ctx: Context,
+def get_worker(instr: messages.TrainInstruction, ctx: Context,
                settings: ClientSettings) -> ClientWorker:
     """The cached worker for this node and scenario (built on first use).
 
@@ -212,7 +212,7 @@ def handle_train(msg: Message, ctx: Context, settings: ClientSettings) -> Messag
             node's model does not match the server's parameter vector. Flower turns the
             exception into an error reply that the server reports.
     """
-    instr = codec.decode_instruction(msg.content)
+    instr = messages.decode_instruction(msg.content)
     pid = node_partition(ctx)
     if pid is None:
         raise FlowerClientError(f"this node has no node_config {PARTITION_KEY}; it cannot "
@@ -233,12 +233,12 @@ def handle_train(msg: Message, ctx: Context, settings: ClientSettings) -> Messag
         raise FlowerClientError(f"client {instr.job.client_id} is outside this node's "
                                 f"{len(worker.client_data)} partitions")
     [res] = worker.run(instr.payload, [instr.job], [instr.state])
-    return Message(codec.encode_result(res), reply_to=msg)
+    return Message(messages.encode_result(res), reply_to=msg)
 
 
 def handle_query(msg: Message, ctx: Context) -> Message:
     """Reply with the partition id this node holds (-1 when it has none)."""
-    return Message(codec.encode_node_info(node_partition(ctx)), reply_to=msg)
+    return Message(messages.encode_node_info(node_partition(ctx)), reply_to=msg)
 
 
 def make_client_app(settings: ClientSettings | None = None) -> ClientApp:

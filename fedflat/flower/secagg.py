@@ -32,7 +32,7 @@ checkpoints, privacy planning and resume with Flower's own ``History``).
 Precision: each coordinate of w_i/W·Δ_i is clipped to [-c, c] and stochastically rounded
 to a grid of step 2c/T, so the mean the server gets differs from fedflat's weighted mean
 by at most ``k · (2c/T) / Σ_i (w_i/W)`` per coordinate in a cohort of k (plus a relative
-≤ W/(2 w_i T) from quantising the weights): see :func:`mean_error_bound`. Runs are not
+≤ W/(2 w_i T) from quantising the weights). Runs are not
 bit-reproducible: Flower's quantiser uses NumPy's global generator and its neighbour
 graph Python's ``random``. Scalars travel in the clear (n_i, train loss, steps, the
 fraction of clipped coordinates): SecAgg+ hides the vectors only.
@@ -108,7 +108,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid, ServerApp
 
 from fedflat.client.update import ClientResult
-from fedflat.flower import codec
+from fedflat.flower import messages
 from fedflat.flower.client_app import (
     ClientSettings,
     FlowerClientError,
@@ -124,9 +124,8 @@ from fedflat.flower.secagg_checks import (  # noqa: F401 - re-exported: SecAgg+ 
 from fedflat.flower.server_app import (
     FlowerRunError,
     ServerSettings,
-    _ranges,
+    discover_nodes,
     run_over_transport,
-    send_and_receive,
 )
 from fedflat.runtime.build import FederatedData
 from fedflat.runtime.driver import RunResult
@@ -151,25 +150,6 @@ def max_weight(sc: Scenario, fed: FederatedData) -> float:
     return float(max(1, max(len(ix) for ix in fed.client_indices)))
 
 
-def mean_error_bound(weights: Sequence[float], *, max_weight: float, clipping_range: float,
-                     quantization_range: int) -> float:
-    """Largest per-coordinate error of SecAgg+'s weighted mean, clipping aside.
-
-    Each client's ``w_i/W · Δ_i`` is stochastically rounded to a grid of step
-    ``2c/T`` (error < one step each); the sum of k errors is divided by ``Σ w_i/W``.
-
-    Args:
-        weights: the cohort's weights w_i (n_i or 1).
-        max_weight: W.
-        clipping_range: c.
-        quantization_range: T.
-    """
-    if not weights:
-        raise ValueError("weights must not be empty")
-    step = 2.0 * clipping_range / quantization_range
-    return len(weights) * step / (sum(weights) / max_weight)
-
-
 # ---------------------------------------------------------------------- client side
 class SecAggClient(NumPyClient):
     """A node's fedflat client as a legacy NumPyClient (wrapped by ``secaggplus_mod``)."""
@@ -182,7 +162,7 @@ class SecAggClient(NumPyClient):
         """The partition this node holds (-1: none): the server's client id -> node map."""
         pid = node_partition(self.ctx)
         return {"partition-id": -1 if pid is None else pid,
-                "wire_version": codec.WIRE_VERSION}
+                "wire_version": messages.WIRE_VERSION}
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
             ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
@@ -218,34 +198,35 @@ class SecAggClient(NumPyClient):
 
 
 def decode_fit(parameters: Sequence[np.ndarray], config: Mapping[str, Any]
-               ) -> codec.TrainInstruction:
+               ) -> messages.TrainInstruction:
     """A fit call's arrays and config as a fedflat TrainInstruction (inverse of
     :func:`encode_fit`).
 
     Raises:
-        codec.CodecError: a missing key, a wire-version mismatch or a scenario whose digest
-            does not match its text.
+        messages.MessageError: a missing key, a wire-version mismatch or a scenario whose
+            digest does not match its text.
     """
-    if config.get("wire_version") != codec.WIRE_VERSION:
-        raise codec.CodecError(f"wire version {config.get('wire_version')} from the server, "
-                               f"this node speaks {codec.WIRE_VERSION}")
+    if config.get("wire_version") != messages.WIRE_VERSION:
+        raise messages.MessageError(f"wire version {config.get('wire_version')} from the "
+                                    f"server, this node speaks {messages.WIRE_VERSION}")
     keys = [k for k in str(config.get(_BROADCAST_KEYS, "")).split("\n") if k]
     if len(parameters) != 1 + len(keys):
-        raise codec.CodecError(f"fit sent {len(parameters)} arrays, expected 1 + "
-                               f"{len(keys)} broadcast tensors")
+        raise messages.MessageError(f"fit sent {len(parameters)} arrays, expected 1 + "
+                                    f"{len(keys)} broadcast tensors")
     text, sha = str(config[_YAML]), str(config[_SHA])
-    if codec.scenario_digest(text) != sha:
-        raise codec.CodecError("the scenario text does not match its SHA-256 digest")
+    if messages.scenario_digest(text) != sha:
+        raise messages.MessageError("the scenario text does not match its SHA-256 digest")
     x = torch.from_numpy(np.array(parameters[0], copy=True))
     broadcast = {k: torch.from_numpy(np.array(a, copy=True))
                  for k, a in zip(keys, parameters[1:], strict=True)}
-    job = ClientJob(round=codec._int(config, "job_round"),
-                    client_id=codec._int(config, "client_id"),
-                    lr=codec._float(config, "lr"),
-                    max_steps=codec._opt(config, "max_steps", codec._int))
-    payload = RoundPayload(round=codec._int(config, "round"), params=x, broadcast=broadcast)
-    return codec.TrainInstruction(payload=payload, job=job, state={}, scenario_yaml=text,
-                                  scenario_sha256=sha)
+    job = ClientJob(round=messages.config_int(config, "job_round"),
+                    client_id=messages.config_int(config, "client_id"),
+                    lr=messages.config_float(config, "lr"),
+                    max_steps=messages.config_optional(config, "max_steps", messages.config_int))
+    payload = RoundPayload(round=messages.config_int(config, "round"), params=x,
+                           broadcast=broadcast)
+    return messages.TrainInstruction(payload=payload, job=job, state={}, scenario_yaml=text,
+                                     scenario_sha256=sha)
 
 
 def encode_fit(payload: RoundPayload, job: ClientJob, scenario_yaml: str, sha: str, *,
@@ -255,7 +236,7 @@ def encode_fit(payload: RoundPayload, job: ClientJob, scenario_yaml: str, sha: s
     arrays = [payload.params.detach().cpu().numpy()] + [
         payload.broadcast[k].detach().cpu().numpy() for k in keys]
     cfg: dict[str, Any] = {
-        "wire_version": codec.WIRE_VERSION, "round": payload.round, "job_round": job.round,
+        "wire_version": messages.WIRE_VERSION, "round": payload.round, "job_round": job.round,
         "client_id": job.client_id, "lr": float(job.lr), _YAML: scenario_yaml, _SHA: sha,
         _BROADCAST_KEYS: "\n".join(keys), _WEIGHT_MODE: weighting,
         _MAX_WEIGHT: float(max_weight_), _CLIP: float(clipping_range),
@@ -383,52 +364,19 @@ def _failure_text(f: Any) -> str:
     return f"node {proxy.node_id}: {res.status.message}"
 
 
-def discover_partitions(grid: Grid, num_clients: int, *, timeout_s: float,
-                        poll_s: float) -> dict[int, int]:
-    """Client id -> node id, from each node's ``get_properties`` (its ``partition-id``).
-
-    Raises:
-        FlowerRunError: duplicate partitions, or missing clients after ``timeout_s``.
-    """
-    deadline = time.monotonic() + timeout_s
-    partition_of: dict[int, int] = {}
-    failed: dict[int, str] = {}
+def _properties_query(node: int) -> Message:
     content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
-    while True:
-        new = [n for n in grid.get_node_ids() if n not in partition_of and n not in failed]
-        if new:
-            msgs = [Message(RecordDict(content), dst_node_id=n,
-                            message_type=MessageTypeLegacy.GET_PROPERTIES) for n in new]
-            left = max(1.0, deadline - time.monotonic())
-            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s).values():
-                node = r.metadata.src_node_id
-                if r.has_error():
-                    failed[node] = f"error {r.error.code}: {r.error.reason}"
-                    continue
-                props = compat.recorddict_to_getpropertiesres(r.content).properties
-                if props.get("wire_version") != codec.WIRE_VERSION:
-                    failed[node] = f"wire version {props.get('wire_version')}"
-                    continue
-                partition_of[node] = int(props.get("partition-id", -1))  # type: ignore[arg-type]
-            for n in new:
-                if n not in partition_of and n not in failed:
-                    failed[n] = "no reply to get_properties"
-        holders: dict[int, list[int]] = {}
-        for node, pid in partition_of.items():
-            if pid >= 0:
-                holders.setdefault(pid, []).append(node)
-        dupes = {p: ns for p, ns in holders.items() if len(ns) > 1}
-        if dupes:
-            raise FlowerRunError("several nodes hold the same partition-id: " + "; ".join(
-                f"partition {p} on nodes {ns}" for p, ns in sorted(dupes.items())))
-        missing = [c for c in range(num_clients) if c not in holders]
-        if not missing:
-            return {c: holders[c][0] for c in range(num_clients)}
-        if time.monotonic() >= deadline:
-            why = "; ".join(f"node {n}: {w}" for n, w in sorted(failed.items()))
-            raise FlowerRunError(f"after {timeout_s:.0f} s no node holds client(s) "
-                                 f"{_ranges(missing)}" + (f" (failed: {why})" if why else ""))
-        time.sleep(max(poll_s, 0.1))
+    return Message(RecordDict(content), dst_node_id=node,
+                   message_type=MessageTypeLegacy.GET_PROPERTIES)
+
+
+def _read_partition(reply: Message) -> int | None:
+    """A ``get_properties`` reply's partition-id (-1: none), after the wire version."""
+    props = compat.recorddict_to_getpropertiesres(reply.content).properties
+    if props.get("wire_version") != messages.WIRE_VERSION:
+        raise messages.MessageError(f"wire version {props.get('wire_version')}")
+    pid = int(props.get("partition-id", -1))  # type: ignore[arg-type]
+    return None if pid < 0 else pid
 
 
 class SecAggTransport:
@@ -444,7 +392,7 @@ class SecAggTransport:
         self.settings = settings
         # The nodes get the scenario the Runner hands its workers (privacy noise calibrated).
         self.scenario_yaml = dump_scenario(sc)
-        self.sha = codec.scenario_digest(self.scenario_yaml)
+        self.sha = messages.scenario_digest(self.scenario_yaml)
         self.fc = flower_config(sc)
         self.max_weight = weight_bound
         self.strategy = CohortStrategy()
@@ -476,9 +424,10 @@ class SecAggTransport:
     def connect(self) -> dict[int, int]:
         if self.node_of is None:
             t = time.perf_counter()
-            self.node_of = discover_partitions(self.grid._grid, self.num_clients,
-                                               timeout_s=self.settings.node_timeout_s,
-                                               poll_s=self.settings.poll_s)
+            self.node_of = discover_nodes(self.grid._grid, self.num_clients,
+                                          timeout_s=self.settings.node_timeout_s,
+                                          poll_s=self.settings.poll_s,
+                                          query=_properties_query, read=_read_partition)
             self.discovery_seconds = time.perf_counter() - t
         return self.node_of
 

@@ -38,7 +38,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedflat.client.update import ClientResult
 from fedflat.errors import FedflatError, ScenarioError
-from fedflat.flower import codec
+from fedflat.flower import messages
 from fedflat.runtime.build import FederatedData
 from fedflat.runtime.driver import Runner, RunResult, load_data, new_run_dir
 from fedflat.runtime.preflight import preflight
@@ -196,34 +196,46 @@ def send_and_receive(grid: Grid, messages: Sequence[Message], *, timeout_s: floa
     return replies
 
 
-def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float,
-                   poll_s: float) -> dict[int, int]:
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float, poll_s: float,
+                   query: Callable[[int], Message] | None = None,
+                   read: Callable[[Message], int | None] | None = None) -> dict[int, int]:
     """Map each client id 0..num_clients-1 to the node whose partition-id equals it.
 
-    Nodes are asked once each (a ``query`` message) as they register; the call returns as
-    soon as every client has a node.
+    Nodes are asked once each as they register; the call returns as soon as every client
+    has a node. The Message API app asks with a ``query`` message (the defaults); SecAgg+'s
+    legacy app passes its own ``get_properties`` message and reader.
+
+    Args:
+        query: node id -> the message that asks it for its partition.
+        read: a reply -> its partition id (None: the node holds none); raises
+            ``MessageError`` / ``KeyError`` / ``ValueError`` for a reply it cannot read.
 
     Raises:
         FlowerRunError: after ``timeout_s``, naming the missing client ids, the nodes that
             hold the same partition, and the nodes whose query failed.
     """
+    if query is None:
+        def query(node: int) -> Message:
+            return Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+    if read is None:
+        def read(reply: Message) -> int | None:
+            return messages.decode_node_info(reply.content)
     deadline = time.monotonic() + timeout_s
     partition_of: dict[int, int | None] = {}
     failed: dict[int, str] = {}
     while True:
         new = [n for n in grid.get_node_ids() if n not in partition_of and n not in failed]
         if new:
-            msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
-                    for n in new]
             left = max(1.0, deadline - time.monotonic())
-            for r in send_and_receive(grid, msgs, timeout_s=left, poll_s=poll_s).values():
+            sent = [query(n) for n in new]
+            for r in send_and_receive(grid, sent, timeout_s=left, poll_s=poll_s).values():
                 node = r.metadata.src_node_id
                 if r.has_error():
                     failed[node] = f"error {r.error.code}: {r.error.reason}"
                     continue
                 try:
-                    partition_of[node] = codec.decode_node_info(r.content)
-                except (codec.CodecError, KeyError, ValueError) as exc:
+                    partition_of[node] = read(r)
+                except (messages.MessageError, KeyError, ValueError) as exc:
                     failed[node] = str(exc)
             for n in new:
                 if n not in partition_of and n not in failed:
@@ -281,7 +293,7 @@ class GridTransport:
         self.num_clients = num_clients
         self.node_of = dict(node_of) if node_of is not None else None
         self.scenario_yaml = scenario_yaml
-        self.scenario_sha = codec.scenario_digest(scenario_yaml)
+        self.scenario_sha = messages.scenario_digest(scenario_yaml)
         self.settings = settings
         self.failures: list[ClientFailure] = []
         self.discovery_seconds = 0.0
@@ -310,16 +322,16 @@ class GridTransport:
         node_of = self.connect()
         if not jobs:
             return Mapped([])
-        messages = []
+        outgoing = []
         for job, state in zip(jobs, states, strict=True):
-            content = codec.encode_instruction(payload, job, state, self.scenario_yaml,
-                                               self.scenario_sha)
-            messages.append(Message(content, dst_node_id=node_of[job.client_id],
+            content = messages.encode_instruction(payload, job, state, self.scenario_yaml,
+                                                  self.scenario_sha)
+            outgoing.append(Message(content, dst_node_id=node_of[job.client_id],
                                     message_type=MessageType.TRAIN, group_id=str(round_)))
-        replies = send_and_receive(self.grid, messages, timeout_s=self.settings.reply_timeout_s,
+        replies = send_and_receive(self.grid, outgoing, timeout_s=self.settings.reply_timeout_s,
                                    poll_s=self.settings.poll_s)
         # A client may appear twice in an asynchronous buffer: match replies by message.
-        ordered = [replies.get(m.metadata.message_id) for m in messages]
+        ordered = [replies.get(m.metadata.message_id) for m in outgoing]
         results, failures = self._collect(payload, jobs, ordered)
         record: dict[str, Any] = {}
         if failures:
@@ -351,8 +363,8 @@ class GridTransport:
                 reason = f"Flower error {r.error.code}: {(r.error.reason or '').strip()}"
             else:
                 try:
-                    res = codec.decode_result(r.content)
-                except (codec.CodecError, KeyError, ValueError) as exc:
+                    res = messages.decode_result(r.content)
+                except (messages.MessageError, KeyError, ValueError) as exc:
                     reason = f"unreadable reply: {exc}"
                 else:
                     if res.client_id != job.client_id:

@@ -20,9 +20,9 @@ from fedflat.privacy.accounting import (
     AccountantName,
     Conversion,
     EpsilonResult,
-    Segment,
-    _check_accountant,
-    _check_segment,
+    HistoryEntry,
+    check_accountant,
+    check_history_entry,
     compute_epsilon,
 )
 
@@ -54,10 +54,10 @@ class Accountant:
         conversion: Conversion = "balle",
         orders: Sequence[float] | None = None,
     ) -> None:
-        self._orders = _check_accountant(accountant, conversion, orders)
+        self._orders = check_accountant(accountant, conversion, orders)
         self._mechanism: str = accountant
         self._conversion: str = conversion
-        self.history: list[Segment] = []
+        self.history: list[HistoryEntry] = []
 
     @property
     def mechanism(self) -> str:
@@ -76,18 +76,18 @@ class Accountant:
 
     @property
     def total_steps(self) -> int:
-        """Number of steps recorded (the sum over segments, not the segment count)."""
+        """Number of steps recorded (the sum over entries, not the entry count)."""
         return sum(t for _, _, t in self.history)
 
-    def _extended(self, segment: Segment) -> list[Segment]:
-        # Run-length merge of a new segment; never mutates self.history.
+    def _extended(self, entry: HistoryEntry) -> list[HistoryEntry]:
+        # Run-length merge of a new entry; never mutates self.history.
         hist = list(self.history)
-        if segment[2] == 0:
+        if entry[2] == 0:
             return hist
-        if hist and hist[-1][0] == segment[0] and hist[-1][1] == segment[1]:
-            hist[-1] = (segment[0], segment[1], hist[-1][2] + segment[2])
+        if hist and hist[-1][0] == entry[0] and hist[-1][1] == entry[1]:
+            hist[-1] = (entry[0], entry[1], hist[-1][2] + entry[2])
         else:
-            hist.append(segment)
+            hist.append(entry)
         return hist
 
     def step(
@@ -104,7 +104,7 @@ class Accountant:
             ValueError: on an invalid argument (the history is left unchanged).
         """
         self.history = self._extended(
-            _check_segment(noise_multiplier, sampling_rate, steps)
+            check_history_entry(noise_multiplier, sampling_rate, steps)
         )
 
     def privacy_spent(self, delta: float) -> EpsilonResult:
@@ -140,7 +140,7 @@ class Accountant:
         budget = float(epsilon_budget)
         if not budget > 0.0:
             raise ValueError(f"epsilon_budget must be > 0, got {epsilon_budget}")
-        hist = self._extended(_check_segment(noise_multiplier, sampling_rate, steps))
+        hist = self._extended(check_history_entry(noise_multiplier, sampling_rate, steps))
         eps = compute_epsilon(
             hist,
             delta=delta,
@@ -164,7 +164,7 @@ class Accountant:
 
         Raises:
             ValueError: naming a missing key, a setting that differs from this
-                accountant's (mechanism, conversion, orders), or an invalid segment. The
+                accountant's (mechanism, conversion, orders), or an invalid history entry. The
                 accountant is unchanged when it raises.
         """
         if not isinstance(state_dict, Mapping):
@@ -195,7 +195,7 @@ class Accountant:
             raise ValueError(
                 f"accountant state_dict 'history' must be a list, got {history!r}"
             )
-        segments: list[Segment] = []
+        entries: list[HistoryEntry] = []
         for i, seg in enumerate(history):
             if not isinstance(seg, Sequence) or len(seg) != 3:
                 raise ValueError(
@@ -203,10 +203,10 @@ class Accountant:
                     f"[noise_multiplier, sampling_rate, steps], got {seg!r}"
                 )
             try:
-                segments.append(_check_segment(seg[0], seg[1], seg[2]))
+                entries.append(check_history_entry(seg[0], seg[1], seg[2]))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"accountant state_dict history[{i}]: {err}") from None
-        self.history = segments
+        self.history = entries
 
 
 def epsilons(accountants: Sequence[Accountant], delta: float) -> np.ndarray:

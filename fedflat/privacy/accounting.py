@@ -70,8 +70,8 @@ MAX_CACHE_ENTRIES = 4096
 
 _FALLBACK_WARNED: list[bool] = []  # non-empty once a PRV fallback has been logged
 
-# One run-length segment of a history: (noise multiplier σ, sampling rate q, steps T).
-Segment = tuple[float, float, int]
+# One run-length entry of a history: (noise multiplier σ, sampling rate q, steps T).
+HistoryEntry = tuple[float, float, int]
 
 
 class EpsilonResult(NamedTuple):
@@ -111,9 +111,15 @@ class Calibration(NamedTuple):
 # --------------------------------------------------------------------------- validation
 
 
-def _check_accountant(
+def check_accountant(
     accountant: str, conversion: str, orders: Sequence[float] | None
 ) -> tuple[float, ...] | None:
+    """Validate an accountant's settings; returns the RDP orders (None: the default grid).
+
+    Raises:
+        ValueError: an unknown accountant or conversion, a conversion or orders given to
+            an accountant they do not apply to, or orders that are not finite α > 1.
+    """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if conversion not in CONVERSIONS:
@@ -142,9 +148,14 @@ def _check_delta(delta: float) -> float:
     return delta
 
 
-def _check_segment(
+def check_history_entry(
     noise_multiplier: float, sampling_rate: float, steps: int
-) -> Segment:
+) -> HistoryEntry:
+    """``(σ, q, T)`` as floats and an int, after checking σ ≥ 0 finite, q ∈ [0, 1], T ≥ 0.
+
+    Raises:
+        ValueError: naming the argument out of range.
+    """
     sigma, q = float(noise_multiplier), float(sampling_rate)
     if not (sigma >= 0.0 and math.isfinite(sigma)):
         raise ValueError(
@@ -157,15 +168,15 @@ def _check_segment(
     return sigma, q, int(steps)
 
 
-def _normalize_history(history: Sequence[Sequence[float]]) -> tuple[Segment, ...]:
-    """Validate segments, drop the ones that cost nothing (q = 0 or T = 0), merge runs."""
-    out: list[Segment] = []
+def _normalize_history(history: Sequence[Sequence[float]]) -> tuple[HistoryEntry, ...]:
+    """Validate entries, drop the ones that cost nothing (q = 0 or T = 0), merge runs."""
+    out: list[HistoryEntry] = []
     for i, seg in enumerate(history):
         if len(seg) != 3:
             raise ValueError(
                 f"history[{i}] must be (noise_multiplier, q, steps), got {seg}"
             )
-        sigma, q, steps = _check_segment(seg[0], seg[1], seg[2])  # type: ignore[arg-type]
+        sigma, q, steps = check_history_entry(seg[0], seg[1], seg[2])  # type: ignore[arg-type]
         if q == 0.0 or steps == 0:
             continue  # an example that is never sampled leaks nothing
         if out and out[-1][0] == sigma and out[-1][1] == q:
@@ -179,7 +190,7 @@ def _normalize_history(history: Sequence[Sequence[float]]) -> tuple[Segment, ...
 
 
 def _rdp_epsilon(
-    history: tuple[Segment, ...],
+    history: tuple[HistoryEntry, ...],
     delta: float,
     conversion: str,
     orders: tuple[float, ...],
@@ -231,7 +242,7 @@ def _rdp_to_dp(
     return EpsilonResult(max(eps, 0.0), "rdp", note)
 
 
-def _prv_epsilon(history: tuple[Segment, ...], delta: float) -> EpsilonResult:
+def _prv_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> EpsilonResult:
     from opacus.accountants import PRVAccountant
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
@@ -279,7 +290,7 @@ def _prv_epsilon(history: tuple[Segment, ...], delta: float) -> EpsilonResult:
     return EpsilonResult(rdp.epsilon, "rdp", note)
 
 
-def _pld_epsilon(history: tuple[Segment, ...], delta: float) -> EpsilonResult:
+def _pld_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> EpsilonResult:
     import dp_accounting as dpa
 
     acc = dpa.pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
@@ -297,7 +308,7 @@ def _pld_epsilon(history: tuple[Segment, ...], delta: float) -> EpsilonResult:
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon_cached(
-    history: tuple[Segment, ...],
+    history: tuple[HistoryEntry, ...],
     delta: float,
     accountant: str,
     conversion: str,
@@ -325,7 +336,7 @@ def compute_epsilon(
     """ε of a heterogeneous composition of Poisson-subsampled Gaussian mechanisms.
 
     Args:
-        history: segments ``(noise_multiplier σ, sampling_rate q, steps T)``; segment i
+        history: entries ``(noise_multiplier σ, sampling_rate q, steps T)``; entry i
             is T_i steps with noise std σ_i·sensitivity, each record sampled with
             probability q_i per step.
         delta: target δ in (0, 1).
@@ -342,7 +353,7 @@ def compute_epsilon(
     Raises:
         ValueError: on an invalid argument, naming it.
     """
-    orders_t = _check_accountant(accountant, conversion, orders)
+    orders_t = check_accountant(accountant, conversion, orders)
     delta = _check_delta(delta)
     result = _epsilon_cached(
         _normalize_history(history), delta, accountant, conversion, orders_t
@@ -387,7 +398,7 @@ def epsilon(
         ...               noise_multiplier=1.8408203125, delta=1e-5), 3)
         2.996
     """
-    _check_segment(noise_multiplier, sampling_rate, steps)
+    check_history_entry(noise_multiplier, sampling_rate, steps)
     return compute_epsilon(
         [(noise_multiplier, sampling_rate, steps)],
         delta=delta,
@@ -408,7 +419,7 @@ def rdp_epsilon_floor(
     With RDP = 0 at every order, the conversion still charges log(1/δ)/(α−1)-type terms,
     so targets at or below this value are impossible for ``accountant="rdp"``.
     """
-    orders_t = _check_accountant("rdp", conversion, orders) or DEFAULT_RDP_ORDERS
+    orders_t = check_accountant("rdp", conversion, orders) or DEFAULT_RDP_ORDERS
     delta = _check_delta(delta)
     return _rdp_to_dp(np.zeros(len(orders_t)), orders_t, delta, conversion).epsilon
 
@@ -645,9 +656,9 @@ def calibrate(
             or below the RDP order grid's floor (``rdp_epsilon_floor``), or σ > 1e6
             needed.
     """
-    orders_t = _check_accountant(accountant, conversion, orders)
+    orders_t = check_accountant(accountant, conversion, orders)
     delta = _check_delta(delta)
-    _, q, steps = _check_segment(0.0, sampling_rate, steps)
+    _, q, steps = check_history_entry(0.0, sampling_rate, steps)
     target = float(epsilon)
     if not (target > 0.0 and math.isfinite(target)):
         raise ValueError(f"epsilon must be finite and > 0, got {epsilon}")

@@ -5,7 +5,7 @@ Server steps (``fedflat.server.pipeline.ServerStep``) that make one round's aggr
 
 * Fixed clip (DP-FedAvg, McMahan et al. 2018, ALGORITHMS.md §4.3)::
 
-      Pipeline([clip_updates(clip_norm=S),
+      Pipeline([clip_deltas(clip_norm=S),
                 gaussian_sum_noise(noise_multiplier=z, clip_norm=S,
                                    expected_clients=qN),
                 fedavg(lr=1.0)])    # or fedavgm / fedadam: any server optimizer
@@ -13,7 +13,7 @@ Server steps (``fedflat.server.pipeline.ServerStep``) that make one round's aggr
   ``gaussian_sum_noise`` IS the aggregation step (it replaces ``rule_step``): the rules
   of ``fedflat.server.rules`` normalise by the realised weights, while DP-FedAvg needs
   the unweighted SUM over the fixed denominator qN (or the weighted sum over qW). It
-  refuses rows longer than S, so a missing ``clip_updates`` is caught.
+  refuses rows longer than S, so a missing ``clip_deltas`` is caught.
 
 * Adaptive clip (Andrew et al. 2021, §4.4)::
 
@@ -32,7 +32,7 @@ Accounting (the lead's part; user level, separate from any sample-level budget):
 record ``accountant.step(z, q, 1)`` once per round with q = expected clients per
 round / population N (Poisson cohort sampling, ``sample_cohort(method="poisson")``; a
 uniform fixed-size cohort is a different mechanism) and T = rounds. With adaptive
-clipping record the TOTAL z (the update sum gets z_Δ ≥ z, see
+clipping record the TOTAL z (the delta sum gets z_Δ ≥ z, see
 ``adaptive_clip_noise_split``).
 
 All noise comes from the generator handed to ``apply`` (the ``"noise"`` stream); it is
@@ -132,7 +132,7 @@ def _check_clipped(deltas: Tensor, clip_norm: float) -> None:
     if not longest <= clip_norm * (1.0 + _CLIP_SLACK):
         raise ValueError(
             f"a client delta has norm {longest:.6g} > clip_norm {clip_norm}: put "
-            "clip_updates(clip_norm=...) with the same clip_norm before this step"
+            "clip_deltas(clip_norm=...) with the same clip_norm before this step"
         )
 
 
@@ -157,7 +157,7 @@ def capped_weights(num_samples: Tensor, weight_cap: float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- steps
-def clip_updates(*, clip_norm: float) -> ServerStep:
+def clip_deltas(*, clip_norm: float) -> ServerStep:
     """Clip each client delta (row of ``round.deltas``) to L2 norm ≤ S (flat).
 
     Place first, before ``gaussian_sum_noise``. Non-finite rows are replaced by zeros.
@@ -250,12 +250,12 @@ def gaussian_sum_noise(
       ``capped_weights``).
 
     This step sets ``round.aggregate`` (it replaces an aggregation rule) and must follow
-    ``clip_updates(clip_norm=S)``: rows longer than S raise. An empty cohort gives pure
+    ``clip_deltas(clip_norm=S)``: rows longer than S raise. An empty cohort gives pure
     noise / denominator.
 
     Args:
         noise_multiplier: z ≥ 0 (0 = no noise, not private).
-        clip_norm: S > 0, the bound ``clip_updates`` enforced.
+        clip_norm: S > 0, the bound ``clip_deltas`` enforced.
         expected_clients: qN > 0, expected clients per round.
         weight_cap: ŵ > 0 for the weighted estimator, else None.
         total_weight: W > 0, required with ``weight_cap``.
@@ -327,7 +327,7 @@ def adaptive_clipping(
     expected_clients: float,
     update: str = "geometric",
 ) -> ServerStep:
-    """DP-FedAvg with the clip norm tracking a quantile of update norms, privately.
+    """DP-FedAvg with the clip norm tracking a quantile of delta norms, privately.
 
     Per round with clip C_t (from the step state):
 
@@ -339,7 +339,7 @@ def adaptive_clipping(
     4. C_{t+1} = C_t·exp(−η_C(b̄ − γ)) (geometric) or C_t − η_C(b̄ − γ) (arithmetic,
        kept ≥ 1e-12 so that a clip norm of 0 cannot stall the estimate).
 
-    Account the TOTAL z with q = m / N per round. With z = 0 (no privacy) the update sum
+    Account the TOTAL z with q = m / N per round. With z = 0 (no privacy) the delta sum
     gets no noise and σ_b may be anything ≥ 0.
 
     Args:

@@ -99,10 +99,10 @@ def releases_per_step(oracle: Oracle) -> int:
     return int(getattr(oracle, "releases_per_step", 0))
 
 
-def accounting_segment(
+def history_entry(
     oracle: Oracle, *, sampling_rate: float, steps: int
 ) -> tuple[float, float, int]:
-    """The (σ, q, T) segment to record for ``steps`` local steps of a DP oracle.
+    """The (σ, q, T) history entry to record for ``steps`` local steps of a DP oracle.
 
     Args:
         oracle: a ``DPOracle`` from this module.
@@ -118,7 +118,7 @@ def accounting_segment(
     """
     if not isinstance(oracle, DPOracle):
         raise ValueError(
-            f"accounting_segment needs a DPOracle, got {type(oracle).__name__}"
+            f"history_entry needs a DPOracle, got {type(oracle).__name__}"
         )
     return (oracle.accounting_noise_multiplier, float(sampling_rate), int(steps))
 

@@ -70,13 +70,13 @@ FAIRNESS_PLOTS: tuple[PlotSpec, ...] = (
 
 PER_CLIENT_FILE = "per_client.jsonl"  # eval.per_client rows (round, client_id, n, accuracy, ...)
 
-_FIGSIZE = (6.4, 4.0)
-_DPI = 100
-_MARKER_MAX_POINTS = 40  # draw markers on sparse lines (e.g. evaluated every 10 rounds)
+FIGSIZE = (6.4, 4.0)
+DPI = 100
+MARKER_MAX_POINTS = 40  # draw markers on sparse lines (e.g. evaluated every 10 rounds)
 
 
 # ---------------------------------------------------------------------------- series
-def _column(metrics: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+def metric_column(metrics: Sequence[dict[str, Any]], key: str) -> np.ndarray:
     """The per-round values of ``key`` as float64, NaN where absent or not a number."""
     out = np.full(len(metrics), np.nan)
     for i, rec in enumerate(metrics):
@@ -91,10 +91,10 @@ def _cumulative(
 ) -> np.ndarray | None:
     """Cumulative bytes of one direction: the ``*_total`` key, else the running sum of
     the per-round key (a round without it adds 0); None if neither is recorded."""
-    total = _column(metrics, total_key)
+    total = metric_column(metrics, total_key)
     if np.isfinite(total).any():
         return total
-    per_round = _column(metrics, round_key)
+    per_round = metric_column(metrics, round_key)
     if np.isfinite(per_round).any():
         return np.cumsum(np.nan_to_num(per_round, nan=0.0))
     return None
@@ -111,7 +111,7 @@ def _x_values(metrics: Sequence[dict[str, Any]], x: str) -> np.ndarray | None:
             return None
         zero = np.zeros(len(metrics))
         return (zero if up is None else up) + (zero if down is None else down)
-    col = _column(metrics, x)
+    col = metric_column(metrics, x)
     if x == "round" and not np.isfinite(col).any():
         return np.arange(len(metrics), dtype=np.float64)  # records without "round": file order
     return col if np.isfinite(col).any() else None
@@ -123,7 +123,7 @@ def _series(record: RunRecord, spec: PlotSpec) -> tuple[np.ndarray, np.ndarray] 
     if xs is None:
         return None
     for key in spec.y:
-        ys = _column(record.metrics, key)
+        ys = metric_column(record.metrics, key)
         keep = np.isfinite(xs) & np.isfinite(ys)
         if keep.any():
             return xs[keep], ys[keep]
@@ -131,7 +131,7 @@ def _series(record: RunRecord, spec: PlotSpec) -> tuple[np.ndarray, np.ndarray] 
 
 
 # ---------------------------------------------------------------------------- axes
-def _unit(max_value: float, units: Sequence[tuple[str, float]]) -> tuple[str, float]:
+def display_unit(max_value: float, units: Sequence[tuple[str, float]]) -> tuple[str, float]:
     """The largest unit not larger than ``max_value`` (the last one if none)."""
     for name, scale in units:
         if max_value >= scale:
@@ -139,8 +139,8 @@ def _unit(max_value: float, units: Sequence[tuple[str, float]]) -> tuple[str, fl
     return units[-1]
 
 
-_BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1.0))
-_TIME_UNITS = (("h", 3600.0), ("min", 60.0), ("s", 1.0))
+BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3), ("B", 1.0))
+TIME_UNITS = (("h", 3600.0), ("min", 60.0), ("s", 1.0))
 
 
 def _draw(
@@ -150,24 +150,24 @@ def _draw(
     path: Path,
 ) -> None:
     """Draw one figure (one line per (label, x, y)) and save it as PNG."""
-    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     x_max = max(float(np.max(x)) for _, x, _ in series)
     if spec.x == "bytes":
-        unit, scale = _unit(x_max, _BYTE_UNITS)
+        unit, scale = display_unit(x_max, BYTE_UNITS)
         xlabel = f"cumulative uplink + downlink ({unit})"
         finals = [float(x[-1]) for _, x, _ in series if x[-1] > 0]
         # Compressed and uncompressed runs can differ 100x in bytes: a log axis keeps both readable.
         if len(finals) > 1 and max(finals) / min(finals) > 30:
             ax.set_xscale("log")
     elif spec.x == "sim_seconds":
-        unit, scale = _unit(x_max, _TIME_UNITS)
+        unit, scale = display_unit(x_max, TIME_UNITS)
         xlabel = f"simulated time ({unit})"
     else:
         scale, xlabel = 1.0, spec.x
     for label, x, y in series:
-        style = {"marker": "o", "markersize": 3} if len(x) <= _MARKER_MAX_POINTS else {}
+        style = {"marker": "o", "markersize": 3} if len(x) <= MARKER_MAX_POINTS else {}
         ax.plot(x / scale, y, label=label, linewidth=1.4, **style)
     ys = np.concatenate([y for _, _, y in series])
     # A diverging loss would flatten every other line: switch to log when the range is huge.
@@ -258,7 +258,7 @@ def _per_client_distribution(records: Sequence[RunRecord], labels: Sequence[str]
     finals = [(label, rows) for label, rows in finals if rows]
     if not finals:
         return None
-    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     bins = np.linspace(0.0, 1.0, 21)

@@ -218,7 +218,7 @@ def expand_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------- values
-def _num(v: Any) -> float | None:
+def as_finite(v: Any) -> float | None:
     """A finite float, or None (JSON null, NaN, strings, bools)."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
@@ -229,7 +229,7 @@ def _num(v: Any) -> float | None:
 def last_value(metrics: Sequence[dict[str, Any]], key: str) -> float | None:
     """The last finite value of ``key`` over the rounds, or None."""
     for rec in reversed(metrics):
-        x = _num(rec.get(key))
+        x = as_finite(rec.get(key))
         if x is not None:
             return x
     return None
@@ -247,7 +247,7 @@ def total_bytes(metrics: Sequence[dict[str, Any]]) -> float | None:
         if cum is not None:
             total, found = total + cum, True
             continue
-        per_round = [x for x in (_num(r.get(round_key)) for r in metrics) if x is not None]
+        per_round = [x for x in (as_finite(r.get(round_key)) for r in metrics) if x is not None]
         if per_round:
             total, found = total + math.fsum(per_round), True
     return total if found else None
@@ -257,7 +257,7 @@ def _epsilon(record: RunRecord) -> float | None:
     for key in EPSILON_KEYS:
         x = last_value(record.metrics, key)
         if x is None:
-            x = _num(record.summary.get(key))
+            x = as_finite(record.summary.get(key))
         if x is not None:
             return x
     return None
@@ -271,12 +271,12 @@ def training_rounds(metrics: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def accuracies(record: RunRecord) -> tuple[float | None, float | None]:
     """(final, best) test accuracy over the training rounds (as ``summary.json``), from the
     metrics, else from ``summary.json``."""
-    accs = [x for x in (_num(m.get("test_accuracy")) for m in training_rounds(record.metrics))
-            if x is not None]
+    accs = [x for x in (as_finite(m.get("test_accuracy"))
+                        for m in training_rounds(record.metrics)) if x is not None]
     if accs:
         return accs[-1], max(accs)
     s = record.summary
-    return _num(s.get("final_test_accuracy")), _num(s.get("best_test_accuracy"))
+    return as_finite(s.get("final_test_accuracy")), as_finite(s.get("best_test_accuracy"))
 
 
 def run_labels(records: Sequence[RunRecord]) -> list[str]:
@@ -315,10 +315,10 @@ def run_row(record: RunRecord) -> dict[str, Any]:
     final, best = accuracies(record)
     status = str(s.get("status", "unknown"))
     trained = training_rounds(m)
-    rounds = len(trained) if trained else _num(s.get("rounds_completed"))
+    rounds = len(trained) if trained else as_finite(s.get("rounds_completed"))
     # While a run is going its summary is the one written at the start; the last
     # metrics line is fresher.
-    wall = _num(s.get("wall_seconds"))
+    wall = as_finite(s.get("wall_seconds"))
     latest = last_value(m, "wall_seconds")
     if latest is not None and (status == "running" or wall is None):
         wall = latest
@@ -329,7 +329,7 @@ def run_row(record: RunRecord) -> dict[str, Any]:
         "rounds": None if rounds is None else int(rounds),
         "final_accuracy": final,
         "best_accuracy": best,
-        "final_test_loss": loss if loss is not None else _num(s.get("final_test_loss")),
+        "final_test_loss": loss if loss is not None else as_finite(s.get("final_test_loss")),
         "wall_seconds": wall,
         "sim_seconds": last_value(m, "sim_seconds"),
         "total_bytes": total_bytes(m),
@@ -350,7 +350,8 @@ def _fmt(v: float | None, spec: str) -> str:
     return "–" if v is None or not math.isfinite(v) else format(v, spec)
 
 
-def _render(header: list[str], rows: list[list[str]], *, markdown: bool, right: set[int]) -> str:
+def render_table(header: list[str], rows: list[list[str]], *, markdown: bool,
+                 right: set[int]) -> str:
     """Aligned plain text, or a GitHub-flavoured Markdown table."""
     widths = [max([len(h), *(len(r[j]) for r in rows)]) for j, h in enumerate(header)]
 
@@ -414,7 +415,7 @@ def comparison_table(records: Sequence[RunRecord], *, markdown: bool = False) ->
                 line.append(_fmt(v, spec))
         cells.append(line)
     right = {j for j, c in enumerate(columns) if c[2] is not None}
-    return _render([c[0] for c in columns], cells, markdown=markdown, right=right)
+    return render_table([c[0] for c in columns], cells, markdown=markdown, right=right)
 
 
 # ---------------------------------------------------------------------------- seeds
@@ -513,4 +514,4 @@ def seed_table(groups: Sequence[SeedGroup], *, markdown: bool = False) -> str:
     rows = [[g.label, str(len(g.records)), ",".join(str(s) for s in g.seeds),
              pm(g.final_mean, g.final_std), pm(g.best_mean, g.best_std)] for g in groups]
     header = ["scenario", "runs", "seeds", "final acc (mean ± std)", "best acc (mean ± std)"]
-    return _render(header, rows, markdown=markdown, right={1, 3, 4})
+    return render_table(header, rows, markdown=markdown, right={1, 3, 4})

@@ -361,7 +361,7 @@ def check_resources(rt: RuntimeConfig, nodes: Sequence[dict[str, float]]) -> tup
     return ("runtime.num_gpus" if gpu_short else "runtime.num_actors"), msg
 
 
-def _cluster_address(rt: RuntimeConfig) -> str | None:
+def cluster_address(rt: RuntimeConfig) -> str | None:
     """The cluster to join: runtime.address or RAY_ADDRESS; refuses the two disagreeing."""
     env = os.environ.get("RAY_ADDRESS") or None
     if rt.address and env and rt.address != env and rt.address != "auto":
@@ -394,7 +394,7 @@ class RayBackend:
             # actors with num_gpus=0; opting in now is harmless (such actors train on "cpu")
             # and leaves the console to fedflat's own lines.
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            address = _cluster_address(rt)
+            address = cluster_address(rt)
             if address:
                 # A cluster started elsewhere keeps Ray's 100 KB inline limit unless each of
                 # our processes (this driver, the actors) reads it from its environment.

@@ -388,7 +388,7 @@ def user_level_steps(sc: Scenario, num_clients: int) -> list[ServerStep]:
             initial_clip=ac.initial_clip, target_quantile=ac.target_quantile, clip_lr=ac.clip_lr,
             count_noise=ac.resolved_count_noise(m), noise_multiplier=u.noise_multiplier,
             expected_clients=m, update=ac.update)]
-    return [central.clip_updates(clip_norm=u.clip_norm),
+    return [central.clip_deltas(clip_norm=u.clip_norm),
             central.gaussian_sum_noise(noise_multiplier=u.noise_multiplier, clip_norm=u.clip_norm,
                                        expected_clients=m)]
 
@@ -415,8 +415,8 @@ def staleness_scale() -> ServerStep:
     An unweighted rule never sees the weights, so rescaling its mean afterwards (as
     :func:`buffer_scale` does) would give every update the same Σ w_j / K² instead of its
     own w_i / K. Placed before the rule, this step makes the rows w_i Δ_i, so the plain
-    mean over the K buffered updates is Algorithm 1's Σ w_i Δ_i / K; a robust rule then
-    aggregates the staleness-damped updates.
+    mean over the K buffered deltas is Algorithm 1's Σ w_i Δ_i / K; a robust rule then
+    aggregates the staleness-damped deltas.
     """
 
     def apply(rnd: ServerRound, state: Any, gen: torch.Generator):

@@ -14,7 +14,15 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fedflat.report.plots import _BYTE_UNITS, _DPI, _FIGSIZE, _TIME_UNITS, _column, _unit
+from fedflat.report.plots import (
+    BYTE_UNITS,
+    DPI,
+    FIGSIZE,
+    MARKER_MAX_POINTS,
+    TIME_UNITS,
+    display_unit,
+    metric_column,
+)
 from fedflat.report.tables import load_run
 from fedflat.sweep.runner import FINISHED, read_index
 
@@ -33,14 +41,14 @@ def _point_series(runs: list[list[dict]], x_key: str) -> tuple[np.ndarray, ...] 
     xs, ys = [], []
     for metrics in runs:
         if x_key == "epsilon":
-            key = next((k for k in _EPS_KEYS if np.isfinite(_column(metrics, k)).any()), None)
+            key = next((k for k in _EPS_KEYS if np.isfinite(metric_column(metrics, k)).any()), None)
             if key is None:
                 return None
-            x = _column(metrics, key)
+            x = metric_column(metrics, key)
         else:
-            x = _column(metrics, x_key)
+            x = metric_column(metrics, x_key)
         xs.append(x)
-        ys.append(_column(metrics, "test_accuracy"))
+        ys.append(metric_column(metrics, "test_accuracy"))
     n = min(len(x) for x in xs)
     x = np.stack([a[:n] for a in xs])
     y = np.stack([a[:n] for a in ys])
@@ -74,19 +82,19 @@ def draw_sweep_plots(sweep_dir: str | Path, out_dir: str | Path | None = None) -
                   if (s := _point_series(runs, x_key)) is not None]
         if not series:
             continue
-        fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+        fig = Figure(figsize=FIGSIZE, dpi=DPI)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         x_max = max(float(s[0].max()) for _, s in series)
         scale, label_x = 1.0, xlabel
         if x_key == "bytes_up_total":
-            unit, scale = _unit(x_max, _BYTE_UNITS)
+            unit, scale = display_unit(x_max, BYTE_UNITS)
             label_x = f"{xlabel} ({unit})"
         elif x_key == "sim_seconds":
-            unit, scale = _unit(x_max, _TIME_UNITS)
+            unit, scale = display_unit(x_max, TIME_UNITS)
             label_x = f"{xlabel} ({unit})"
         for label, (x, y, sd) in series:
-            style = {"marker": "o", "markersize": 3} if len(x) <= 40 else {}
+            style = {"marker": "o", "markersize": 3} if len(x) <= MARKER_MAX_POINTS else {}
             (line,) = ax.plot(x / scale, y, label=label, linewidth=1.4, **style)
             ax.fill_between(x / scale, y - sd, y + sd, color=line.get_color(), alpha=0.2,
                             linewidth=0)

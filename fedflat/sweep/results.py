@@ -30,11 +30,11 @@ from scipy import stats
 
 from fedflat.report.tables import (
     RunRecord,
-    _num,
-    _render,
+    as_finite,
     format_bytes,
     last_value,
     load_run,
+    render_table,
     training_rounds,
 )
 from fedflat.sweep.runner import FINISHED, read_index
@@ -90,7 +90,7 @@ def _epsilon(record: RunRecord) -> float | None:
     except (OSError, ValueError):
         return None
     user = ledger.get("user_level") or {}
-    if _num(user.get("epsilon")) is not None:
+    if as_finite(user.get("epsilon")) is not None:
         return float(user["epsilon"])
     per_client = (ledger.get("sample_level") or {}).get("epsilon_per_client") or []
     return max(per_client) if per_client else None
@@ -99,7 +99,7 @@ def _epsilon(record: RunRecord) -> float | None:
 def run_values(record: RunRecord, target: float | None) -> dict[str, float | None]:
     """The table's per-run quantities (see the module docstring)."""
     accs = [(int(m.get("round", i)), x) for i, m in enumerate(training_rounds(record.metrics))
-            if (x := _num(m.get("test_accuracy"))) is not None]
+            if (x := as_finite(m.get("test_accuracy"))) is not None]
     reached = None
     if target is not None:
         reached = next((float(r + 1) for r, a in accs if a >= target), None)
@@ -185,7 +185,7 @@ def markdown_table(results: list[dict[str, Any]], target: float | None) -> str:
                 text += f" (reached {r[key]['n']}/{len(r['seeds'])})"
             cells.append(text)
         rows.append(cells)
-    return _render(header, rows, markdown=True, right=set(range(1, len(header))))
+    return render_table(header, rows, markdown=True, right=set(range(1, len(header))))
 
 
 def csv_table(results: list[dict[str, Any]]) -> str:

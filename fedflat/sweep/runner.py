@@ -131,7 +131,8 @@ def _check_same_sweep(spec: SweepSpec, sweep_dir: Path) -> None:
                 "to resume it, or choose another --out", file="--out")
 
 
-def _command(spec: SweepSpec, run: SweepRun) -> list[str]:
+def command_line(spec: SweepSpec, run: SweepRun) -> list[str]:
+    """The ``fedflat`` command line of one run: ``resume`` when it left a checkpoint."""
     base = [sys.executable, "-m", "fedflat.cli"]
     if list_checkpoints(run.run_dir):
         return [*base, "resume", str(run.run_dir)]
@@ -226,7 +227,8 @@ def _execute(spec: SweepSpec, todo: list[SweepRun], folder: Path, total: int, do
                 ckpts = list_checkpoints(r.run_dir)
                 r.status = "running"
                 r.resumed_from = int(ckpts[-1].stem.split("_")[1]) if ckpts else None
-                handle = launcher.start(_command(spec, r), folder / "logs" / f"{r.name}.log", env)
+                handle = launcher.start(command_line(spec, r), folder / "logs" / f"{r.name}.log",
+                                        env)
                 running[handle] = (r, time.perf_counter())
             finished = [(h, rc) for h in list(running) if (rc := launcher.poll(h)) is not None]
             for handle, returncode in finished:

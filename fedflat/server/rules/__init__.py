@@ -1,4 +1,4 @@
-"""Aggregation rules over a stacked ``[n, d]`` update matrix (ALGORITHMS.md §5.1).
+"""Aggregation rules over a stacked ``[n, d]`` delta matrix (ALGORITHMS.md §5.1).
 
 Where things are:
 
@@ -25,9 +25,9 @@ rule state (``{"v": tensor}``); the other rules are stateless.
 
 Two entry points:
 
-* ``apply_rule(updates, weights, rule=..., params=..., state=..., gen=...)`` returns the
+* ``apply_rule(deltas, weights, rule=..., params=..., state=..., gen=...)`` returns the
   aggregate, the new state and metrics; ``rule_step(...)`` wraps it as a server step.
-* ``aggregate(updates, rule="median", **params)`` is the one-call convenience.
+* ``aggregate(deltas, rule="median", **params)`` is the one-call convenience.
 
 Parameter names are those of the scenario block ``server.aggregation``
 (``fedflat.scenario.aggregation.AggregationConfig``), with the same defaults. Names

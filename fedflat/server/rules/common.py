@@ -52,25 +52,26 @@ def _require_float(
     return float(value)
 
 
-def _check_updates(updates: Tensor) -> Tensor:
-    if not isinstance(updates, Tensor) or updates.dim() != 2:
-        shape = tuple(updates.shape) if isinstance(updates, Tensor) else type(updates)
-        raise ValueError(f"updates must be a 2-D tensor [n, d], got {shape}")
-    if updates.shape[0] < 1:
-        raise ValueError("updates must hold at least one row, got n = 0")
-    if not updates.is_floating_point():
-        raise ValueError(f"updates must be floating point, got {updates.dtype}")
-    return updates
+def check_deltas(deltas: Tensor) -> Tensor:
+    """The [n, d] stacked deltas unchanged, after checking shape, n >= 1 and dtype."""
+    if not isinstance(deltas, Tensor) or deltas.dim() != 2:
+        shape = tuple(deltas.shape) if isinstance(deltas, Tensor) else type(deltas)
+        raise ValueError(f"deltas must be a 2-D tensor [n, d], got {shape}")
+    if deltas.shape[0] < 1:
+        raise ValueError("deltas must hold at least one row, got n = 0")
+    if not deltas.is_floating_point():
+        raise ValueError(f"deltas must be floating point, got {deltas.dtype}")
+    return deltas
 
 
-def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
+def check_weights(weights: Tensor | None, n: int) -> Tensor | None:
     """Validate raw weights; return them as float64 on their device (or None)."""
     if weights is None:
         return None
     w = torch.as_tensor(weights).to(torch.float64).reshape(-1)
     if w.numel() != n:
         raise ValueError(
-            f"weights must have one entry per update (n = {n}), got {w.numel()}"
+            f"weights must have one entry per delta (n = {n}), got {w.numel()}"
         )
     bad = ~torch.isfinite(w) | (w < 0)
     if bool(bad.any()):
@@ -83,14 +84,14 @@ def _check_weights(weights: Tensor | None, n: int) -> Tensor | None:
     return w
 
 
-def _drop_if_equal(w: Tensor | None) -> Tensor | None:
+def drop_if_equal(w: Tensor | None) -> Tensor | None:
     """None for equal weights: the unweighted path gives the same statistic, faster."""
     if w is not None and bool((w == w[0]).all()):
         return None
     return w
 
 
-def _alpha(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
+def normalized_weights(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
     """Normalised weights (sum 1), float64 on ``like``'s device; uniform if None."""
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64, device=like.device)
@@ -98,35 +99,35 @@ def _alpha(weights: Tensor | None, n: int, like: Tensor) -> Tensor:
     return w / w.sum()
 
 
-def sanitize(updates: Tensor, d: int) -> tuple[Tensor, int]:
+def sanitize(deltas: Tensor, d: int) -> tuple[Tensor, int]:
     """Find the rows that can be aggregated: right width, all entries finite.
 
-    The RFA server rejects NaN/Inf updates before aggregating (krishnap25/RFA
+    The RFA server rejects NaN/Inf deltas before aggregating (krishnap25/RFA
     ``models/server.py``); a single NaN row would otherwise poison every rule.
 
     Args:
-        updates: [n, d] stacked updates.
+        deltas: [n, d] stacked deltas.
         d: the expected number of parameters.
 
     Returns:
         (mask, num_rejected): a [n] bool mask of valid rows and the number rejected.
 
     Raises:
-        ValueError: ``updates`` is not [n, d].
+        ValueError: ``deltas`` is not [n, d].
     """
-    if updates.dim() != 2 or updates.shape[1] != d:
+    if deltas.dim() != 2 or deltas.shape[1] != d:
         raise ValueError(
-            f"updates must have shape [n, {d}], got {tuple(updates.shape)}"
+            f"deltas must have shape [n, {d}], got {tuple(deltas.shape)}"
         )
-    mask = torch.isfinite(updates).all(dim=1)
-    return mask, int(updates.shape[0] - int(mask.sum()))
+    mask = torch.isfinite(deltas).all(dim=1)
+    return mask, int(deltas.shape[0] - int(mask.sum()))
 
 
 def mean(x: Tensor, weights: Tensor | None = None) -> Tensor:
     """(Weighted) mean of the rows: sum_i alpha_i x_i with alpha_i = w_i / sum_j w_j.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights (e.g. sample counts).
 
     Returns:
@@ -136,14 +137,14 @@ def mean(x: Tensor, weights: Tensor | None = None) -> Tensor:
         McMahan et al., "Communication-Efficient Learning of Deep Networks from
         Decentralized Data", AISTATS 2017.
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     if w is None:
         return x.mean(dim=0)
-    return _alpha(w, x.shape[0], x).to(x.dtype) @ x
+    return normalized_weights(w, x.shape[0], x).to(x.dtype) @ x
 
 
-def _mean_of(x: Tensor, alpha: Tensor | None) -> Tensor:
+def weighted_mean(x: Tensor, alpha: Tensor | None) -> Tensor:
     """Mean of rows weighted by an unnormalised alpha; uniform if its sum is 0."""
     if alpha is None or float(alpha.sum()) <= 0.0:
         return x.mean(dim=0)
@@ -159,7 +160,7 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     even when a few inputs are many orders of magnitude larger than the others.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
 
     Returns:
         [n, n] float64 symmetric matrix.
@@ -176,7 +177,7 @@ def pairwise_sq_dists(x: Tensor) -> Tensor:
     return dist
 
 
-def _dists_to(x: Tensor, z: Tensor) -> Tensor:
+def dists_to(x: Tensor, z: Tensor) -> Tensor:
     """||x_i - z|| for every row, in float64, without an [n, d] temporary."""
     # The direct (non-Gram) cdist path: exact differences, no cancellation.
     d = torch.cdist(x, z[None].to(x.dtype), compute_mode="donot_use_mm_for_euclid_dist")

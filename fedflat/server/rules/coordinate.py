@@ -15,14 +15,14 @@ import torch
 from torch import Tensor
 
 from fedflat.server.rules.common import (
-    _alpha,
-    _check_updates,
-    _check_weights,
-    _drop_if_equal,
     _require_float,
     _require_int,
     _require_n,
+    check_deltas,
+    check_weights,
+    drop_if_equal,
     mean,
+    normalized_weights,
 )
 
 # Coordinates per block of the per-coordinate statistics (median, trimmed mean, Bulyan)
@@ -30,7 +30,7 @@ from fedflat.server.rules.common import (
 _COORD_BLOCK = 1 << 14
 
 
-def _by_blocks(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+def by_blocks(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply a per-coordinate statistic to column blocks of x, transposed.
 
     ``fn`` maps a [C, n] block (one row per coordinate, clients along dim 1) to [C]. The
@@ -122,7 +122,7 @@ def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
     unweighted median. Rows of weight zero are ignored.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
 
     Returns:
@@ -132,16 +132,16 @@ def median(x: Tensor, weights: Tensor | None = None) -> Tensor:
         Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning:
         Towards Optimal Statistical Rates", ICML 2018.
     """
-    x = _check_updates(x)
-    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
+    x = check_deltas(x)
+    w = drop_if_equal(check_weights(weights, x.shape[0]))
     if w is None:
-        return _by_blocks(x, _median_rows)
-    alpha = _alpha(w, x.shape[0], x)
+        return by_blocks(x, _median_rows)
+    alpha = normalized_weights(w, x.shape[0], x)
     keep = alpha > 0
     if not bool(keep.all()):
         x, alpha = x[keep], alpha[keep]
     a = alpha.to(x.dtype)
-    return _by_blocks(x, lambda b: _weighted_median_rows(b, a))
+    return by_blocks(x, lambda b: _weighted_median_rows(b, a))
 
 
 def trimmed_mean(
@@ -156,7 +156,7 @@ def trimmed_mean(
     the total, so huge trimmed values cannot cost precision.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         trim_ratio: beta in [0, 1/2).
 
@@ -166,8 +166,8 @@ def trimmed_mean(
     References:
         Yin, Chen, Ramchandran, Bartlett, ICML 2018 (beta-trimmed mean).
     """
-    x = _check_updates(x)
-    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
+    x = check_deltas(x)
+    w = drop_if_equal(check_weights(weights, x.shape[0]))
     trim_ratio = _require_float(
         "trim_ratio", trim_ratio, low=0.0, strict=False, high=0.5
     )
@@ -177,14 +177,14 @@ def trimmed_mean(
     if k == 0:
         return mean(x, w)
     if w is None:
-        return _by_blocks(x, lambda b: _sorted_rows(b)[:, k : n - k].mean(1))
-    a = _alpha(w, n, x).to(x.dtype)
+        return by_blocks(x, lambda b: _sorted_rows(b)[:, k : n - k].mean(1))
+    a = normalized_weights(w, n, x).to(x.dtype)
 
     def rows(b: Tensor) -> Tensor:
         vals, idx = _argsorted_rows(b)
         return _weighted_rows_mean(vals[:, k : n - k], _take(a, idx[:, k : n - k]))
 
-    return _by_blocks(x, rows)
+    return by_blocks(x, rows)
 
 
 def meamed(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tensor:
@@ -192,7 +192,7 @@ def meamed(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
     the coordinate-wise median (weighted by the rows' weights if given).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         num_byzantine: f, with n >= 2f + 1.
 
@@ -203,16 +203,16 @@ def meamed(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
         Xie, Koyejo, Gupta, "Generalized Byzantine-tolerant SGD", 2018 (mean-around-
         median); ties in the distance to the median are broken arbitrarily.
     """
-    x = _check_updates(x)
-    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
+    x = check_deltas(x)
+    w = drop_if_equal(check_weights(weights, x.shape[0]))
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     _require_n("meamed", n, f)
-    a = None if w is None else _alpha(w, n, x).to(x.dtype)
-    return _by_blocks(x, lambda b: _closest_to_median_mean(b, n - f, a))
+    a = None if w is None else normalized_weights(w, n, x).to(x.dtype)
+    return by_blocks(x, lambda b: closest_to_median_mean(b, n - f, a))
 
 
-def _closest_to_median_mean(b: Tensor, beta: int, a: Tensor | None) -> Tensor:
+def closest_to_median_mean(b: Tensor, beta: int, a: Tensor | None) -> Tensor:
     """Per row of a [C, m] block: mean of the beta values closest to the row's median."""
     m = b.shape[1]
     if a is None:

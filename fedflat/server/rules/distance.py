@@ -20,17 +20,17 @@ from torch import Tensor
 
 from fedflat.scenario.aggregation import RULE_SPECS, subset_limit_message
 from fedflat.server.rules.common import (
-    _alpha,
-    _check_updates,
-    _check_weights,
-    _dists_to,
-    _drop_if_equal,
-    _mean_of,
     _require_int,
     _require_n,
+    check_deltas,
+    check_weights,
+    dists_to,
+    drop_if_equal,
+    normalized_weights,
     pairwise_sq_dists,
+    weighted_mean,
 )
-from fedflat.server.rules.coordinate import _by_blocks, _closest_to_median_mean
+from fedflat.server.rules.coordinate import by_blocks, closest_to_median_mean
 
 KRUM_VARIANTS: tuple[str, ...] = ("paper", "epfml")
 
@@ -91,7 +91,7 @@ def krum_select(
     """Indices of the ``num_selected`` lowest Krum scores, best first (ties: low index).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f, with n >= 2f + 3.
         num_selected: m in [1, n].
         variant: Krum score, "paper" or "epfml" (``krum_scores``).
@@ -106,7 +106,7 @@ def krum_select(
         Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries:
         Byzantine Tolerant Gradient Descent", NeurIPS 2017.
     """
-    x = _check_updates(x)
+    x = check_deltas(x)
     n = x.shape[0]
     _require_int("num_byzantine", num_byzantine, 0)
     _require_n("krum", n, num_byzantine)
@@ -126,7 +126,7 @@ def krum(x: Tensor, *, num_byzantine: int, variant: str = "paper") -> Tensor:
     uses the squared-squared distances of the epfml code.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f, with n >= 2f + 3.
         variant: "paper" or "epfml".
 
@@ -154,7 +154,7 @@ def multi_krum(
     unweighted *sum* of the selection. m = n - f by default; m = 1 is Krum.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 3.
         num_selected: m in [1, n], default n - f.
@@ -167,13 +167,13 @@ def multi_krum(
         Blanchard et al., NeurIPS 2017 (Multi-Krum, section 5); epfml/byzantine-robust-
         noniid-optimizer ``codes/aggregator/krum.py`` (variant "epfml").
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     m = x.shape[0] - num_byzantine if num_selected is None else num_selected
     sel = krum_select(x, num_byzantine=num_byzantine, num_selected=m, variant=variant)
     if variant == "epfml":
         return x[sel].sum(dim=0)
-    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+    return weighted_mean(x[sel], None if w is None else w.to(x.device)[sel])
 
 
 def bulyan_select(x: Tensor, *, num_byzantine: int) -> Tensor:
@@ -184,7 +184,7 @@ def bulyan_select(x: Tensor, *, num_byzantine: int) -> Tensor:
     >= 1 in the last rounds, where r falls to 2f + 1).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f, with n >= 4f + 3.
 
     Returns:
@@ -197,7 +197,7 @@ def bulyan_select(x: Tensor, *, num_byzantine: int) -> Tensor:
         El Mhamdi, Guerraoui, Rouault, "The Hidden Vulnerability of Distributed Learning
         in Byzantium", ICML 2018.
     """
-    x = _check_updates(x)
+    x = check_deltas(x)
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     _require_n("bulyan", n, f)
@@ -228,7 +228,7 @@ def bulyan(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
     coordinate-wise median are averaged (weighted by the rows' weights if given).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 4f + 3.
 
@@ -239,15 +239,15 @@ def bulyan(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> T
         El Mhamdi, Guerraoui, Rouault, ICML 2018 (definition as in ALGORITHMS.md §5.1;
         ties in the distance to the median are broken arbitrarily).
     """
-    x = _check_updates(x)
-    w = _drop_if_equal(_check_weights(weights, x.shape[0]))
+    x = check_deltas(x)
+    w = drop_if_equal(check_weights(weights, x.shape[0]))
     sel = bulyan_select(x, num_byzantine=num_byzantine)
     s = x[sel]  # [theta, d]
     theta = s.shape[0]
     beta = theta - 2 * num_byzantine
-    a = None if w is None else _alpha(w, x.shape[0], x).to(x.dtype)[sel]
+    a = None if w is None else normalized_weights(w, x.shape[0], x).to(x.dtype)[sel]
 
-    return _by_blocks(s, lambda blk: _closest_to_median_mean(blk, beta, a))
+    return by_blocks(s, lambda blk: closest_to_median_mean(blk, beta, a))
 
 
 def mda(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tensor:
@@ -259,7 +259,7 @@ def mda(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tens
     ``MAX_SUBSETS`` (``fedflat.scenario.aggregation``) subsets are refused.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 1.
 
@@ -273,15 +273,15 @@ def mda(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tens
         El Mhamdi, Guerraoui, Rouault, "Distributed Momentum for Byzantine-resilient
         Stochastic Gradient Descent", ICLR 2021 (MDA); Rousseeuw 1985 (MVE idea).
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     sel = mda_select(x, num_byzantine=num_byzantine)
-    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+    return weighted_mean(x[sel], None if w is None else w.to(x.device)[sel])
 
 
 def mda_select(x: Tensor, *, num_byzantine: int) -> Tensor:
     """Indices (ascending) of MDA's minimum-diameter subset of n - f rows."""
-    x = _check_updates(x)
+    x = check_deltas(x)
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     _require_n("mda", n, f)
@@ -302,7 +302,7 @@ def monna(
     """MoNNA: the mean of the n - f nearest neighbours of a trusted input (itself included).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 1.
         trusted_index: row of the trusted input.
@@ -314,18 +314,18 @@ def monna(
         Farhadkhani, Guerraoui, Gupta, Hoang, Pinot, Stephan, "Robust Collaborative
         Learning with Linear Gradient Overhead", ICML 2023.
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     _require_n("monna", n, f)
     t = _require_int("trusted_index", trusted_index, 0)
     if t >= n:
         raise ValueError(f"trusted_index must be < n = {n}, got {t}")
-    dist = _dists_to(x, x[t]).clone()
+    dist = dists_to(x, x[t]).clone()
     dist[t] = -1.0  # the trusted input is always its own neighbour
     sel = torch.argsort(dist, stable=True)[: n - f]
-    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+    return weighted_mean(x[sel], None if w is None else w.to(x.device)[sel])
 
 
 def nnm(x: Tensor, *, num_byzantine: int) -> Tensor:
@@ -334,7 +334,7 @@ def nnm(x: Tensor, *, num_byzantine: int) -> Tensor:
     Neighbours include the input itself (distance 0); ties go to the lower index.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f < n.
 
     Returns:
@@ -344,7 +344,7 @@ def nnm(x: Tensor, *, num_byzantine: int) -> Tensor:
         Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, "Fixing by Mixing: A
         Recipe for Optimal Byzantine ML under Heterogeneity", AISTATS 2023.
     """
-    x = _check_updates(x)
+    x = check_deltas(x)
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     if f >= n:
@@ -374,7 +374,7 @@ def smea_select(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
     Raises:
         ValueError: n < 2f + 1, or C(n, f) (n - f)^3 > SMEA_MAX_WORK (names n and f).
     """
-    x = _check_updates(x)
+    x = check_deltas(x)
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     _require_n("smea", n, f)
@@ -406,7 +406,7 @@ def smea(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Ten
     the final average uses the selected rows' weights if given.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights for the final average.
         num_byzantine: f, with n >= 2f + 1.
 
@@ -418,7 +418,7 @@ def smea(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Ten
         Trilemma in Distributed Learning", ICML 2023 (SMEA); LPD-EPFL/byzfl
         ``aggregators.SMEA``.
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     sel, _ = smea_select(x, num_byzantine=num_byzantine)
-    return _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+    return weighted_mean(x[sel], None if w is None else w.to(x.device)[sel])

@@ -15,16 +15,16 @@ import torch
 from torch import Tensor
 
 from fedflat.server.rules.common import (
-    _alpha,
-    _check_updates,
-    _check_weights,
     _default,
-    _dists_to,
-    _mean_of,
     _require_float,
     _require_int,
     _require_n,
+    check_deltas,
+    check_weights,
+    dists_to,
+    normalized_weights,
     pairwise_sq_dists,
+    weighted_mean,
 )
 
 
@@ -43,19 +43,19 @@ def check_gm_params(p: dict[str, Any]) -> dict[str, Any]:
     return p
 
 
-def _weiszfeld(
+def weiszfeld(
     x: Tensor, alpha: Tensor, *, nu: float, max_iters: int, tol: float, init: str
 ) -> tuple[Tensor, int, float]:
     """Smoothed Weiszfeld iterations; returns (z, iterations run, objective at z)."""
     z = alpha.to(x.dtype) @ x if init == "mean" else torch.zeros_like(x[0])
-    dist = _dists_to(x, z)
+    dist = dists_to(x, z)
     obj = float((alpha * dist).sum())
     iters = 0
     while iters < max_iters:
         iters += 1
         beta = alpha / dist.clamp_min(nu)
         z = (beta / beta.sum()).to(x.dtype) @ x
-        dist = _dists_to(x, z)
+        dist = dists_to(x, z)
         new_obj = float((alpha * dist).sum())
         converged = abs(obj - new_obj) < tol * new_obj
         obj = new_obj
@@ -85,7 +85,7 @@ def geometric_median(
     nu=0.1, max_iters=8 or 3.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights (alpha ∝ n_i in RFA).
         nu: smoothing > 0.
         max_iters: cap on the iterations >= 1 (4 = RFA official).
@@ -100,12 +100,12 @@ def geometric_median(
         Trans. Signal Processing 2022 (code: krishnap25/RFA
         ``geometric_median_update``).
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     p = check_gm_params({"nu": nu, "max_iters": max_iters, "tol": tol, "init": init})
-    z, _, _ = _weiszfeld(
+    z, _, _ = weiszfeld(
         x,
-        _alpha(w, x.shape[0], x),
+        normalized_weights(w, x.shape[0], x),
         nu=p["nu"],
         max_iters=p["max_iters"],
         tol=p["tol"],
@@ -114,13 +114,13 @@ def geometric_median(
     return z
 
 
-def _clip_iterations(
+def clip_iterations(
     x: Tensor, alpha: Tensor, v: Tensor, *, tau: float, iters: int
 ) -> tuple[Tensor, float]:
     """Centered-clipping iterations; returns (v, fraction clipped in the last one)."""
     frac = 0.0
     for _ in range(iters):
-        dist = _dists_to(x, v)
+        dist = dists_to(x, v)
         # min(1, tau / ||x_i - v||); a zero distance gives a huge ratio, hence 1.
         scale = (tau / dist.clamp_min(torch.finfo(torch.float64).tiny)).clamp(max=1.0)
         coef = alpha * scale  # [n] float64
@@ -146,7 +146,7 @@ def centered_clipping(
     first round as in the reference code).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         center: [d] starting point v, default zeros.
         tau: clipping radius > 0 (``math.inf``: one iteration from 0 gives the mean).
@@ -159,21 +159,22 @@ def centered_clipping(
         Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust
         Optimization", ICML 2021 (code: epfml/byzantine-robust-optimizer clipping.py).
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     tau = _require_float("tau", tau, low=0.0, strict=True)
     _require_int("iters", iters, 1)
-    v = _center(center, x)
-    v, _ = _clip_iterations(x, _alpha(w, x.shape[0], x), v, tau=tau, iters=iters)
+    v = checked_center(center, x)
+    v, _ = clip_iterations(x, normalized_weights(w, x.shape[0], x), v, tau=tau, iters=iters)
     return v
 
 
-def _center(center: Tensor | None, x: Tensor) -> Tensor:
+def checked_center(center: Tensor | None, x: Tensor) -> Tensor:
+    """Centered clipping's starting v: the stored center (zeros if none), checked against x."""
     if center is None:
         return torch.zeros_like(x[0])
     if center.shape != x[0].shape:
         raise ValueError(
-            f"centered clipping state v has shape {tuple(center.shape)}, updates have "
+            f"centered clipping state v has shape {tuple(center.shape)}, deltas have "
             f"{tuple(x[0].shape)}"
         )
     return center.to(device=x.device, dtype=x.dtype)
@@ -256,7 +257,7 @@ def caf(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tens
     Cost O(n^2 d + f n^3) (``caf_weights``).
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights (the initial c).
         num_byzantine: f, with n >= 2f + 1.
 
@@ -269,18 +270,18 @@ def caf(x: Tensor, weights: Tensor | None = None, *, num_byzantine: int) -> Tens
         the filter of Diakonikolas, Kamath, Kane, Li, Moitra, Stewart, "Being Robust (in
         High Dimensions) Can Be Practical", ICML 2017, without its covariance bound.
     """
-    return _caf(x, weights, num_byzantine=num_byzantine)[0]
+    return caf_with_stats(x, weights, num_byzantine=num_byzantine)[0]
 
 
-def _caf(
+def caf_with_stats(
     x: Tensor, weights: Tensor | None, *, num_byzantine: int
 ) -> tuple[Tensor, float, int]:
     """(CAF aggregate, its lambda_max, iterations)."""
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     _require_n("caf", n, f)
-    c0 = _alpha(w, n, x).cpu() * n
+    c0 = normalized_weights(w, n, x).cpu() * n
     c, lam, iters = caf_weights(pairwise_sq_dists(x), c0, num_byzantine=f)
-    return _mean_of(x, c.to(x.device)), lam, iters
+    return weighted_mean(x, c.to(x.device)), lam, iters

@@ -14,10 +14,10 @@ from torch import Tensor
 
 from fedflat.server.pipeline import Metrics
 from fedflat.server.rules.common import (
-    _check_updates,
-    _check_weights,
     _require_float,
     _require_int,
+    check_deltas,
+    check_weights,
 )
 from fedflat.server.rules.distance import nnm
 
@@ -37,7 +37,7 @@ def bucket_means(
     bucketing followed by the weighted mean is the weighted mean.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         weights: optional [n] non-negative weights.
         bucket_size: s >= 1.
         gen: generator for the permutation (required).
@@ -52,8 +52,8 @@ def bucket_means(
         Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
         Bucketing", ICLR 2022.
     """
-    x = _check_updates(x)
-    w = _check_weights(weights, x.shape[0])
+    x = check_deltas(x)
+    w = check_weights(weights, x.shape[0])
     s = _require_int("bucket_size", bucket_size, 1)
     if gen is None:
         raise ValueError(
@@ -103,7 +103,7 @@ def arc(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
     k = floor(2 (f/n) (n - f)) (``arc_num_clipped``); with k = 0 nothing changes.
 
     Args:
-        x: [n, d] updates.
+        x: [n, d] deltas.
         num_byzantine: f < n.
 
     Returns:
@@ -113,7 +113,7 @@ def arc(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
         Allouah, Guerraoui, Gupta, Jellouli, Rizk, Stephan, "Adaptive Gradient Clipping
         for Robust Federated Learning" (ARC), 2024.
     """
-    x = _check_updates(x)
+    x = check_deltas(x)
     n = x.shape[0]
     f = _require_int("num_byzantine", num_byzantine, 0)
     if f >= n:
@@ -128,11 +128,11 @@ def arc(x: Tensor, *, num_byzantine: int) -> tuple[Tensor, float]:
 
 def clip(x: Tensor, *, clip_norm: float) -> Tensor:
     """Static clipping: every input scaled to L2 norm at most ``clip_norm``."""
-    x = _check_updates(x)
+    x = check_deltas(x)
     return _clip_rows(x, _require_float("clip_norm", clip_norm, low=0.0, strict=True))[0]
 
 
-def _apply_pre(
+def apply_pre(
     x: Tensor, w: Tensor | None, p: dict[str, Any], gen: torch.Generator | None
 ) -> tuple[Tensor, Tensor | None, Metrics]:
     """Run the ordered pre-aggregators of resolved params ``p``."""

@@ -27,16 +27,16 @@ from fedflat.scenario.aggregation import (
 from fedflat.server.pipeline import Metrics, ServerRound, ServerStep
 from fedflat.server.rules.common import (
     RuleState,
-    _alpha,
-    _check_updates,
-    _check_weights,
     _default,
-    _mean_of,
     _require_float,
     _require_int,
+    check_deltas,
+    check_weights,
     mean,
     min_inputs,
+    normalized_weights,
     sanitize,
+    weighted_mean,
 )
 from fedflat.server.rules.coordinate import meamed, median, trimmed_mean
 from fedflat.server.rules.distance import (
@@ -49,13 +49,13 @@ from fedflat.server.rules.distance import (
     smea_select,
 )
 from fedflat.server.rules.iterative import (
-    _caf,
-    _center,
-    _clip_iterations,
-    _weiszfeld,
+    caf_with_stats,
     check_gm_params,
+    checked_center,
+    clip_iterations,
+    weiszfeld,
 )
-from fedflat.server.rules.pre import _apply_pre
+from fedflat.server.rules.pre import apply_pre
 
 RULES: tuple[str, ...] = tuple(RULE_PARAMETERS)
 WEIGHTINGS: tuple[str, ...] = ("samples", "uniform")
@@ -193,9 +193,9 @@ def _r_bulyan(
 
 
 def _r_gm(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
-    z, iters, obj = _weiszfeld(
+    z, iters, obj = weiszfeld(
         x,
-        _alpha(w, x.shape[0], x),
+        normalized_weights(w, x.shape[0], x),
         nu=p["nu"],
         max_iters=p["max_iters"],
         tol=p["tol"],
@@ -214,9 +214,9 @@ def _r_gm(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _Rul
 
 
 def _r_cc(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
-    v0 = _center(st.get("v"), x)
-    v, frac = _clip_iterations(
-        x, _alpha(w, x.shape[0], x), v0, tau=p["tau"], iters=p["iters"]
+    v0 = checked_center(st.get("v"), x)
+    v, frac = clip_iterations(
+        x, normalized_weights(w, x.shape[0], x), v0, tau=p["tau"], iters=p["iters"]
     )
     shift = float(torch.linalg.vector_norm((v - v0).to(torch.float64)))
     new_state = {**st, "v": v.clone()}
@@ -239,13 +239,13 @@ def _r_meamed(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> 
 
 
 def _r_caf(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
-    agg, lam, iters = _caf(x, w, num_byzantine=p["num_byzantine"])
+    agg, lam, iters = caf_with_stats(x, w, num_byzantine=p["num_byzantine"])
     return agg, dict(st), {"agg/caf_iters": float(iters), "agg/caf_lambda": lam}
 
 
 def _r_smea(x: Tensor, w: Tensor | None, p: dict[str, Any], st: RuleState) -> _RuleOut:
     sel, lam = smea_select(x, num_byzantine=p["num_byzantine"])
-    agg = _mean_of(x[sel], None if w is None else w.to(x.device)[sel])
+    agg = weighted_mean(x[sel], None if w is None else w.to(x.device)[sel])
     return agg, dict(st), {"agg/smea_lambda": lam}
 
 
@@ -271,7 +271,7 @@ if set(_DISPATCH) != set(RULE_PARAMETERS):  # one table of names: fail at import
 
 
 def apply_rule(
-    updates: Tensor,
+    deltas: Tensor,
     weights: Tensor | None,
     *,
     rule: str,
@@ -279,10 +279,10 @@ def apply_rule(
     state: Mapping[str, Tensor] | None,
     gen: torch.Generator | None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, float]]:
-    """Aggregate a stacked update matrix with a named rule.
+    """Aggregate a stacked delta matrix with a named rule.
 
     Args:
-        updates: [n, d] updates (already sanitised: every entry finite).
+        deltas: [n, d] deltas (already sanitised: every entry finite).
         weights: optional [n] non-negative weights (None = uniform).
         rule: one of ``RULES``.
         params: the rule's parameters (``server.aggregation`` names; missing ones take
@@ -307,9 +307,9 @@ def apply_rule(
             inputs overflowing a non-robust rule such as the mean).
     """
     p = resolve_params(rule, params)
-    x = _check_updates(updates)
-    w = _check_weights(weights, x.shape[0])
-    x, w, metrics = _apply_pre(x, w, p, gen)
+    x = check_deltas(deltas)
+    w = check_weights(weights, x.shape[0])
+    x, w, metrics = apply_pre(x, w, p, gen)
     agg, new_state, m = _DISPATCH[rule](x, w, p, dict(state or {}))
     if not bool(torch.isfinite(agg).all()) and bool(torch.isfinite(x).all()):
         # Finite inputs, non-finite output: huge inputs overflowed a non-robust sum.
@@ -323,7 +323,7 @@ def apply_rule(
 
 
 def aggregate(
-    updates: Any,
+    deltas: Any,
     rule: str = "median",
     weights: Any = None,
     *,
@@ -336,7 +336,7 @@ def aggregate(
     """One-call aggregation: ``aggregate(x, "krum", pre=["nnm"], num_byzantine=2)``.
 
     Args:
-        updates: [n, d] updates: a tensor, or a numpy array / nested list (converted
+        deltas: [n, d] deltas: a tensor, or a numpy array / nested list (converted
             with ``torch.as_tensor``; integers become float64).
         rule: one of ``RULES``.
         weights: optional [n] non-negative weights (tensor or array-like).
@@ -350,7 +350,7 @@ def aggregate(
     Returns:
         [d] aggregate (a tensor).
     """
-    x = torch.as_tensor(updates)
+    x = torch.as_tensor(deltas)
     if not x.is_floating_point():
         x = x.to(torch.float64)
     w = None if weights is None else torch.as_tensor(weights)

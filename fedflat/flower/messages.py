@@ -48,7 +48,7 @@ WIRE_VERSION = 2  # 2: BatchNorm statistics (fedflat.buffers) both ways
 T = TypeVar("T")
 
 
-class CodecError(ValueError):
+class MessageError(ValueError):
     """A message that does not hold what fedflat expects (wrong app, version or peer)."""
 
 
@@ -72,13 +72,13 @@ def tensors_to_record(tensors: Mapping[str, Tensor]) -> ArrayRecord:
     """Pack named tensors into an ArrayRecord (order kept, CPU copies, bits kept).
 
     Raises:
-        CodecError: a dtype numpy cannot hold (bfloat16), named with its key.
+        MessageError: a dtype numpy cannot hold (bfloat16), named with its key.
     """
     rec = ArrayRecord()
     for key, t in tensors.items():
         if t.dtype == torch.bfloat16:
-            raise CodecError(f"tensor {key!r} has dtype bfloat16, which Flower's ArrayRecord "
-                             "(numpy .npy bytes) cannot carry; cast it to float32 first")
+            raise MessageError(f"tensor {key!r} has dtype bfloat16, which Flower's ArrayRecord "
+                               "(numpy .npy bytes) cannot carry; cast it to float32 first")
         rec[key] = Array(t.detach().cpu().contiguous().numpy())
     return rec
 
@@ -101,7 +101,7 @@ def encode_instruction(payload: RoundPayload, job: ClientJob, state: Mapping[str
         scenario_sha256: its digest, if already computed.
 
     Raises:
-        CodecError: a job whose model version the payload lacks, or an unsupported dtype.
+        MessageError: a job whose model version the payload lacks, or an unsupported dtype.
     """
     cfg: dict[str, int | float | str] = {
         "wire_version": WIRE_VERSION, "round": payload.round, "job_round": job.round,
@@ -115,8 +115,8 @@ def encode_instruction(payload: RoundPayload, job: ClientJob, state: Mapping[str
     params, buffers = payload.params, payload.buffers
     if job.version is not None:  # asynchronous mode: only the model this client starts from
         if job.version not in payload.versions:
-            raise CodecError(f"job of client {job.client_id} starts from model version "
-                             f"{job.version}, which the payload lacks")
+            raise MessageError(f"job of client {job.client_id} starts from model version "
+                               f"{job.version}, which the payload lacks")
         cfg["version"] = int(job.version)
         params = payload.versions[job.version]
         buffers = payload.buffer_versions.get(job.version, buffers)
@@ -135,24 +135,26 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     """Inverse of ``encode_instruction``.
 
     Raises:
-        CodecError: a missing record or key, a wire-version mismatch, or a scenario whose
+        MessageError: a missing record or key, a wire-version mismatch, or a scenario whose
             digest does not match its text.
     """
     _require(content, (PARAMS, BUFFERS, BROADCAST, STATE, JOB, SCENARIO), "train instruction")
     cfg = content.config_records[JOB]
     version = cfg.get("wire_version")
     if version != WIRE_VERSION:
-        raise CodecError(f"wire version {version} from the server, this node speaks "
-                         f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
+        raise MessageError(f"wire version {version} from the server, this node speaks "
+                           f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
     params = record_to_tensors(content.array_records[PARAMS])
     if "params" not in params:
-        raise CodecError(f"record {PARAMS!r} lacks 'params'")
-    job = ClientJob(round=_int(cfg, "job_round"), client_id=_int(cfg, "client_id"),
-                    lr=_float(cfg, "lr"), max_steps=_opt(cfg, "max_steps", _int),
-                    version=_opt(cfg, "version", _int), weight=_opt(cfg, "weight", _float))
+        raise MessageError(f"record {PARAMS!r} lacks 'params'")
+    job = ClientJob(round=config_int(cfg, "job_round"), client_id=config_int(cfg, "client_id"),
+                    lr=config_float(cfg, "lr"),
+                    max_steps=config_optional(cfg, "max_steps", config_int),
+                    version=config_optional(cfg, "version", config_int),
+                    weight=config_optional(cfg, "weight", config_float))
     x = params["params"]
     b = _one(content, BUFFERS, "buffers")
-    payload = RoundPayload(round=_int(cfg, "round"), params=x,
+    payload = RoundPayload(round=config_int(cfg, "round"), params=x,
                            broadcast=record_to_tensors(content.array_records[BROADCAST]),
                            versions={} if job.version is None else {job.version: x},
                            buffers=b, buffer_versions={} if job.version is None or not b.numel()
@@ -160,7 +162,7 @@ def decode_instruction(content: RecordDict) -> TrainInstruction:
     scen = content.config_records[SCENARIO]
     text, sha = str(scen["yaml"]), str(scen["sha256"])
     if scenario_digest(text) != sha:
-        raise CodecError("the scenario text does not match its SHA-256 digest")
+        raise MessageError("the scenario text does not match its SHA-256 digest")
     return TrainInstruction(payload=payload, job=job,
                             state=record_to_tensors(content.array_records[STATE]),
                             scenario_yaml=text, scenario_sha256=sha)
@@ -190,26 +192,26 @@ def decode_result(content: RecordDict) -> ClientResult:
     """Inverse of ``encode_result``.
 
     Raises:
-        CodecError: a missing record or key.
+        MessageError: a missing record or key.
     """
     _require(content, (DELTA, BUFFERS, STATE, EXTRAS, RESULT, METRICS), "train reply")
     delta = record_to_tensors(content.array_records[DELTA])
     if "delta" not in delta:
-        raise CodecError(f"record {DELTA!r} lacks 'delta'")
+        raise MessageError(f"record {DELTA!r} lacks 'delta'")
     s = content.metric_records[RESULT]
     missing = {"client_id", "num_samples", "train_loss", "steps"} - set(s)
     if missing:
-        raise CodecError(f"record {RESULT!r} lacks {sorted(missing)}")
-    loss = _float(s, "train_loss")
+        raise MessageError(f"record {RESULT!r} lacks {sorted(missing)}")
+    loss = config_float(s, "train_loss")
     return ClientResult(
-        client_id=_int(s, "client_id"),
+        client_id=config_int(s, "client_id"),
         delta=delta["delta"],
-        num_samples=_int(s, "num_samples"),
+        num_samples=config_int(s, "num_samples"),
         train_loss=loss if not math.isnan(loss) else float("nan"),
-        steps=_int(s, "steps"),
+        steps=config_int(s, "steps"),
         client_state=record_to_tensors(content.array_records[STATE]),
         extras=record_to_tensors(content.array_records[EXTRAS]),
-        metrics={k: _float(content.metric_records[METRICS], k)
+        metrics={k: config_float(content.metric_records[METRICS], k)
                  for k in content.metric_records[METRICS]},
         buffers=_one(content, BUFFERS, "buffers"),
     )
@@ -229,40 +231,43 @@ def decode_node_info(content: RecordDict) -> int | None:
     _require(content, (NODE,), "node query reply")
     info = content.config_records[NODE]
     if info.get("wire_version") != WIRE_VERSION:
-        raise CodecError(f"node speaks wire version {info.get('wire_version')}, the server "
-                         f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
-    pid = _int(info, "partition_id")
+        raise MessageError(f"node speaks wire version {info.get('wire_version')}, the server "
+                           f"{WIRE_VERSION}: run the same fedflat version on server and nodes")
+    pid = config_int(info, "partition_id")
     return None if pid < 0 else pid
 
 
 def _one(content: RecordDict, record: str, key: str) -> Tensor:
     tensors = record_to_tensors(content.array_records[record])
     if key not in tensors:
-        raise CodecError(f"record {record!r} lacks {key!r}")
+        raise MessageError(f"record {record!r} lacks {key!r}")
     return tensors[key]
 
 
 def _require(content: RecordDict, names: tuple[str, ...], what: str) -> None:
     missing = [n for n in names if n not in content]
     if missing:
-        raise CodecError(f"{what} lacks records {missing}: is the peer a fedflat app of the "
-                         "same version?")
+        raise MessageError(f"{what} lacks records {missing}: is the peer a fedflat app of the "
+                           "same version?")
 
 
-def _int(rec: Mapping[str, Any], key: str) -> int:
+def config_int(rec: Mapping[str, Any], key: str) -> int:
+    """``rec[key]`` as an int; a missing or non-numeric value raises ``MessageError``."""
     value = rec.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CodecError(f"{key!r} is {value!r}, expected a number")
+        raise MessageError(f"{key!r} is {value!r}, expected a number")
     return int(value)
 
 
-def _float(rec: Mapping[str, Any], key: str) -> float:
+def config_float(rec: Mapping[str, Any], key: str) -> float:
+    """``rec[key]`` as a float; a missing or non-numeric value raises ``MessageError``."""
     value = rec.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise CodecError(f"{key!r} is {value!r}, expected a number")
+        raise MessageError(f"{key!r} is {value!r}, expected a number")
     return float(value)
 
 
-def _opt(rec: Mapping[str, Any], key: str, conv: Callable[[Mapping[str, Any], str], T]) -> T | None:
+def config_optional(rec: Mapping[str, Any], key: str,
+                    conv: Callable[[Mapping[str, Any], str], T]) -> T | None:
     """An optional scalar: ConfigRecord has no None, so an absent key means None."""
     return None if key not in rec else conv(rec, key)
