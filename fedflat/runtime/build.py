@@ -39,6 +39,7 @@ from fedflat.scenario.local_rule import (
     OracleConfig,
     SwaConfig,
 )
+from fedflat.scenario.partition import PartitionConfig
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt
 from fedflat.server.corrections import (
@@ -117,8 +118,8 @@ def _on_demand(sc: Scenario) -> FederatedData:
     return FederatedData(ds, [], source=devices)
 
 
-def _split(  # type: ignore[no-untyped-def]
-    p, ds: Dataset, labels: np.ndarray, n: int, rng: np.random.Generator
+def _split(
+    p: PartitionConfig, ds: Dataset, labels: np.ndarray, n: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
     if p.method == "natural":
         if ds.train_groups is None:
@@ -128,19 +129,9 @@ def _split(  # type: ignore[no-untyped-def]
             raise DataError(f"dataset {ds.name!r} has {len(ds.train_groups)} natural clients, "
                             f"fewer than data.num_clients = {n}", key="data.num_clients")
         parts = part.natural(ds.train_groups[:n])
-    elif p.method == "iid":
-        parts = part.iid(labels, n, rng)
-    elif p.method == "dirichlet_per_class":
-        parts = part.dirichlet_per_class(labels, n, rng, alpha=p.alpha, min_size=p.min_size)
-    elif p.method == "dirichlet_per_client":
-        parts = part.dirichlet_per_client(labels, n, rng, alpha=p.alpha, alpha_scale=p.alpha_scale,
-                                          allow_reuse=p.allow_reuse, num_classes=ds.num_classes)
-    elif p.method == "shards":
-        parts = part.shards(labels, n, rng, shards_per_client=p.shards_per_client)
-    elif p.method == "quantity_skew":
-        parts = part.quantity_skew(labels, n, rng, sigma=p.quantity_sigma)
-    else:  # pragma: no cover - the schema's Literal rules this out
-        raise ValueError(p.method)
+    else:
+        parts = part.make_partition(p.method, labels, n, rng, num_classes=ds.num_classes,
+                                    **p.factory_kwargs())
     return parts
 
 

@@ -1,0 +1,78 @@
+"""One registry per family for partitioners, DP mechanisms and aggregation rules.
+
+Checked against independent facts: each factory's own signature, the YAML file's lines,
+closed forms (σ = 0 quantity skew is balanced to within one sample).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from fedflat.data.partition import PARTITIONERS
+from fedflat.errors import ScenarioError
+from fedflat.runtime.build import build_data
+from fedflat.scenario import load_scenario
+from fedflat.scenario.partition import PARTITION_CONFIGS, PartitionConfig
+from fedflat.scenario.schema import Scenario
+
+# Partitioner arguments set in code, not in the block: a numerical guard and the dataset's C.
+_PARTITION_NOT_IN_BLOCK = {"max_tries", "num_classes"}
+
+
+def _own(cls: type, tag: str) -> set[str]:
+    return set(cls.model_fields) - {tag}
+
+
+def _load(tmp_path, text: str):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return load_scenario(path).scenario
+
+
+def _error(tmp_path, text: str) -> str:
+    with pytest.raises(ScenarioError) as info:
+        _load(tmp_path, text)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------ partitioners
+def test_partition_configs_are_the_registry_plus_natural():
+    assert list(PARTITION_CONFIGS) == ["natural", *PARTITIONERS]
+
+
+@pytest.mark.parametrize("name", list(PARTITIONERS))
+def test_partition_fields_are_the_partitioner_arguments(name):
+    params = {p.name: p for p in inspect.signature(PARTITIONERS[name]).parameters.values()
+              if p.kind is p.KEYWORD_ONLY}
+    assert _own(PARTITION_CONFIGS[name], "method") == set(params) - _PARTITION_NOT_IN_BLOCK
+
+
+def test_partition_base_builds_the_named_variant():
+    cfg = PartitionConfig(method="shards", shards_per_client=3)
+    assert type(cfg).__name__ == "ShardsPartition"
+    assert cfg.factory_kwargs() == {"shards_per_client": 3}
+    assert Scenario().data.partition.method == "natural"
+
+
+def test_quantity_sigma_is_now_sigma(tmp_path):
+    text = ("name: t\ndata:\n  dataset: digits\n  partition:\n    method: quantity_skew\n"
+            "    quantity_sigma: 0.5\n")
+    err = _error(tmp_path, text)
+    assert "s.yaml:6:" in err
+    assert "data.partition.quantity_sigma" in err
+    assert "its keys: sigma, min_size" in err
+
+
+def _quantity_skew(sigma: float) -> str:
+    return ("name: t\nserver: {clients_per_round: 3}\ndata:\n  dataset: digits\n"
+            f"  num_clients: 7\n  partition: {{method: quantity_skew, sigma: {sigma}}}\n")
+
+
+def test_sigma_zero_reaches_quantity_skew_balanced(tmp_path):
+    # σ = 0: every log-size equal, so the sizes are n/N up to the one-sample remainder.
+    sizes = build_data(_load(tmp_path, _quantity_skew(0))).client_sizes()
+    assert sizes.max() - sizes.min() <= 1
+    assert np.ptp(build_data(_load(tmp_path, _quantity_skew(2))).client_sizes()) > 1
