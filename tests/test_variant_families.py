@@ -13,9 +13,11 @@ import pytest
 
 from fedflat.data.partition import PARTITIONERS
 from fedflat.errors import ScenarioError
+from fedflat.privacy.mechanisms import DP_ORACLES
 from fedflat.runtime.build import build_data
 from fedflat.scenario import load_scenario
 from fedflat.scenario.partition import PARTITION_CONFIGS, PartitionConfig
+from fedflat.scenario.privacy import DP_MECHANISM_CONFIGS, SampleLevelPrivacy
 from fedflat.scenario.schema import Scenario
 
 # Partitioner arguments set in code, not in the block: a numerical guard and the dataset's C.
@@ -76,3 +78,37 @@ def test_sigma_zero_reaches_quantity_skew_balanced(tmp_path):
     sizes = build_data(_load(tmp_path, _quantity_skew(0))).client_sizes()
     assert sizes.max() - sizes.min() <= 1
     assert np.ptp(build_data(_load(tmp_path, _quantity_skew(2))).client_sizes()) > 1
+
+
+# ------------------------------------------------------------------------ DP mechanisms
+def _mechanism_own(name: str) -> set[str]:
+    return set(DP_MECHANISM_CONFIGS[name].model_fields) - set(SampleLevelPrivacy.model_fields)
+
+
+def test_mechanism_configs_are_the_factory_registry():
+    assert list(DP_MECHANISM_CONFIGS) == list(DP_ORACLES)
+
+
+@pytest.mark.parametrize("name", list(DP_ORACLES))
+def test_mechanism_fields_are_its_own_factory_arguments(name):
+    # What dp_sgd's factory takes is what every mechanism takes (the shared keys feed it);
+    # a mechanism's own keys are the arguments its factory adds to those.
+    shared = set(inspect.signature(DP_ORACLES["dp_sgd"]).parameters)
+    own = set(inspect.signature(DP_ORACLES[name]).parameters) - shared
+    assert _mechanism_own(name) == own
+
+
+def test_rho_under_dp_sgd_is_refused_at_its_line(tmp_path):
+    text = ("name: t\nprivacy:\n  sample_level:\n    enabled: true\n    epsilon: 1.0\n"
+            "    rho: 0.05\n")
+    err = _error(tmp_path, text)
+    assert "s.yaml:6:" in err
+    assert "privacy.sample_level.rho" in err
+    assert "rho applies to dp_sat, dp_sat_momentum, dp_sam" in err
+
+
+def test_rho_reaches_the_mechanism(tmp_path):
+    # The block's rho is the keyword the factory receives (build_local_rule splats it).
+    sc = _load(tmp_path, "name: t\nprivacy:\n  sample_level: {mechanism: dp_sam, rho: 0.25}\n")
+    assert sc.privacy.sample_level.factory_kwargs() == {"rho": 0.25}
+    assert "rho" in inspect.signature(DP_ORACLES["dp_sam"]).parameters

@@ -30,7 +30,7 @@ from fedflat.errors import DataError
 from fedflat.models.flat import FlatModel, Segment
 from fedflat.models.zoo import build_model
 from fedflat.privacy import central, client_noise
-from fedflat.privacy.mechanisms import dp_sam, dp_sat, dp_sat_momentum, dp_sgd
+from fedflat.privacy.mechanisms import DP_ORACLES
 from fedflat.privacy.plan import expected_cohort
 from fedflat.rng import numpy_rng, stream
 from fedflat.scenario.local_rule import (
@@ -249,10 +249,6 @@ def byzantine_clients(sc: Scenario, num_clients: int) -> frozenset[int]:
     return byzantine_ids(num_clients, a.fraction, a.ids, stream(sc.seed, "attack"))
 
 
-DP_MECHANISMS = {"dp_sgd": dp_sgd, "dp_sat": dp_sat, "dp_sat_momentum": dp_sat_momentum,
-                 "dp_sam": dp_sam}
-
-
 def build_optimizer(sc: Scenario) -> LocalOptimizer:
     c = sc.client
     if c.optimizer == "adam":
@@ -288,9 +284,7 @@ def build_local_rule(sc: Scenario) -> LocalRule:
             common["sampling_rate"] = dp.sampling_rate
         else:
             common["expected_batch_size"] = schedule.batch_size
-        if dp.mechanism != "dp_sgd":
-            common["rho"] = dp.rho
-        oracle = DP_MECHANISMS[dp.mechanism](**common)
+        oracle = DP_ORACLES[dp.mechanism](**common, **dp.factory_kwargs())
     zo = c.zeroth_order
     if zo.enabled:  # the estimate replaces the gradient (checks refuse other oracles, DP)
         oracle = zo_oracle(zo.queries, zo.mu, zo.estimator)

@@ -25,7 +25,7 @@ from fedflat.scenario.local_rule import (
 )
 from fedflat.scenario.partition import LABEL_PARTITIONS, NaturalPartition, PartitionSpec
 from fedflat.scenario.personalization import PersonalizationConfig, personalization_checks
-from fedflat.scenario.privacy import PrivacyConfig, delta_problem
+from fedflat.scenario.privacy import DP_MECHANISM_CONFIGS, PrivacyConfig, delta_problem
 from fedflat.scenario.resources import resource_checks
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.topology import TopologyConfig, topology_checks
@@ -376,7 +376,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             hint = ("set privacy.sample_level.mechanism: dp_sam (SAM's two passes, both "
                     "private)" if sam_like else "choose privacy.sample_level.mechanism")
             errors.append(("client.oracle.name", f"with sample-level DP the oracle is the DP "
-                           f"mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam), not "
+                           f"mechanism ({', '.join(DP_MECHANISM_CONFIGS)}), not "
                            f"{sc.client.oracle.name!r}: {hint}"))
     if sc.system.asynchronous is not None:
         if sc.system.asynchronous.buffer_size > n:
