@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedflat.scenario.adversarial import AdversarialConfig, adversarial_checks
-from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
+from fedflat.scenario.aggregation import AggregationSpec, MeanRule, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
 from fedflat.scenario.flower import FlowerConfig
@@ -162,7 +162,11 @@ class ServerConfig(Section):
     lr: float = Field(1.0, gt=0, description="Server learning rate η_g.")
     momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum β.")
     fedopt: FedOptConfig = Field(default_factory=FedOptConfig)
-    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    aggregation: AggregationSpec = Field(
+        default_factory=MeanRule,
+        description="Aggregation rule over the stacked client deltas, chosen by rule; each "
+        "rule takes only its own keys (listed per rule below); ALGORITHMS.md §5.1, "
+        "fedflat.server.rules. Default mean.")
     swa: SwaConfig = Field(default_factory=SwaConfig)
 
 
