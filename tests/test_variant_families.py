@@ -10,15 +10,18 @@ import inspect
 
 import numpy as np
 import pytest
+import torch
 
 from fedflat.data.partition import PARTITIONERS
 from fedflat.errors import ScenarioError
 from fedflat.privacy.mechanisms import DP_ORACLES
 from fedflat.runtime.build import build_data
 from fedflat.scenario import load_scenario
+from fedflat.scenario.aggregation import RULE_CONFIGS, AggregationConfig, check_aggregation
 from fedflat.scenario.partition import PARTITION_CONFIGS, PartitionConfig
 from fedflat.scenario.privacy import DP_MECHANISM_CONFIGS, SampleLevelPrivacy
 from fedflat.scenario.schema import Scenario
+from fedflat.server.rules import RULES, aggregate, min_inputs
 
 # Partitioner arguments set in code, not in the block: a numerical guard and the dataset's C.
 _PARTITION_NOT_IN_BLOCK = {"max_tries", "num_classes"}
@@ -112,3 +115,46 @@ def test_rho_reaches_the_mechanism(tmp_path):
     sc = _load(tmp_path, "name: t\nprivacy:\n  sample_level: {mechanism: dp_sam, rho: 0.25}\n")
     assert sc.privacy.sample_level.factory_kwargs() == {"rho": 0.25}
     assert "rho" in inspect.signature(DP_ORACLES["dp_sam"]).parameters
+
+
+# ------------------------------------------------------------------------ aggregation rules
+def test_rule_configs_are_the_server_rules():
+    assert list(RULE_CONFIGS) == list(RULES)
+
+
+def test_a_key_of_another_rule_is_refused_at_its_line(tmp_path):
+    text = ("name: t\nserver:\n  aggregation:\n    rule: krum\n    num_byzantine: 1\n"
+            "    trim_ratio: 0.2\n")
+    err = _error(tmp_path, text)
+    assert "s.yaml:6:" in err
+    assert "server.aggregation.trim_ratio" in err
+    assert "trim_ratio applies to trimmed_mean only" in err
+
+
+def test_num_byzantine_without_a_rule_that_reads_it_is_refused():
+    with pytest.raises(ValueError, match="num_byzantine applies to rules krum"):
+        AggregationConfig(rule="median", num_byzantine=2)
+    # ... but nnm / arc before any rule read it.
+    assert AggregationConfig(rule="median", pre=["nnm"], num_byzantine=2).num_byzantine == 2
+
+
+@pytest.mark.parametrize(("rule", "factor", "offset"),
+                         [("krum", 2, 3), ("multi_krum", 2, 3), ("bulyan", 4, 3), ("mda", 2, 1)])
+def test_n_conditions_are_the_papers(rule, factor, offset):
+    # Blanchard et al. 2017 (n >= 2f + 3), El Mhamdi et al. 2018 (n >= 4f + 3), MDA 2f + 1:
+    # the server's minimum and the schema's check read the same class attribute.
+    f = 2
+    assert min_inputs(rule, {"num_byzantine": f}) == factor * f + offset
+    cfg = AggregationConfig(rule=rule, num_byzantine=f)
+    assert check_aggregation(cfg, factor * f + offset) is None
+    assert check_aggregation(cfg, factor * f + offset - 1) is not None
+
+
+def test_rule_parameters_reach_the_rule_with_the_configs_bounds():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [100.0]], dtype=torch.float64)
+    # trimmed mean, β = 0.2 of 5 inputs: drop one from each end, mean of 1, 2, 3 = 2.
+    assert float(aggregate(x, "trimmed_mean", trim_ratio=0.2)[0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match=r"trim_ratio must be < 0.5, got 0.5"):
+        aggregate(x, "trimmed_mean", trim_ratio=0.5)
+    with pytest.raises(ValueError, match="max_iters must be >= 1, got 0"):
+        aggregate(x, "geometric_median", max_iters=0)
