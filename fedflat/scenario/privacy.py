@@ -188,30 +188,30 @@ class SampleLevelPrivacy(VariantConfig):
                 if k not in SampleLevelPrivacy.model_fields}
 
 
-_RHO = "Perturbation radius ρ (L2, parameter units)."
-
-
 class DpSgd(SampleLevelPrivacy):
     mechanism: Literal["dp_sgd"] = Field("dp_sgd", description="dp_sgd (Abadi et al.)")
 
 
-class DpSat(SampleLevelPrivacy):
+class _Perturbed(SampleLevelPrivacy):
+    """The sharpness-aware mechanisms: the private gradient at a perturbed point."""
+
+    rho: float = Field(0.03, gt=0, description="Perturbation radius ρ (L2, parameter units).")
+
+
+class DpSat(_Perturbed):
     mechanism: Literal["dp_sat"] = Field(
         "dp_sat", description="dp_sat (perturb along the previous privatised gradient, one "
         "private pass, no extra cost)")
-    rho: float = Field(0.03, gt=0, description=_RHO)
 
 
-class DpSatMomentum(SampleLevelPrivacy):
+class DpSatMomentum(_Perturbed):
     mechanism: Literal["dp_sat_momentum"] = Field(
         "dp_sat_momentum", description="dp_sat_momentum (along the previous displacement)")
-    rho: float = Field(0.03, gt=0, description=_RHO)
 
 
-class DpSam(SampleLevelPrivacy):
+class DpSam(_Perturbed):
     mechanism: Literal["dp_sam"] = Field(
         "dp_sam", description="dp_sam (two private passes per step, accounted as such)")
-    rho: float = Field(0.03, gt=0, description=_RHO)
 
 
 SampleLevelSpec = family(
