@@ -105,6 +105,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reproduce_fedsam as common  # the sibling script holds the shared runner
 
+from fedflat.scenario.aggregation import PRE_NEEDS_NUM_BYZANTINE, RULE_SPECS, RuleSpec
+
 REPO = common.REPO
 
 RULES: tuple[str, ...] = (
@@ -160,6 +162,20 @@ COMMON: dict[str, Any] = {
     "output.checkpoint_every": 0,
     "output.progress": False,
 }
+_AGG = "server.aggregation."
+
+
+def _for_rule(over: dict[str, Any]) -> dict[str, Any]:
+    """Drop the COMMON rule keys the chosen rule does not take (a rule takes only its own)."""
+    spec: RuleSpec = RULE_SPECS[over[_AGG + "rule"]]
+    wraps = ("rule", "weighting", "pre", "clip_norm", "bucket_size")
+    takes = set(spec.params) | set(wraps)
+    if set(over.get(_AGG + "pre") or ()) & set(PRE_NEEDS_NUM_BYZANTINE):
+        takes.add("num_byzantine")
+    return {k: v for k, v in over.items()
+            if not k.startswith(_AGG) or k.removeprefix(_AGG) in takes}
+
+
 BUDGETS: dict[str, dict[str, Any]] = {
     "quick": {
         "seeds": (0,),
@@ -260,7 +276,7 @@ def build_mix_overrides(
     if data_dir:
         over["data.data_dir"] = data_dir
     over.update(extra or {})
-    return base, over
+    return base, _for_rule(over)
 
 
 def build_mix_table(
@@ -365,7 +381,7 @@ def build_overrides(
     if data_dir:
         over["data.data_dir"] = data_dir
     over.update(extra or {})
-    return base, over
+    return base, _for_rule(over)
 
 
 def build_tables(

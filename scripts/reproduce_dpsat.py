@@ -67,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import fedflat  # noqa: E402
+from fedflat.scenario.privacy import DP_MECHANISM_CONFIGS  # noqa: E402
 
 MECHANISMS = ("dp_sgd", "dp_sat")
 DELTA = 1e-5
@@ -163,13 +164,15 @@ def scenario_for(name: str, mechanism: str, epsilon: float, seed: int, p: Profil
                  rho: float, data_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(scenario dict, overrides) of one run."""
     s = SETTINGS[name]
+    dp: dict[str, Any] = {"enabled": True, "mechanism": mechanism, "epsilon": epsilon,
+                          "delta": DELTA, "clip_norm": 1.0}
+    if "rho" in DP_MECHANISM_CONFIGS[mechanism].model_fields:  # dp_sgd takes no ρ
+        dp["rho"] = rho
     sc = _merge(s.scenario, {
         "name": f"dpsat_{name}", "seed": seed,
         "data": {"data_dir": data_dir},
         "server": {"rounds": s.rounds * p.round_factor},
-        "privacy": {"sample_level": {"enabled": True, "mechanism": mechanism,
-                                     "epsilon": epsilon, "delta": DELTA, "clip_norm": 1.0,
-                                     "rho": rho}},
+        "privacy": {"sample_level": dp},
         "runtime": {"backend": "serial", "threads": 1},
         "output": {"checkpoint_every": 0, "progress": False},
     })

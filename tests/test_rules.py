@@ -15,6 +15,7 @@ from scipy.spatial.distance import cdist
 from fedflat.rng import numpy_rng, stream
 from fedflat.scenario.aggregation import (
     NEEDS_NUM_BYZANTINE,
+    RULE_CONFIGS,
     RULE_PARAMETERS,
     AggregationConfig,
     RuleName,
@@ -600,10 +601,14 @@ def test_config_names_match_rules_and_defaults_are_spec() -> None:
     cfg = AggregationConfig()
     assert (cfg.rule, cfg.weighting, cfg.bucket_size) == ("mean", "samples", None)
     # RFA's nu, tol and start; the iteration cap is 100 (RFA's official 4 is an option).
-    assert (cfg.nu, cfg.max_iters, cfg.tol, cfg.init) == (1e-5, 100, 1e-6, "mean")
-    assert (cfg.max_update_norm, cfg.krum_variant) == (None, "paper")
-    for name, field in AggregationConfig.model_fields.items():
-        assert field.description, name
+    # (Each rule's config holds only its own keys: these are geometric_median's, krum's.)
+    gm = AggregationConfig(rule="geometric_median")
+    assert (gm.nu, gm.max_iters, gm.tol, gm.init) == (1e-5, 100, 1e-6, "mean")
+    assert gm.max_update_norm is None
+    assert AggregationConfig(rule="krum", num_byzantine=1).krum_variant == "paper"
+    for cls in RULE_CONFIGS.values():
+        for name, field in cls.model_fields.items():
+            assert field.description, name
     gm = AggregationConfig(rule="geometric_median", bucket_size=2)
     assert gm.rule_params() == {
         "nu": 1e-5,
@@ -613,8 +618,10 @@ def test_config_names_match_rules_and_defaults_are_spec() -> None:
         "max_update_norm": None,
         "bucket_size": 2,
     }
-    with pytest.raises(ValueError, match="extra"):
+    with pytest.raises(ValueError, match="not a key of rule 'median'"):
         AggregationConfig(rule="median", trim=0.1)
+    with pytest.raises(ValueError, match="trim_ratio applies to trimmed_mean only"):
+        AggregationConfig(rule="median", trim_ratio=0.1)
     with pytest.raises(ValueError, match="num_byzantine is required"):
         AggregationConfig(rule="bulyan")
 

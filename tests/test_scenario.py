@@ -74,11 +74,22 @@ def test_out_of_range_clients_per_round(tmp_path, capsys):
 
 
 def test_alpha_must_be_positive(tmp_path, capsys):
-    text = GOOD.replace("  num_clients: 10", "  num_clients: 10\n  partition:\n    alpha: 0")
+    text = GOOD.replace("  num_clients: 10", "  num_clients: 10\n  partition:\n"
+                        "    method: dirichlet_per_class\n    alpha: 0")
+    err = cli_error(tmp_path, text, capsys)
+    assert "s.yaml:8:" in err
+    assert "data.partition.alpha" in err
+    assert "greater than 0" in err
+
+
+def test_alpha_under_natural_is_refused_naming_the_key(tmp_path, capsys):
+    # natural (the default) takes no keys: alpha belongs to the Dirichlet partitioners.
+    text = GOOD.replace("  num_clients: 10", "  num_clients: 10\n  partition:\n    alpha: 0.5")
     err = cli_error(tmp_path, text, capsys)
     assert "s.yaml:7:" in err
     assert "data.partition.alpha" in err
-    assert "greater than 0" in err
+    assert "not a key of partitioner 'natural'" in err
+    assert "dirichlet_per_class, dirichlet_per_client" in err
 
 
 def test_yaml_syntax_error(tmp_path, capsys):

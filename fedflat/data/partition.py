@@ -527,11 +527,15 @@ def make_partition(
     labels: np.ndarray,
     num_clients: int,
     rng: np.random.Generator,
+    *,
+    num_classes: int | None = None,
     **options: Any,
 ) -> list[np.ndarray]:
     """Run the partitioner ``name`` with keyword ``options``, checking the option names.
 
-    ``natural`` is not in the registry: it needs the dataset's groups; call
+    The one dispatch of partitioner names (the run's data builder calls it with the
+    ``data.partition`` block). ``num_classes`` (the dataset's C) reaches the partitioners
+    that take it. ``natural`` is not in the registry: it needs the dataset's groups; call
     :func:`natural`.
 
     Raises:
@@ -560,6 +564,8 @@ def make_partition(
     )
     if missing:
         raise ValueError(f"partitioner {name!r}: missing required option(s) {missing}")
+    if "num_classes" in params:
+        options = {**options, "num_classes": num_classes}
     return fn(labels, num_clients, rng, **options)
 
 

@@ -31,7 +31,7 @@ from fedflat.errors import DataError
 from fedflat.models.flat import FlatModel, Segment
 from fedflat.models.zoo import build_model
 from fedflat.privacy import central, client_noise
-from fedflat.privacy.mechanisms import dp_sam, dp_sat, dp_sat_momentum, dp_sgd
+from fedflat.privacy.mechanisms import DP_ORACLES
 from fedflat.privacy.plan import expected_cohort
 from fedflat.rng import numpy_rng, stream
 from fedflat.scenario.local_rule import (
@@ -40,6 +40,7 @@ from fedflat.scenario.local_rule import (
     OracleConfig,
     SwaConfig,
 )
+from fedflat.scenario.partition import PartitionConfig
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt
 from fedflat.server.corrections import (
@@ -132,8 +133,8 @@ def _on_demand(sc: Scenario) -> FederatedData:
     return FederatedData(ds, [], source=devices)
 
 
-def _split(  # type: ignore[no-untyped-def]
-    p, ds: Dataset, labels: np.ndarray, n: int, rng: np.random.Generator
+def _split(
+    p: PartitionConfig, ds: Dataset, labels: np.ndarray, n: int, rng: np.random.Generator
 ) -> list[np.ndarray]:
     if p.method == "natural":
         if ds.train_groups is None:
@@ -143,19 +144,9 @@ def _split(  # type: ignore[no-untyped-def]
             raise DataError(f"dataset {ds.name!r} has {len(ds.train_groups)} natural clients, "
                             f"fewer than data.num_clients = {n}", key="data.num_clients")
         parts = part.natural(ds.train_groups[:n])
-    elif p.method == "iid":
-        parts = part.iid(labels, n, rng)
-    elif p.method == "dirichlet_per_class":
-        parts = part.dirichlet_per_class(labels, n, rng, alpha=p.alpha, min_size=p.min_size)
-    elif p.method == "dirichlet_per_client":
-        parts = part.dirichlet_per_client(labels, n, rng, alpha=p.alpha, alpha_scale=p.alpha_scale,
-                                          allow_reuse=p.allow_reuse, num_classes=ds.num_classes)
-    elif p.method == "shards":
-        parts = part.shards(labels, n, rng, shards_per_client=p.shards_per_client)
-    elif p.method == "quantity_skew":
-        parts = part.quantity_skew(labels, n, rng, sigma=p.quantity_sigma)
-    else:  # pragma: no cover - the schema's Literal rules this out
-        raise ValueError(p.method)
+    else:
+        parts = part.make_partition(p.method, labels, n, rng, num_classes=ds.num_classes,
+                                    **p.factory_kwargs())
     return parts
 
 
@@ -273,10 +264,6 @@ def byzantine_clients(sc: Scenario, num_clients: int) -> frozenset[int]:
     return byzantine_ids(num_clients, a.fraction, a.ids, stream(sc.seed, "attack"))
 
 
-DP_MECHANISMS = {"dp_sgd": dp_sgd, "dp_sat": dp_sat, "dp_sat_momentum": dp_sat_momentum,
-                 "dp_sam": dp_sam}
-
-
 def build_optimizer(sc: Scenario) -> LocalOptimizer:
     c = sc.client
     if c.optimizer == "adam":
@@ -312,9 +299,7 @@ def build_local_rule(sc: Scenario) -> LocalRule:
             common["sampling_rate"] = dp.sampling_rate
         else:
             common["expected_batch_size"] = schedule.batch_size
-        if dp.mechanism != "dp_sgd":
-            common["rho"] = dp.rho
-        oracle = DP_MECHANISMS[dp.mechanism](**common)
+        oracle = DP_ORACLES[dp.mechanism](**common, **dp.factory_kwargs())
     zo = c.zeroth_order
     if zo.enabled:  # the estimate replaces the gradient (checks refuse other oracles, DP)
         oracle = zo_oracle(zo.queries, zo.mu, zo.estimator)

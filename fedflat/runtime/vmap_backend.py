@@ -45,7 +45,7 @@ def vec_rule(sc: Scenario, segments: Sequence | None = None) -> VecRule:
             clips = tuple(layer_clip_norms(segments, dp.clip_norm, "equal"))
         vdp = VecDP(mechanism=dp.mechanism, clip_norm=dp.clip_norm,
                     noise_multiplier=dp.noise_multiplier,
-                    rho=dp.rho if dp.mechanism != "dp_sgd" else 0.0, layer_clips=clips)
+                    rho=dp.factory_kwargs().get("rho", 0.0), layer_clips=clips)
     return VecRule(
         oracle=o.name, oracle_params=o.factory_kwargs(),
         prox_mu=corr.prox_mu, scaffold=corr.scaffold, feddyn_alpha=corr.feddyn_alpha,

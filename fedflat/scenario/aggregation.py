@@ -1,6 +1,6 @@
 """Scenario schema of the server's aggregation rule (``server.aggregation``).
 
-One flat model holds the rule name and every rule's parameters, so a YAML block reads::
+One config class per rule, chosen by ``rule``, so a YAML block reads::
 
     server:
       aggregation:
@@ -8,8 +8,8 @@ One flat model holds the rule name and every rule's parameters, so a YAML block 
         num_byzantine: 5
         bucket_size: 2
 
-Parameters that the chosen rule does not use are ignored; ``rule_params()`` returns the
-ones it uses, under the same names that ``fedflat.server.rules.apply_rule`` takes.
+A key of another rule is an error naming it; ``rule_params()`` returns the rule's keys
+under the same names that ``fedflat.server.rules.apply_rule`` takes.
 Definitions and defaults follow ALGORITHMS.md §5.1.
 """
 
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from fedflat.scenario.variants import VariantConfig, family, family_of
 
 # MDA enumerates the C(n, f) subsets of n - f inputs (cost C(n, f) * (n - f)^2 after the
 # O(n^2 d) distance matrix); configurations with more subsets than this are refused.
@@ -34,7 +36,7 @@ SMEA_MAX_WORK = 160_000_000
 
 @dataclass(frozen=True)
 class RuleSpec:
-    """What the scenario and the server know of one rule.
+    """What the server knows of one rule, read off its config class.
 
     ``params``: the ``server.aggregation`` keys the rule reads (besides ``pre`` and
     ``bucket_size``, which wrap any rule). ``n_condition``: (factor, offset) when the
@@ -57,57 +59,27 @@ class RuleSpec:
         return self.subset_limit is not None and self.subset_work(n, f) > self.subset_limit[0]
 
 
-# The one table of rule names, their parameters and their conditions on n. The schema
-# (RuleName, check_aggregation) and the server (fedflat.server.rules) both read it.
-RULE_SPECS: dict[str, RuleSpec] = {
-    "mean": RuleSpec(()),
-    "median": RuleSpec(()),
-    "trimmed_mean": RuleSpec(("trim_ratio",)),
-    "krum": RuleSpec(("num_byzantine", "krum_variant"), (2, 3)),
-    "multi_krum": RuleSpec(("num_byzantine", "num_selected", "krum_variant"), (2, 3)),
-    "bulyan": RuleSpec(("num_byzantine",), (4, 3)),
-    "geometric_median": RuleSpec(("nu", "max_iters", "tol", "init", "max_update_norm")),
-    "centered_clipping": RuleSpec(("tau", "iters")),
-    "mda": RuleSpec(("num_byzantine",), (2, 1), subset_limit=(MAX_SUBSETS, 0)),
-    "monna": RuleSpec(("num_byzantine", "trusted_index"), (2, 1)),
-    "meamed": RuleSpec(("num_byzantine",), (2, 1)),
-    "caf": RuleSpec(("num_byzantine",), (2, 1)),
-    "smea": RuleSpec(("num_byzantine",), (2, 1), subset_limit=(SMEA_MAX_WORK, 3)),
-}
-
-RuleName = Literal[tuple(RULE_SPECS)]  # type: ignore[valid-type]
-
 PreName = Literal["nnm", "arc", "clip", "bucketing"]
-
-# Views of RULE_SPECS under the names the rest of the code reads.
-RULE_PARAMETERS: dict[str, tuple[str, ...]] = {k: s.params for k, s in RULE_SPECS.items()}
-N_CONDITIONS: dict[str, tuple[int, int]] = {
-    k: s.n_condition for k, s in RULE_SPECS.items() if s.n_condition is not None
-}
-NEEDS_NUM_BYZANTINE: tuple[str, ...] = tuple(
-    k for k, s in RULE_SPECS.items() if "num_byzantine" in s.params
-)
 PRE_NEEDS_NUM_BYZANTINE = ("nnm", "arc")
 
 _KEY = "server.aggregation"
 
 
-class AggregationConfig(BaseModel):
-    """``server.aggregation``: the rule that turns the client deltas into one."""
+class AggregationConfig(VariantConfig):
+    """``server.aggregation``: the rule that turns the client deltas into one.
 
-    model_config = ConfigDict(extra="forbid")
+    One config class per rule (fedflat.scenario.variants), chosen by ``rule``; the keys
+    of this base (weighting, the pre-aggregators, bucketing) wrap every rule, a rule adds
+    its own. A rule's condition on n and its subset limit are class attributes of its
+    config: ``RULE_SPECS`` is read off them. ``AggregationConfig(**block)`` returns the
+    variant.
+    """
 
-    rule: RuleName = Field(
-        default="mean",
-        description=(
-            "Aggregation rule over the stacked client deltas: mean | median "
-            "(coordinate-wise) | trimmed_mean | krum | multi_krum | bulyan | "
-            "geometric_median (RFA) | centered_clipping | mda (minimum-diameter "
-            "averaging) | monna | meamed (mean around the median) | caf (covariance-"
-            "bound agnostic filter) | smea (smallest maximum eigenvalue averaging); "
-            "ALGORITHMS.md §5.1, fedflat.server.rules."
-        ),
-    )
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+    n_condition: ClassVar[tuple[int, int] | None] = None
+    subset_limit: ClassVar[tuple[int, int] | None] = None
+
+    rule: str
     weighting: Literal["samples", "uniform"] = Field(
         default="samples",
         description=(
@@ -122,104 +94,9 @@ class AggregationConfig(BaseModel):
         description=(
             "Assumed number f of Byzantine inputs per aggregation (count, not "
             "fraction); required by krum, multi_krum, bulyan, mda, monna, meamed, "
-            "caf, smea and the pre-aggregators nnm and arc. With bucketing it stays f "
-            "while n becomes the number of buckets (as in the reference code)."
-        ),
-    )
-    num_selected: int | None = Field(
-        default=None,
-        ge=1,
-        description=(
-            "multi_krum: number m of lowest-score inputs averaged (count). Default n - "
-            "f; m = 1 is Krum."
-        ),
-    )
-    trim_ratio: float = Field(
-        default=0.1,
-        ge=0.0,
-        lt=0.5,
-        description=(
-            "trimmed_mean: fraction beta in [0, 0.5); per coordinate the floor(beta*n) "
-            "largest and floor(beta*n) smallest values are dropped (Yin et al. 2018)."
-        ),
-    )
-    nu: float = Field(
-        default=1e-5,
-        gt=0.0,
-        description=(
-            "geometric_median: smoothing nu of the Weiszfeld weights alpha_i / max(nu, "
-            "||z - x_i||), in the units of the deltas (RFA official: 1e-5)."
-        ),
-    )
-    max_iters: int = Field(
-        default=100,
-        ge=1,
-        description=(
-            "geometric_median: cap on the Weiszfeld iterations; they stop earlier once "
-            "the relative objective change is below tol (the iterations used are "
-            "logged as agg/gm_iters). 100 lets the iterations converge; 4 is RFA's "
-            "official budget (krishnap25/RFA), which under attack can stop far from "
-            "the geometric median."
-        ),
-    )
-    tol: float = Field(
-        default=1e-6,
-        ge=0.0,
-        description=(
-            "geometric_median: stop when the objective sum_i alpha_i ||z - x_i|| "
-            "decreases by less than tol times its value (relative; RFA official: "
-            "1e-6)."
-        ),
-    )
-    max_update_norm: float | None = Field(
-        default=None,
-        gt=0.0,
-        description=(
-            "geometric_median: RFA's server guard; an aggregate whose L2 norm exceeds "
-            "this (units of the deltas) is discarded, the round changes nothing and "
-            "agg/gm_rejected = 1 is logged. null = off; 1000 in RFA's constants."
-        ),
-    )
-    krum_variant: Literal["paper", "epfml"] = Field(
-        default="paper",
-        description=(
-            "krum, multi_krum: 'paper' = Blanchard et al. 2017 (scores sum squared "
-            "distances, Multi-Krum averages the m selected); 'epfml' = the epfml "
-            "reference code (scores sum squared squared distances, Multi-Krum sums the "
-            "m selected), to reproduce its tables (ALGORITHMS.md §5.1)."
-        ),
-    )
-    init: Literal["mean", "zero"] = Field(
-        default="mean",
-        description=(
-            "geometric_median: starting point, the weighted mean (RFA official) or the "
-            "zero vector (epfml variant)."
-        ),
-    )
-    tau: float = Field(
-        default=10.0,
-        gt=0.0,
-        description=(
-            "centered_clipping: clipping radius tau around the previous aggregate, in "
-            "the units of the deltas (L2 norm). 10 in the bucketing paper, 100 in the "
-            "CC paper's CIFAR-10 runs; .inf disables clipping."
-        ),
-    )
-    iters: int = Field(
-        default=3,
-        ge=1,
-        description=(
-            "centered_clipping: clipping iterations L per aggregation (3 in the "
-            "bucketing paper, 1 in the CC paper's CIFAR-10 runs)."
-        ),
-    )
-    trusted_index: int = Field(
-        default=0,
-        ge=0,
-        description=(
-            "monna: row (after NaN/Inf rows are dropped, in the round's client order) "
-            "of the input the server trusts; the rule averages its n - f nearest "
-            "neighbours (itself included)."
+            "caf, smea and the pre-aggregators nnm and arc, refused elsewhere. With "
+            "bucketing it stays f while n becomes the number of buckets (as in the "
+            "reference code)."
         ),
     )
     pre: list[PreName] = Field(
@@ -253,17 +130,19 @@ class AggregationConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _needs_f(self) -> AggregationConfig:
-        if self.rule in NEEDS_NUM_BYZANTINE and self.num_byzantine is None:
-            raise ValueError(
-                f"num_byzantine is required when rule is {self.rule!r} "
-                "(the assumed number of Byzantine inputs f)"
-            )
+    def _pre_needs(self) -> AggregationConfig:
         pre_f = [q for q in self.pre if q in PRE_NEEDS_NUM_BYZANTINE]
         if pre_f and self.num_byzantine is None:
             raise ValueError(
                 f"num_byzantine is required when pre lists {pre_f} "
                 "(the assumed number of Byzantine inputs f)"
+            )
+        if not pre_f and self.num_byzantine is not None and "num_byzantine" not in (
+                RULE_SPECS[self.rule].params):
+            raise ValueError(
+                f"num_byzantine applies to rules {', '.join(NEEDS_NUM_BYZANTINE)} and the "
+                f"pre-aggregators {', '.join(PRE_NEEDS_NUM_BYZANTINE)}, not to rule "
+                f"{self.rule!r}"
             )
         if "clip" in self.pre and self.clip_norm is None:
             raise ValueError("clip_norm is required when pre lists clip")
@@ -273,7 +152,7 @@ class AggregationConfig(BaseModel):
 
     def rule_params(self) -> dict[str, Any]:
         """The rule's parameters, ``pre`` and the pre-aggregators' (for ``apply_rule``)."""
-        out: dict[str, Any] = {k: getattr(self, k) for k in RULE_PARAMETERS[self.rule]}
+        out: dict[str, Any] = {k: getattr(self, k) for k in RULE_SPECS[self.rule].params}
         out["bucket_size"] = self.bucket_size
         if self.pre:
             out["pre"] = list(self.pre)
@@ -282,6 +161,201 @@ class AggregationConfig(BaseModel):
             if any(q in PRE_NEEDS_NUM_BYZANTINE for q in self.pre):
                 out["num_byzantine"] = self.num_byzantine
         return out
+
+
+class MeanRule(AggregationConfig):
+    rule: Literal["mean"] = Field("mean", description="mean (weighted)")
+
+
+class MedianRule(AggregationConfig):
+    rule: Literal["median"] = Field("median", description="median (coordinate-wise)")
+
+
+class TrimmedMeanRule(AggregationConfig):
+    rule: Literal["trimmed_mean"] = Field(
+        "trimmed_mean", description="trimmed_mean (coordinate-wise, Yin et al. 2018)")
+    trim_ratio: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=0.5,
+        description=(
+            "Fraction beta in [0, 0.5); per coordinate the floor(beta*n) largest and "
+            "floor(beta*n) smallest values are dropped (Yin et al. 2018)."
+        ),
+    )
+
+
+_F = ("Assumed number f of Byzantine inputs per aggregation (count), required; with "
+      "bucketing it stays f while n becomes the number of buckets.")
+
+
+class _ByzantineRule(AggregationConfig):
+    """A rule that needs f and n >= 2f + 1 inputs unless it says otherwise."""
+
+    n_condition: ClassVar[tuple[int, int] | None] = (2, 1)
+    num_byzantine: int = Field(..., ge=0, description=_F)
+
+
+class _KrumFamily(_ByzantineRule):
+    n_condition: ClassVar[tuple[int, int] | None] = (2, 3)
+    krum_variant: Literal["paper", "epfml"] = Field(
+        default="paper",
+        description=(
+            "'paper' = Blanchard et al. 2017 (scores sum squared distances, Multi-Krum "
+            "averages the m selected); 'epfml' = the epfml reference code (scores sum "
+            "squared squared distances, Multi-Krum sums the m selected), to reproduce its "
+            "tables (ALGORITHMS.md §5.1)."
+        ),
+    )
+
+
+class KrumRule(_KrumFamily):
+    rule: Literal["krum"] = Field("krum", description="krum (n >= 2f + 3)")
+
+
+class MultiKrumRule(_KrumFamily):
+    rule: Literal["multi_krum"] = Field("multi_krum", description="multi_krum (n >= 2f + 3)")
+    num_selected: int | None = Field(
+        default=None,
+        ge=1,
+        description="Number m of lowest-score inputs averaged (count). Default n - f; "
+        "m = 1 is Krum.",
+    )
+
+
+class BulyanRule(_ByzantineRule):
+    n_condition: ClassVar[tuple[int, int] | None] = (4, 3)
+    rule: Literal["bulyan"] = Field("bulyan", description="bulyan (n >= 4f + 3)")
+
+
+class GeometricMedianRule(AggregationConfig):
+    rule: Literal["geometric_median"] = Field(
+        "geometric_median", description="geometric_median (RFA, smoothed Weiszfeld)")
+    nu: float = Field(
+        default=1e-5,
+        gt=0.0,
+        description=(
+            "Smoothing nu of the Weiszfeld weights alpha_i / max(nu, ||z - x_i||), in "
+            "the units of the deltas (RFA official: 1e-5)."
+        ),
+    )
+    max_iters: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "Cap on the Weiszfeld iterations; they stop earlier once the relative "
+            "objective change is below tol (the iterations used are logged as "
+            "agg/gm_iters). 100 lets the iterations converge; 4 is RFA's official budget "
+            "(krishnap25/RFA), which under attack can stop far from the geometric median."
+        ),
+    )
+    tol: float = Field(
+        default=1e-6,
+        ge=0.0,
+        description=(
+            "Stop when the objective sum_i alpha_i ||z - x_i|| decreases by less than "
+            "tol times its value (relative; RFA official: 1e-6)."
+        ),
+    )
+    init: Literal["mean", "zero"] = Field(
+        default="mean",
+        description="Starting point, the weighted mean (RFA official) or the zero vector "
+        "(epfml variant).",
+    )
+    max_update_norm: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "RFA's server guard; an aggregate whose L2 norm exceeds this (units of the "
+            "deltas) is discarded, the round changes nothing and agg/gm_rejected = 1 is "
+            "logged. null = off; 1000 in RFA's constants."
+        ),
+    )
+
+
+class CenteredClippingRule(AggregationConfig):
+    rule: Literal["centered_clipping"] = Field(
+        "centered_clipping", description="centered_clipping (around the previous aggregate)")
+    tau: float = Field(
+        default=10.0,
+        gt=0.0,
+        description=(
+            "Clipping radius tau around the previous aggregate, in the units of the "
+            "deltas (L2 norm). 10 in the bucketing paper, 100 in the CC paper's CIFAR-10 "
+            "runs; .inf disables clipping."
+        ),
+    )
+    iters: int = Field(
+        default=3,
+        ge=1,
+        description="Clipping iterations L per aggregation (3 in the bucketing paper, 1 "
+        "in the CC paper's CIFAR-10 runs).",
+    )
+
+
+class MdaRule(_ByzantineRule):
+    subset_limit: ClassVar[tuple[int, int] | None] = (MAX_SUBSETS, 0)
+    rule: Literal["mda"] = Field("mda", description="mda (minimum-diameter averaging)")
+
+
+class MonnaRule(_ByzantineRule):
+    rule: Literal["monna"] = Field("monna", description="monna (trusted-input neighbours)")
+    trusted_index: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Row (after NaN/Inf rows are dropped, in the round's client order) of the "
+            "input the server trusts; the rule averages its n - f nearest neighbours "
+            "(itself included)."
+        ),
+    )
+
+
+class MeamedRule(_ByzantineRule):
+    rule: Literal["meamed"] = Field("meamed", description="meamed (mean around the median)")
+
+
+class CafRule(_ByzantineRule):
+    rule: Literal["caf"] = Field("caf", description="caf (covariance-bound agnostic filter)")
+
+
+class SmeaRule(_ByzantineRule):
+    subset_limit: ClassVar[tuple[int, int] | None] = (SMEA_MAX_WORK, 3)
+    rule: Literal["smea"] = Field(
+        "smea", description="smea (smallest maximum eigenvalue averaging)")
+
+
+AggregationSpec = family(
+    AggregationConfig, label="rule", tag="rule", default="mean",
+    variants=(MeanRule, MedianRule, TrimmedMeanRule, KrumRule, MultiKrumRule, BulyanRule,
+              GeometricMedianRule, CenteredClippingRule, MdaRule, MonnaRule, MeamedRule,
+              CafRule, SmeaRule),
+)
+RULE_CONFIGS: dict[str, type[AggregationConfig]] = family_of(AggregationConfig).variants  # type: ignore[assignment]
+
+
+def _spec(cls: type[AggregationConfig]) -> RuleSpec:
+    shared = AggregationConfig.model_fields
+    params = tuple(k for k, f in cls.model_fields.items()
+                   if k != "rule" and (k not in shared or f.is_required()))
+    return RuleSpec(params, cls.n_condition, cls.subset_limit)
+
+
+# The one table of rule names, their parameters and their conditions on n, read off the
+# config classes. The schema (check_aggregation) and the server (fedflat.server.rules)
+# both read it.
+RULE_SPECS: dict[str, RuleSpec] = {name: _spec(cls) for name, cls in RULE_CONFIGS.items()}
+
+RuleName = Literal[tuple(RULE_SPECS)]  # type: ignore[valid-type]
+
+# Views of RULE_SPECS under the names the rest of the code reads.
+RULE_PARAMETERS: dict[str, tuple[str, ...]] = {k: s.params for k, s in RULE_SPECS.items()}
+N_CONDITIONS: dict[str, tuple[int, int]] = {
+    k: s.n_condition for k, s in RULE_SPECS.items() if s.n_condition is not None
+}
+NEEDS_NUM_BYZANTINE: tuple[str, ...] = tuple(
+    k for k, s in RULE_SPECS.items() if "num_byzantine" in s.params
+)
 
 
 def num_rule_inputs(clients_per_round: int, bucket_size: int | None) -> int:

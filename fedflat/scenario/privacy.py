@@ -29,9 +29,11 @@ count noise σ_b = m/20 against the noise multiplier.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from fedflat.scenario.variants import VariantConfig, family, family_of
 
 # δ is the probability that the ε guarantee fails outright: a mechanism that publishes each of
 # n protected records with probability δ is (0, δ)-DP and leaks n·δ of them on average. So δ
@@ -90,17 +92,18 @@ def _exactly_one_noise_spec(
     return epsilon
 
 
-class SampleLevelPrivacy(_Strict):
-    mechanism: Literal["dp_sgd", "dp_sat", "dp_sat_momentum", "dp_sam"] = Field(
-        "dp_sgd",
-        description=(
-            "dp_sgd (Abadi et al.); dp_sat (perturb along the previous privatised gradient, "
-            "one private pass, no extra cost); dp_sat_momentum (along the previous "
-            "displacement); dp_sam (two private passes per step, accounted as such)."
-        ),
-    )
-    rho: float = Field(
-        0.03, gt=0, description="Perturbation radius ρ of dp_sat / dp_sat_momentum / dp_sam.")
+class SampleLevelPrivacy(VariantConfig):
+    """DP-SGD in every client: per-example clipping and Gaussian noise on the sum.
+
+    One class per mechanism (fedflat.scenario.variants), chosen by ``mechanism``; the keys
+    below are every mechanism's, a variant adds its own (``rho``), which are the
+    mechanism-specific arguments of its factory (``fedflat.privacy.mechanisms.DP_ORACLES``).
+    ``SampleLevelPrivacy(**block)`` returns the variant.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    mechanism: str
     participation_quantile: float = Field(
         0.99, gt=0, le=1,
         description=(
@@ -109,7 +112,6 @@ class SampleLevelPrivacy(_Strict):
             "participation would exceed ε is left out (logged as budget_exhausted)."
         ),
     )
-    """DP-SGD in every client: per-example clipping and Gaussian noise on the sum."""
 
     enabled: bool = Field(False, description="Train clients with DP-SGD.")
     noise_multiplier: float | None = Field(
@@ -179,6 +181,44 @@ class SampleLevelPrivacy(_Strict):
                 f"(got expected_batch_size={batch}, sampling_rate={value})"
             )
         return value
+
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The mechanism's own factory arguments (``rho``); the shared keys are not."""
+        return {k: getattr(self, k) for k in type(self).model_fields
+                if k not in SampleLevelPrivacy.model_fields}
+
+
+class DpSgd(SampleLevelPrivacy):
+    mechanism: Literal["dp_sgd"] = Field("dp_sgd", description="dp_sgd (Abadi et al.)")
+
+
+class _Perturbed(SampleLevelPrivacy):
+    """The sharpness-aware mechanisms: the private gradient at a perturbed point."""
+
+    rho: float = Field(0.03, gt=0, description="Perturbation radius ρ (L2, parameter units).")
+
+
+class DpSat(_Perturbed):
+    mechanism: Literal["dp_sat"] = Field(
+        "dp_sat", description="dp_sat (perturb along the previous privatised gradient, one "
+        "private pass, no extra cost)")
+
+
+class DpSatMomentum(_Perturbed):
+    mechanism: Literal["dp_sat_momentum"] = Field(
+        "dp_sat_momentum", description="dp_sat_momentum (along the previous displacement)")
+
+
+class DpSam(_Perturbed):
+    mechanism: Literal["dp_sam"] = Field(
+        "dp_sam", description="dp_sam (two private passes per step, accounted as such)")
+
+
+SampleLevelSpec = family(
+    SampleLevelPrivacy, label="mechanism", tag="mechanism", default="dp_sgd",
+    variants=(DpSgd, DpSat, DpSatMomentum, DpSam),
+)
+DP_MECHANISM_CONFIGS: dict[str, type[SampleLevelPrivacy]] = family_of(SampleLevelPrivacy).variants  # type: ignore[assignment]
 
 
 class AdaptiveClipping(_Strict):
@@ -313,8 +353,8 @@ class UserLevelPrivacy(_Strict):
 class PrivacyConfig(_Strict):
     """The ``privacy:`` block of a scenario."""
 
-    sample_level: SampleLevelPrivacy = Field(
-        default_factory=SampleLevelPrivacy,
+    sample_level: SampleLevelSpec = Field(
+        default_factory=DpSgd,
         description="Example-level DP-SGD inside clients (accounted per client).",
     )
     user_level: UserLevelPrivacy = Field(

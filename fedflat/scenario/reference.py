@@ -79,7 +79,8 @@ def iter_keys(
     """(key path, type, default, description) for every leaf key, depth first.
 
     A union tagged by a key (oracles by ``name``, codecs by ``codec``) gives
-    ``<block>.<tag>`` once and then each variant's own keys as ``<block> (<variant>).<key>``.
+    ``<block>.<tag>`` and the keys every variant takes once, then each variant's own keys
+    as ``<block> (<variant>).<key>``.
     """
     for name, fld in model.model_fields.items():
         key = f"{prefix}{name}"
@@ -92,9 +93,15 @@ def iter_keys(
             desc = " ".join(d for d in (fld.description, each and f"({each})") if d)
             yield (f"{key}.{tag}", f"one of {list(variants)}", repr(getattr(default, tag)),
                    desc.replace("\n", " "))
+            # Keys every variant takes (privacy.sample_level's epsilon, a codec's
+            # error_feedback) are listed once, then each variant's own.
+            shared = set.intersection(*(set(c.model_fields) for c in variants.values()))
+            first = next(iter(variants.values()))
+            yield from (row for row in iter_keys(first, f"{key}.")
+                        if row[0].split(".")[-1] in shared - {tag})
             for value, cls in variants.items():
                 yield from (row for row in iter_keys(cls, f"{key} ({value}).")
-                            if not row[0].endswith(f").{tag}"))
+                            if row[0].split(".")[-1] not in shared)
             continue
         sub = _submodel(fld.annotation)
         if sub is not None:

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedflat.scenario.adversarial import AdversarialConfig, adversarial_checks
-from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
+from fedflat.scenario.aggregation import AggregationSpec, MeanRule, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
 from fedflat.scenario.flower import FlowerConfig
@@ -23,8 +23,9 @@ from fedflat.scenario.local_rule import (
     SgdOracle,
     SwaConfig,
 )
+from fedflat.scenario.partition import LABEL_PARTITIONS, NaturalPartition, PartitionSpec
 from fedflat.scenario.personalization import PersonalizationConfig, personalization_checks
-from fedflat.scenario.privacy import PrivacyConfig, delta_problem
+from fedflat.scenario.privacy import DP_MECHANISM_CONFIGS, PrivacyConfig, delta_problem
 from fedflat.scenario.resources import resource_checks
 from fedflat.scenario.system import SystemConfig
 from fedflat.scenario.topology import TopologyConfig, topology_checks
@@ -68,31 +69,6 @@ class SyntheticConfig(Section):
         "uses a sample of eval.max_samples examples (10000 when unset).")
 
 
-class PartitionConfig(Section):
-    method: Literal[
-        "natural", "iid", "dirichlet_per_class", "dirichlet_per_client", "shards", "quantity_skew"
-    ] = Field("natural", description="How training samples are split across clients. "
-              "'natural' uses the dataset's own clients (synthetic devices, FEMNIST writers); "
-              "'dirichlet_per_class' = Dir(α·1_N) per class across clients (NIID-Bench, "
-              "ALGORITHMS.md §6.1); 'dirichlet_per_client' = a class prior per client "
-              "(Hsu et al. / FL-Simulator, §6.2); 'shards' = McMahan's label-sorted shards; "
-              "'quantity_skew' = log-normal client sizes with iid labels.")
-    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration α (see alpha_scale).")
-    alpha_scale: Literal["total_mass", "per_coordinate"] = Field(
-        "total_mass", description="dirichlet_per_client only: 'total_mass' = Dir(α·p), "
-        "per-class concentration α/C (Hsu et al., the FedSAM splits); 'per_coordinate' = "
-        "Dir(α·1_C) (FL-Simulator, FedDyn).")
-    min_size: int = Field(
-        10, ge=0,
-        description="dirichlet_per_class: resample until every client has this many samples.")
-    shards_per_client: int = Field(2, ge=1, description="shards: shards per client.")
-    quantity_sigma: float = Field(
-        1.0, ge=0, description="quantity_skew: log-normal sigma of client sizes (0 = balanced).")
-    allow_reuse: bool = Field(
-        False, description="dirichlet_per_client: reset exhausted class pools (duplicates samples, "
-        "as FL-Simulator).")
-
-
 class ShakespeareConfig(Section):
     stride: int = Field(
         1, ge=1, description="Step between the 80-character windows of a role's text "
@@ -114,7 +90,10 @@ class DataConfig(Section):
     num_clients: int = Field(
         100, ge=1,
         description="Number of clients N (synthetic devices, FEMNIST writers, or partitions).")
-    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    partition: PartitionSpec = Field(
+        default_factory=NaturalPartition,
+        description="How training samples are split across clients, chosen by method; each "
+        "partitioner takes only its own keys (listed per partitioner below). Default natural.")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     shakespeare: ShakespeareConfig = Field(default_factory=ShakespeareConfig)
 
@@ -183,7 +162,11 @@ class ServerConfig(Section):
     lr: float = Field(1.0, gt=0, description="Server learning rate η_g.")
     momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum β.")
     fedopt: FedOptConfig = Field(default_factory=FedOptConfig)
-    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
+    aggregation: AggregationSpec = Field(
+        default_factory=MeanRule,
+        description="Aggregation rule over the stacked client deltas, chosen by rule; each "
+        "rule takes only its own keys (listed per rule below); ALGORITHMS.md §5.1, "
+        "fedflat.server.rules. Default mean.")
     swa: SwaConfig = Field(default_factory=SwaConfig)
 
 
@@ -357,8 +340,8 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     if sc.data.partition.method == "natural" and sc.data.dataset in (
             "digits", "mnist", "fashion_mnist", "cifar10"):
         errors.append(("data.partition.method",
-                       f"dataset {sc.data.dataset!r} has no natural clients; choose iid, "
-                       "dirichlet_per_class, dirichlet_per_client, shards or quantity_skew"))
+                       f"dataset {sc.data.dataset!r} has no natural clients; choose one of "
+                       + ", ".join(LABEL_PARTITIONS)))
     for check in (check_aggregation(sc.server.aggregation, sc.server.clients_per_round),
                   check_attack(sc.attack, n)):
         if check:  # messages start with the full key path
@@ -408,7 +391,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             hint = ("set privacy.sample_level.mechanism: dp_sam (SAM's two passes, both "
                     "private)" if sam_like else "choose privacy.sample_level.mechanism")
             errors.append(("client.oracle.name", f"with sample-level DP the oracle is the DP "
-                           f"mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam), not "
+                           f"mechanism ({', '.join(DP_MECHANISM_CONFIGS)}), not "
                            f"{sc.client.oracle.name!r}: {hint}"))
     if sc.system.asynchronous is not None:
         if sc.system.asynchronous.buffer_size > n:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedflat.scenario.aggregation import N_CONDITIONS, AggregationConfig
+from fedflat.scenario.aggregation import N_CONDITIONS, RULE_CONFIGS
 
 # Columns per block when accumulating the float64 Gram matrix: bounds the temporary
 # float64 copy to n * 65536 * 8 bytes (52 MB for n = 100).
@@ -25,7 +25,9 @@ RuleState = dict[str, Tensor]
 
 
 def _default(name: str) -> Any:
-    return AggregationConfig.model_fields[name].default
+    """The scenario default of a rule parameter (from the rule config that declares it)."""
+    cls = next(c for c in RULE_CONFIGS.values() if name in c.model_fields)
+    return cls.model_fields[name].default
 
 
 def _require_int(name: str, value: Any, low: int) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
 from fedflat.rng import stream
@@ -21,15 +22,13 @@ from fedflat.scenario.aggregation import (
     NEEDS_NUM_BYZANTINE,
     PRE_NEEDS_NUM_BYZANTINE,
     RULE_PARAMETERS,
+    AggregationConfig,
     PreName,
     num_rule_inputs,
 )
 from fedflat.server.pipeline import Metrics, ServerRound, ServerStep
 from fedflat.server.rules.common import (
     RuleState,
-    _default,
-    _require_float,
-    _require_int,
     check_deltas,
     check_weights,
     mean,
@@ -40,7 +39,6 @@ from fedflat.server.rules.common import (
 )
 from fedflat.server.rules.coordinate import meamed, median, trimmed_mean
 from fedflat.server.rules.distance import (
-    KRUM_VARIANTS,
     bulyan,
     krum_select,
     mda,
@@ -50,7 +48,6 @@ from fedflat.server.rules.distance import (
 )
 from fedflat.server.rules.iterative import (
     caf_with_stats,
-    check_gm_params,
     checked_center,
     clip_iterations,
     weiszfeld,
@@ -100,43 +97,33 @@ def resolve_params(rule: str, params: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"rule {rule!r} takes parameters {list(allowed)}, got unknown {unknown}"
         )
-    p = {k: _default(k) for k in allowed if k != "pre"}
-    p.update(params)
-    if "bucketing" in pre and p["bucket_size"] is None:
-        raise ValueError("pre-aggregator 'bucketing' needs bucket_size, got None")
+    try:  # the bounds and conditions are the rule config's (fedflat.scenario.aggregation)
+        cfg = AggregationConfig.model_validate({"rule": rule, **params, "pre": pre})
+    except ValidationError as exc:
+        raise ValueError(_plain(exc)) from None
+    p = {k: getattr(cfg, k) for k in allowed if k != "pre"}
     if p["bucket_size"] is not None and "bucketing" not in pre:
         pre.append("bucketing")  # the bucket_size key alone: bucketing right before the rule
     p["pre"] = pre
-    if "clip" in pre:
-        p["clip_norm"] = _require_float(
-            "clip_norm", p.get("clip_norm"), low=0.0, strict=True
-        )
-    if "trusted_index" in p:
-        _require_int("trusted_index", p["trusted_index"], 0)
-    if needs_f:
-        if p["num_byzantine"] is None:
-            raise ValueError(
-                f"rule {rule!r} needs num_byzantine (the assumed f), got None"
-            )
-        _require_int("num_byzantine", p["num_byzantine"], 0)
-    if p.get("num_selected") is not None:
-        _require_int("num_selected", p["num_selected"], 1)
-    if "trim_ratio" in p:
-        p["trim_ratio"] = _require_float(
-            "trim_ratio", p["trim_ratio"], low=0.0, strict=False, high=0.5
-        )
-    if "nu" in p:
-        check_gm_params(p)
-    if "krum_variant" in p and p["krum_variant"] not in KRUM_VARIANTS:
-        raise ValueError(
-            f"krum_variant must be one of {list(KRUM_VARIANTS)}, got {p['krum_variant']!r}"
-        )
-    if "tau" in p:
-        p["tau"] = _require_float("tau", p["tau"], low=0.0, strict=True)
-        _require_int("iters", p["iters"], 1)
-    if p["bucket_size"] is not None:
-        _require_int("bucket_size", p["bucket_size"], 1)
     return p
+
+
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+
+
+def _plain(exc: ValidationError) -> str:
+    """A config error as the functions' callers read it: ``trim_ratio must be < 0.5, got 0.5``."""
+    out = []
+    for e in exc.errors():
+        key = ".".join(str(x) for x in e["loc"])
+        if e["type"] in _BOUNDS:
+            bound, sign = _BOUNDS[e["type"]]
+            out.append(f"{key} must be {sign} {e['ctx'][bound]}, got {e['input']!r}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            out.append(f"{key}: {msg}" if key else msg)
+    return "; ".join(out)
 
 
 # -------------------- dispatch
