@@ -92,7 +92,7 @@ def test_natural_dataset_share_is_the_datasets_own_test_data():
 def test_splits_are_determined_by_the_seed(mode):
     def splits(seed):
         fed = _fed(_digits(seed=seed, **{"eval.client_test": mode,
-                                         "data.partition.method": "iid"}))
+                                         "data.partition": {"method": "iid"}}))
         return fed.client_test.indices
 
     a, again, other = splits(1), splits(1), splits(2)
@@ -148,7 +148,7 @@ def test_personalization_and_per_client_score_the_same_examples(tmp_path, mode):
 
 # ---------------------------------------------------------------- bad input
 def test_too_small_client_for_a_holdout_is_one_line_before_the_run_folder(tmp_path):
-    sc = _digits(**{"data.num_clients": 1000, "data.partition.method": "iid",
+    sc = _digits(**{"data.num_clients": 1000, "data.partition": {"method": "iid"},
                     "eval.client_test": "local_holdout", "server.clients_per_round": 5})
     with pytest.raises(ScenarioError) as info:
         fedflat.run(sc, out=tmp_path / "run")
