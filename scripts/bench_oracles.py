@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from fedflat.client.oracle import Oracle, UpdateContext, plain
+from fedflat.client.oracle_base import Oracle, UpdateContext, plain
 from fedflat.client.oracles import asam, fedsmoo, fisher_sam, gam, lesam, sam, sam_on
 from fedflat.models import FlatModel, build_model
 from fedflat.rng import stream

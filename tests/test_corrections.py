@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from fedflat.client.correction import (
+from fedflat.client.local_corrections import (
     FEDDYN_GRAD,
     MOFEDSAM_STEPS_LR,
     PREV_STEPS_LR,
@@ -27,7 +27,7 @@ from fedflat.client.correction import (
     mofedsam,
     scaffold,
 )
-from fedflat.client.oracle import UpdateContext, plain
+from fedflat.client.oracle_base import UpdateContext, plain
 from fedflat.client.oracles import FEDSMOO_MU, FEDSMOO_S
 from fedflat.models import FlatModel
 from fedflat.rng import stream
@@ -40,7 +40,7 @@ from fedflat.scenario.local_rule import (
     OracleConfig,
     SwaConfig,
 )
-from fedflat.server.corrections import (
+from fedflat.server.correction_state import (
     feddyn_server,
     fedsmoo_server,
     prev_update_broadcast,

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedflat.client.oracle import UpdateContext, plain
+from fedflat.client.oracle_base import UpdateContext, plain
 from fedflat.client.oracles import (
     FEDSMOO_MU,
     FEDSMOO_S,

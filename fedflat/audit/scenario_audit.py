@@ -51,7 +51,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from fedflat.client.oracle import Batch, Metrics, Oracle, UpdateContext
+from fedflat.client.oracle_base import Batch, Metrics, Oracle, UpdateContext
 from fedflat.client.update import LocalRule, LocalSchedule, client_update
 from fedflat.client.uplink import UplinkContext, chain
 from fedflat.errors import FedflatError

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedflat.client.oracle import Batch, Oracle, UpdateContext
+from fedflat.client.oracle_base import Batch, Oracle, UpdateContext
 from fedflat.models.flat import FlatModel
 
 LossOfInput = Callable[[Tensor], Tensor]  # x -> mean loss (differentiable in x)

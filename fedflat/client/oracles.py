@@ -1,6 +1,6 @@
 """SAM-family gradient oracles (ALGORITHMS.md §2, §3.7, §3.8).
 
-Every oracle here follows the ``Oracle`` contract of ``fedflat.client.oracle``:
+Every oracle here follows the ``Oracle`` contract of ``fedflat.client.oracle_base``:
 ``grad(w, batch, state, gen, ctx) -> (loss, gradient, state, metrics)``. The flat
 parameters ``w`` are never mutated: a perturbed point is a *new* tensor ``w + ε`` handed
 to ``FlatModel.loss_grad``, so "restoring" ``w`` is exact (no subtraction of ε, no fp
@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fedflat.client.correction import PREV_GLOBAL_UPDATE, Correction
-from fedflat.client.oracle import Batch, Metrics, Oracle, UpdateContext, plain
+from fedflat.client.local_corrections import PREV_GLOBAL_UPDATE, Correction
+from fedflat.client.oracle_base import Batch, Metrics, Oracle, UpdateContext, plain
 from fedflat.models.flat import NORM_TYPES, FlatModel, Segment
 from fedflat.scenario.local_rule import (
     AsamOracle,
@@ -468,7 +468,7 @@ def lesam(*, rho: float, eps: float = 1e-12) -> Oracle:
     """FedLESAM: one pass at ``w + ε``, ε along the estimated *global* ascent direction.
 
     ``u = ctx.broadcast["prev_global_update"]`` is ``x_t − x_{t−1}`` (set by
-    ``fedflat.server.corrections.prev_update_broadcast``), so ``−u = x_{t−1} − x_t`` and
+    ``fedflat.server.correction_state.prev_update_broadcast``), so ``−u = x_{t−1} − x_t`` and
     ``ε = ρ (−u)/‖u‖``. ε is fixed for the whole client update and zero when ``u`` is
     missing (round 0) or zero.
 
@@ -552,7 +552,7 @@ def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
     ``μ_i ← μ_i + ε − s``; returns ``∇L(w + ε)``. ``s`` is read from
     ``ctx.broadcast["fedsmoo_s"]`` and ``μ_i`` from ``ctx.client_state["fedsmoo_mu"]``
     (zeros if absent). The model dual (``h_i``) is FedDyn's: combine with
-    ``fedflat.client.correction.feddyn(alpha=λ)`` and the server steps
+    ``fedflat.client.local_corrections.feddyn(alpha=λ)`` and the server steps
     ``feddyn_server`` + ``fedsmoo_server``.
 
     An ``Oracle`` has no end-of-update hook, so the final ``μ_i`` is handed to the

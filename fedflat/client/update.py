@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedflat.client.correction import Correction
+from fedflat.client.local_corrections import Correction
 from fedflat.client.optim import LocalOptimizer
-from fedflat.client.oracle import Oracle, UpdateContext
+from fedflat.client.oracle_base import Oracle, UpdateContext
 from fedflat.client.zeroth_order import ZOState
 
 

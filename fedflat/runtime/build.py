@@ -15,9 +15,9 @@ import torch
 
 from fedflat.attacks.byzantine import attack_step, byzantine_ids
 from fedflat.client.adversarial import adversarial_oracle
-from fedflat.client.correction import Correction, feddyn, fedprox, mofedsam, scaffold
+from fedflat.client.local_corrections import Correction, feddyn, fedprox, mofedsam, scaffold
 from fedflat.client.optim import LocalOptimizer, adam, sgd
-from fedflat.client.oracle import Oracle
+from fedflat.client.oracle_base import Oracle
 from fedflat.client.oracles import FedSmoo, build_oracle
 from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
@@ -41,7 +41,7 @@ from fedflat.scenario.local_rule import (
 )
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt
-from fedflat.server.corrections import (
+from fedflat.server.correction_state import (
     feddyn_server,
     fedsmoo_server,
     prev_update_broadcast,

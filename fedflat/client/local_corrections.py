@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fedflat.client.oracle import UpdateContext
+from fedflat.client.oracle_base import UpdateContext
 
 
 class Correction(NamedTuple):
@@ -74,7 +74,7 @@ def scaffold() -> Correction:
     actually taken and η the learning rate used, ``c_i⁺ = c_i − c + (x − y)/(K η)``;
     ``finish`` returns client state ``{"scaffold_ci": c_i⁺}`` and the uplink extra
     ``{"scaffold_dc": c_i⁺ − c_i}``. A client that took no step keeps ``c_i``
-    (``Δc_i = 0``). Pair with ``fedflat.server.corrections.scaffold_server``.
+    (``Δc_i = 0``). Pair with ``fedflat.server.correction_state.scaffold_server``.
 
     References:
         https://arxiv.org/abs/1910.06378 (ALGORITHMS.md §3.3).
@@ -116,7 +116,7 @@ def feddyn(*, alpha: float) -> Correction:
     ``ctx.client_state["feddyn_grad"]`` (zeros when absent). This is algebraically the
     FL-Simulator form ``∇L + α(y − x) + α H_i`` with ``H_i = Σ past Δ_i = −g_i/α``
     (ALGORITHMS.md §3.4). No uplink extra: the server step
-    ``fedflat.server.corrections.feddyn_server`` uses the deltas.
+    ``fedflat.server.correction_state.feddyn_server`` uses the deltas.
 
     Args:
         alpha: α > 0 (FL-Simulator reference 0.1; paper grid {0.1, 0.01, 0.001}).
@@ -153,7 +153,7 @@ def mofedsam(*, alpha: float) -> Correction:
     ``m = −u / (K η)_prev``: ``u = ctx.broadcast["prev_global_update"]`` (x_t − x_{t−1})
     and ``(K η)_prev = ctx.broadcast["prev_steps_lr"]``, the mean over the previous
     round's clients of local steps × learning rate. Both are broadcast by
-    ``fedflat.server.corrections.prev_update_broadcast``; this correction uplinks its
+    ``fedflat.server.correction_state.prev_update_broadcast``; this correction uplinks its
     own ``K η`` as the extra ``"mofedsam_steps_lr"`` (shape [1]) for that purpose.
     ``m = 0`` while no previous update exists (round 0), as in the reference. Put it
     *first* among the corrections so that α scales the oracle's (SAM) gradient only.
