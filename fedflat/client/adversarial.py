@@ -149,7 +149,8 @@ def adversarial_oracle(inner: Oracle, attack: PGD) -> Oracle:
         loss, g, state, m = inner.grad(w, (x_adv, y), state, gen, ctx)
         return loss, g, state, m
 
-    return Oracle(init=inner.init, grad=grad, passes=inner.passes + attack.steps)
+    return Oracle(init=inner.init, grad=grad, passes=inner.passes + attack.steps,
+                  finish=inner.finish)
 
 
 def robust_accuracy(model: FlatModel, w: Tensor, x: Tensor, y: Tensor, attack: PGD,
