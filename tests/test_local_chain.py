@@ -9,6 +9,7 @@ from torch import nn
 from fedflat.client.local_chain import (
     LOSS,
     LocalStep,
+    StepEnd,
     StepInput,
     chain,
     clip_grad,
@@ -84,9 +85,14 @@ def test_oracle_step_reports_the_batch_loss_and_ignores_the_incoming_gradient():
     assert step.passes == 1
 
 
-def test_step_names_are_unique():
+def test_step_names_are_unique_and_own_their_keys():
     with pytest.raises(ValueError, match="unique"):
         chain(fedprox(mu=0.1), fedprox(mu=0.2))
+    _, _, ctx = _problem()
+    twin = scaffold()._replace(name="scaffold_twin")
+    local = chain(oracle_step(plain()), scaffold(), twin)
+    with pytest.raises(ValueError, match="both return the client state 'scaffold_ci'"):
+        local.finish(local.init(ctx), StepEnd(ctx.x_global, 1, 0.1, ctx))
 
 
 def test_an_inserted_step_changes_nothing_else():

@@ -157,11 +157,23 @@ class LocalChain(NamedTuple):
 
     def finish(self, states: dict[str, Any], end: StepEnd) -> tuple[State, State]:
         """The client's new persistent state (its old one with every step's entries merged
-        in chain order) and the uplink extras."""
+        in chain order) and the uplink extras.
+
+        Raises:
+            ValueError: two steps return one client-state or extra key (one would silently
+                overwrite the other).
+        """
         client_state = dict(end.ctx.client_state)
         extras: State = {}
+        owner: dict[tuple[str, str], str] = {}
         for s in self.steps:
             new_state, ex = s.finish(states[s.name], end)
+            for kind, keys in (("client state", new_state), ("extra", ex)):
+                for k in keys:
+                    other = owner.setdefault((kind, k), s.name)
+                    if other != s.name:
+                        raise ValueError(f"local steps {other!r} and {s.name!r} both return "
+                                         f"the {kind} {k!r}")
             client_state.update(new_state)
             extras.update(ex)
         return client_state, extras
