@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedflat.client.oracle import UpdateContext
+from fedflat.client.oracle_base import UpdateContext
 from fedflat.models import FlatModel, build_model
 from fedflat.privacy.mechanisms import DPOracle, dp_sat, dp_sgd
 from fedflat.rng import stream

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from fedflat.client.oracle import Oracle, UpdateContext, plain
+from fedflat.client.oracle_base import Oracle, UpdateContext, plain
 from fedflat.client.oracles import asam, fedsmoo, fisher_sam, gam, lesam, sam, sam_on
 from fedflat.models import FlatModel, build_model
 from fedflat.rng import stream
@@ -39,7 +39,7 @@ def oracles(has_norm: bool) -> dict[str, Oracle]:
         "sam": sam(rho=0.05),
         "asam": asam(rho=0.5, eta=0.01),
         "fisher_sam": fisher_sam(rho=0.1, eta_f=1.0),
-        "fedsmoo": fedsmoo(rho=0.1).oracle,
+        "fedsmoo": fedsmoo(rho=0.1),
         "gam": gam(grad_rho=0.03, grad_norm_rho=0.2, beta0=0.1, beta1=0.1, gamma=0.05),
         "lesam": lesam(rho=0.5),
     }

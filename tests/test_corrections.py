@@ -15,19 +15,19 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from fedflat.client.correction import (
+from fedflat.client.local_chain import LocalStep, StepEnd, StepInput
+from fedflat.client.local_corrections import (
     FEDDYN_GRAD,
     MOFEDSAM_STEPS_LR,
     PREV_STEPS_LR,
     SCAFFOLD_C,
     SCAFFOLD_CI,
     SCAFFOLD_DC,
-    Correction,
     feddyn,
     mofedsam,
     scaffold,
 )
-from fedflat.client.oracle import UpdateContext, plain
+from fedflat.client.oracle_base import UpdateContext, plain
 from fedflat.client.oracles import FEDSMOO_MU, FEDSMOO_S
 from fedflat.models import FlatModel
 from fedflat.rng import stream
@@ -40,7 +40,7 @@ from fedflat.scenario.local_rule import (
     OracleConfig,
     SwaConfig,
 )
-from fedflat.server.corrections import (
+from fedflat.server.correction_state import (
     feddyn_server,
     fedsmoo_server,
     prev_update_broadcast,
@@ -50,6 +50,15 @@ from fedflat.server.pipeline import Pipeline, ServerRound, ServerStep
 
 torch.set_num_threads(1)
 D = 3
+
+
+def adjust(step: LocalStep, g, w, state, ctx):
+    """The corrected gradient of one local step at ``w`` (the batch is not read)."""
+    return step.update(g, state, StepInput(w, None, None, ctx))[0]
+
+
+def finish(step: LocalStep, y, steps, lr, state, ctx):
+    return step.finish(state, StepEnd(y, steps, lr, ctx))
 
 
 def half_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -96,7 +105,7 @@ def mean_and_fedavg() -> ServerStep:
 
 
 def simulate(
-    corrections: list[Correction],
+    corrections: list[LocalStep],
     server_steps: list[ServerStep],
     rounds: int,
     lr: float = 0.1,
@@ -131,11 +140,11 @@ def simulate(
             for _ in range(steps):
                 _, g, ostate, _ = oracle.grad(w, batch, ostate, gen, ctx)
                 for c, cs in zip(corrections, cstates, strict=True):
-                    g = c.adjust(g, w, cs, ctx)
+                    g = adjust(c, g, w, cs, ctx)
                 w = w - lr * g
             new_state, extra = dict(states[i]), {}
             for c, cs in zip(corrections, cstates, strict=True):
-                s_i, e_i = c.finish(w, steps, lr, cs, ctx)
+                s_i, e_i = finish(c, w, steps, lr, cs, ctx)
                 new_state.update(s_i)
                 extra.update(e_i)
             states[i] = new_state
@@ -202,14 +211,14 @@ def test_scaffold_adjust_and_option_two_update():
     corr = scaffold()
     st = corr.init(ctx)
     g = torch.tensor([3.0, 4.0])
-    torch.testing.assert_close(corr.adjust(g, x, st, ctx), g + c - ci)
+    torch.testing.assert_close(adjust(corr, g, x, st, ctx), g + c - ci)
     y = torch.tensor([0.0, 1.5])
-    new_state, extras = corr.finish(y, 4, 0.25, st, ctx)
+    new_state, extras = finish(corr, y, 4, 0.25, st, ctx)
     expected = ci - c + (x - y) / (4 * 0.25)
     torch.testing.assert_close(new_state[SCAFFOLD_CI], expected)
     torch.testing.assert_close(extras[SCAFFOLD_DC], expected - ci)
     # no step taken: c_i unchanged, Δc_i = 0
-    same, dc = corr.finish(x, 0, 0.25, st, ctx)
+    same, dc = finish(corr, x, 0, 0.25, st, ctx)
     assert torch.equal(same[SCAFFOLD_CI], ci)
     assert torch.equal(dc[SCAFFOLD_DC], torch.zeros(2))
 
@@ -219,7 +228,7 @@ def test_scaffold_is_identity_without_control_variates():
     ctx = ctx_for(x)
     corr = scaffold()
     g = torch.tensor([3.0, 4.0])
-    assert torch.equal(corr.adjust(g, x, corr.init(ctx), ctx), g)
+    assert torch.equal(adjust(corr, g, x, corr.init(ctx), ctx), g)
 
 
 def test_feddyn_adjust_and_dual_update():
@@ -229,8 +238,8 @@ def test_feddyn_adjust_and_dual_update():
     corr = feddyn(alpha=0.1)
     st = corr.init(ctx)
     w, g = torch.tensor([1.5, 1.0]), torch.tensor([2.0, 2.0])
-    torch.testing.assert_close(corr.adjust(g, w, st, ctx), g - gi + 0.1 * (w - x))
-    new_state, extras = corr.finish(w, 5, 0.1, st, ctx)
+    torch.testing.assert_close(adjust(corr, g, w, st, ctx), g - gi + 0.1 * (w - x))
+    new_state, extras = finish(corr, w, 5, 0.1, st, ctx)
     torch.testing.assert_close(new_state[FEDDYN_GRAD], gi - 0.1 * (w - x))
     assert extras == {}
     with pytest.raises(ValueError, match="alpha must be > 0"):
@@ -244,10 +253,10 @@ def test_mofedsam_mixes_in_the_normalised_previous_update():
     corr = mofedsam(alpha=0.1)
     g = torch.tensor([1.0, 1.0])
     expected = 0.1 * g - 0.9 * u / 2.0
-    torch.testing.assert_close(corr.adjust(g, x, corr.init(ctx), ctx), expected)
+    torch.testing.assert_close(adjust(corr, g, x, corr.init(ctx), ctx), expected)
     first = ctx_for(x)
-    torch.testing.assert_close(corr.adjust(g, x, corr.init(first), first), 0.1 * g)
-    _, extras = corr.finish(x, 8, 0.05, None, ctx)
+    torch.testing.assert_close(adjust(corr, g, x, corr.init(first), first), 0.1 * g)
+    _, extras = finish(corr, x, 8, 0.05, None, ctx)
     torch.testing.assert_close(extras[MOFEDSAM_STEPS_LR], torch.tensor([0.4]))
     broken = ctx_for(x, {"prev_global_update": u})
     with pytest.raises(ValueError, match="prev_steps_lr"):
@@ -334,7 +343,9 @@ def test_every_preset_validates_and_builds():
     smoo = build_local_rule(
         OracleConfig(name="fedsmoo"), CorrectionConfig(feddyn_alpha=0.1)
     )
-    assert len(smoo[1]) == 2
+    # FedSMOO's dual μ_i is the oracle's own state (its finish), no companion correction.
+    assert [c.name for c in smoo[1]] == ["feddyn"]
+    assert smoo[0].finish is not None
 
 
 def test_configs_reject_unknown_keys_and_bad_values():

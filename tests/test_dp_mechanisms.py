@@ -18,7 +18,7 @@ from scipy import stats
 from torch import nn
 
 from fedflat.client.optim import sgd
-from fedflat.client.oracle import UpdateContext, plain
+from fedflat.client.oracle_base import UpdateContext, plain
 from fedflat.client.update import LocalRule, LocalSchedule, batch_indices, client_update
 from fedflat.models import FlatModel, build_model
 from fedflat.privacy.mechanisms import (

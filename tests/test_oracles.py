@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedflat.client.oracle import UpdateContext, plain
+from fedflat.client.local_chain import StepEnd
+from fedflat.client.oracle_base import UpdateContext, plain
 from fedflat.client.oracles import (
     FEDSMOO_MU,
     FEDSMOO_S,
@@ -183,7 +184,7 @@ def test_sam_with_rho_zero_equals_plain_sgd_exactly():
         gam(grad_rho=0.1, grad_norm_rho=0.2, beta0=0.1, beta1=0.1, gamma=0.05),
         sam_on(rho=1.0),
         fisher_sam(rho=0.5),
-        fedsmoo(rho=0.5).oracle,
+        fedsmoo(rho=0.5),
     ],
     ids=["sam", "asam", "gam", "sam_on", "fisher_sam", "fedsmoo"],
 )
@@ -468,31 +469,29 @@ def test_lesam_without_a_global_direction_is_the_plain_gradient(broadcast):
 
 
 # --------------------------------------------------------------------------- FedSMOO
-def test_fedsmoo_corrects_the_ascent_and_carries_its_dual_to_the_correction():
+def test_fedsmoo_corrects_the_ascent_and_its_finish_returns_the_dual():
     prob = Problem()
     rho = 0.3
     rng = np.random.default_rng(7)
     mu0, s = rng.normal(size=5) * 0.1, rng.normal(size=5) * 0.1
-    pair = fedsmoo(rho=rho)
+    oracle = fedsmoo(rho=rho)
     ctx = prob.ctx(
         broadcast={FEDSMOO_S: torch.tensor(s, dtype=torch.float32)},
         client_state={FEDSMOO_MU: torch.tensor(mu0, dtype=torch.float32)},
     )
-    state = pair.oracle.init(ctx)
+    state = oracle.init(ctx)
     gen = stream(0, "client")
     w = prob.w.clone()
     w_np, mu = w.double().numpy(), mu0.copy()
     for _ in range(2):
-        _, g, state, _ = pair.oracle.grad(w, prob.batch, state, gen, ctx)
+        _, g, state, _ = oracle.grad(w, prob.batch, state, gen, ctx)
         g_hat = prob.grad(w_np) - (mu + s)
         e = rho * g_hat / np.linalg.norm(g_hat)
         mu = mu + e - s
         close(g, prob.grad(w_np + e), rtol=1e-4)
         w = w - 0.1 * g
         w_np = w.double().numpy()
-    assert torch.equal(pair.correction.adjust(g, w, (), ctx), g)
-    cstate = pair.correction.init(ctx)
-    new_state, extras = pair.correction.finish(w, 2, 0.1, cstate, ctx)
+    new_state, extras = oracle.finish(state, StepEnd(w, 2, 0.1, ctx))
     close(new_state[FEDSMOO_MU], mu, rtol=1e-4)
     assert torch.equal(extras[FEDSMOO_MU], new_state[FEDSMOO_MU])
 
@@ -526,7 +525,7 @@ def test_registry_builds_every_oracle_with_its_pass_count():
     for name, passes in expected.items():
         assert make_oracle(name, **params[name]).passes == passes
     assert set(ORACLE_NAMES) == {*expected, "fedsmoo"}
-    assert fedsmoo(rho=0.1).oracle.passes == 2
+    assert fedsmoo(rho=0.1).passes == 2
 
 
 def test_registry_rejects_unknown_names_and_parameters():
@@ -534,8 +533,8 @@ def test_registry_rejects_unknown_names_and_parameters():
         make_oracle("adam")
     with pytest.raises(ValueError, match="does not take"):
         make_oracle("sam", rho=0.1, eta=0.2)
-    with pytest.raises(ValueError, match="companion"):
-        make_oracle("fedsmoo", rho=0.1)
+    # FedSMOO's μ_i is its own state (an oracle with a finish), so it builds like the others.
+    assert make_oracle("fedsmoo", rho=0.1).finish is not None
     with pytest.raises(ValueError, match=r"rho must be >= 0, got -0\.1"):
         make_oracle("sam", rho=-0.1)
 

@@ -14,9 +14,9 @@ import torch
 import yaml
 from torch import nn
 
-from fedflat.client.correction import PREV_GLOBAL_UPDATE
+from fedflat.client.local_corrections import PREV_GLOBAL_UPDATE
 from fedflat.client.optim import sgd
-from fedflat.client.oracle import UpdateContext
+from fedflat.client.oracle_base import UpdateContext
 from fedflat.client.oracles import FEDSMOO_S, ORACLE_NAMES, ORACLE_REGISTRY
 from fedflat.client.update import LocalRule, LocalSchedule, client_update
 from fedflat.errors import ScenarioError

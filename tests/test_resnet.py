@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from fedflat.client.oracle import UpdateContext
+from fedflat.client.oracle_base import UpdateContext
 from fedflat.client.oracles import sam
 from fedflat.errors import ScenarioError
 from fedflat.models.flat import FlatModel

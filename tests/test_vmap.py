@@ -17,7 +17,7 @@ import torch
 from conftest import set_keys, tiny_scenario
 
 import fedflat
-from fedflat.client.correction import (
+from fedflat.client.local_corrections import (
     FEDDYN_GRAD,
     PREV_GLOBAL_UPDATE,
     PREV_STEPS_LR,

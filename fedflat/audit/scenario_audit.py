@@ -51,7 +51,7 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-from fedflat.client.oracle import Batch, Metrics, Oracle, UpdateContext
+from fedflat.client.oracle_base import Batch, Metrics, Oracle, UpdateContext
 from fedflat.client.update import LocalRule, LocalSchedule, client_update
 from fedflat.client.uplink import UplinkContext, chain
 from fedflat.errors import FedflatError
@@ -359,10 +359,9 @@ def _sample_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan,
     q_run = 1.0 if fault == "sample_every_step" else q
     audit_rule = LocalRule(
         oracle=recording(oracle, block, released), corrections=(),  # corrections post-process
-        optimizer=rule.optimizer,
+        optimizer=rule.optimizer, grad_clip=rule.grad_clip,
         schedule=LocalSchedule(batch_size=schedule.batch_size, epochs=None, steps=per_part,
-                               batching="poisson", grad_clip=schedule.grad_clip,
-                               sampling_rate=q_run))
+                               batching="poisson", sampling_rate=q_run))
 
     included = draw_inclusion(num_canaries, stream(sc.seed, "audit", 0))
     ds = fed.dataset

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedflat.client.oracle import Batch, Oracle, UpdateContext
+from fedflat.client.oracle_base import Batch, Oracle, UpdateContext
 from fedflat.models.flat import FlatModel
 
 LossOfInput = Callable[[Tensor], Tensor]  # x -> mean loss (differentiable in x)
@@ -149,7 +149,8 @@ def adversarial_oracle(inner: Oracle, attack: PGD) -> Oracle:
         loss, g, state, m = inner.grad(w, (x_adv, y), state, gen, ctx)
         return loss, g, state, m
 
-    return Oracle(init=inner.init, grad=grad, passes=inner.passes + attack.steps)
+    return Oracle(init=inner.init, grad=grad, passes=inner.passes + attack.steps,
+                  finish=inner.finish)
 
 
 def robust_accuracy(model: FlatModel, w: Tensor, x: Tensor, y: Tensor, attack: PGD,

@@ -1,6 +1,6 @@
 """SAM-family gradient oracles (ALGORITHMS.md §2, §3.7, §3.8).
 
-Every oracle here follows the ``Oracle`` contract of ``fedflat.client.oracle``:
+Every oracle here follows the ``Oracle`` contract of ``fedflat.client.oracle_base``:
 ``grad(w, batch, state, gen, ctx) -> (loss, gradient, state, metrics)``. The flat
 parameters ``w`` are never mutated: a perturbed point is a *new* tensor ``w + ε`` handed
 to ``FlatModel.loss_grad``, so "restoring" ``w`` is exact (no subtraction of ε, no fp
@@ -28,8 +28,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from fedflat.client.correction import PREV_GLOBAL_UPDATE, Correction
-from fedflat.client.oracle import Batch, Metrics, Oracle, UpdateContext, plain
+from fedflat.client.local_chain import StepEnd
+from fedflat.client.local_corrections import PREV_GLOBAL_UPDATE
+from fedflat.client.oracle_base import Batch, Metrics, Oracle, UpdateContext, plain
 from fedflat.models.flat import NORM_TYPES, FlatModel, Segment
 from fedflat.scenario.local_rule import (
     AsamOracle,
@@ -468,7 +469,7 @@ def lesam(*, rho: float, eps: float = 1e-12) -> Oracle:
     """FedLESAM: one pass at ``w + ε``, ε along the estimated *global* ascent direction.
 
     ``u = ctx.broadcast["prev_global_update"]`` is ``x_t − x_{t−1}`` (set by
-    ``fedflat.server.corrections.prev_update_broadcast``), so ``−u = x_{t−1} − x_t`` and
+    ``fedflat.server.correction_state.prev_update_broadcast``), so ``−u = x_{t−1} − x_t`` and
     ``ε = ρ (−u)/‖u‖``. ε is fixed for the whole client update and zero when ``u`` is
     missing (round 0) or zero.
 
@@ -533,40 +534,30 @@ def lesam(*, rho: float, eps: float = 1e-12) -> Oracle:
 
 
 # ----------------------------------------------------------------------------- FedSMOO
-class FedSmoo(NamedTuple):
-    """The two pieces of FedSMOO's client side: the oracle and its state carrier."""
-
-    oracle: Oracle
-    correction: Correction
-
-
 class _SmooState(NamedTuple):
     mu: Tensor  # client perturbation dual μ_i
     s: Tensor  # global perturbation s (fixed during the update)
 
 
-def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
+def fedsmoo(*, rho: float, eps: float = 1e-12) -> Oracle:
     """FedSMOO client: SAM with a dynamically corrected perturbation (two passes).
 
     Per step: ``g = ∇L(w)``; ``ĝ = g − (μ_i + s)``; ``ε = ρ ĝ/‖ĝ‖``;
     ``μ_i ← μ_i + ε − s``; returns ``∇L(w + ε)``. ``s`` is read from
     ``ctx.broadcast["fedsmoo_s"]`` and ``μ_i`` from ``ctx.client_state["fedsmoo_mu"]``
     (zeros if absent). The model dual (``h_i``) is FedDyn's: combine with
-    ``fedflat.client.correction.feddyn(alpha=λ)`` and the server steps
+    ``fedflat.client.local_corrections.feddyn(alpha=λ)`` and the server steps
     ``feddyn_server`` + ``fedsmoo_server``.
 
-    An ``Oracle`` has no end-of-update hook, so the final ``μ_i`` is handed to the
-    companion ``correction`` (whose ``adjust`` is the identity) through a holder shared
-    by the two closures and keyed by ``(ctx.round, ctx.client_id)``; its ``finish``
-    returns client state and uplink extras ``{"fedsmoo_mu": μ_i}``. Both pieces must
-    come from the same ``fedsmoo()`` call and be used in the same client update.
+    The final ``μ_i`` is the oracle's state; its ``finish`` returns client state and uplink
+    extras ``{"fedsmoo_mu": μ_i}`` (unchanged when no step was taken).
 
     Args:
         rho: ρ ≥ 0 (FL-Simulator reference: 0.1).
         eps: denominator guard (FL-Simulator: 1e-7).
 
     Returns:
-        ``FedSmoo(oracle, correction)``; the oracle has ``passes=2``.
+        An ``Oracle`` with ``passes=2`` and a ``finish``.
 
     References:
         Sun et al., Dynamic Regularized Sharpness Aware Minimization in Federated
@@ -575,7 +566,6 @@ def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
     """
     _require(rho >= 0, f"fedsmoo rho must be >= 0, got {rho}")
     _require(eps >= 0, f"fedsmoo eps must be >= 0, got {eps}")
-    latest: dict[tuple[int, int], Tensor] = {}
 
     def _start(ctx: UpdateContext, name: str, store: dict[str, Tensor]) -> Tensor:
         v = store.get(name)
@@ -584,12 +574,8 @@ def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
         return v.to(device=ctx.x_global.device, dtype=ctx.x_global.dtype)
 
     def init(ctx: UpdateContext) -> _SmooState:
-        state = _SmooState(
-            mu=_start(ctx, FEDSMOO_MU, ctx.client_state),
-            s=_start(ctx, FEDSMOO_S, ctx.broadcast),
-        )
-        latest[(ctx.round, ctx.client_id)] = state.mu
-        return state
+        return _SmooState(mu=_start(ctx, FEDSMOO_MU, ctx.client_state),
+                          s=_start(ctx, FEDSMOO_S, ctx.broadcast))
 
     def grad(
         w: Tensor,
@@ -606,23 +592,13 @@ def fedsmoo(*, rho: float, eps: float = 1e-12) -> FedSmoo:
         mu = state.mu + e - state.s
         loss_p, g_p = model.loss_grad(w + e, *batch)
         _restore_buffers(model, snap)
-        latest[(ctx.round, ctx.client_id)] = mu
         metrics = {"sam_loss_gap": _loss_gap(loss_p, loss)}
         return loss, g_p, _SmooState(mu=mu, s=state.s), metrics
 
-    def finish(
-        y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        mu = latest.pop((ctx.round, ctx.client_id), None)
-        if mu is None:  # the oracle never ran for this update: μ_i is unchanged
-            mu = _start(ctx, FEDSMOO_MU, ctx.client_state)
-        return {FEDSMOO_MU: mu}, {FEDSMOO_MU: mu}
+    def finish(state: _SmooState, end: StepEnd) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        return {FEDSMOO_MU: state.mu}, {FEDSMOO_MU: state.mu}
 
-    oracle = Oracle(init=init, grad=grad, passes=2)
-    correction = Correction(
-        init=lambda ctx: (), adjust=lambda g, w, state, ctx: g, finish=finish
-    )
-    return FedSmoo(oracle=oracle, correction=correction)
+    return Oracle(init=init, grad=grad, passes=2, finish=finish)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -630,7 +606,7 @@ class OracleEntry(NamedTuple):
     """An oracle's scenario config class and the factory its fields are the arguments of."""
 
     config: type[OracleConfig]
-    factory: Callable[..., Oracle | FedSmoo]
+    factory: Callable[..., Oracle]
 
 
 # The one table of oracles: the names are the configs' ``name`` literals, so the scenario
@@ -653,7 +629,7 @@ ORACLE_REGISTRY: dict[str, OracleEntry] = {
 ORACLE_NAMES: tuple[str, ...] = tuple(ORACLE_REGISTRY)
 
 
-def build_oracle(cfg: OracleConfig, **context: Any) -> Oracle | FedSmoo:
+def build_oracle(cfg: OracleConfig, **context: Any) -> Oracle:
     """Call the factory of ``cfg``'s oracle with the config's fields.
 
     Args:
@@ -663,7 +639,7 @@ def build_oracle(cfg: OracleConfig, **context: Any) -> Oracle | FedSmoo:
             dropped.
 
     Returns:
-        The ``Oracle``, or for ``fedsmoo`` the (oracle, correction) pair.
+        The ``Oracle``.
     """
     factory = ORACLE_REGISTRY[cfg.name].factory
     accepted = inspect.signature(factory).parameters
@@ -674,18 +650,11 @@ def build_oracle(cfg: OracleConfig, **context: Any) -> Oracle | FedSmoo:
 def make_oracle(name: str, **params: Any) -> Oracle:
     """Build a registered oracle by name with keyword hyperparameters.
 
-    Names: sgd, sam, asam, gam, sam_on, fisher_sam, lesam. (``fedsmoo`` returns an
-    oracle *and* a correction: call ``fedsmoo()`` directly or use
-    ``fedflat.scenario.local_rule.build_local_rule``.)
+    Names: sgd, sam, asam, gam, sam_on, fisher_sam, lesam, fedsmoo.
 
     Raises:
         ValueError: unknown name, unknown parameter, or a parameter out of range.
     """
-    if name == "fedsmoo":
-        raise ValueError(
-            "oracle 'fedsmoo' comes with a companion correction; call "
-            "fedflat.client.oracles.fedsmoo(rho=...) or build_local_rule()"
-        )
     entry = ORACLE_REGISTRY.get(name)
     if entry is None:
         raise ValueError(f"unknown oracle {name!r}; known: {sorted(ORACLE_NAMES)}")

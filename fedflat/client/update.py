@@ -1,7 +1,8 @@
 """One client update: local steps from the global model, returning a delta.
 
-The local rule is the composition oracle -> corrections -> base optimizer. The loop below
-never changes when an oracle (SAM, DP) or a correction (FedProx, SCAFFOLD) is added.
+The local rule is the local chain (``fedflat.client.local_chain``: oracle -> corrections ->
+gradient clip) followed by the base optimizer. The loop below never changes when an oracle
+(SAM, DP), a correction (FedProx, SCAFFOLD) or another step is added.
 Everything random comes from the generator of (seed, "client", round, client_id).
 """
 
@@ -14,9 +15,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fedflat.client.correction import Correction
+from fedflat.client.local_chain import (
+    LOSS,
+    ORACLE,
+    LocalChain,
+    LocalStep,
+    StepEnd,
+    StepInput,
+    chain,
+    clip_grad,
+    oracle_step,
+)
 from fedflat.client.optim import LocalOptimizer
-from fedflat.client.oracle import Oracle, UpdateContext
+from fedflat.client.oracle_base import Oracle, UpdateContext
 from fedflat.client.zeroth_order import ZOState
 
 
@@ -31,14 +42,12 @@ class LocalSchedule:
         batching: "shuffle" (the above) or "poisson" (each example joins each step's batch
             independently with probability batch_size / n; batches vary in size, may be empty,
             and are never resampled — what DP-SGD's accounting assumes).
-        grad_clip: optional global-norm clip of the final local gradient (FL-Simulator).
     """
 
     batch_size: int
     epochs: int | None = 1
     steps: int | None = None
     batching: str = "shuffle"
-    grad_clip: float | None = None
     sampling_rate: float | None = None  # poisson: fixed q instead of batch_size / n
 
     def rate(self, n: int) -> float:
@@ -58,12 +67,28 @@ class LocalSchedule:
 
 @dataclass(frozen=True)
 class LocalRule:
-    """The composed local rule of a client update."""
+    """The local rule of a client update: its chain's pieces, the base optimizer, the schedule.
+
+    Attributes:
+        oracle: the gradient oracle (the chain's first step, named ``"oracle"``).
+        corrections: the drift corrections, in the order they adjust the gradient.
+        optimizer: the base optimizer that moves the parameters by the chain's output.
+        schedule: local steps and batches.
+        grad_clip: optional global-norm clip of the corrected gradient (FL-Simulator's
+            ``clip_grad_norm_``), the chain's last step; None for none.
+    """
 
     oracle: Oracle
-    corrections: Sequence[Correction]
+    corrections: Sequence[LocalStep]
     optimizer: LocalOptimizer
     schedule: LocalSchedule
+    grad_clip: float | None = None
+
+    @property
+    def chain(self) -> LocalChain:
+        """oracle -> corrections -> clip, in the order the maths needs."""
+        clip = () if self.grad_clip is None else (clip_grad(self.grad_clip),)
+        return chain(oracle_step(self.oracle), *self.corrections, *clip)
 
 
 @dataclass
@@ -131,34 +156,26 @@ def client_update(
         gen: the client's generator for this round.
         max_steps: cap on local steps (partial work of a straggler), None for no cap.
     """
-    oracle, opt = rule.oracle, rule.optimizer
+    local, opt = rule.chain, rule.optimizer
     w = ctx.x_global.clone()
-    ostate = oracle.init(ctx)
-    cstates = [c.init(ctx) for c in rule.corrections]
+    states = local.init(ctx)
     opt_state = opt.init(w)
     loss_sum, steps, counted = 0.0, 0, 0
     metrics: dict[str, float] = {}
     for idx in batch_indices(len(y), rule.schedule, gen, max_steps):
-        loss, g, ostate, m = oracle.grad(w, (x[idx], y[idx]), ostate, gen, ctx)
-        for c, cs in zip(rule.corrections, cstates, strict=True):
-            g = c.adjust(g, w, cs, ctx)
-        if rule.schedule.grad_clip is not None:
-            g = g * (rule.schedule.grad_clip / g.norm().clamp_min(rule.schedule.grad_clip))
+        g, states, m = local.update(states, StepInput(w, (x[idx], y[idx]), gen, ctx))
         w, opt_state = opt.step(w, g, opt_state, lr)
         steps += 1
+        loss = m.pop(LOSS)
         if len(idx):
             loss_sum += float(loss)
             counted += 1
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + v
-    state = dict(ctx.client_state)
-    extras: dict[str, Tensor] = {}
-    for c, cs in zip(rule.corrections, cstates, strict=True):
-        new_state, ex = c.finish(w, steps, lr, cs, ctx)
-        state.update(new_state)
-        extras.update(ex)
+    state, extras = local.finish(states, StepEnd(w, steps, lr, ctx))
     metrics = {k: v / max(steps, 1) for k, v in metrics.items()}
     message: dict[str, Tensor] = {}
+    ostate = states[ORACLE]
     if isinstance(ostate, ZOState):  # a total per update, not a per-step mean
         message = ostate.message()
         metrics["zo_queries"] = float(ostate.queries)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedflat.client.correction import (
+from fedflat.client.local_corrections import (
     FEDDYN_GRAD,
     MOFEDSAM_STEPS_LR,
     PREV_GLOBAL_UPDATE,

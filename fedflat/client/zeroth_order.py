@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedflat.client.oracle import Batch, Oracle, UpdateContext
+from fedflat.client.oracle_base import Batch, Oracle, UpdateContext
 from fedflat.comm.codecs import HEADER_NBYTES
 
 SEED_BYTES = 8  # one int64 per local step

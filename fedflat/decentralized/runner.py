@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedflat.client.oracle import UpdateContext
+from fedflat.client.oracle_base import UpdateContext
 from fedflat.client.update import client_update
 from fedflat.comm.codecs import codec_from_config
 from fedflat.decentralized import topology as topo

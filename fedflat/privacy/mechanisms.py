@@ -1,6 +1,6 @@
 """Example-level DP gradient oracles: DP-SGD, DP-SAT, DP-SAT-momentum, DP-SAM.
 
-Every factory returns a ``DPOracle``, an ``fedflat.client.oracle.Oracle`` that also says
+Every factory returns a ``DPOracle``, an ``fedflat.client.oracle_base.Oracle`` that also says
 how many Gaussian releases it makes per local step and which noise multiplier the
 accountant must record. One private release (``private_gradient``) is, on a Poisson
 batch of expected size L (ALGORITHMS.md §4.1):
@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedflat.client.oracle import Batch, Metrics, Oracle, UpdateContext
+from fedflat.client.oracle_base import Batch, Metrics, Oracle, UpdateContext
 from fedflat.models.flat import FlatModel, Segment
 
 LAYER_SPLITS: tuple[str, ...] = ("equal", "numel")

@@ -15,10 +15,11 @@ import torch
 
 from fedflat.attacks.byzantine import attack_step, byzantine_ids
 from fedflat.client.adversarial import adversarial_oracle
-from fedflat.client.correction import Correction, feddyn, fedprox, mofedsam, scaffold
+from fedflat.client.local_chain import LocalStep
+from fedflat.client.local_corrections import feddyn, fedprox, mofedsam, scaffold
 from fedflat.client.optim import LocalOptimizer, adam, sgd
-from fedflat.client.oracle import Oracle
-from fedflat.client.oracles import FedSmoo, build_oracle
+from fedflat.client.oracle_base import Oracle
+from fedflat.client.oracles import build_oracle
 from fedflat.client.update import LocalRule, LocalSchedule
 from fedflat.client.uplink import UplinkChain, UplinkStep, chain, encode
 from fedflat.client.zeroth_order import zo_oracle
@@ -43,7 +44,7 @@ from fedflat.scenario.local_rule import (
 from fedflat.scenario.partition import PartitionConfig
 from fedflat.scenario.schema import Scenario
 from fedflat.server import optimizers as server_opt
-from fedflat.server.corrections import (
+from fedflat.server.correction_state import (
     feddyn_server,
     fedsmoo_server,
     prev_update_broadcast,
@@ -167,13 +168,11 @@ def initial_params(sc: Scenario, model: FlatModel) -> torch.Tensor:
 # client or server code)
 def local_rule_parts(
     oracle: OracleConfig, correction: CorrectionConfig, *, weight_decay: float = 0.0
-) -> tuple[Oracle, tuple[Correction, ...]]:
-    """The client's oracle and its corrections, in the order the loop applies them.
+) -> tuple[Oracle, tuple[LocalStep, ...]]:
+    """The client's oracle and its corrections, in the order the local chain applies them.
 
-    Order: mofedsam (scales the oracle's gradient by α, so it comes first), fedprox, the
-    FedSMOO state carrier, scaffold, feddyn. fedprox comes before the stateful ones
-    because its ``finish`` returns a copy of the whole old client state, which would
-    undo their updates under ``client_update``'s ``state.update(...)`` merge.
+    Order: mofedsam (scales the oracle's gradient by α, so it comes first), fedprox,
+    scaffold, feddyn (the vectorised engine applies them in this order too).
 
     Args:
         oracle: the oracle block.
@@ -181,15 +180,12 @@ def local_rule_parts(
         weight_decay: the client optimizer's weight decay (used by SAM when
             ``wd_in_perturbation``).
     """
-    corrections: list[Correction] = []
+    corrections: list[LocalStep] = []
     if correction.mofedsam_alpha is not None:
         corrections.append(mofedsam(alpha=correction.mofedsam_alpha))
     if correction.prox_mu is not None:
         corrections.append(fedprox(mu=correction.prox_mu))
     built = build_oracle(oracle, weight_decay=weight_decay)
-    if isinstance(built, FedSmoo):  # FedSMOO's state carrier rides with the corrections
-        corrections.append(built.correction)
-        built = built.oracle
     if correction.scaffold:
         corrections.append(scaffold())
     if correction.feddyn_alpha is not None:
@@ -279,7 +275,6 @@ def build_schedule(sc: Scenario) -> LocalSchedule:
         batch_size=(dp.expected_batch_size or c.batch_size) if dp.enabled else c.batch_size,
         epochs=c.local_epochs if c.local_steps is None else None,
         steps=c.local_steps,
-        grad_clip=c.grad_clip,
         batching="poisson" if dp.enabled else "shuffle",
         sampling_rate=dp.sampling_rate if dp.enabled else None,
     )
@@ -306,7 +301,7 @@ def build_local_rule(sc: Scenario) -> LocalRule:
     if sc.adversarial.enabled:  # outermost: every oracle (SAM, DP) sees the adversarial batch
         oracle = adversarial_oracle(oracle, sc.adversarial.train_attack())
     return LocalRule(oracle=oracle, corrections=corrections, optimizer=build_optimizer(sc),
-                     schedule=schedule)
+                     schedule=schedule, grad_clip=c.grad_clip)
 
 
 def client_lr(sc: Scenario, round_: int) -> float:

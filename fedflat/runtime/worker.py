@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fedflat.attacks.byzantine import flip_labels
-from fedflat.client.oracle import UpdateContext
+from fedflat.client.oracle_base import UpdateContext
 from fedflat.client.update import ClientResult, client_update
 from fedflat.client.uplink import BYTES_KEY, STATE_PREFIX, UplinkContext, state_key
 from fedflat.comm.codecs import fp32_nbytes

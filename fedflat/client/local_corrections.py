@@ -1,35 +1,27 @@
-"""Client-drift corrections: terms added to the oracle's gradient at every local step.
+"""Client-drift corrections: steps of the local chain that adjust the oracle's gradient.
 
-A correction is three pure functions. ``init`` builds its state from the update context
-(the global model, the client's persistent state, the server broadcast); ``adjust`` maps
-the oracle's gradient to the corrected one; ``finish`` returns the client's new
-persistent state and the extra vectors it sends to the server (e.g. SCAFFOLD's Δc_i).
+Each factory returns a ``fedflat.client.local_chain.LocalStep`` named after the method.
+``init`` builds its state from the update context (the global model, the client's
+persistent state, the server broadcast); ``update`` maps the gradient so far to the
+corrected one (the state is fixed during the update); ``finish`` returns the client's new
+persistent state and the extra vectors it sends to the server (e.g. SCAFFOLD's Δc_i). Their
+server halves are in ``fedflat.server.correction_state``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fedflat.client.oracle import UpdateContext
+from fedflat.client.local_chain import LocalStep, StepEnd, StepInput, StepMetrics
+from fedflat.client.oracle_base import UpdateContext
+
+Step = tuple[Tensor, Any, StepMetrics]
 
 
-class Correction(NamedTuple):
-    """init(ctx) -> state; adjust(g, w, state, ctx) -> g; finish(y, steps, lr, state, ctx)
-    -> (new client state, uplink extras)."""
-
-    init: Callable[[UpdateContext], Any]
-    adjust: Callable[[Tensor, Tensor, Any, UpdateContext], Tensor]
-    finish: Callable[
-        [Tensor, int, float, Any, UpdateContext],
-        tuple[dict[str, Tensor], dict[str, Tensor]],
-    ]
-
-
-def fedprox(*, mu: float) -> Correction:
+def fedprox(*, mu: float) -> LocalStep:
     """FedProx (Li et al., MLSys 2020): gradient of (mu/2)||y - x||^2 added to every step.
 
     References: https://arxiv.org/abs/1812.06127
@@ -37,13 +29,10 @@ def fedprox(*, mu: float) -> Correction:
     if mu < 0:
         raise ValueError(f"fedprox mu must be >= 0, got {mu}")
 
-    def adjust(g: Tensor, w: Tensor, state: Any, ctx: UpdateContext) -> Tensor:
-        return g.add(w - ctx.x_global, alpha=mu)
+    def update(g: Tensor, state: Any, at: StepInput) -> Step:
+        return g.add(at.w - at.ctx.x_global, alpha=mu), state, {}
 
-    def finish(y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext):
-        return {}, {}  # FedProx keeps no client state
-
-    return Correction(init=lambda ctx: (), adjust=adjust, finish=finish)
+    return LocalStep("fedprox", init=lambda ctx: (), update=update)  # keeps no client state
 
 
 # Names of the vectors the corrections below read and write (broadcast, client state,
@@ -65,7 +54,7 @@ def _like(ctx: UpdateContext, store: dict[str, Tensor], name: str) -> Tensor | N
     return v.to(device=ctx.x_global.device, dtype=ctx.x_global.dtype)
 
 
-def scaffold() -> Correction:
+def scaffold() -> LocalStep:
     """SCAFFOLD, option II (Karimireddy et al., ICML 2020), client side.
 
     Every step uses ``g + c − c_i``; ``c`` comes from ``ctx.broadcast["scaffold_c"]``
@@ -74,7 +63,7 @@ def scaffold() -> Correction:
     actually taken and η the learning rate used, ``c_i⁺ = c_i − c + (x − y)/(K η)``;
     ``finish`` returns client state ``{"scaffold_ci": c_i⁺}`` and the uplink extra
     ``{"scaffold_dc": c_i⁺ − c_i}``. A client that took no step keeps ``c_i``
-    (``Δc_i = 0``). Pair with ``fedflat.server.corrections.scaffold_server``.
+    (``Δc_i = 0``). Pair with ``fedflat.server.correction_state.scaffold_server``.
 
     References:
         https://arxiv.org/abs/1910.06378 (ALGORITHMS.md §3.3).
@@ -88,13 +77,12 @@ def scaffold() -> Correction:
         diff = (c if c is not None else 0.0) - (ci if ci is not None else 0.0)
         return c, ci, diff
 
-    def adjust(g: Tensor, w: Tensor, state: Any, ctx: UpdateContext) -> Tensor:
+    def update(g: Tensor, state: Any, at: StepInput) -> Step:
         diff = state[2]
-        return g if diff is None else g + diff
+        return (g if diff is None else g + diff), state, {}
 
-    def finish(
-        y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def finish(state: Any, end: StepEnd) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        y, steps, lr, ctx = end
         c, ci, _ = state
         ci_old = ci if ci is not None else torch.zeros_like(ctx.x_global)
         if steps <= 0 or lr <= 0:
@@ -105,10 +93,10 @@ def scaffold() -> Correction:
             ci_new = ci_new - c
         return {SCAFFOLD_CI: ci_new}, {SCAFFOLD_DC: ci_new - ci_old}
 
-    return Correction(init=init, adjust=adjust, finish=finish)
+    return LocalStep("scaffold", init=init, update=update, finish=finish)
 
 
-def feddyn(*, alpha: float) -> Correction:
+def feddyn(*, alpha: float) -> LocalStep:
     """FedDyn (Acar et al., ICLR 2021), client side, in the paper's form.
 
     Local objective ``L_i(y) − ⟨g_i, y⟩ + (α/2)‖y − x‖²``: every step uses
@@ -116,7 +104,7 @@ def feddyn(*, alpha: float) -> Correction:
     ``ctx.client_state["feddyn_grad"]`` (zeros when absent). This is algebraically the
     FL-Simulator form ``∇L + α(y − x) + α H_i`` with ``H_i = Σ past Δ_i = −g_i/α``
     (ALGORITHMS.md §3.4). No uplink extra: the server step
-    ``fedflat.server.corrections.feddyn_server`` uses the deltas.
+    ``fedflat.server.correction_state.feddyn_server`` uses the deltas.
 
     Args:
         alpha: α > 0 (FL-Simulator reference 0.1; paper grid {0.1, 0.01, 0.001}).
@@ -127,33 +115,27 @@ def feddyn(*, alpha: float) -> Correction:
     if not alpha > 0:
         raise ValueError(f"feddyn alpha must be > 0, got {alpha}")
 
-    def adjust(
-        g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext
-    ) -> Tensor:
-        out = torch.add(g, w - ctx.x_global, alpha=alpha)
-        return out if state is None else out.sub_(state)
+    def update(g: Tensor, state: Tensor | None, at: StepInput) -> Step:
+        out = torch.add(g, at.w - at.ctx.x_global, alpha=alpha)
+        return (out if state is None else out.sub_(state)), state, {}
 
-    def finish(
-        y: Tensor, steps: int, lr: float, state: Tensor | None, ctx: UpdateContext
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        gi = state if state is not None else torch.zeros_like(ctx.x_global)
-        return {FEDDYN_GRAD: gi - alpha * (y - ctx.x_global)}, {}
+    def finish(state: Tensor | None, end: StepEnd) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        x = end.ctx.x_global
+        gi = state if state is not None else torch.zeros_like(x)
+        return {FEDDYN_GRAD: gi - alpha * (end.y - x)}, {}
 
-    return Correction(
-        init=lambda ctx: _like(ctx, ctx.client_state, FEDDYN_GRAD),
-        adjust=adjust,
-        finish=finish,
-    )
+    return LocalStep("feddyn", init=lambda ctx: _like(ctx, ctx.client_state, FEDDYN_GRAD),
+                     update=update, finish=finish)
 
 
-def mofedsam(*, alpha: float) -> Correction:
+def mofedsam(*, alpha: float) -> LocalStep:
     """MoFedSAM's client momentum (Qu et al., ICML 2022, as FL-Simulator implements it).
 
     Every step uses ``α g + (1 − α) m`` with the momentum
     ``m = −u / (K η)_prev``: ``u = ctx.broadcast["prev_global_update"]`` (x_t − x_{t−1})
     and ``(K η)_prev = ctx.broadcast["prev_steps_lr"]``, the mean over the previous
     round's clients of local steps × learning rate. Both are broadcast by
-    ``fedflat.server.corrections.prev_update_broadcast``; this correction uplinks its
+    ``fedflat.server.correction_state.prev_update_broadcast``; this correction uplinks its
     own ``K η`` as the extra ``"mofedsam_steps_lr"`` (shape [1]) for that purpose.
     ``m = 0`` while no previous update exists (round 0), as in the reference. Put it
     *first* among the corrections so that α scales the oracle's (SAM) gradient only.
@@ -188,16 +170,13 @@ def mofedsam(*, alpha: float) -> Correction:
             return None
         return u * (-(1.0 - alpha) / kl)
 
-    def adjust(
-        g: Tensor, w: Tensor, state: Tensor | None, ctx: UpdateContext
-    ) -> Tensor:
+    def update(g: Tensor, state: Tensor | None, at: StepInput) -> Step:
         out = g * alpha
-        return out if state is None else out.add_(state)
+        return (out if state is None else out.add_(state)), state, {}
 
-    def finish(
-        y: Tensor, steps: int, lr: float, state: Any, ctx: UpdateContext
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        kl = torch.tensor([float(steps) * float(lr)], dtype=ctx.x_global.dtype)
-        return {}, {MOFEDSAM_STEPS_LR: kl.to(ctx.x_global.device)}
+    def finish(state: Any, end: StepEnd) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        x = end.ctx.x_global
+        kl = torch.tensor([float(end.steps) * float(end.lr)], dtype=x.dtype)
+        return {}, {MOFEDSAM_STEPS_LR: kl.to(x.device)}
 
-    return Correction(init=init, adjust=adjust, finish=finish)
+    return LocalStep("mofedsam", init=init, update=update, finish=finish)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fedflat.client.correction import (
+from fedflat.client.local_corrections import (
     MOFEDSAM_STEPS_LR,
     PREV_GLOBAL_UPDATE,
     PREV_STEPS_LR,

@@ -4,20 +4,24 @@ An oracle is a pair of pure functions (optax style). ``init`` builds the oracle'
 the start of one client update; ``grad`` evaluates the model (through ``FlatModel``) and
 returns the loss at the unperturbed point, the gradient to use, the new state and metrics.
 SAM-type oracles wrap the model's plain loss/gradient; DP oracles replace it with clipped,
-noised per-example gradients. Corrections (FedProx, SCAFFOLD, ...) and the base optimizer
-are separate pieces: ``client_update`` composes oracle -> corrections -> optimizer.
+noised per-example gradients. The oracle becomes the first step of the local chain
+(``fedflat.client.local_chain``: oracle -> corrections -> clip), whose output the base
+optimizer takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from fedflat.models.flat import FlatModel
+
+if TYPE_CHECKING:
+    from fedflat.client.local_chain import StepEnd
 
 Batch = tuple[Tensor, Tensor]  # (x, y); y is int64 class labels
 Metrics = dict[str, float]
@@ -53,9 +57,12 @@ class Oracle(NamedTuple):
 
     init(ctx) -> state
     grad(w, batch, state, gen, ctx) -> (loss, gradient, state, metrics)
+    finish(state, end) -> (client state entries, uplink extras)   # optional
 
     ``loss`` is the mean mini-batch loss at ``w`` (a 0-d tensor; NaN for an empty batch),
-    ``gradient`` a flat tensor like ``w``. ``w`` must not be mutated.
+    ``gradient`` a flat tensor like ``w``. ``w`` must not be mutated. ``finish`` (None: the
+    oracle keeps no persistent state) is that of the chain step the oracle becomes
+    (``fedflat.client.local_chain.oracle_step``).
     """
 
     init: Callable[[UpdateContext], Any]
@@ -64,6 +71,7 @@ class Oracle(NamedTuple):
         tuple[Tensor, Tensor, Any, Metrics],
     ]
     passes: int = 1  # forward+backward passes per step, for cost reports
+    finish: Callable[[Any, StepEnd], tuple[dict[str, Tensor], dict[str, Tensor]]] | None = None
 
 
 def plain() -> Oracle:
