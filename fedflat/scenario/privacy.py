@@ -33,6 +33,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from fedflat.scenario.diff2 import Diff2Block
+
 # δ is the probability that the ε guarantee fails outright: a mechanism that publishes each of
 # n protected records with probability δ is (0, δ)-DP and leaks n·δ of them on average. So δ
 # must be below 1/n for the n units the guarantee protects (the convention δ < 1/N of
@@ -91,14 +93,19 @@ def _exactly_one_noise_spec(
 
 
 class SampleLevelPrivacy(_Strict):
-    mechanism: Literal["dp_sgd", "dp_sat", "dp_sat_momentum", "dp_sam"] = Field(
+    mechanism: Literal["dp_sgd", "dp_sat", "dp_sat_momentum", "dp_sam", "diff2"] = Field(
         "dp_sgd",
         description=(
             "dp_sgd (Abadi et al.); dp_sat (perturb along the previous privatised gradient, "
             "one private pass, no extra cost); dp_sat_momentum (along the previous "
-            "displacement); dp_sam (two private passes per step, accounted as such)."
+            "displacement); dp_sam (two private passes per step, accounted as such); diff2 "
+            "(Murata & Suzuki 2023: full-batch clipped gradient differences with a full "
+            "gradient every diff2.period rounds, see the diff2 keys)."
         ),
     )
+    diff2: Diff2Block = Field(
+        default_factory=Diff2Block,
+        description="mechanism diff2 only: its period, difference clip and σ split.")
     rho: float = Field(
         0.03, gt=0, description="Perturbation radius ρ of dp_sat / dp_sat_momentum / dp_sam.")
     participation_quantile: float = Field(

@@ -15,6 +15,7 @@ from fedflat.scenario.adversarial import AdversarialConfig, adversarial_checks
 from fedflat.scenario.aggregation import AggregationConfig, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
+from fedflat.scenario.diff2 import diff2_checks
 from fedflat.scenario.flower import FlowerConfig
 from fedflat.scenario.local_rule import (
     CorrectionConfig,
@@ -337,6 +338,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     errors.extend(personalization_checks(sc))
     errors.extend(adversarial_checks(sc))
     errors.extend(zeroth_order_checks(sc))
+    errors.extend(diff2_checks(sc))
     if sc.server.clients_per_round > n and sc.topology.kind == "none":
         errors.append(("server.clients_per_round",
                        f"clients_per_round = {sc.server.clients_per_round} exceeds "
@@ -397,7 +399,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
             hint = ("set privacy.sample_level.mechanism: dp_sam (SAM's two passes, both "
                     "private)" if sam_like else "choose privacy.sample_level.mechanism")
             errors.append(("client.oracle.name", f"with sample-level DP the oracle is the DP "
-                           f"mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam), not "
+                           f"mechanism (dp_sgd, dp_sat, dp_sat_momentum, dp_sam, diff2), not "
                            f"{sc.client.oracle.name!r}: {hint}"))
     if sc.system.asynchronous is not None:
         if sc.system.asynchronous.buffer_size > n:
