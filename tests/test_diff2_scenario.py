@@ -171,6 +171,7 @@ def test_resume_mid_period_equals_uninterrupted(tmp_path):
                                        ).params)
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_ray_equals_serial_bit_for_bit(tmp_path, ray_session):
     sc = scenario(sigma=2.0, rounds=5, period=2)
@@ -205,7 +206,7 @@ def test_bad_combinations_are_refused_by_key(over, key):
 
 def test_personalization_is_refused_with_privacy():
     # The personalization check (any DP) names it first; DIFF2's own check agrees.
-    with pytest.raises(ScenarioError, match="personalization.method"):
+    with pytest.raises(ScenarioError, match=r"personalization\.method"):
         load_scenario(scenario(**{"personalization.method": "ditto"}))
 
 
@@ -226,5 +227,6 @@ def test_batch_smaller_than_a_client_is_one_line_exit_2_and_no_folder(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert "client.batch_size" in lines[0] and "s.yaml" in lines[0]
+    assert "client.batch_size" in lines[0]
+    assert "s.yaml" in lines[0]
     assert not out.exists() or not any(out.iterdir())
