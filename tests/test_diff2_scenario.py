@@ -230,3 +230,30 @@ def test_batch_smaller_than_a_client_is_one_line_exit_2_and_no_folder(tmp_path):
     assert "client.batch_size" in lines[0]
     assert "s.yaml" in lines[0]
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.slow  # five short fedflat runs (~10 s of CPU)
+def test_reproduce_diff2_quick_table(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce_diff2",
+                                                  REPO / "scripts" / "reproduce_diff2.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "t.md"
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 5  # header + GD + DP-GD + two DIFF2 rows
+    assert sum("(spent 1.000)" in r for r in rows) == 3  # equal ε: the same ledger
+
+
+def test_flower_front_ends_refuse_diff2(tmp_path):
+    pytest.importorskip("flwr")
+    from fedflat.flower.app import write_app
+    from fedflat.flower.simulate import simulate
+
+    for call in (lambda: simulate(scenario(), out=tmp_path / "sim"),
+                 lambda: write_app(scenario(), tmp_path / "app")):
+        with pytest.raises(ScenarioError, match=r"privacy\.sample_level\.mechanism"):
+            call()
+    assert not (tmp_path / "sim").exists()

@@ -138,3 +138,12 @@ def diff2_data_problem(sc: Scenario, client_sizes: Sequence[int]) -> tuple[str, 
                 f"{sc.client.batch_size} is below the largest client's {largest} records "
                 f"(set it to at least {largest})")
     return None
+
+
+def flower_problem(sc: Scenario) -> tuple[str, str] | None:
+    """(key, message) refusing DIFF2 on the Flower front ends (not validated there)."""
+    if not _on(sc):
+        return None
+    return ("privacy.sample_level.mechanism", "privacy.sample_level.mechanism 'diff2' is not "
+            "supported by the Flower front ends (its equality with the serial run is not "
+            "tested there); run it with 'fedflat run' (runtime.backend serial or ray)")
