@@ -1,8 +1,9 @@
 """DIFF2-GD vs DP-GD at equal ε through scenarios (Murata & Suzuki, ICML 2023).
 
 Usage:
-    python scripts/reproduce_diff2.py [--quick] [--seeds 0,1] [--epsilons 0.5,1,2]
-                                      [--rounds 60] [--clients 2] [--jobs 1]
+    python scripts/reproduce_diff2.py [--quick] [--seeds 0,1,2] [--epsilons 0.5,1,2]
+                                      [--rounds 100] [--clients 2] [--lr 0.25] [--period 10]
+                                      [--clip-diff 0.1] [--jobs 1]
                                       [--out results/diff2_table.md]
 
 Every run is ``fedflat.run`` of one scenario: sklearn digits (built in, fixed 80/20 split),
@@ -26,8 +27,9 @@ Direction to expect (the paper's Figs. 1–3, regression and classification with
 softplus MLP, squared loss, ε ∈ {3, 5}, hyperparameters tuned per method): DIFF2's train loss
 below DP-GD's at each ε, both above non-private GD.
 
-Budget: default R = 60 rounds, P = 2, seeds {0, 1}, ε ∈ {0.5, 1, 2}: 20 runs; ``--quick``:
-1 seed, 8 rounds, ε = 1 (5 runs, < 30 s).
+Budget: default R = 100 rounds, P = 2, seeds {0, 1, 2}, ε ∈ {0.5, 1, 2}: 30 runs of
+≈ 12 s of CPU each (≈ 7 min with ``--jobs 2`` on a loaded 2-core machine); ``--quick``:
+1 seed, 8 rounds, ε = 1 (5 runs, ≈ 10 s of CPU).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import fedflat  # noqa: E402
 from fedflat.sweep.results import mean_sd  # noqa: E402
 
 DELTA = 1e-5
-LR, C1, C2, PERIOD = 0.5, 1.0, 0.1, 10
+LR, C1, C2, PERIOD = 0.25, 1.0, 0.1, 10
 
 
 def base_scenario(seed: int, rounds: int, clients: int, lr: float) -> dict[str, Any]:
@@ -108,9 +110,9 @@ LABELS = {"gd": "non-private GD", "dp_gd": "DP-GD (dp_sgd, q = 1)",
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epsilons", default="0.5,1,2")
-    ap.add_argument("--rounds", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--period", type=int, default=PERIOD)
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "".join(f" --{k} {v}" for k, v in (("rounds", args.rounds), ("clients", args.clients),
                                            ("lr", args.lr), ("period", args.period),
                                            ("clip-diff", args.clip_diff))
-                if not args.quick and v != {"rounds": 60, "clients": 2, "lr": LR,
+                if not args.quick and v != {"rounds": 100, "clients": 2, "lr": LR,
                                             "period": PERIOD, "clip-diff": C2}[k])
     text = "\n".join([
         "# DIFF2 vs DP-GD at equal ε through scenarios (digits, MLP 64-32-10, full batch)",
