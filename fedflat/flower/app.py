@@ -23,6 +23,7 @@ import tomli_w
 
 import fedflat
 from fedflat.errors import FedflatError
+from fedflat.scenario.diff2 import flower_problem
 from fedflat.scenario.loader import dump_scenario, load_scenario
 from fedflat.scenario.schema import Scenario
 
@@ -179,6 +180,8 @@ def write_app(source: str | Path | dict[str, Any] | Scenario, folder: str | Path
         raise loaded.error("topology.kind", f"decentralized training (topology.kind: "
                            f"{sc.topology.kind}) has no server for Flower; run it with "
                            "'fedflat run' (serial backend)")
+    if (diff2 := flower_problem(sc)) is not None:
+        raise loaded.error(*diff2)
     if sc.flower.secagg:  # SecAgg+ apps: refuse what cannot run under it, by key
         from fedflat.flower.secagg_checks import check_secagg
 

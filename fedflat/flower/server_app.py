@@ -45,6 +45,7 @@ from fedflat.runtime.preflight import preflight
 from fedflat.runtime.round_loop import ClientState, LocalBackend, Mapped, Transport
 from fedflat.runtime.server_core import ServerCore
 from fedflat.runtime.worker import ClientJob, RoundPayload
+from fedflat.scenario.diff2 import flower_problem
 from fedflat.scenario.loader import LoadedScenario, dump_scenario, load_scenario
 from fedflat.scenario.schema import Scenario
 
@@ -143,6 +144,8 @@ def check_supported(loaded: LoadedScenario, settings: ServerSettings) -> None:
     if loaded.scenario.topology.kind != "none":  # a gossip run has no server to host
         raise ScenarioError("decentralized training (topology) has no server for Flower; run "
                             "it with 'fedflat run'", file="run config", key="topology.kind")
+    if (diff2 := flower_problem(loaded.scenario)) is not None:
+        raise ScenarioError(diff2[1], file="run config", key=diff2[0])
     block = getattr(loaded.scenario, "flower", None)  # a `flower:` scenario block, if any
     if settings.secagg or bool(getattr(block, "secagg", False)):
         from fedflat.flower.secagg_checks import check_secagg

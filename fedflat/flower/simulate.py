@@ -22,6 +22,7 @@ from fedflat.flower.client_app import ClientSettings, make_client_app
 from fedflat.flower.server_app import FlowerRunError, ServerSettings, make_server_app
 from fedflat.runtime.driver import RunResult, load_data, new_run_dir
 from fedflat.runtime.preflight import preflight
+from fedflat.scenario.diff2 import flower_problem
 from fedflat.scenario.loader import load_scenario
 from fedflat.scenario.schema import Scenario
 
@@ -98,6 +99,8 @@ def simulate(
         raise loaded.error("topology.kind", f"decentralized training (topology.kind: "
                            f"{sc.topology.kind}) has no server for Flower; run it with "
                            "'fedflat run' (serial backend)")
+    if (diff2 := flower_problem(sc)) is not None:
+        raise loaded.error(*diff2)
     use_secagg = bool(secagg) or bool(getattr(getattr(sc, "flower", None), "secagg", False))
     if use_secagg:  # refuse before Ray starts
         from fedflat.flower.secagg_checks import check_secagg

@@ -43,17 +43,37 @@ full round's noise stays in v for T rounds instead of averaging out as DP-GD's f
 does, and DIFF2 loses to DP-GD (measured in ``scripts/reproduce_diff2.py``).
 A non-private DIFF2 (σ = 0, no clipping) reduces to GD exactly, since
 v_r telescopes to the mean gradient at x_r.
+
+Through a scenario (``privacy.sample_level.mechanism: diff2``, :mod:`fedflat.scenario.diff2`)
+the same estimator runs as a federated round: client p (stateless) gets x_r and, in the
+server broadcast, x_{r−1} (:data:`PREV_PARAMS`), computes its per-record gradients on all its
+n_p records, and releases its clipped sum plus N(0, σ²C² I) (the noise is added by the
+client on its own sum, as DP-SGD's sample-level noise is, so each client's guarantee is
+about its own records and needs no trusted server), divided by n_p, as the gradient of one
+local SGD step. The server's sample-weighted mean of the deltas −η·release_p/n_p is
+−η·(1/N) Σ_p release_p; :func:`diff2_server` turns it into v_r (its state, v_{r−1}, is
+checkpointed with the pipeline) and hands −η·v_r to the server optimizer. Every client
+records one (σ1 or σ2, q = 1) step per round in its ledger. The total noise on v is the
+sum of the P clients' draws (variance P·σ²C²), where :func:`diff2_gd` adds one central
+draw: with one client the two coincide in distribution.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from fedflat.client.oracle_base import Batch, Metrics, Oracle, UpdateContext
 from fedflat.privacy.accountant import Accountant
+from fedflat.privacy.mechanisms import check_model, per_example_grads
+from fedflat.server.pipeline import ServerRound, ServerStep
+
+#: Broadcast key of x_{r−1}, the global model of the previous round (set by diff2_server).
+PREV_PARAMS = "diff2_prev_params"
 
 # Per-record gradient rows [N, d] of the loss at flat parameters w: the model's job.
 PerRecordGrads = Callable[[Tensor], Tensor]
@@ -154,3 +174,96 @@ def diff2_gd(grads: PerRecordGrads, w0: Tensor, cfg: Diff2Config, gen: torch.Gen
         prev = rows
         w = w - cfg.lr * v
     return w
+
+
+def release_sigmas(sigma: float, rounds: int, period: int, split: str) -> tuple[float, float]:
+    """(σ1, σ2) of full and difference releases from DP-GD's σ over ``rounds`` releases.
+
+    ``split`` "equal": (σ, σ); "rdp_half": :func:`split_sigma`. Either way the ledger's
+    Σ 1/σ_r² is R/σ², so ε equals DP-GD's (q = 1 Gaussian releases compose to one Gaussian
+    of multiplier (Σ 1/σ_r²)^(−1/2), under any exact accountant).
+    """
+    if split == "equal":
+        return sigma, sigma
+    if split == "rdp_half":
+        return split_sigma(sigma, rounds, period)
+    raise ValueError(f"diff2 sigma_split must be 'equal' or 'rdp_half', got {split!r}")
+
+
+def round_sigma(round_: int, sigmas: tuple[float, float], period: int) -> float:
+    """σ of round ``round_``'s release (σ1 on full rounds, σ2 on difference rounds)."""
+    return sigmas[0] if is_full_round(round_, period) else sigmas[1]
+
+
+def _rows(ctx: UpdateContext, w: Tensor, batch: Batch) -> tuple[Tensor, Tensor]:
+    """[n, d] per-record gradients at w (flat, segment order) and the [n] losses."""
+    x, y = batch
+    grads, losses = per_example_grads(ctx.model, w, x, y)
+    b = int(y.shape[0])
+    return torch.cat([grads[s.name].reshape(b, -1) for s in ctx.model.segments], 1), losses
+
+
+def diff2_oracle(*, clip_full: float, clip_diff: float, sigmas: tuple[float, float],
+                 period: int) -> Oracle:
+    """The client's DIFF2 release as the gradient of one full-batch local step.
+
+    Round r = ``ctx.round``: a full round releases Σ clip_C1(∇ℓ(x_r; z)) + N(0, σ1²C1² I),
+    a difference round Σ clip_C2(∇ℓ(x_r; z) − ∇ℓ(x_{r−1}; z)) + N(0, σ2²C2² I) with x_{r−1}
+    from ``ctx.broadcast[PREV_PARAMS]``; the sum runs over the batch, which must be all of
+    the client's records, and the returned gradient is the release / n_p. The noise is one
+    draw from the client's generator. Metrics: ``diff2_full_round`` (1 or 0),
+    ``dp_frac_clipped``, ``dp_grad_norm`` (mean per-record norm of what was clipped).
+    """
+    if not (clip_full > 0 and clip_diff > 0 and period >= 1 and min(sigmas) >= 0):
+        raise ValueError(f"diff2: need clips > 0, period >= 1, σ >= 0; got C1={clip_full}, "
+                         f"C2={clip_diff}, T={period}, σ={sigmas}")
+
+    def init(ctx: UpdateContext) -> None:
+        check_model(ctx.model)
+
+    def grad(w: Tensor, batch: Batch, state: Any, gen: torch.Generator,
+             ctx: UpdateContext) -> tuple[Tensor, Tensor, Any, Metrics]:
+        n = int(batch[1].shape[0])
+        if n != ctx.num_samples:
+            raise ValueError(f"diff2: client {ctx.client_id}'s batch has {n} of its "
+                             f"{ctx.num_samples} records; DIFF2 needs the full local batch")
+        rows, losses = _rows(ctx, w, batch)
+        full = is_full_round(ctx.round, period)
+        if not full:
+            prev = ctx.broadcast.get(PREV_PARAMS)
+            if prev is None:
+                raise ValueError(f"diff2: round {ctx.round} is a difference round but the "
+                                 "server sent no previous model")
+            rows = rows - _rows(ctx, prev, batch)[0]
+        clip, sigma = (clip_full, sigmas[0]) if full else (clip_diff, sigmas[1])
+        norms = rows.norm(dim=1)
+        total = clip_rows(rows, clip).sum(0)
+        if sigma > 0:
+            noise = torch.randn(total.shape, generator=gen, device=gen.device,
+                                dtype=total.dtype).to(total.device)
+            total = total.add_(noise, alpha=sigma * clip)
+        metrics = {"diff2_full_round": float(full),
+                   "dp_frac_clipped": float((norms > clip).float().mean()),
+                   "dp_grad_norm": float(norms.mean())}
+        return losses.detach().mean(), total / n, state, metrics
+
+    return Oracle(init=init, grad=grad, passes=1)
+
+
+def diff2_server(*, period: int, lr: Callable[[int], float]) -> ServerStep:
+    """Server step after the sample-weighted mean: the aggregate becomes −η_r·v_r.
+
+    The mean of the deltas −η_r·release_p/n_p (weights n_p) is −η_r·(v_r − v_{r−1}) on a
+    difference round and −η_r·v_r on a full one; the state is v_{r−1} (in gradient units,
+    so a decaying ``lr(r)`` is handled). Also broadcasts x_r as next round's x_{r−1}.
+    """
+
+    def apply(rnd: ServerRound, state: Tensor, gen: torch.Generator):
+        assert rnd.aggregate is not None  # noqa: S101 - placed after the rule
+        eta = lr(rnd.round)
+        step = rnd.aggregate / -eta
+        v = step if is_full_round(rnd.round, period) else state + step
+        out = rnd.with_(aggregate=-eta * v, broadcast={**rnd.broadcast, PREV_PARAMS: rnd.params})
+        return out, v, {"diff2/v_norm": float(v.norm())}
+
+    return ServerStep("diff2", init=torch.zeros_like, apply=apply)

@@ -21,6 +21,7 @@ from fedflat.client.update import LocalSchedule
 from fedflat.privacy.accountant import Accountant, epsilons
 from fedflat.privacy.accounting import noise_multiplier as calibrate
 from fedflat.privacy.client_noise import accounted_noise_multiplier
+from fedflat.privacy.diff2 import release_sigmas, round_sigma
 from fedflat.scenario.schema import Scenario
 
 
@@ -46,6 +47,7 @@ class PrivacyPlan:
     user_sigma: float | None = None  # z (or DP-FedSAM's σ) the mechanism applies
     user_sigma_accounted: float | None = None  # per round for the accountant (per_tensor: σ/√K)
     user_q: float = 0.0
+    diff2_sigmas: tuple[float, float] | None = None  # DIFF2: (σ1, σ2), one release per round
     clients: dict[int, Accountant] = field(default_factory=dict)
     user: Accountant | None = None
     notes: list[str] = field(default_factory=list)
@@ -63,18 +65,28 @@ class PrivacyPlan:
         p = self.scenario.privacy
         return Accountant(accountant=p.accountant, conversion=p.conversion)
 
-    def client_allowed(self, client_id: int, q: float, steps: int) -> bool:
+    def _sample_sigma(self, round_: int | None) -> float | None:
+        """σ the accountant records for round ``round_`` (DIFF2: full or difference)."""
+        if self.diff2_sigmas is None:
+            return self.sample_sigma_accounted
+        if round_ is None:
+            raise ValueError("DIFF2's ledger needs the round of each release")
+        return round_sigma(round_, self.diff2_sigmas, self.sample.diff2.period)
+
+    def client_allowed(self, client_id: int, q: float, steps: int,
+                       round_: int | None = None) -> bool:
         """Whether a client's next participation (``steps`` steps at rate q) fits its budget."""
         if not self.sample.enabled or self.sample.epsilon is None:
             return True
         acc = self.clients.get(client_id) or self._acc()
-        return not acc.would_exceed(self.sample_sigma_accounted, q, steps,
+        return not acc.would_exceed(self._sample_sigma(round_), q, steps,
                                     self.sample.epsilon, self.sample.delta)
 
-    def record_client(self, client_id: int, q: float, steps: int) -> None:
+    def record_client(self, client_id: int, q: float, steps: int,
+                      round_: int | None = None) -> None:
         if self.sample.enabled and steps > 0:
             acc = self.clients.setdefault(client_id, self._acc())
-            acc.step(self.sample_sigma_accounted, q, steps)
+            acc.step(self._sample_sigma(round_), q, steps)
 
     def round_allowed(self) -> bool:
         if not self.user_cfg.enabled or self.user_cfg.epsilon is None:
@@ -111,6 +123,9 @@ class PrivacyPlan:
             "sample_level": None if not self.sample.enabled else {
                 "mechanism": self.sample.mechanism, "noise_multiplier": self.sample_sigma,
                 "accounted_noise_multiplier": self.sample_sigma_accounted,
+                **({} if self.diff2_sigmas is None else {
+                    "diff2_noise_multipliers": {"full": self.diff2_sigmas[0],
+                                                "difference": self.diff2_sigmas[1]}}),
                 "epsilon_budget": self.sample.epsilon, "delta": self.sample.delta,
                 "epsilon_per_client": self.client_epsilons(num_clients).tolist()},
             "user_level": None if self.user is None else {
@@ -178,6 +193,15 @@ def resolve_privacy(sc: Scenario, client_sizes: np.ndarray, schedule: LocalSched
                 f"smallest client (n={n_min}, q={q:.4f}, {steps} steps × {parts} participations)")
         plan.sample_sigma = float(sigma)
         plan.sample_sigma_accounted = float(sigma) / math.sqrt(per_step)
+        if s.mechanism == "diff2":  # σ is DP-GD's over the rounds; the releases split it
+            d = s.diff2
+            plan.diff2_sigmas = release_sigmas(float(sigma), sc.server.rounds, d.period,
+                                               d.sigma_split)
+            plan.notes.append(
+                f"diff2: σ1={plan.diff2_sigmas[0]:.4f} on full releases (every {d.period} "
+                f"rounds, clip C1={s.clip_norm}), σ2={plan.diff2_sigmas[1]:.4f} on difference "
+                f"releases (clip C2={d.clip_diff}), sigma_split {d.sigma_split}: the ledger "
+                f"of {sc.server.rounds} full-batch releases at σ={sigma:.4f}")
         updates["sample_level"] = s.model_copy(update={"noise_multiplier": float(sigma)})
     if p.user_level.enabled:
         u = p.user_level

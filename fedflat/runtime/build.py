@@ -32,6 +32,7 @@ from fedflat.errors import DataError
 from fedflat.models.flat import FlatModel, Segment
 from fedflat.models.zoo import build_model
 from fedflat.privacy import central, client_noise
+from fedflat.privacy.diff2 import diff2_oracle, diff2_server, release_sigmas
 from fedflat.privacy.mechanisms import DP_ORACLES
 from fedflat.privacy.plan import expected_cohort
 from fedflat.rng import numpy_rng, stream
@@ -271,13 +272,23 @@ def build_schedule(sc: Scenario) -> LocalSchedule:
     """Local steps and batches; sample-level DP uses Poisson batches (never resampled)."""
     c = sc.client
     dp = sc.privacy.sample_level
+    poisson = dp.enabled and dp.mechanism != "diff2"  # DIFF2: one full batch, q = 1
     return LocalSchedule(
-        batch_size=(dp.expected_batch_size or c.batch_size) if dp.enabled else c.batch_size,
+        batch_size=(dp.expected_batch_size or c.batch_size) if poisson else c.batch_size,
         epochs=c.local_epochs if c.local_steps is None else None,
         steps=c.local_steps,
-        batching="poisson" if dp.enabled else "shuffle",
-        sampling_rate=dp.sampling_rate if dp.enabled else None,
+        batching="poisson" if poisson else "shuffle",
+        sampling_rate=dp.sampling_rate if poisson else None,
     )
+
+
+def diff2_sigmas(sc: Scenario) -> tuple[float, float]:
+    """(σ1, σ2) of DIFF2's full and difference releases from the resolved noise multiplier."""
+    dp = sc.privacy.sample_level
+    if dp.noise_multiplier is None:
+        raise ValueError("sample-level DP needs a resolved noise multiplier (resolve_privacy)")
+    return release_sigmas(dp.noise_multiplier, sc.server.rounds, dp.diff2.period,
+                          dp.diff2.sigma_split)
 
 
 def build_local_rule(sc: Scenario) -> LocalRule:
@@ -285,7 +296,10 @@ def build_local_rule(sc: Scenario) -> LocalRule:
     schedule = build_schedule(sc)
     oracle, corrections = local_rule_parts(c.oracle, c.correction, weight_decay=c.weight_decay)
     dp = sc.privacy.sample_level
-    if dp.enabled:
+    if dp.enabled and dp.mechanism == "diff2":
+        oracle = diff2_oracle(clip_full=dp.clip_norm, clip_diff=dp.diff2.clip_diff,
+                              sigmas=diff2_sigmas(sc), period=dp.diff2.period)
+    elif dp.enabled:
         if dp.noise_multiplier is None:
             raise ValueError("sample-level DP needs a resolved noise multiplier (resolve_privacy)")
         common = {"clip_norm": dp.clip_norm, "noise_multiplier": dp.noise_multiplier,
@@ -408,8 +422,9 @@ def staleness_scale() -> ServerStep:
 
 
 def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
-    """The server pipeline, in order: attack (replaces Byzantine rows) -> rule -> server
-    optimizer -> corrections' server steps (FedDyn, SCAFFOLD, FedSMOO, broadcasts) -> SWA."""
+    """The server pipeline, in order: attack (replaces Byzantine rows) -> rule -> [DIFF2's
+    estimator] -> server optimizer -> corrections' server steps (FedDyn, SCAFFOLD, FedSMOO,
+    broadcasts) -> SWA."""
     s = sc.server
     steps: list[ServerStep] = []
     byz = byzantine_clients(sc, num_clients)
@@ -428,6 +443,9 @@ def build_pipeline(sc: Scenario, num_clients: int) -> Pipeline:
         steps.append(rule_step(agg.rule, agg.rule_params(), weighting=agg.weighting))
         if asynchronous is not None and agg.weighting == "samples":
             steps.append(buffer_scale(asynchronous.buffer_size))
+    dp = sc.privacy.sample_level
+    if dp.enabled and dp.mechanism == "diff2":  # the mean of releases -> −η·v (then the optimizer)
+        steps.append(diff2_server(period=dp.diff2.period, lr=lambda t: client_lr(sc, t)))
     if s.optimizer == "fedavgm":
         steps.append(server_opt.fedavgm(lr=s.lr, momentum=s.momentum))
     elif s.optimizer in ("fedadam", "fedyogi", "fedadagrad"):

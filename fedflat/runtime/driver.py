@@ -445,7 +445,13 @@ class Runner:
                 for c, ok, k, p in zip(timing.client_ids, timing.completed, timing.steps_done,
                                        timing.planned_steps, strict=True) if ok]
         exhausted = [j.client_id for j in jobs
-                     if not self.plan.client_allowed(j.client_id, *timeline.dp_step(j))]
+                     if not self.plan.client_allowed(j.client_id, *timeline.dp_step(j),
+                                                     round_=t)]
+        if exhausted and self.plan.diff2_sigmas is not None:  # DIFF2 needs every client
+            s = self.rsc.privacy.sample_level
+            return RoundPlan(t, [], None, {}, stop=(
+                f"round {t} would exceed the sample-level budget ε={s.epsilon} (δ={s.delta}) "
+                f"of clients {exhausted}, and DIFF2 needs every client in every round"))
         jobs = [j for j in jobs if j.client_id not in exhausted]
         info: dict[str, Any] = {
             "participants": [int(c) for c in cohort],
@@ -464,7 +470,7 @@ class Runner:
             self.async_state = plan.async_state
         if self.rsc.privacy.enabled:
             for j in plan.jobs:
-                self.plan.record_client(j.client_id, *timeline.dp_step(j))
+                self.plan.record_client(j.client_id, *timeline.dp_step(j), round_=j.round)
             self.plan.record_round()
 
     def _finish_record(self, plan: RoundPlan, rec: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from fedflat.privacy.accounting import adaptive_clip_noise_split, rdp_epsilon_fl
 from fedflat.privacy.plan import PrivacyPlan, expected_cohort, resolve_privacy
 from fedflat.rng import numpy_rng
 from fedflat.runtime.build import FederatedData, build_schedule
+from fedflat.scenario.diff2 import diff2_data_problem
 from fedflat.scenario.loader import LoadedScenario
 from fedflat.scenario.privacy import UserLevelPrivacy, delta_problem
 from fedflat.scenario.schema import Scenario
@@ -70,6 +71,10 @@ def preflight(loaded: LoadedScenario, fed: FederatedData | None = None) -> Prefl
         problem = delta_problem(sc.privacy.sample_level.delta, n, "training examples")
         if problem:
             raise loaded.error("privacy.sample_level.delta", problem)
+    if fed is not None:
+        problem2 = diff2_data_problem(sc, fed.client_sizes().tolist())
+        if problem2:
+            raise loaded.error(*problem2)
     plan = _privacy_plan(loaded, fed, num_clients)
     if plan is not None:
         _check_adaptive_clipping(loaded, plan, num_clients)

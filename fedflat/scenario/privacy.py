@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from fedflat.scenario.diff2 import Diff2Block
 from fedflat.scenario.variants import VariantConfig, family, family_of
 
 # δ is the probability that the ε guarantee fails outright: a mechanism that publishes each of
@@ -214,9 +215,21 @@ class DpSam(_Perturbed):
         "dp_sam", description="dp_sam (two private passes per step, accounted as such)")
 
 
+class Diff2(SampleLevelPrivacy):
+    """DIFF2 is a round-level estimator, not a per-step DP oracle: fedflat.runtime.build
+    builds its client release and server step from ``diff2`` (not from DP_ORACLES)."""
+
+    mechanism: Literal["diff2"] = Field(
+        "diff2", description="diff2 (Murata & Suzuki 2023: full-batch clipped gradient "
+        "differences with a full gradient every diff2.period rounds, see the diff2 keys)")
+    diff2: Diff2Block = Field(
+        default_factory=Diff2Block,
+        description="Its period, difference clip and σ split.")
+
+
 SampleLevelSpec = family(
     SampleLevelPrivacy, label="mechanism", tag="mechanism", default="dp_sgd",
-    variants=(DpSgd, DpSat, DpSatMomentum, DpSam),
+    variants=(DpSgd, DpSat, DpSatMomentum, DpSam, Diff2),
 )
 DP_MECHANISM_CONFIGS: dict[str, type[SampleLevelPrivacy]] = family_of(SampleLevelPrivacy).variants  # type: ignore[assignment]
 

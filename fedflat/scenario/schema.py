@@ -15,6 +15,7 @@ from fedflat.scenario.adversarial import AdversarialConfig, adversarial_checks
 from fedflat.scenario.aggregation import AggregationSpec, MeanRule, check_aggregation
 from fedflat.scenario.attack import AttackConfig, check_attack
 from fedflat.scenario.comm import CommConfig
+from fedflat.scenario.diff2 import diff2_checks
 from fedflat.scenario.flower import FlowerConfig
 from fedflat.scenario.local_rule import (
     CorrectionConfig,
@@ -331,6 +332,7 @@ def cross_checks(sc: Scenario) -> list[tuple[str, str]]:
     errors.extend(personalization_checks(sc))
     errors.extend(adversarial_checks(sc))
     errors.extend(zeroth_order_checks(sc))
+    errors.extend(diff2_checks(sc))
     if sc.server.clients_per_round > n and sc.topology.kind == "none":
         errors.append(("server.clients_per_round",
                        f"clients_per_round = {sc.server.clients_per_round} exceeds "
