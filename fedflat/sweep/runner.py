@@ -61,6 +61,7 @@ class SweepRun:
     status: str = "pending"
     detail: str = ""
     resumed_from: int | None = None
+    reused: bool = False  # finished before this invocation and kept (fedflat.sweep.reuse)
 
     @property
     def name(self) -> str:
@@ -194,7 +195,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path | None = None, *,
         same = r.run_dir.exists() and same_run(r.run_dir, spec.scenario,
                                                run_overrides(spec, r.point, r.seed))
         if status in FINAL and same:
-            r.status = status
+            r.status, r.reused = status, True
         else:
             # Killed before its first checkpoint, or made by other code or from another
             # base scenario (reuse keys on both, see fedflat.sweep.reuse): start afresh.
