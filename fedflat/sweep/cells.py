@@ -78,6 +78,13 @@ class CellOutcome:
         return [f"{r.run_dir}: {r.status}" + (f": {r.detail}" if r.detail else "")
                 for r in self.failed]
 
+    def round_metrics(self) -> list[list[dict[str, Any]]]:
+        """Per finished run (in seed order), its training rounds' records of metrics.jsonl
+        (what ``fedflat.run`` returns as ``RunResult.metrics``)."""
+        from fedflat.report.tables import load_run, training_rounds
+
+        return [training_rounds(load_run(d).metrics) for d in self.finished]
+
     def wall_seconds(self) -> float:
         """The runs' own wall time (summary.json ``wall_seconds``), summed."""
         total = 0.0
