@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(out.problems), file=sys.stderr)
             return 1
         acc: dict[str, list[float]] = {"clean": [], "robust": []}
-        for run, metrics in zip(out.runs, out.round_metrics(), strict=True):
+        for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
             last = metrics[-1]
             acc["clean"].append(float(last["test_accuracy"]))
             acc["robust"].append(float(last["robust_test_accuracy"]))

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(out.problems), file=sys.stderr)
             return 1
         acc: dict[str, list[float]] = {}
-        for run, metrics in zip(out.runs, out.round_metrics(), strict=True):
+        for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
             last = metrics[-1]
             for key in ("consensus_distance", "test_accuracy", "node_test_accuracy_mean",
                         "node_test_accuracy_min", "bytes_per_edge", "spectral_gap"):

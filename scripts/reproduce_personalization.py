@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(out.problems), file=sys.stderr)
             return 1
         acc: dict[str, list[float]] = {}
-        for run, metrics in zip(out.runs, out.round_metrics(), strict=True):
+        for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
             last = metrics[-1]
             for key in ("client_test_accuracy", "personal_test_accuracy",
                         "personal_gain", "apfl_alpha_mean"):

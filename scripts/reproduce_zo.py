@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         acc: dict[int, list[float]] = {}
         up: list[float] = []
         queries: list[float] = []
-        for run in out.runs:
+        for run in out.finished_runs:
             rec = load_run(run.run_dir)
             metrics = training_rounds(rec.metrics)
             evals = [m for m in metrics if "test_accuracy" in m]

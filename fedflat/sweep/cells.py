@@ -58,9 +58,14 @@ class CellOutcome:
     error: str = ""
 
     @property
+    def finished_runs(self) -> list[SweepRun]:
+        """The runs that the tables count (completed, budget_exhausted), in seed order."""
+        return [r for r in self.runs if r.status in FINISHED]
+
+    @property
     def finished(self) -> list[Path]:
-        """Run folders that the tables count (completed, budget_exhausted)."""
-        return [r.run_dir for r in self.runs if r.status in FINISHED]
+        """The run folders of ``finished_runs``."""
+        return [r.run_dir for r in self.finished_runs]
 
     @property
     def failed(self) -> list[SweepRun]:
@@ -79,8 +84,8 @@ class CellOutcome:
                 for r in self.failed]
 
     def round_metrics(self) -> list[list[dict[str, Any]]]:
-        """Per finished run (in seed order), its training rounds' records of metrics.jsonl
-        (what ``fedflat.run`` returns as ``RunResult.metrics``)."""
+        """Per run of ``finished_runs``, its training rounds' records of metrics.jsonl (what
+        ``fedflat.run`` returns as ``RunResult.metrics``)."""
         from fedflat.report.tables import load_run, training_rounds
 
         return [training_rounds(load_run(d).metrics) for d in self.finished]
