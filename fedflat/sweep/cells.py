@@ -135,11 +135,13 @@ def validate_cells(jobs: Sequence[CellJob]) -> str | None:
     return None
 
 
-def run_cell(job: CellJob) -> CellOutcome:
-    """Run (or reuse, or resume) one cell's seeds; never raises, so a table keeps going."""
+def run_cell(job: CellJob, inline: bool = False) -> CellOutcome:
+    """Run (or reuse, or resume) one cell's seeds; never raises, so a table keeps going.
+    ``inline``: the runs in this process (``fedflat.sweep.launch.InlineLauncher``)."""
     t0 = time.perf_counter()
     try:
         spec = cell_spec(job)
+        spec.inline = inline
         index = job.folder / INDEX
         if index.is_file() and (job.folder / "runs").is_dir():
             # Which runs are kept is decided per run (fedflat.sweep.reuse); the folder is
@@ -154,8 +156,9 @@ def run_cell(job: CellJob) -> CellOutcome:
 def run_cells(jobs: Sequence[CellJob], *, parallel: int = 1,
               describe: Callable[[CellJob], str] = lambda j: str(j.key),
               log: Callable[[str], None] = print) -> list[CellOutcome]:
-    """Run the cells, ``parallel`` at a time (each run is its own process), one log line per
-    cell; outcomes in the order of ``jobs``."""
+    """Run the cells, one log line per cell; outcomes in the order of ``jobs``. One at a
+    time, the runs are made in this process; ``parallel`` > 1 runs that many cells at once,
+    each run its own ``fedflat run`` process."""
     n = len(jobs)
     done = 0
 
@@ -174,10 +177,10 @@ def run_cells(jobs: Sequence[CellJob], *, parallel: int = 1,
         log(f"[{done}/{n}] {what}: {len(out.runs)} runs ({out.reused} reused), final acc "
             f"{acc}{lam}, {out.seconds:.1f} s{bad}")
 
-    if parallel <= 1:
+    if parallel <= 1:  # in this process: small runs would mostly pay for imports
         outcomes = []
         for job in jobs:
-            outcomes.append(run_cell(job))
+            outcomes.append(run_cell(job, inline=True))
             report(outcomes[-1])
         return outcomes
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -305,7 +308,7 @@ def script_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default=None,
                     help="data folder (default: $FEDFLAT_DATA, else ../shared/data)")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="cells at a time (each run is its own process, one torch thread)")
+                    help="cells at a time (1: runs in this process; more: a process per run)")
     ap.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
                     help="draw each run's PNG plots (default: on, off with --quick)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

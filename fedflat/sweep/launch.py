@@ -57,6 +57,39 @@ class Launcher(Protocol):
     def close(self) -> None: ...
 
 
+class InlineLauncher:
+    """Each run in this process, one after another (``start`` returns when the run ends):
+    the same ``fedflat run`` / ``resume`` command through ``fedflat.cli.main``, without a
+    fresh interpreter's imports (several seconds of CPU per run, which dominate small runs).
+    One run at a time and from the main thread only (a run installs signal handlers); a
+    crash of one run is a crash of the caller, which is why sweeps default to subprocesses."""
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str]) -> int:
+        import contextlib
+
+        from fedflat.cli import main
+
+        args = cmd[cmd.index("fedflat.cli") + 1:]
+        with open(log, "a") as fh, contextlib.redirect_stdout(fh), \
+                contextlib.redirect_stderr(fh):
+            try:
+                return int(main(args) or 0)
+            except SystemExit as exc:  # argparse
+                return exc.code if isinstance(exc.code, int) else 1
+            except Exception as exc:  # the log says why, as a child's traceback would
+                print(f"error: {type(exc).__name__}: {exc}")
+                return 1
+
+    def poll(self, handle: int) -> int | None:
+        return handle
+
+    def interrupt(self, handles: list[int]) -> None:
+        pass  # nothing runs between calls
+
+    def close(self) -> None:
+        pass
+
+
 class SubprocessLauncher:
     """One child process per run, bound to the sweep (it dies with it on Linux)."""
 

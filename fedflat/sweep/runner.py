@@ -213,8 +213,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path | None = None, *,
 
 
 def _launcher(spec: SweepSpec) -> Any:
-    from fedflat.sweep.launch import RayLauncher, SubprocessLauncher
+    from fedflat.sweep.launch import InlineLauncher, RayLauncher, SubprocessLauncher
 
+    if spec.inline and not spec.ray:
+        return InlineLauncher()
     if not spec.ray:
         return SubprocessLauncher()
     address = load_scenario(spec.scenario, spec.sets).scenario.runtime.address
