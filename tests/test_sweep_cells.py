@@ -68,3 +68,33 @@ def test_cells_run_resume_and_rerun_what_changed(tmp_path):
     assert [len(o.finished) for o in third] == [2, 2]
     lr = load_scenario(third[1].finished[0] / "scenario.yaml").scenario.client.lr
     assert lr == pytest.approx(0.2)
+
+
+def test_inline_runs_equal_the_runs_made_directly(tmp_path):
+    """InlineLauncher: the sweep's own command in this process gives the metrics of the same
+    run made with fedflat.run (clock keys aside), and a rerun keeps it."""
+    import json
+
+    import yaml
+
+    import fedflat
+    from fedflat.sweep.runner import run_sweep
+    from fedflat.sweep.spec import SweepSpec
+
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(tiny_scenario(**{"server.rounds": 2,
+                                                    "output.plots": False})))
+    spec = SweepSpec(scenario=str(base), grid={"client.lr": [0.05]}, seeds=[0], inline=True)
+    (run,) = run_sweep(spec, tmp_path / "sw", echo=lambda _: None)
+    assert run.status == "completed"
+    direct = fedflat.run(str(base), overrides=run_overrides(spec, run.point, run.seed),
+                         out=tmp_path / "direct")
+    got = [m for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()
+           if (m := json.loads(x))["round"] >= 0]
+    clock = {"wall_seconds", "round_seconds"}
+    assert len(got) == len(direct.metrics) == 2
+    for a, b in zip(got, direct.metrics, strict=True):
+        assert {k: v for k, v in a.items() if k not in clock} == \
+            {k: v for k, v in b.items() if k not in clock}
+    (again,) = run_sweep(spec, tmp_path / "sw", echo=lambda _: None)
+    assert again.reused
