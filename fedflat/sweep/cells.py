@@ -29,7 +29,15 @@ import yaml
 from fedflat.errors import FedflatError
 from fedflat.scenario.loader import load_scenario
 from fedflat.sweep.reuse import normalised
-from fedflat.sweep.runner import FINISHED, INDEX, SweepRun, run_sweep
+from fedflat.sweep.runner import (
+    FINISHED,
+    INDEX,
+    SweepRun,
+    plan,
+    read_index,
+    run_sweep,
+    write_index,
+)
 from fedflat.sweep.spec import SweepSpec
 
 #: The keys a cell keeps against the sweep's forced ones (serial, no progress, no plots).
@@ -142,11 +150,11 @@ def run_cell(job: CellJob, inline: bool = False) -> CellOutcome:
     try:
         spec = cell_spec(job)
         spec.inline = inline
-        index = job.folder / INDEX
-        if index.is_file() and (job.folder / "runs").is_dir():
+        if (job.folder / INDEX).is_file() and \
+                read_index(job.folder).get("identity") != json.loads(json.dumps(spec.identity())):
             # Which runs are kept is decided per run (fedflat.sweep.reuse); the folder is
-            # the script's, so another --set or --plots only changes what reruns.
-            index.unlink()
+            # the script's, so another --plots only changes what reruns, not whether.
+            write_index(spec, job.folder, plan(spec, job.folder))
         runs = run_sweep(spec, job.folder, echo=lambda _: None)
         return CellOutcome(job, runs, time.perf_counter() - t0)
     except Exception as exc:  # a broken cell is reported in the table, the rest goes on
