@@ -17,7 +17,9 @@ federated adversarial training keeps robustness at a cost in clean accuracy): ro
 accuracy rises clearly over FedAvg, clean accuracy falls (a few points).
 
 Budgets: default 20 rounds, seeds {0, 1}: 6 runs, about a minute each on one core.
-``--quick``: 1 seed, 2 rounds, digits.
+``--quick``: 1 seed, 2 rounds, digits. Each method is a sweep over the seeds
+(``fedflat.sweep.cells``) in ``--out-dir/<dataset>-r<rounds>/<k>/``; finished runs of the same
+scenario and code revision are reused.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fedflat  # noqa: E402
+from fedflat.sweep.cells import CellJob, run_cells, validate_cells  # noqa: E402
 from fedflat.sweep.results import mean_sd  # noqa: E402
 
 EPS = 0.1
@@ -71,28 +72,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--dataset", default=None, choices=["mnist", "digits"])
     ap.add_argument("--out", default=str(REPO / "results" / "adversarial_table.md"))
+    ap.add_argument("--out-dir", default=str(REPO / "runs" / "reproduce_adversarial"),
+                    help="parent folder of the methods' sweep folders")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (
         [0] if args.quick else [0, 1])
     rounds = args.rounds or (2 if args.quick else 20)
     dataset = args.dataset or ("digits" if args.quick else "mnist")
     t0 = time.perf_counter()
+    folder = Path(args.out_dir) / f"{dataset}-r{rounds}"
+    jobs = [CellJob((name,), scenario(meth, seeds[0], rounds, dataset), {}, folder / str(k),
+                    tuple(seeds)) for k, (name, meth) in enumerate(METHODS.items())]
+    error = validate_cells(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     cells: dict[str, dict[str, list[float]]] = {}
     walls: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, meth in METHODS.items():
-            acc: dict[str, list[float]] = {"clean": [], "robust": []}
-            for seed in seeds:
-                t = time.perf_counter()
-                res = fedflat.run(scenario(meth, seed, rounds, dataset),
-                                  out=Path(tmp) / f"{len(cells)}_{seed}")
-                last = res.metrics[-1]
-                acc["clean"].append(float(last["test_accuracy"]))
-                acc["robust"].append(float(last["robust_test_accuracy"]))
-                walls.append(f"{name}/s{seed} {time.perf_counter() - t:.0f}")
-                print(f"{name} seed {seed}: clean {acc['clean'][-1]:.3f}, robust "
-                      f"{acc['robust'][-1]:.3f}", flush=True)
-            cells[name] = acc
+    for out in run_cells(jobs, describe=lambda j: j.key[0], log=lambda x: print(x, flush=True)):
+        if out.problems:
+            print("\n".join(out.problems), file=sys.stderr)
+            return 1
+        acc: dict[str, list[float]] = {"clean": [], "robust": []}
+        for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
+            last = metrics[-1]
+            acc["clean"].append(float(last["test_accuracy"]))
+            acc["robust"].append(float(last["robust_test_accuracy"]))
+            walls.append(f"{out.job.key[0]}/s{run.seed} {float(last.get('wall_seconds', 0)):.0f}")
+        cells[out.job.key[0]] = acc
     wall = time.perf_counter() - t0
     base, at = cells["FedAvg"], cells["FedAvg + PGD-AT"]
     d_rob = statistics.mean(at["robust"]) - statistics.mean(base["robust"])

@@ -16,9 +16,10 @@ Usage::
 
 Writes ``results/byzantine_table.md`` (and prints it): one table per split, one row per
 rule (± bucketing), one column per attack; each cell is the final test accuracy on the
-10 000 MNIST test images (mean ± sample std over seeds when there are several). Run
-folders go to ``--out-dir/<budget>/<split>/<rule>[_b2]/<attack>/seed<k>`` and completed
-ones are reused.
+10 000 MNIST test images (mean ± sample std over seeds when there are several). Each
+cell is a sweep over the seeds (``fedflat.sweep.cells``) in
+``--out-dir/<budget>/<split>/<rule>[_b2]/<attack>/`` (run folders ``runs/p000-s<k>``);
+finished runs of the same scenario and code revision are reused as ``fedflat sweep`` does.
 
 Default budget (all keys are scenario keys; ``--set`` overrides any of them):
 
@@ -95,19 +96,19 @@ closer to the Mean's no-attack accuracy than the rules alone.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-import reproduce_fedsam as common  # the sibling script holds the shared runner
-
-from fedflat.scenario.aggregation import PRE_NEEDS_NUM_BYZANTINE, RULE_SPECS, RuleSpec
-
-REPO = common.REPO
+from fedflat.scenario.aggregation import PRE_NEEDS_NUM_BYZANTINE, RULE_SPECS, RuleSpec  # noqa: E402
+from fedflat.sweep import cells  # noqa: E402
+from fedflat.sweep.cells import CellJob, CellOutcome  # noqa: E402
 
 RULES: tuple[str, ...] = (
     "mean", "median", "trimmed_mean", "krum", "geometric_median", "centered_clipping",
@@ -280,27 +281,23 @@ def build_mix_overrides(
 
 
 def build_mix_table(
-    outcomes: Sequence[common.Outcome],
+    outcomes: Sequence[CellOutcome],
     pairs: Sequence[tuple[str, str]],
     attacks: Sequence[str],
     seeds: Sequence[int],
 ) -> str:
     """Rows rule (+ pre), columns attack; the non-IID split."""
-    by_key: dict[tuple[str, str, str], list[Path]] = {}
-    for o in outcomes:
-        if o.status != "failed":
-            rule, pre, att, _ = o.job.key
-            by_key.setdefault((rule, pre, att), []).append(Path(o.job.run_dir))
+    by_key = {o.job.key: o.finished for o in outcomes}
     header = ["rule", *(MIX_ATTACK_LABELS[a] for a in attacks)]
     rows = []
     for rule, pre in pairs:
         row = [RULE_LABELS[rule] + MIX_PRE_LABELS[pre]]
         for att in attacks:
             dirs = by_key.get((rule, pre, att), [])
-            cell = common.seed_cell(dirs) if dirs else None
-            row.append(common.fmt_acc(cell, len(seeds)))
+            cell = cells.seed_cell(dirs) if dirs else None
+            row.append(cells.fmt_acc(cell, len(seeds)))
         rows.append(row)
-    return f"### {PARTITIONS['noniid']['label']}\n\n" + common.markdown_table(header, rows)
+    return f"### {PARTITIONS['noniid']['label']}\n\n" + cells.markdown_table(header, rows)
 
 
 def mix_document(
@@ -310,12 +307,12 @@ def mix_document(
     budget: str,
     seeds: Sequence[int],
     extra: dict[str, Any],
-    outcomes: Sequence[common.Outcome],
+    outcomes: Sequence[CellOutcome],
     elapsed: float,
 ) -> str:
     """The Markdown file of the mixing grid."""
-    failed = [o for o in outcomes if o.status == "failed"]
-    run_seconds = sum(float(o.extra.get("wall_seconds") or 0.0) for o in outcomes)
+    failed = [line for o in outcomes for line in o.problems]
+    run_seconds = sum(o.wall_seconds() for o in outcomes)
     keys = {**COMMON, **PARTITIONS["noniid"]["keys"], **MIX_BUDGETS[budget]["keys"], **extra}
     shown = ", ".join(
         f"`{k}={v}`"
@@ -327,8 +324,9 @@ def mix_document(
         "",
         f"Command: `{command}`",
         "",
-        f"Budget `{budget}`, seeds {', '.join(map(str, seeds))}; {len(outcomes)} runs "
-        f"({sum(o.status == 'reused' for o in outcomes)} reused, {len(failed)} failed); "
+        f"Budget `{budget}`, seeds {', '.join(map(str, seeds))}; "
+        f"{sum(len(o.runs) for o in outcomes)} runs "
+        f"({sum(o.reused for o in outcomes)} reused, {len(failed)} failed); "
         f"this invocation took {elapsed:.0f} s, the runs' own wall time sums to "
         f"{run_seconds:.0f} s.",
         "",
@@ -350,7 +348,7 @@ def mix_document(
     ]
     if failed:
         parts += ["", "Failed runs:", ""]
-        parts += [f"- {o.job.run_dir}: {o.message.splitlines()[0]}" for o in failed]
+        parts += [f"- {line}" for line in failed]
     return "\n".join(parts) + "\n"
 
 
@@ -385,7 +383,7 @@ def build_overrides(
 
 
 def build_tables(
-    outcomes: Sequence[common.Outcome],
+    outcomes: Sequence[CellOutcome],
     partitions: Sequence[str],
     rules: Sequence[str],
     bucketings: Sequence[str],
@@ -393,11 +391,7 @@ def build_tables(
     seeds: Sequence[int],
 ) -> str:
     """One Markdown table per split: rows rule (± bucketing), columns attack."""
-    by_key: dict[tuple[str, str, str, str], list[Path]] = {}
-    for o in outcomes:
-        if o.status != "failed":
-            part, rule, buck, att, _ = o.job.key
-            by_key.setdefault((part, rule, buck, att), []).append(Path(o.job.run_dir))
+    by_key = {o.job.key: o.finished for o in outcomes}
     blocks = []
     for part in partitions:
         header = ["rule", *(ATTACK_LABELS[a] for a in attacks)]
@@ -410,11 +404,11 @@ def build_tables(
                 row = [label]
                 for att in attacks:
                     dirs = by_key.get((part, rule, buck, att), [])
-                    cell = common.seed_cell(dirs) if dirs else None
-                    row.append(common.fmt_acc(cell, len(seeds)))
+                    cell = cells.seed_cell(dirs) if dirs else None
+                    row.append(cells.fmt_acc(cell, len(seeds)))
                 rows.append(row)
         blocks.append(
-            f"### {PARTITIONS[part]['label']}\n\n" + common.markdown_table(header, rows)
+            f"### {PARTITIONS[part]['label']}\n\n" + cells.markdown_table(header, rows)
         )
     return "\n\n".join(blocks)
 
@@ -426,12 +420,12 @@ def table_document(
     budget: str,
     seeds: Sequence[int],
     extra: dict[str, Any],
-    outcomes: Sequence[common.Outcome],
+    outcomes: Sequence[CellOutcome],
     elapsed: float,
 ) -> str:
     """The Markdown file: title, command, settings, the tables, notes."""
-    failed = [o for o in outcomes if o.status == "failed"]
-    run_seconds = sum(float(o.extra.get("wall_seconds") or 0.0) for o in outcomes)
+    failed = [line for o in outcomes for line in o.problems]
+    run_seconds = sum(o.wall_seconds() for o in outcomes)
     keys = {**COMMON, **BUDGETS[budget]["keys"], **extra}
     shown = ", ".join(
         f"`{k}={v}`"
@@ -443,8 +437,9 @@ def table_document(
         "",
         f"Command: `{command}`",
         "",
-        f"Budget `{budget}`, seeds {', '.join(map(str, seeds))}; {len(outcomes)} runs "
-        f"({sum(o.status == 'reused' for o in outcomes)} reused, "
+        f"Budget `{budget}`, seeds {', '.join(map(str, seeds))}; "
+        f"{sum(len(o.runs) for o in outcomes)} runs "
+        f"({sum(o.reused for o in outcomes)} reused, "
         f"{len(failed)} failed); "
         f"this invocation took {elapsed:.0f} s, the runs' own wall time sums to "
         f"{run_seconds:.0f} s.",
@@ -467,37 +462,35 @@ def table_document(
     ]
     if failed:
         parts += ["", "Failed runs:", ""]
-        parts += [f"- {o.job.run_dir}: {o.message.splitlines()[0]}" for o in failed]
+        parts += [f"- {line}" for line in failed]
     return "\n".join(parts) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the grid and write the tables; returns the exit code."""
-    import argparse
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = common.common_parser(__doc__.splitlines()[0])
+    ap = cells.script_parser(__doc__.splitlines()[0])
     ap.add_argument(
         "--rules",
-        type=lambda s: common.parse_list(s, RULES, "rule"),
+        type=lambda s: cells.parse_list(s, RULES, "rule"),
         default=list(RULES),
         help=f"subset of {', '.join(RULES)}",
     )
     ap.add_argument(
         "--attacks",
-        type=lambda s: common.parse_list(s, _ALL_ATTACKS, "attack"),
+        type=lambda s: cells.parse_list(s, _ALL_ATTACKS, "attack"),
         default=list(ATTACKS),
         help=f"subset of {', '.join(ATTACKS)} (mixing grid: {', '.join(MIX_ATTACKS)})",
     )
     ap.add_argument(
         "--partitions",
-        type=lambda s: common.parse_list(s, list(PARTITIONS), "partition"),
+        type=lambda s: cells.parse_list(s, list(PARTITIONS), "partition"),
         default=None,
         help="subset of iid, noniid (default both; --quick: noniid)",
     )
     ap.add_argument(
         "--bucketing",
-        type=lambda s: common.parse_list(s, list(BUCKETING), "bucketing"),
+        type=lambda s: cells.parse_list(s, list(BUCKETING), "bucketing"),
         default=list(BUCKETING),
         help="subset of off, on (s=2)",
     )
@@ -510,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument(
         "--pre",
-        type=lambda s: common.parse_list(s, list(MIX_PRE), "pre"),
+        type=lambda s: cells.parse_list(s, list(MIX_PRE), "pre"),
         default=list(MIX_PRE),
         help="mixing grid: subset of none, nnm, arc",
     )
@@ -523,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = args.seeds or list(BUDGETS[budget]["seeds"])
     partitions = args.partitions or list(BUDGETS[budget].get("partitions", PARTITIONS))
     try:
-        extra = common.parse_sets(args.sets)
+        extra = cells.parse_sets(args.sets)
     except argparse.ArgumentTypeError as exc:
         ap.error(str(exc))
     plots = args.plots if args.plots is not None else budget != "quick"
@@ -541,58 +534,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     )
-    data_dir = common.find_data_dir(args.data_dir)
+    data_dir = cells.find_data_dir(args.data_dir, REPO)
     if data_dir is None:
         print(
             "error: no data folder: set FEDFLAT_DATA or pass --data-dir",
             file=sys.stderr,
         )
         return 2
-    command = common.command_line(argv)
+    command = cells.command_line(argv, REPO)
 
+    # The grid: one cell per (split, rule, bucketing, attack), each a sweep over the seeds.
     jobs = []
-    for part in partitions:  # the split outermost: consecutive runs share the data
-        for s in seeds:
-            for rule in args.rules:
-                for buck in args.bucketing:
-                    for att in args.attacks:
-                        base, over = build_overrides(
-                            part,
-                            rule,
-                            buck,
-                            att,
-                            s,
-                            budget,
-                            run_keys,
-                            data_dir=data_dir,
-                        )
-                        folder = f"{rule}_b2" if BUCKETING[buck] else rule
-                        jobs.append(
-                            common.Job(
-                                (part, rule, buck, att, s),
-                                base,
-                                over,
-                                str(out_dir / part / folder / att / f"seed{s}"),
-                            )
-                        )
-    error = common.validate(jobs)
+    for part in partitions:
+        for rule in args.rules:
+            for buck in args.bucketing:
+                for att in args.attacks:
+                    base, over = build_overrides(part, rule, buck, att, seeds[0], budget,
+                                                 run_keys, data_dir=data_dir)
+                    folder = f"{rule}_b2" if BUCKETING[buck] else rule
+                    jobs.append(CellJob((part, rule, buck, att), base, over,
+                                        out_dir / part / folder / att, tuple(seeds)))
+    error = cells.validate_cells(jobs)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(
-        f"{len(jobs)} runs, budget {budget}, seeds {seeds}, "
-        f"run folders under {out_dir}",
-        flush=True,
-    )
+    print(f"{len(jobs) * len(seeds)} runs, budget {budget}, seeds {seeds}, "
+          f"sweep folders under {out_dir}", flush=True)
     t0 = time.perf_counter()
-    outcomes = common.run_jobs(
-        jobs,
-        parallel=args.jobs,
-        describe=lambda j: "{} {}{} {} seed {}".format(
-            j.key[0], j.key[1], " b2" if BUCKETING[j.key[2]] else "", j.key[3], j.key[4]
-        ),
-        log=lambda s: print(s, flush=True),
-    )
+    outcomes = cells.run_cells(
+        jobs, parallel=args.jobs,
+        describe=lambda j: "{} {}{} {}".format(j.key[0], j.key[1],
+                                               " b2" if BUCKETING[j.key[2]] else "", j.key[3]),
+        log=lambda s: print(s, flush=True))
     elapsed = time.perf_counter() - t0
     tables = build_tables(
         outcomes, partitions, args.rules, args.bucketing, args.attacks, seeds
@@ -611,13 +584,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(doc, end="")
     print(f"(written to {table_path})")
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    return 1 if any(o.problems for o in outcomes) else 0
 
 
 def main_mixing(args: Any, argv: Sequence[str]) -> int:
     """The mixing grid: run it and write ``results/byzantine_mixing_table.md``."""
-    import argparse
-
     budget = "quick" if args.quick else "full" if args.full else "default"
     seeds = args.seeds or list(MIX_BUDGETS[budget]["seeds"])
     explicit = [a for a in argv if a.startswith(("--rules", "--attacks"))]
@@ -631,7 +602,7 @@ def main_mixing(args: Any, argv: Sequence[str]) -> int:
               f"{list(MIX_ATTACKS)}", file=sys.stderr)
         return 2
     try:
-        extra = common.parse_sets(args.sets)
+        extra = cells.parse_sets(args.sets)
     except argparse.ArgumentTypeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -641,36 +612,32 @@ def main_mixing(args: Any, argv: Sequence[str]) -> int:
     table_path = Path(args.table or REPO / "results" / (
         "tmp/byzantine_mixing_table_quick.md" if budget == "quick"
         else "byzantine_mixing_table.md"))
-    data_dir = common.find_data_dir(args.data_dir)
+    data_dir = cells.find_data_dir(args.data_dir, REPO)
     if data_dir is None:
         print("error: no data folder: set FEDFLAT_DATA or pass --data-dir", file=sys.stderr)
         return 2
     pairs = mix_pairs(rules, args.pre)
     jobs = []
-    for s in seeds:
-        for rule, pre in pairs:
-            for att in attacks:
-                base, over = build_mix_overrides(rule, pre, att, s, budget, run_keys,
-                                                 data_dir=data_dir)
-                jobs.append(common.Job((rule, pre, att, s), base, over,
-                                       str(out_dir / f"{rule}_{pre}" / att / f"seed{s}")))
-    error = common.validate(jobs)
+    for rule, pre in pairs:
+        for att in attacks:
+            base, over = build_mix_overrides(rule, pre, att, seeds[0], budget, run_keys,
+                                             data_dir=data_dir)
+            jobs.append(CellJob((rule, pre, att), base, over,
+                                out_dir / f"{rule}_{pre}" / att, tuple(seeds)))
+    error = cells.validate_cells(jobs)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{len(jobs)} runs, mixing grid, budget {budget}, seeds {seeds}, run folders "
-          f"under {out_dir}", flush=True)
+    print(f"{len(jobs) * len(seeds)} runs, mixing grid, budget {budget}, seeds {seeds}, "
+          f"sweep folders under {out_dir}", flush=True)
     t0 = time.perf_counter()
-    outcomes = common.run_jobs(
-        jobs,
-        parallel=args.jobs,
-        describe=lambda j: "{} {} {} seed {}".format(*j.key),
-        log=lambda s: print(s, flush=True),
-    )
+    outcomes = cells.run_cells(jobs, parallel=args.jobs,
+                               describe=lambda j: "{} {} {}".format(*j.key),
+                               log=lambda s: print(s, flush=True))
     elapsed = time.perf_counter() - t0
     doc = mix_document(
         build_mix_table(outcomes, pairs, attacks, seeds),
-        command=common.command_line(argv),
+        command=cells.command_line(argv, REPO),
         budget=budget,
         seeds=seeds,
         extra=extra,
@@ -682,7 +649,7 @@ def main_mixing(args: Any, argv: Sequence[str]) -> int:
     print()
     print(doc, end="")
     print(f"(written to {table_path})")
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    return 1 if any(o.problems for o in outcomes) else 0
 
 
 if __name__ == "__main__":

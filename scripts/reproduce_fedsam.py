@@ -29,9 +29,12 @@ Usage::
     python scripts/reproduce_fedsam.py --set client.lr=0.02 --jobs 2 --out-dir runs/x
 
 Needs ``FEDFLAT_DATA`` (or ``--data-dir``) pointing at a folder with ``femnist/`` and
-``cifar10/``. Run folders go to ``--out-dir/<budget>/<dataset>/<method>/seed<k>``; a
-folder that already holds a completed run of the same resolved scenario is reused, so an
-interrupted sweep continues where it stopped and the table can be rebuilt for free.
+``cifar10/``. Each (data setting, method) cell is a sweep over the seeds
+(``fedflat.sweep.cells``) in ``--out-dir/<budget>/<dataset>/<method>/`` (run folders
+``runs/p000-s<k>``, indexed in ``sweep.json``); a run folder that already holds a finished
+run of the same resolved scenario, made by the same code revision, is reused exactly as
+``fedflat sweep`` reuses it, so an interrupted invocation continues where it stopped and
+the table can be rebuilt for free.
 
 Budgets (all: SGD without momentum, weight decay 4e-4, 1 local epoch, FedAvg server with
 η_g = 1 and sample-size weights, uniform sampling without replacement, the presets'
@@ -63,7 +66,7 @@ SCAFFOLD 0.17, FedLESAM 0.14. Summed over the 8 methods, 3 seeds and 3 data sett
 that is ~21 s per round index, plus ~5 s per run for data loading, evaluation, λ_max
 and plots: 100 rounds ≈ 2 100 + 360 s ≈ 41 min of CPU, about an hour of wall time
 with the machine shared (wall/CPU measured between 1.0 and 2.2). ``--jobs 2`` runs two
-runs at a time (same numbers: every random draw comes from the run's seeded streams).
+cells at a time (same numbers: every random draw comes from the run's seeded streams).
 
 What ALGORITHMS.md leads us to expect (directions, not numbers; the sources use other
 models and far longer budgets):
@@ -100,24 +103,31 @@ purpose (``--set client.oracle.rho=...`` changes them for every SAM-family metho
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import shlex
-import shutil
 import sys
 import time
-import traceback
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
-from multiprocessing import get_context
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fedflat.sweep.cells import (  # noqa: E402
+    CellJob,
+    CellOutcome,
+    command_line,
+    find_data_dir,
+    fmt_acc,
+    fmt_num,
+    markdown_table,
+    parse_list,
+    parse_sets,
+    run_cells,
+    script_parser,
+    seed_cell,
+    validate_cells,
+)
 
 #: Methods in table order; ``fedavg`` is the scenario without a preset.
 METHODS: tuple[str, ...] = (
@@ -330,318 +340,14 @@ def resolved(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return load_scenario(base, over).scenario.model_dump(mode="json")
 
 
-def normalised(stored: dict[str, Any]) -> dict[str, Any] | None:
-    """A stored ``scenario.yaml`` resolved again by the current schema, or None.
-
-    A run folder written before a key was added to the schema lacks that key; loading
-    it again fills the key's default, so it compares equal to a run written after. A
-    stored scenario the current schema rejects gives None.
-    """
-    from fedflat.errors import FedflatError
-    from fedflat.scenario.loader import load_scenario
-
-    try:
-        return load_scenario(stored).scenario.model_dump(mode="json")
-    except (FedflatError, ValueError, TypeError):
-        return None
-
-
-def _comparable(tree: dict[str, Any]) -> dict[str, Any]:
-    """``tree`` without the keys that do not change what a run computes."""
-    out = json.loads(json.dumps(tree, sort_keys=True, default=str))
-    out.pop("output", None)
-    if isinstance(out.get("data"), dict):
-        out["data"].pop("data_dir", None)
-    return out
-
-
-# ------------------------------------------------------------------------- running
-@dataclass(frozen=True)
-class Job:
-    """One run: where it goes and what it is."""
-
-    key: tuple[Any, ...]  # what the run is, e.g. (dataset, method, seed)
-    base: dict[str, Any]
-    over: dict[str, Any]
-    run_dir: str
-
-
-@dataclass
-class Outcome:
-    """What happened to one job."""
-
-    job: Job
-    status: str  # completed / reused / failed
-    seconds: float = 0.0
-    message: str = ""
-    final_accuracy: float | None = None
-    lambda_max: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def reusable(run_dir: Path, base: dict[str, Any], over: dict[str, Any]) -> bool:
-    """Whether ``run_dir`` holds a completed run of the same resolved scenario, made by the
-    same code revision (summary.json ``code_revision``)."""
-    from fedflat._version import code_revision
-
-    summary, stored = run_dir / "summary.json", run_dir / "scenario.yaml"
-    if not (summary.is_file() and stored.is_file()):
-        return False
-    try:
-        info = json.loads(summary.read_text())
-        old = yaml.safe_load(stored.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return False
-    if info.get("status") != "completed" or not isinstance(old, dict):
-        return False
-    if info.get("code_revision") != code_revision():  # a table never mixes code versions
-        return False
-    old = normalised(old)
-    return old is not None and _comparable(old) == _comparable(resolved(base, over))
-
-
-class LeanRuns:
-    """Make a long sweep of small runs cheaper, in this process only.
-
-    * ``cache_data``: keep the last loaded dataset (keyed by every argument of the
-      loader), so consecutive runs on the same data set and seed decode it once (the
-      CIFAR-10 subset takes ~1.5 s of CPU per load). Loaders return a frozen
-      ``Dataset`` that the runtime only indexes (copies), never writes.
-
-    It wraps the loaders of ``fedflat.data.datasets.DATASETS`` for the life of the
-    process (workers are separate processes and install their own); a renamed
-    registry only loses the saving, never changes a number. (Plots are switched off
-    with the scenario key ``output.plots`` instead.)
-    """
-
-    installed = False
-
-    @classmethod
-    def install(cls, *, cache_data: bool) -> None:
-        """Install once per process."""
-        if cls.installed:
-            return
-        cls.installed = True
-        if cache_data:
-            from fedflat.data import datasets
-
-            last: dict[str, Any] = {}
-
-            def memo(name: str, loader: Callable[..., Any]) -> Callable[..., Any]:
-                def load(
-                    data_dir: Any, seed: int, num_clients: int, options: dict[str, Any]
-                ) -> Any:
-                    key = json.dumps(
-                        [name, data_dir, seed, num_clients, options],
-                        sort_keys=True,
-                        default=str,
-                    )
-                    if last.get("key") != key:
-                        last.clear()  # drop the previous data set before loading
-                        last.update(
-                            key=key, value=loader(data_dir, seed, num_clients, options)
-                        )
-                    return last["value"]
-
-                return load
-
-            for name, loader in list(datasets.DATASETS.items()):
-                datasets.DATASETS[name] = memo(name, loader)
-
-
-def execute(job: Job, *, cache_data: bool = True) -> Outcome:
-    """Run one job (or reuse its folder); never raises, so a sweep keeps going."""
-    import torch
-
-    torch.set_num_threads(1)
-    LeanRuns.install(cache_data=cache_data)
-    import fedflat
-    from fedflat.report.tables import last_value, load_run
-
-    path = Path(job.run_dir)
-    t0 = time.perf_counter()
-    try:
-        if reusable(path, job.base, job.over):
-            status = "reused"
-        else:
-            if path.exists():
-                if not (path / "scenario.yaml").is_file() and any(path.iterdir()):
-                    raise RuntimeError(
-                        f"{path} exists and is not a run folder; not touching it"
-                    )
-                shutil.rmtree(path)  # an unfinished or outdated run of this script
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fedflat.run(job.base, overrides=job.over, out=path)
-            status = "completed"
-        rec = load_run(path)
-        accs = [
-            m["test_accuracy"]
-            for m in rec.metrics
-            if m.get("test_accuracy") is not None
-        ]
-        return Outcome(
-            job,
-            status,
-            time.perf_counter() - t0,
-            final_accuracy=accs[-1] if accs else None,
-            lambda_max=last_value(rec.metrics, "lambda_max"),
-            extra={"wall_seconds": rec.summary.get("wall_seconds")},
-        )
-    except Exception as exc:  # any failure: report it and go on with the sweep
-        msg = f"{type(exc).__name__}: {exc}"
-        if os.environ.get("REPRODUCE_TRACEBACK"):
-            msg += "\n" + traceback.format_exc()
-        return Outcome(job, "failed", time.perf_counter() - t0, message=msg)
-
-
-def run_jobs(
-    jobs: Sequence[Job],
-    *,
-    parallel: int,
-    describe: Callable[[Job], str],
-    log: Callable[[str], None] = print,
-) -> list[Outcome]:
-    """Run the jobs (``parallel`` processes at a time), one log line per finished run.
-
-    Jobs that share a data set and seed should be adjacent: each process keeps only the
-    last loaded data set (``LeanRuns``).
-    """
-    outcomes: list[Outcome] = []
-    n = len(jobs)
-
-    def report(k: int, out: Outcome) -> None:
-        what = describe(out.job)
-        if out.status == "failed":
-            log(f"[{k}/{n}] {what}: FAILED after {out.seconds:.1f} s: {out.message}")
-            return
-        acc = "–" if out.final_accuracy is None else f"{out.final_accuracy:.4f}"
-        lam = "" if out.lambda_max is None else f", λ_max {out.lambda_max:.2f}"
-        log(
-            f"[{k}/{n}] {what}: {out.status}, final acc {acc}{lam}, {out.seconds:.1f} s"
-        )
-
-    if parallel <= 1:
-        for k, job in enumerate(jobs, start=1):
-            out = execute(job)
-            outcomes.append(out)
-            report(k, out)
-        return outcomes
-    # spawn: a fresh interpreter per worker (no forked torch thread pools).
-    with ProcessPoolExecutor(
-        max_workers=parallel, mp_context=get_context("spawn")
-    ) as pool:
-        futures = [pool.submit(execute, job) for job in jobs]
-        for k, fut in enumerate(as_completed(futures), start=1):
-            out = fut.result()
-            outcomes.append(out)
-            report(k, out)
-    order = {j.run_dir: i for i, j in enumerate(jobs)}
-    outcomes.sort(key=lambda o: order[o.job.run_dir])
-    return outcomes
-
-
-# ------------------------------------------------------------------------- table
-@dataclass(frozen=True)
-class Cell:
-    """Statistics of one (row, column) over seeds."""
-
-    n: int
-    acc_mean: float
-    acc_std: float
-    lambda_mean: float
-
-
-def seed_cell(run_dirs: Sequence[Path]) -> Cell:
-    """Mean ± std (ddof=1) of the final accuracy and mean λ_max over the seed runs.
-
-    Uses ``fedflat.report.tables.aggregate_seeds``, which also checks that the runs
-    differ only in their seed (after resolving each stored scenario again with the
-    current schema, so that a key added to the schema between two runs does not split
-    them).
-
-    Raises:
-        RuntimeError: the runs do not form one seed group.
-    """
-    from fedflat.report.tables import aggregate_seeds, last_value, load_run
-
-    records = []
-    for p in run_dirs:
-        rec = load_run(p)
-        again = normalised(rec.scenario)
-        records.append(rec if again is None else replace(rec, scenario=again))
-    if not records:
-        return Cell(0, math.nan, math.nan, math.nan)
-    groups = aggregate_seeds(records, ddof=1)
-    if len(groups) != 1:
-        raise RuntimeError(
-            f"runs {[str(p) for p in run_dirs]} differ in more than their seed "
-            f"({len(groups)} groups)"
-        )
-    g = groups[0]
-    lams = [
-        x
-        for x in (last_value(r.metrics, "lambda_max") for r in records)
-        if x is not None
-    ]
-    lam = math.fsum(lams) / len(lams) if lams else math.nan
-    return Cell(g.n_measured, g.final_mean, g.final_std, lam)
-
-
-def fmt_acc(cell: Cell | None, want: int) -> str:
-    """``0.6123 ± 0.0101``; the seed count is appended when it is not ``want``."""
-    if cell is None or cell.n == 0 or not math.isfinite(cell.acc_mean):
-        return "–"
-    text = f"{cell.acc_mean:.4f}"
-    if math.isfinite(cell.acc_std):
-        text += f" ± {cell.acc_std:.4f}"
-    if cell.n != want:
-        text += f" (n={cell.n})"
-    return text
-
-
-def fmt_num(x: float | None, spec: str = ".2f") -> str:
-    """A number, or ``–`` when missing."""
-    return "–" if x is None or not math.isfinite(x) else format(x, spec)
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A GitHub-flavoured Markdown table; all columns but the first right-aligned."""
-    rows = [list(r) for r in rows]
-    widths = [max([len(h), *(len(r[j]) for r in rows)]) for j, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (
-            "| "
-            + " | ".join(
-                c.ljust(widths[0]) if j == 0 else c.rjust(widths[j])
-                for j, c in enumerate(cells)
-            )
-            + " |"
-        )
-
-    rule = (
-        "|"
-        + "|".join(
-            "-" * (w + 2) if j == 0 else "-" * (w + 1) + ":"
-            for j, w in enumerate(widths)
-        )
-        + "|"
-    )
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
 def build_table(
-    outcomes: Sequence[Outcome],
+    outcomes: Sequence[CellOutcome],
     datasets: Sequence[str],
     methods: Sequence[str],
     seeds: Sequence[int],
 ) -> str:
     """One row per method; per data setting the accuracy cell and the λ_max cell."""
-    by_key: dict[tuple[str, str], list[Path]] = {}
-    for o in outcomes:
-        if o.status != "failed":
-            ds, m, _ = o.job.key
-            by_key.setdefault((ds, m), []).append(Path(o.job.run_dir))
+    by_key = {o.job.key: o.finished for o in outcomes}
     header = ["method"]
     for ds in datasets:
         header += [f"{DATASETS[ds]['label']} acc", f"{DATASETS[ds]['label']} λ_max"]
@@ -692,19 +398,20 @@ def table_document(
     datasets: Sequence[str],
     seeds: Sequence[int],
     extra: dict[str, Any],
-    outcomes: Sequence[Outcome],
+    outcomes: Sequence[CellOutcome],
     elapsed: float,
 ) -> str:
     """The Markdown file: title, command, settings, the table, notes."""
-    failed = [o for o in outcomes if o.status == "failed"]
-    run_seconds = math.fsum(float(o.extra.get("wall_seconds") or 0.0) for o in outcomes)
+    failed = [line for o in outcomes for line in o.problems]
+    run_seconds = math.fsum(o.wall_seconds() for o in outcomes)
+    n_runs = sum(len(o.runs) for o in outcomes)
     parts = [
         "# FedSAM family: final accuracy and sharpness (issue 3)",
         "",
         f"Command: `{command}`",
         "",
         f"Budget `{budget}`, seeds {', '.join(map(str, seeds))}; "
-        f"{len(outcomes)} runs ({sum(o.status == 'reused' for o in outcomes)} reused "
+        f"{n_runs} runs ({sum(o.reused for o in outcomes)} reused "
         f"from earlier invocations, {len(failed)} failed); this invocation took "
         f"{elapsed:.0f} s, "
         f"the runs' own wall time sums to {run_seconds:.0f} s.",
@@ -736,134 +443,15 @@ def table_document(
         )
     if failed:
         parts += ["", "Failed runs:", ""]
-        parts += [f"- {o.job.run_dir}: {o.message.splitlines()[0]}" for o in failed]
+        parts += [f"- {line}" for line in failed]
     return "\n".join(parts) + "\n"
 
 
 # ------------------------------------------------------------------------- CLI
-def parse_list(text: str, allowed: Sequence[str], what: str) -> list[str]:
-    """A comma-separated selection checked against ``allowed`` (``all``: everything)."""
-    if text.strip() == "all":
-        return list(allowed)
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {bad or text!r}; choose from {', '.join(allowed)} or 'all'"
-        )
-    return items
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``0,1,2`` -> [0, 1, 2]."""
-    try:
-        seeds = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seeds must be integers, got {text!r}"
-        ) from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("no seeds given")
-    return seeds
-
-
-def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``["client.lr=0.02"]`` -> ``{"client.lr": 0.02}`` (values read as YAML)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise argparse.ArgumentTypeError(f"--set needs KEY=VALUE, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
-
-
-def common_parser(description: str) -> argparse.ArgumentParser:
-    """Options shared by the reproduction scripts."""
-    ap = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument(
-        "--quick", action="store_true", help="smoke budget (about a minute)"
-    )
-    size.add_argument(
-        "--full", action="store_true", help="paper-sized budget (GPU machine)"
-    )
-    ap.add_argument(
-        "--seeds",
-        type=parse_seeds,
-        default=None,
-        help="comma-separated seeds (default: the budget's)",
-    )
-    ap.add_argument("--out-dir", default=None, help="parent folder of the run folders")
-    ap.add_argument("--table", default=None, help="Markdown file to write")
-    ap.add_argument(
-        "--data-dir",
-        default=None,
-        help="data folder (default: $FEDFLAT_DATA, else ../shared/data)",
-    )
-    ap.add_argument(
-        "--jobs",
-        type=int,
-        default=1,
-        help="runs at a time (processes; each uses one torch thread)",
-    )
-    ap.add_argument(
-        "--plots",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="draw each run's PNG plots (default: on, off with --quick)",
-    )
-    ap.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="scenario override for every run (repeatable), e.g. client.lr=0.02",
-    )
-    return ap
-
-
-def find_data_dir(arg: str | None) -> str | None:
-    """``--data-dir``, else ``$FEDFLAT_DATA``, else the sibling ``shared/data``."""
-    if arg:
-        return arg
-    env = os.environ.get("FEDFLAT_DATA")
-    if env:
-        return env
-    guess = REPO.parent / "shared" / "data"
-    return str(guess) if guess.is_dir() else None
-
-
-def command_line(argv: Sequence[str]) -> str:
-    """The command as typed from the repository root: ``python scripts/x.py ARGS``."""
-    script = sys.argv[0] if sys.argv and sys.argv[0] else __file__
-    try:
-        shown = os.path.relpath(script, REPO)
-    except ValueError:  # another drive (Windows)
-        shown = script
-    return "python " + shlex.join([shown, *argv])
-
-
-def validate(jobs: Sequence[Job]) -> str | None:
-    """Resolve every job's scenario before running any (a bad ``--set`` or data folder
-    fails at once); returns the first error message, or None."""
-    from fedflat.errors import FedflatError
-
-    try:
-        for job in jobs:
-            resolved(job.base, job.over)
-    except FedflatError as exc:
-        return str(exc)
-    return None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep and write the table; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = common_parser(__doc__.splitlines()[0])
+    ap = script_parser(__doc__.splitlines()[0])
     ap.add_argument(
         "--datasets",
         type=lambda s: parse_list(s, list(DATASETS), "dataset"),
@@ -894,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             / ("tmp/fedsam_table_quick.md" if budget == "quick" else "fedsam_table.md")
         )
     )
-    data_dir = find_data_dir(args.data_dir)
+    data_dir = find_data_dir(args.data_dir, REPO)
     if data_dir is None:
         print(
             "error: no data folder: set FEDFLAT_DATA or pass --data-dir",
@@ -906,36 +494,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         use_gpu = torch.cuda.is_available()
-    command = command_line(argv)
+    command = command_line(argv, REPO)
 
+    # The grid: one cell per (data setting, method), each a sweep over the seeds.
     jobs = []
-    for (
-        ds
-    ) in args.datasets:  # data set, then seed outermost: consecutive runs share data
-        for s in seeds:
-            for m in args.methods:
-                base, over = build_overrides(
-                    ds, m, s, budget, run_keys, data_dir=data_dir, use_gpu=use_gpu
-                )
-                jobs.append(
-                    Job((ds, m, s), base, over, str(out_dir / ds / m / f"seed{s}"))
-                )
-    error = validate(jobs)
+    for ds in args.datasets:
+        for m in args.methods:
+            base, over = build_overrides(ds, m, seeds[0], budget, run_keys,
+                                         data_dir=data_dir, use_gpu=use_gpu)
+            jobs.append(CellJob((ds, m), base, over, out_dir / ds / m, tuple(seeds)))
+    error = validate_cells(jobs)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(
-        f"{len(jobs)} runs, budget {budget}, seeds {seeds}, "
-        f"run folders under {out_dir}",
-        flush=True,
-    )
+    print(f"{len(jobs) * len(seeds)} runs, budget {budget}, seeds {seeds}, "
+          f"sweep folders under {out_dir}", flush=True)
     t0 = time.perf_counter()
-    outcomes = run_jobs(
-        jobs,
-        parallel=args.jobs,
-        describe=lambda j: f"{j.key[0]} {j.key[1]} seed {j.key[2]}",
-        log=lambda s: print(s, flush=True),
-    )
+    outcomes = run_cells(jobs, parallel=args.jobs, describe=lambda j: f"{j.key[0]} {j.key[1]}",
+                         log=lambda s: print(s, flush=True))
     elapsed = time.perf_counter() - t0
     table = build_table(outcomes, args.datasets, args.methods, seeds)
     doc = table_document(
@@ -953,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(doc, end="")
     print(f"(written to {table_path})")
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    return 1 if any(o.problems for o in outcomes) else 0
 
 
 if __name__ == "__main__":

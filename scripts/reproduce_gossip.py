@@ -28,6 +28,8 @@ in the reverse order; the complete graph has exactly 0).
 
 Budgets: default 60 rounds, seeds {0, 1, 2}: 15 runs, ≈ 15 s each on one core of the
 2-core development machine (≈ 4 min in all). ``--quick``: 1 seed, 6 rounds (< 1 min).
+Each graph is a sweep over the seeds (``fedflat.sweep.cells``) in ``--out-dir/r<rounds>/<k>/``;
+finished runs of the same scenario and code revision are reused.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ import argparse
 import itertools
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fedflat  # noqa: E402
 from fedflat.decentralized import topology as topo  # noqa: E402
+from fedflat.sweep.cells import CellJob, run_cells, validate_cells  # noqa: E402
 from fedflat.sweep.results import mean_sd  # noqa: E402
 
 N = 16
@@ -89,29 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=str(REPO / "results" / "gossip_table.md"))
+    ap.add_argument("--out-dir", default=str(REPO / "runs" / "reproduce_gossip"),
+                    help="parent folder of the graphs' sweep folders")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (
         [0] if args.quick else [0, 1, 2])
     rounds = args.rounds or (6 if args.quick else 60)
     t0 = time.perf_counter()
+    folder = Path(args.out_dir) / f"r{rounds}"
+    jobs = [CellJob((name,), scenario(graph, seeds[0], rounds), {}, folder / str(k),
+                    tuple(seeds)) for k, (name, graph) in enumerate(GRAPHS.items())]
+    error = validate_cells(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     rows: dict[str, dict[str, list[float]]] = {}
     walls: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, graph in GRAPHS.items():
-            acc: dict[str, list[float]] = {}
-            for seed in seeds:
-                t = time.perf_counter()
-                res = fedflat.run(scenario(graph, seed, rounds),
-                                  out=Path(tmp) / name.replace(" ", "_") / f"s{seed}")
-                last = res.metrics[-1]
-                for key in ("consensus_distance", "test_accuracy", "node_test_accuracy_mean",
-                            "node_test_accuracy_min", "bytes_per_edge", "spectral_gap"):
-                    acc.setdefault(key, []).append(float(last[key]))
-                walls.append(f"{name}/s{seed} {time.perf_counter() - t:.0f}")
-                print(f"{name} seed {seed}: consensus {last['consensus_distance']:.4g}, "
-                      f"x̄ acc {last['test_accuracy']:.3f}, node acc "
-                      f"{last['node_test_accuracy_mean']:.3f}", flush=True)
-            rows[name] = acc
+    for out in run_cells(jobs, describe=lambda j: j.key[0], log=lambda x: print(x, flush=True)):
+        if out.problems:
+            print("\n".join(out.problems), file=sys.stderr)
+            return 1
+        acc: dict[str, list[float]] = {}
+        for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
+            last = metrics[-1]
+            for key in ("consensus_distance", "test_accuracy", "node_test_accuracy_mean",
+                        "node_test_accuracy_min", "bytes_per_edge", "spectral_gap"):
+                acc.setdefault(key, []).append(float(last[key]))
+            walls.append(f"{out.job.key[0]}/s{run.seed} {float(last.get('wall_seconds', 0)):.0f}")
+        rows[out.job.key[0]] = acc
     wall = time.perf_counter() - t0
     lines = [
         "# Decentralized SGD: ring vs torus vs exponential vs complete graph",

@@ -20,7 +20,9 @@ data; on IID there is no gain (≈ 0, or a loss for purely local personal models
 learned α moves towards 1 on the pathological split and towards 0 on IID.
 
 Budgets: default 30 rounds, seeds {0, 1, 2}: 24 runs, ≈ 10 s each on one core (≈ 4 min).
-``--quick``: 1 seed, 3 rounds.
+``--quick``: 1 seed, 3 rounds. Each (partition, method) cell is a sweep over the seeds
+(``fedflat.sweep.cells``) in ``--out-dir/r<rounds>/<k>/``; finished runs of the same scenario
+and code revision are reused.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fedflat  # noqa: E402
+from fedflat.sweep.cells import CellJob, run_cells, validate_cells  # noqa: E402
 from fedflat.sweep.results import mean_sd  # noqa: E402
 
 PARTITIONS: dict[str, dict[str, Any]] = {
@@ -72,31 +73,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=str(REPO / "results" / "personalization_table.md"))
+    ap.add_argument("--out-dir", default=str(REPO / "runs" / "reproduce_personalization"),
+                    help="parent folder of the cells' sweep folders")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (
         [0] if args.quick else [0, 1, 2])
     rounds = args.rounds or (3 if args.quick else 30)
     t0 = time.perf_counter()
+    folder = Path(args.out_dir) / f"r{rounds}"
+    grid = [(pname, mname) for pname in PARTITIONS for mname in METHODS]
+    jobs = [CellJob(key, scenario(PARTITIONS[key[0]], METHODS[key[1]], seeds[0], rounds), {},
+                    folder / str(k), tuple(seeds)) for k, key in enumerate(grid)]
+    error = validate_cells(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     cells: dict[tuple[str, str], dict[str, list[float]]] = {}
     walls: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for pname, part in PARTITIONS.items():
-            for mname, meth in METHODS.items():
-                acc: dict[str, list[float]] = {}
-                for seed in seeds:
-                    t = time.perf_counter()
-                    res = fedflat.run(scenario(part, meth, seed, rounds),
-                                      out=Path(tmp) / f"{len(cells)}_{seed}")
-                    last = res.metrics[-1]
-                    for key in ("client_test_accuracy", "personal_test_accuracy",
-                                "personal_gain", "apfl_alpha_mean"):
-                        if key in last:
-                            acc.setdefault(key, []).append(float(last[key]))
-                    walls.append(f"{pname}/{mname}/s{seed} {time.perf_counter() - t:.0f}")
-                    print(f"{pname} {mname} seed {seed}: global "
-                          f"{last['client_test_accuracy']:.3f}, personal "
-                          f"{last['personal_test_accuracy']:.3f}", flush=True)
-                cells[(pname, mname)] = acc
+    outcomes = run_cells(jobs, describe=lambda j: " ".join(j.key),
+                         log=lambda x: print(x, flush=True))
+    for out in outcomes:
+        if out.problems:
+            print("\n".join(out.problems), file=sys.stderr)
+            return 1
+        acc: dict[str, list[float]] = {}
+        for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
+            last = metrics[-1]
+            for key in ("client_test_accuracy", "personal_test_accuracy",
+                        "personal_gain", "apfl_alpha_mean"):
+                if key in last:
+                    acc.setdefault(key, []).append(float(last[key]))
+            walls.append(f"{'/'.join(out.job.key)}/s{run.seed} "
+                         f"{float(last.get('wall_seconds', 0)):.0f}")
+        cells[out.job.key] = acc
     wall = time.perf_counter() - t0
     lines = [
         "# Personalization: fine-tuning, Ditto, APFL on digits",

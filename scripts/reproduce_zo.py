@@ -16,7 +16,8 @@ more slowly per round than FedAvg (more so for small q), and with seed uplink se
 K·(8 + 4q) + 4 bytes per client and round instead of 4d + 4.
 
 Budgets: default 40 rounds, seeds {0, 1}: 10 runs, a few seconds to a minute each on one core.
-``--quick``: 1 seed, 3 rounds.
+``--quick``: 1 seed, 3 rounds. Each method is a sweep over the seeds (``fedflat.sweep.cells``)
+in ``--out-dir/<budget>/<k>/``; finished runs of the same scenario and code revision are reused.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fedflat  # noqa: E402
+from fedflat.report.tables import load_run, training_rounds  # noqa: E402
+from fedflat.sweep.cells import CellJob, run_cells, validate_cells  # noqa: E402
 from fedflat.sweep.results import mean_sd  # noqa: E402
 
 MU = 1e-3
@@ -68,35 +69,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=str(REPO / "results" / "zo_table.md"))
+    ap.add_argument("--out-dir", default=str(REPO / "runs" / "reproduce_zo"),
+                    help="parent folder of the methods' sweep folders")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (
         [0] if args.quick else [0, 1])
     rounds = args.rounds or (3 if args.quick else 40)
     t0 = time.perf_counter()
+    budget = Path(args.out_dir) / ("quick" if args.quick else f"r{rounds}")
+    jobs = [CellJob((name,), scenario(client, seeds[0], rounds), {}, budget / str(k),
+                    tuple(seeds)) for k, (name, client) in enumerate(METHODS.items())]
+    error = validate_cells(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    outcomes = run_cells(jobs, describe=lambda j: j.key[0], log=lambda x: print(x, flush=True))
     cells: dict[str, dict[str, Any]] = {}
     walls: list[str] = []
     checkpoints: list[int] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, client in METHODS.items():
-            acc: dict[int, list[float]] = {}
-            up: list[float] = []
-            queries: list[float] = []
-            for seed in seeds:
-                t = time.perf_counter()
-                res = fedflat.run(scenario(client, seed, rounds),
-                                  out=Path(tmp) / f"{len(cells)}_{seed}")
-                evals = [m for m in res.metrics if "test_accuracy" in m]
-                checkpoints = [m["round"] + 1 for m in evals]
-                for m in evals:
-                    acc.setdefault(m["round"] + 1, []).append(float(m["test_accuracy"]))
-                per_client = [m["bytes_up"] / len(m["clients"]) for m in res.metrics]
-                up.append(statistics.mean(per_client))
-                queries.append(statistics.mean(m.get("client/zo_queries", 0.0)
-                                               for m in res.metrics))
-                walls.append(f"{name}/s{seed} {time.perf_counter() - t:.0f}")
-                print(f"{name} seed {seed}: final acc {evals[-1]['test_accuracy']:.3f}, "
-                      f"uplink {up[-1]:.0f} B/client/round", flush=True)
-            cells[name] = {"acc": acc, "up": up, "queries": queries}
+    for out in outcomes:
+        if out.problems:
+            print("\n".join(out.problems), file=sys.stderr)
+            return 1
+        acc: dict[int, list[float]] = {}
+        up: list[float] = []
+        queries: list[float] = []
+        for run in out.finished_runs:
+            rec = load_run(run.run_dir)
+            metrics = training_rounds(rec.metrics)
+            evals = [m for m in metrics if "test_accuracy" in m]
+            checkpoints = [m["round"] + 1 for m in evals]
+            for m in evals:
+                acc.setdefault(m["round"] + 1, []).append(float(m["test_accuracy"]))
+            up.append(statistics.mean(m["bytes_up"] / len(m["clients"]) for m in metrics))
+            queries.append(statistics.mean(m.get("client/zo_queries", 0.0) for m in metrics))
+            walls.append(f"{out.job.key[0]}/s{run.seed} "
+                         f"{float(rec.summary.get('wall_seconds') or 0.0):.0f}")
+        cells[out.job.key[0]] = {"acc": acc, "up": up, "queries": queries}
     wall = time.perf_counter() - t0
     fo = cells["FedAvg (first order)"]
     zv, zs = cells["ZO-FedAvg q=20, vector uplink"], cells["ZO-FedAvg q=20, seed uplink"]
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{statistics.mean(zv['acc'][last]) * 100:.1f}); seed uplink sends {ratio:.1f}× fewer "
         f"bytes than the vector uplink with {'identical' if same else 'DIFFERENT'} accuracy.",
         "",
-        "Per run (wall seconds): " + ", ".join(walls),
+        "Per run (wall seconds, its own run; reused runs keep theirs): " + ", ".join(walls),
         "",
     ]
     out = Path(args.out)

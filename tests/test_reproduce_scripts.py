@@ -90,6 +90,9 @@ sys.path.insert(0, str(SCRIPTS))
 import reproduce_byzantine as rb  # noqa: E402
 import reproduce_fedsam as rf  # noqa: E402
 
+from fedflat.sweep import cells  # noqa: E402
+from fedflat.sweep.reuse import reusable  # noqa: E402
+
 DATA = os.environ.get("FEDFLAT_DATA")
 
 
@@ -120,6 +123,14 @@ def first_number(cell: str) -> float:
     m = re.match(r"^-?\d+(\.\d+)?", cell)
     assert m, f"no number in cell {cell!r}"
     return float(m.group(0))
+
+
+def seed_run(cell_dir: Path, seed: int) -> Path:
+    """The run folder of ``seed`` in a cell's sweep folder, read from its sweep.json."""
+    index = json.loads((cell_dir / "sweep.json").read_text())
+    (point,) = index["points"]
+    (run,) = [r for r in point["runs"] if r["seed"] == seed]
+    return cell_dir / run["dir"]
 
 
 def last_accuracy(run_dir: Path) -> float:
@@ -204,15 +215,15 @@ def test_reuse_survives_schema_additions_but_not_changes(tmp_path: Path) -> None
 
     done = {"status": "completed", "code_revision": code_revision()}
     (run / "summary.json").write_text(json.dumps(done))
-    assert rf.reusable(run, base, over)
+    assert reusable(run, base, over)
     # output.* never changes a number: another plots setting still reuses.
-    assert rf.reusable(run, base, {**over, "output.plots": False})
-    assert not rf.reusable(run, base, {**over, "client.lr": 0.07})
+    assert reusable(run, base, {**over, "output.plots": False})
+    assert not reusable(run, base, {**over, "client.lr": 0.07})
     # A run made by other code is not reused: a table never mixes code revisions.
     (run / "summary.json").write_text(json.dumps({**done, "code_revision": "0" * 40}))
-    assert not rf.reusable(run, base, over)
+    assert not reusable(run, base, over)
     (run / "summary.json").write_text(json.dumps({**done, "status": "interrupted"}))
-    assert not rf.reusable(run, base, over)
+    assert not reusable(run, base, over)
 
 
 def _fake_run(path: Path, seed: int, accs: list[float], lam: float) -> None:
@@ -233,14 +244,14 @@ def test_seed_cell_matches_numpy(tmp_path: Path) -> None:
         d = tmp_path / f"seed{s}"
         _fake_run(d, s, [0.1, 0.9, f], lam)  # the best is not the final
         dirs.append(d)
-    cell = rf.seed_cell(dirs)
+    cell = cells.seed_cell(dirs)
     assert cell.n == 3
     assert cell.acc_mean == pytest.approx(np.mean(finals))
     assert cell.acc_std == pytest.approx(np.std(finals, ddof=1))
     assert cell.lambda_mean == pytest.approx(np.mean(lams))
-    text = rf.fmt_acc(cell, 3)
+    text = cells.fmt_acc(cell, 3)
     assert text == f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}"
-    assert rf.fmt_acc(rf.seed_cell(dirs[:1]), 3).endswith("(n=1)")
+    assert cells.fmt_acc(cells.seed_cell(dirs[:1]), 3).endswith("(n=1)")
 
 
 def test_seed_cell_refuses_runs_that_differ_beyond_the_seed(tmp_path: Path) -> None:
@@ -250,22 +261,22 @@ def test_seed_cell_refuses_runs_that_differ_beyond_the_seed(tmp_path: Path) -> N
     sc["model"]["name"] = "cnn"
     (tmp_path / "b" / "scenario.yaml").write_text(yaml.safe_dump(sc))
     with pytest.raises(RuntimeError, match="more than their seed"):
-        rf.seed_cell([tmp_path / "a", tmp_path / "b"])
+        cells.seed_cell([tmp_path / "a", tmp_path / "b"])
 
 
 def test_markdown_table_and_selection_parsing() -> None:
     rows_in = [["FedAvg", "0.5"], ["FedSAM (ρ=0.1)", "0.25"]]
-    text = rf.markdown_table(["method", "acc"], rows_in)
+    text = cells.markdown_table(["method", "acc"], rows_in)
     ((header, rows),) = parse_tables(text)
     assert header == ["method", "acc"]
     assert rows == rows_in
-    picked = rf.parse_list("fedsam,scaffold", rf.METHODS, "method")
+    picked = cells.parse_list("fedsam,scaffold", rf.METHODS, "method")
     assert picked == ["fedsam", "scaffold"]
-    assert rf.parse_list("all", rf.METHODS, "method") == list(rf.METHODS)
+    assert cells.parse_list("all", rf.METHODS, "method") == list(rf.METHODS)
     with pytest.raises(Exception, match="unknown method"):
-        rf.parse_list("fedsma", rf.METHODS, "method")
-    assert rf.parse_seeds("0,2") == [0, 2]
-    assert rf.parse_sets(["client.lr=0.02", "model.hidden=[32]"]) == {
+        cells.parse_list("fedsma", rf.METHODS, "method")
+    assert cells.parse_seeds("0,2") == [0, 2]
+    assert cells.parse_sets(["client.lr=0.02", "model.hidden=[32]"]) == {
         "client.lr": 0.02, "model.hidden": [32]}
 
 
@@ -302,7 +313,7 @@ def test_fedsam_quick(tmp_path: Path) -> None:
             acc = first_number(acc_cell)
             assert 0.0 <= acc <= 1.0
             # One seed in --quick: the cell is that run's final accuracy.
-            run_dir = runs / "quick" / ds / method / "seed0"
+            run_dir = seed_run(runs / "quick" / ds / method, 0)
             assert acc == pytest.approx(last_accuracy(run_dir), abs=5e-5)
             assert math.isfinite(first_number(lam_cell))
 
@@ -339,5 +350,5 @@ def test_byzantine_quick(tmp_path: Path) -> None:
         for attack, cell in zip(rb.ATTACKS, row[1:], strict=True):
             acc = first_number(cell)
             assert 0.0 <= acc <= 1.0
-            run_dir = runs / "quick" / "noniid" / folder / attack / "seed0"
+            run_dir = seed_run(runs / "quick" / "noniid" / folder / attack, 0)
             assert acc == pytest.approx(last_accuracy(run_dir), abs=5e-5)

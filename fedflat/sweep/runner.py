@@ -5,7 +5,9 @@ the sweep down), and on Linux every child is bound to the sweep process with
 ``PR_SET_PDEATHSIG``, so ``kill -9`` of the sweep ends its runs at once instead of leaving
 orphans that would race with a rerun. Resuming is per run folder:
 
-- ``summary.json`` says completed (or budget_exhausted): skipped;
+- ``summary.json`` says completed (or budget_exhausted): skipped, if the run is of the
+  scenario wanted now and was made by this code revision (``fedflat.sweep.reuse``; else it
+  runs again);
 - the folder has a checkpoint: ``fedflat resume`` (the run's own resume, exact);
 - otherwise (never started, or killed before its first checkpoint): started afresh.
 
@@ -30,6 +32,7 @@ from fedflat.errors import FedflatError, ScenarioError
 from fedflat.runtime.checkpoint import list_checkpoints
 from fedflat.runtime.driver import EXIT_DIVERGED, write_json
 from fedflat.scenario.loader import load_scenario
+from fedflat.sweep.reuse import same_run
 from fedflat.sweep.spec import (
     SweepPoint,
     SweepSpec,
@@ -58,6 +61,7 @@ class SweepRun:
     status: str = "pending"
     detail: str = ""
     resumed_from: int | None = None
+    reused: bool = False  # finished before this invocation and kept (fedflat.sweep.reuse)
 
     @property
     def name(self) -> str:
@@ -189,11 +193,15 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path | None = None, *,
     todo = []
     for r in runs:
         status = run_status(r.run_dir)
-        if status in FINAL:
-            r.status = status
+        same = r.run_dir.exists() and same_run(r.run_dir, spec.scenario,
+                                               run_overrides(spec, r.point, r.seed))
+        if status in FINAL and same:
+            r.status, r.reused = status, True
         else:
-            if not list_checkpoints(r.run_dir) and r.run_dir.exists():
-                shutil.rmtree(r.run_dir)  # killed before its first checkpoint: start afresh
+            # Killed before its first checkpoint, or made by other code or from another
+            # base scenario (reuse keys on both, see fedflat.sweep.reuse): start afresh.
+            if r.run_dir.exists() and not (same and list_checkpoints(r.run_dir)):
+                shutil.rmtree(r.run_dir)
             todo.append(r)
     skipped = len(runs) - len(todo)
     echo(f"sweep {folder}: {len(points)} points x {len(spec.seeds)} seeds = {len(runs)} runs"
@@ -206,8 +214,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | Path | None = None, *,
 
 
 def _launcher(spec: SweepSpec) -> Any:
-    from fedflat.sweep.launch import RayLauncher, SubprocessLauncher
+    from fedflat.sweep.launch import InlineLauncher, RayLauncher, SubprocessLauncher
 
+    if spec.inline and not spec.ray:
+        return InlineLauncher()
     if not spec.ray:
         return SubprocessLauncher()
     address = load_scenario(spec.scenario, spec.sets).scenario.runtime.address

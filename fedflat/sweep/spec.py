@@ -68,6 +68,7 @@ class SweepSpec:
     target: float | None = None
     out: str | None = None
     source: str = "--grid"  # where grid keys came from, for error messages
+    inline: bool = False  # runs in this process, one at a time (fedflat.sweep.launch)
 
     def identity(self) -> dict[str, Any]:
         """What must not change between a sweep and its rerun (seeds may grow)."""
