@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
 
@@ -103,7 +103,7 @@ class SharedData:
     train: tuple[np.ndarray, np.ndarray] | None  # client indices (flat, offsets)
     test_groups: tuple[np.ndarray, np.ndarray] | None
     train_groups: tuple[np.ndarray, np.ndarray] | None
-    source: Any  # on-demand synthetic devices (small: seeds and sizes)
+    rest: dict[str, Any]  # FederatedData's other fields as they are (on-demand devices, ...)
 
 
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
@@ -122,9 +122,10 @@ def share(fed: FederatedData) -> SharedData:
     return SharedData(
         meta={"name": ds.name, "num_classes": ds.num_classes, "in_shape": ds.in_shape},
         arrays={k: getattr(ds, k).numpy() for k in _ARRAYS},
-        train=_csr(fed.client_indices) if fed.source is None else None,
+        train=_csr(fed.client_indices),
         test_groups=_csr(ds.test_groups), train_groups=_csr(ds.train_groups),
-        source=fed.source)
+        rest={f.name: getattr(fed, f.name) for f in fields(fed)
+              if f.name not in ("dataset", "client_indices")})
 
 
 def _tensor(a: np.ndarray) -> Tensor:
@@ -149,4 +150,6 @@ def unshare(data: SharedData | FederatedData) -> FederatedData:
                  in_shape=tuple(data.meta["in_shape"]),
                  train_groups=lists(data.train_groups),  # type: ignore[arg-type]
                  test_groups=lists(data.test_groups))  # type: ignore[arg-type]
-    return FederatedData(ds, lists(data.train) or [], source=data.source)  # type: ignore[arg-type]
+    indices = lists(data.train)
+    return FederatedData(ds, indices if indices is not None and len(indices) else [],
+                         **data.rest)
