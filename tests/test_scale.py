@@ -272,3 +272,24 @@ def test_bench_scale_quick_real_data_paths():
                           cwd=ROOT, env=env)
     assert proc.returncode == 0
     assert "skipped: --data femnist needs FEDFLAT_DATA" in proc.stdout
+
+
+def test_large_population_writes_class_counts_as_a_binary_file(tmp_path, monkeypatch):
+    from conftest import tiny_scenario
+
+    from fedflat.data.partition import client_stats
+    from fedflat.runtime import shared_data
+
+    monkeypatch.setattr(shared_data, "CLIENT_STATS_JSON_MAX", 10)  # 30 clients count as many
+    sc = tiny_scenario(**{"data.dataset": "digits", "data.num_clients": 30,
+                          "data.partition.method": "dirichlet_per_client", "server.rounds": 1,
+                          "output.checkpoint_every": 0})
+    res = fedflat.run(sc, out=tmp_path / "r")
+    info = json.loads((res.run_dir / "clients.json").read_text())
+    counts = np.load(res.run_dir / info["clients"]["class_counts_file"])
+    fed = build_data(load_scenario(sc).scenario)
+    want = client_stats(fed.client_indices, fed.dataset.y_train.numpy(), 10)  # per client
+    assert counts.shape == (30, 10)
+    assert counts.tolist() == [w["class_counts"] for w in want]
+    assert counts.sum() == len(fed.dataset.y_train)  # every sample with one client
+    assert info["clients"]["num_samples"]["max"] == max(w["num_samples"] for w in want)

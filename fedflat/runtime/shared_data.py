@@ -153,3 +153,41 @@ def unshare(data: SharedData | FederatedData) -> FederatedData:
     indices = lists(data.train)
     return FederatedData(ds, indices if indices is not None and len(indices) else [],
                          **data.rest)
+
+
+#: Above this many clients clients.json holds a summary and the per-client class counts go to
+#: a binary file: a JSON list of 5·10⁴ class histograms was 11.6 MB and took 3-20 s to write.
+CLIENT_STATS_JSON_MAX = 10_000
+CLASS_COUNTS_FILE = "client_class_counts.npy"
+
+
+def class_counts(indices: Sequence[np.ndarray], labels: np.ndarray,
+                 num_classes: int) -> np.ndarray:
+    """``[N, C]`` int64: client i's number of training samples of each class (one bincount,
+    no per-client loop)."""
+    il = IndexLists.from_lists(indices)
+    owner = np.repeat(np.arange(len(il)), il.sizes())
+    flat = owner * num_classes + np.asarray(labels, dtype=np.int64)[il.flat]
+    return np.bincount(flat, minlength=len(il) * num_classes).reshape(len(il), num_classes)
+
+
+def client_stats_or_file(run_dir: Any, indices: Sequence[np.ndarray], labels: np.ndarray,
+                         num_classes: int) -> list[dict[str, Any]] | dict[str, Any]:
+    """clients.json's ``clients``: one record per client (``client_stats``) up to
+    ``CLIENT_STATS_JSON_MAX`` clients; above, the ``[N, C]`` class counts written to
+    ``run_dir/client_class_counts.npy`` and a summary of sizes and classes per client."""
+    from pathlib import Path
+
+    from fedflat.data.partition import client_stats
+
+    if len(indices) <= CLIENT_STATS_JSON_MAX:
+        return client_stats(indices, labels, num_classes)
+    counts = class_counts(indices, labels, num_classes)
+    np.save(Path(run_dir) / CLASS_COUNTS_FILE, counts.astype(np.int32))
+    sizes, present = counts.sum(axis=1), (counts > 0).sum(axis=1)
+
+    def summary(a: np.ndarray) -> dict[str, float]:
+        return {"min": int(a.min()), "mean": float(a.mean()), "max": int(a.max())}
+
+    return {"class_counts_file": CLASS_COUNTS_FILE, "num_samples": summary(sizes),
+            "num_classes_present": summary(present)}
