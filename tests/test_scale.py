@@ -293,3 +293,16 @@ def test_large_population_writes_class_counts_as_a_binary_file(tmp_path, monkeyp
     assert counts.tolist() == [w["class_counts"] for w in want]
     assert counts.sum() == len(fed.dataset.y_train)  # every sample with one client
     assert info["clients"]["num_samples"]["max"] == max(w["num_samples"] for w in want)
+
+
+@pytest.mark.slow
+def test_on_demand_devices_under_flower_equal_serial(tmp_path):
+    pytest.importorskip("flwr")
+    from fedflat.flower.simulate import simulate
+
+    sc = on_demand(12, server={"rounds": 2, "clients_per_round": 4},
+                   output={"checkpoint_every": 0},
+                   runtime={"num_actors": 1, "num_cpus": 1, "threads": 1})
+    serial = fedflat.run(sc, out=tmp_path / "serial")
+    flower = simulate(sc, out=tmp_path / "flower")  # each node generates its device
+    assert torch.equal(serial.params, flower.params)
