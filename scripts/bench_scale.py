@@ -243,8 +243,9 @@ def population_child(n: int, rounds: int, backend: str, data: str, per_round: in
 
     torch.set_num_threads(1)
     sc = population_scenario(n, rounds, backend, data, per_round)
-    if pooled:  # Flower's comparison: pooled synthetic devices (see on_demand_refusals)
-        sc["data"]["synthetic"] = {}
+    if pooled:  # Flower's comparison: pooled devices, sizes capped as above (uncapped, 10⁴
+        # pooled devices took 6.6 GB and 196 s to generate in every process that builds them)
+        sc["data"]["synthetic"] = {"max_size": 1000}
     t0 = time.perf_counter()
     with ProcessWatch() as watch, tempfile.TemporaryDirectory() as tmp:
         if backend == "flower":
@@ -324,9 +325,9 @@ def flower(sizes: list[int], rounds: int, per_round: int = 10) -> None:
     except ImportError:
         print("# flower: skipped: flwr is not installed", flush=True)
         return
-    print(f"# flower: pooled Synthetic(1,1), {per_round} per round, logistic, 5 local steps, "
-          f"{rounds} rounds; ratio = seconds per round / serial's at the same population; "
-          "flower = one virtual SuperNode per client, 2 workers", flush=True)
+    print(f"# flower: pooled Synthetic(1,1) (max_size 1000), {per_round} per round, logistic, "
+          f"5 local steps, {rounds} rounds; ratio = seconds per round / serial's at the same "
+          "population; flower = one virtual SuperNode per client, 2 workers", flush=True)
     for n in sizes:
         base = None
         for backend in ("serial", "ray", "flower"):
