@@ -168,3 +168,141 @@ def test_bench_scale_quick_prints_every_backend_and_population():
     assert len(pops) == 2
     assert all("peak RSS" in x for x in pops)
     assert any(x.startswith("store checkpoint: save") for x in lines)
+
+
+# ---------------------------------------------------------------- real data at scale
+def _pooled(n: int = 30):
+    from conftest import tiny_scenario
+
+    sc = load_scenario(tiny_scenario(**{"data.dataset": "digits", "data.num_clients": n,
+                                        "data.partition.method": "iid"}))
+    return sc.scenario, build_data(sc.scenario)
+
+
+def test_index_lists_hold_the_lists_and_their_sizes():
+    from fedflat.runtime.shared_data import IndexLists
+
+    rng = np.random.default_rng(0)
+    lists = [rng.integers(0, 1000, size=int(k)) for k in rng.integers(0, 9, size=200)]
+    il = IndexLists.from_lists(lists)
+    assert len(il) == 200
+    assert [len(ix) for ix in lists] == il.sizes().tolist()
+    assert all(np.array_equal(a, b) for a, b in zip(lists, il, strict=True))
+    assert np.array_equal(il[-1], lists[-1])
+    assert not il[3].flags.writeable  # a view into every client's indices
+    with pytest.raises(IndexError):
+        il[200]
+    with pytest.raises(ValueError, match="offsets"):
+        IndexLists(np.arange(5), np.array([0, 3, 2, 5]))
+
+
+def test_shared_data_round_trips_exactly_through_pickle():
+    from fedflat.runtime.shared_data import share, unshare
+
+    _, fed = _pooled()
+    back = unshare(pickle.loads(pickle.dumps(share(fed))))
+    for k in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(back.dataset, k), getattr(fed.dataset, k))
+    assert len(back.client_indices) == len(fed.client_indices)
+    assert all(np.array_equal(a, b)
+               for a, b in zip(back.client_indices, fed.client_indices, strict=True))
+    assert np.array_equal(back.client_sizes(), fed.client_sizes())
+    assert back.dataset.in_shape == fed.dataset.in_shape
+
+
+def test_worker_on_index_lists_trains_as_on_the_lists():
+    # the lazy gathers (and CSR index lists, as Ray's actors get them) change no number
+    from fedflat.runtime.build import build_flat_model, initial_params
+    from fedflat.runtime.shared_data import IndexLists, unshare
+    from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
+
+    sc, fed = _pooled()
+    csr = unshare(fed)
+    csr.client_indices = IndexLists.from_lists(fed.client_indices)
+    x0 = initial_params(sc, build_flat_model(sc, fed.dataset))
+    jobs = [ClientJob(round=0, client_id=c, lr=0.05) for c in (4, 17, 4, 29)]
+    a = ClientWorker(sc, fed, threads=1).run(RoundPayload(0, x0, {}), jobs, [{}] * 4)
+    b = ClientWorker(sc, csr, threads=1).run(RoundPayload(0, x0, {}), jobs, [{}] * 4)
+    for ra, rb, j in zip(a, b, jobs, strict=True):
+        assert torch.equal(ra.delta, rb.delta)
+        assert ra.num_samples == rb.num_samples == len(fed.client_indices[j.client_id])
+
+
+# ---------------------------------------------------------------- on-demand devices elsewhere
+def test_secagg_weight_bound_of_on_demand_devices_is_the_largest_device():
+    from fedflat.flower.secagg import max_weight
+
+    sc = load_scenario(on_demand(25, server={"aggregation": {"weighting": "samples"}})).scenario
+    fed = build_data(sc)
+    largest = max(len(fed.source.device(k)[1]) for k in range(25))  # the devices' own data
+    assert max_weight(sc, fed) == float(largest)
+
+
+def test_sample_level_audit_runs_on_on_demand_devices():
+    from fedflat.audit.scenario_audit import audit_scenario
+
+    sc = on_demand(20, server={"rounds": 6}, client={"batch_size": 5},
+                   privacy={"sample_level": {"enabled": True, "epsilon": 1.0, "delta": 1e-5,
+                                             "clip_norm": 1.0}})
+    ok = audit_scenario(sc, canaries=1000)
+    assert ok.level == "sample"
+    assert not ok.flagged
+    assert audit_scenario(sc, canaries=1000, fault="noise_off").flagged
+
+
+@pytest.mark.slow
+def test_bench_scale_quick_real_data_paths():
+    from conftest import DATA_DIR, data_available
+
+    if not data_available("mnist", "mnist.npz"):
+        pytest.skip(f"no MNIST under {DATA_DIR}")
+    env = {**dict(__import__("os").environ), "FEDFLAT_DATA": DATA_DIR}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "--quick",
+                           "--data", "mnist"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [x for x in proc.stdout.splitlines() if x.startswith("population")]
+    assert len(rows) == 1
+    assert "serial" in rows[0]
+    assert "ms/round" in rows[0]
+    assert "peak RSS" in rows[0]
+    env.pop("FEDFLAT_DATA")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_scale.py"), "--quick",
+                           "--data", "femnist"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=env)
+    assert proc.returncode == 0
+    assert "skipped: --data femnist needs FEDFLAT_DATA" in proc.stdout
+
+
+def test_large_population_writes_class_counts_as_a_binary_file(tmp_path, monkeypatch):
+    from conftest import tiny_scenario
+
+    from fedflat.data.partition import client_stats
+    from fedflat.runtime import shared_data
+
+    monkeypatch.setattr(shared_data, "CLIENT_STATS_JSON_MAX", 10)  # 30 clients count as many
+    sc = tiny_scenario(**{"data.dataset": "digits", "data.num_clients": 30,
+                          "data.partition.method": "dirichlet_per_client", "server.rounds": 1,
+                          "output.checkpoint_every": 0})
+    res = fedflat.run(sc, out=tmp_path / "r")
+    info = json.loads((res.run_dir / "clients.json").read_text())
+    counts = np.load(res.run_dir / info["clients"]["class_counts_file"])
+    fed = build_data(load_scenario(sc).scenario)
+    want = client_stats(fed.client_indices, fed.dataset.y_train.numpy(), 10)  # per client
+    assert counts.shape == (30, 10)
+    assert counts.tolist() == [w["class_counts"] for w in want]
+    assert counts.sum() == len(fed.dataset.y_train)  # every sample with one client
+    assert info["clients"]["num_samples"]["max"] == max(w["num_samples"] for w in want)
+
+
+@pytest.mark.slow
+def test_on_demand_devices_under_flower_equal_serial(tmp_path):
+    pytest.importorskip("flwr")
+    from fedflat.flower.simulate import simulate
+
+    sc = on_demand(12, server={"rounds": 2, "clients_per_round": 4},
+                   output={"checkpoint_every": 0},
+                   runtime={"num_actors": 1, "num_cpus": 1, "threads": 1})
+    serial = fedflat.run(sc, out=tmp_path / "serial")
+    flower = simulate(sc, out=tmp_path / "flower")  # each node generates its device
+    assert torch.equal(serial.params, flower.params)

@@ -365,10 +365,15 @@ def _sample_audit(loaded: LoadedScenario, fed: FederatedData, plan: PrivacyPlan,
 
     included = draw_inclusion(num_canaries, stream(sc.seed, "audit", 0))
     ds = fed.dataset
-    ix = torch.as_tensor(fed.client_indices[cid])
+    if fed.source is not None:  # data.synthetic.on_demand: the device generates its examples
+        x_own, y_own, _, _ = fed.source.device(cid)
+        x_real, y_real = torch.from_numpy(x_own), torch.from_numpy(y_own)
+    else:
+        ix = torch.as_tensor(fed.client_indices[cid])
+        x_real, y_real = ds.x_train[ix], ds.y_train[ix]
     inc_ids = torch.as_tensor(np.flatnonzero(included), dtype=torch.long)
-    x = torch.cat([ds.x_train[ix], ds.x_train.new_zeros((len(inc_ids), *ds.x_train.shape[1:]))])
-    y = torch.cat([ds.y_train[ix], ds.num_classes + inc_ids])
+    x = torch.cat([x_real, x_real.new_zeros((len(inc_ids), *x_real.shape[1:]))])
+    y = torch.cat([y_real, ds.num_classes + inc_ids])
     model.module.train()
     for p in range(parts):
         ctx = UpdateContext(model=model, x_global=w, round=p, client_id=cid, num_samples=n)

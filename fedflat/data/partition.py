@@ -331,20 +331,12 @@ def _fill_without_reuse(
             left -= take
             need -= int(take.sum())
     # Class c's shuffled pool is consumed in client order: client order[j] takes the
-    # slice after everything earlier clients took.
-    offsets = np.zeros_like(counts)
-    offsets[order] = np.cumsum(counts[order], axis=0) - counts[order]
-    return [
-        np.sort(
-            np.concatenate(
-                [
-                    pools[c][offsets[i, c] : offsets[i, c] + counts[i, c]]
-                    for c in range(num_classes)
-                ]
-            )
-        )
-        for i in range(num_clients)
-    ]
+    # slice after everything earlier clients took. Built with one sort over all samples
+    # (a slice per client and class cost N·C Python steps: seconds at 10⁵ clients).
+    owner = np.concatenate([np.repeat(order, counts[order, c]) for c in range(num_classes)])
+    sample = np.concatenate([pools[c][: counts[:, c].sum()] for c in range(num_classes)])
+    ranked = sample[np.lexsort((sample, owner))]  # by client, each client's samples sorted
+    return np.split(ranked, np.cumsum(counts.sum(axis=1))[:-1])
 
 
 def shards(

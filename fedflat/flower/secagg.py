@@ -147,7 +147,8 @@ def max_weight(sc: Scenario, fed: FederatedData) -> float:
     """W, the largest client weight: max n_i (weighting samples) or 1 (uniform)."""
     if sc.server.aggregation.weighting == "uniform":
         return 1.0
-    return float(max(1, max(len(ix) for ix in fed.client_indices)))
+    # the sizes, not the index lists: on-demand synthetic devices have no index lists
+    return float(max(1, int(fed.client_sizes().max())))
 
 
 # ---------------------------------------------------------------------- client side

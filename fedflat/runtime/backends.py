@@ -35,6 +35,7 @@ from fedflat.runtime.round_loop import (
     run_round,
 )
 from fedflat.runtime.server_core import ServerCore
+from fedflat.runtime.shared_data import SharedData, share, unshare
 from fedflat.runtime.worker import ClientJob, ClientWorker, RoundPayload
 from fedflat.scenario.schema import RuntimeConfig, Scenario
 
@@ -208,8 +209,10 @@ class ActorPool:
 class _ServerActor:
     """Server actor body: a ServerCore running :func:`run_round` over an ``ActorPool``."""
 
-    def __init__(self, sc: Scenario, fed: FederatedData, params: torch.Tensor, threads: int,
-                 inline_bytes: int = INLINE_BYTES, spec: ActorSpec | None = None) -> None:
+    def __init__(self, sc: Scenario, fed: FederatedData | SharedData, params: torch.Tensor,
+                 threads: int, inline_bytes: int = INLINE_BYTES,
+                 spec: ActorSpec | None = None) -> None:
+        fed = unshare(fed)
         self.core = ServerCore(sc, fed, params, threads=threads)
         self.pool = ActorPool(sc.runtime.on_actor_failure, fed.client_sizes().tolist(),
                               inline_bytes, spec)
@@ -314,8 +317,9 @@ def unpack_results(wire: Wire) -> list[ClientResult]:
 
 
 class _ClientActor:
-    def __init__(self, sc: Scenario, fed: FederatedData, device: str, threads: int) -> None:
-        self.worker = ClientWorker(sc, fed, device=device, threads=threads)
+    def __init__(self, sc: Scenario, fed: FederatedData | SharedData, device: str,
+                 threads: int) -> None:
+        self.worker = ClientWorker(sc, unshare(fed), device=device, threads=threads)
 
     def where(self) -> dict[str, Any]:
         return _where()
@@ -426,7 +430,9 @@ class RayBackend:
             raise ScenarioError(problem[1], key=problem[0])
         threads = max(1, math.ceil(rt.num_cpus))
         device = "cuda" if rt.num_gpus > 0 else "cpu"
-        fed_ref = ray.put(fed)
+        # Stored once as numpy and CSR index lists: every actor on a node reads the arrays
+        # from the shared object store without a copy, and unpickles 2 index arrays, not N.
+        fed_ref = ray.put(share(fed))
         options: dict[str, Any] = {"num_cpus": rt.num_cpus, "num_gpus": rt.num_gpus}
         if runtime_env is not None:
             options["runtime_env"] = runtime_env

@@ -64,7 +64,7 @@ class FederatedData:
     that generate a client's examples when it is sampled."""
 
     dataset: Dataset
-    client_indices: list[np.ndarray]
+    client_indices: Sequence[np.ndarray]  # a list, or runtime.shared_data.IndexLists
     source: SyntheticDevices | None = None
     # Every client's own test split (eval.client_test; fedflat.data.client_test), None where
     # there is none (on-demand devices, a Flower node's own data file).
@@ -77,7 +77,8 @@ class FederatedData:
     def client_sizes(self) -> np.ndarray:
         if self.source is not None:
             return self.source.train_sizes
-        return np.array([len(ix) for ix in self.client_indices])
+        sizes = getattr(self.client_indices, "sizes", None)  # IndexLists: from its offsets
+        return sizes() if sizes is not None else np.array([len(ix) for ix in self.client_indices])
 
 
 def build_data(sc: Scenario) -> FederatedData:

@@ -37,7 +37,6 @@ from fedflat.comm.asynchronous import (
     versions_in_use,
 )
 from fedflat.data.datasets import DATA_ENV
-from fedflat.data.partition import client_stats
 from fedflat.errors import BudgetExhausted, DataError, FedflatError, ScenarioError
 from fedflat.privacy.plan import resolve_privacy
 from fedflat.report.tables import INITIAL_ROUND
@@ -55,6 +54,7 @@ from fedflat.runtime.checkpoint import list_checkpoints, save_checkpoint
 from fedflat.runtime.round_loop import Backend
 from fedflat.runtime.sampling import sample_cohort
 from fedflat.runtime.server_core import ServerCore
+from fedflat.runtime.shared_data import client_stats_or_file
 from fedflat.runtime.timeline import Timeline
 from fedflat.runtime.worker import ClientJob
 from fedflat.scenario.loader import LoadedScenario, dump_scenario
@@ -173,7 +173,8 @@ class Runner:
                                            "mean": float(sizes.mean()),
                                            "max": int(sizes.max())}})
             return
-        stats = client_stats(self.fed.client_indices, ds.y_train.numpy(), ds.num_classes)
+        stats = client_stats_or_file(self.run_dir, self.fed.client_indices, ds.y_train.numpy(),
+                                     ds.num_classes)  # above 10⁴ clients: a binary file
         info: dict[str, Any] = {"dataset": ds.name, "num_clients": self.fed.num_clients,
                                 "clients": stats}
         if self.fed.client_test is not None:  # which test split per-client figures are on

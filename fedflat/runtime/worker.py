@@ -28,6 +28,7 @@ from fedflat.runtime.build import (
     build_uplink,
     byzantine_clients,
 )
+from fedflat.runtime.shared_data import IndexedClients
 from fedflat.scenario.schema import Scenario
 
 EF_KEY = state_key("codec", "residual")  # client state key of the uplink error-feedback residual
@@ -72,12 +73,12 @@ class ClientWorker:
         ds = fed.dataset
         self.x = ds.x_train.to(self.device)
         self.y = ds.y_train.to(self.device)
-        # Each client's examples gathered once (not every round, in the hot path); on-demand
-        # devices are generated when sampled instead.
+        # A client's examples are gathered (on-demand devices: generated) when it is sampled,
+        # the recent ones cached: gathering every client's up front copied the training set
+        # once more per process and grew start-up with the population.
         self.client_data: Sequence[tuple[Tensor, Tensor]] = (
             OnDemandClients(fed.source, self.device) if fed.source is not None else
-            [(self.x[ix], self.y[ix]) for ix in
-             (torch.as_tensor(i, device=self.device) for i in fed.client_indices)])
+            IndexedClients(self.x, self.y, fed.client_indices))
         self.model = build_flat_model(scenario, ds, self.device)
         self.model.module.train()
         # A client's BatchNorm statistics before its first round (local mode): the module's
