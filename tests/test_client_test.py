@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_scenario
+from conftest import set_keys, tiny_scenario
 
 import fedflat
 from fedflat.data.client_test import label_mirroring_share, resolve_mode
@@ -30,13 +30,7 @@ def _digits(**over) -> dict:
         "runtime": {"threads": 1}, "eval": {"every": 3},
         "output": {"checkpoint_every": 0, "plots": False, "progress": False},
     }
-    for key, value in over.items():
-        node = sc
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return sc
+    return set_keys(sc, over)
 
 
 def _fed(sc: dict):
