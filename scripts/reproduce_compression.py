@@ -71,6 +71,7 @@ sys.path.insert(0, str(REPO))
 from fedflat.report.tables import load_run  # noqa: E402
 from fedflat.sweep import cells  # noqa: E402
 from fedflat.sweep.cells import CellJob, CellOutcome  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 CODECS: dict[str, dict[str, Any]] = {
     "fp32": {"codec": "fp32"},
@@ -159,14 +160,6 @@ def first_reaching(curve: list[dict[str, Any]], key: str, target: float) -> floa
     return None
 
 
-def _mean_sd(xs: list[float]) -> str:
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
-
-
 def _fmt_reach(vals: list[float | None], scale: float, unit: str) -> str:
     hit = [v for v in vals if v is not None]
     if not hit:
@@ -208,7 +201,7 @@ def table(results: list[dict[str, Any]], p: Profile, profile: str, target: float
         reach = [first_reaching(r["curve"], "bytes_up", target) for r in rs]
         total = statistics.mean(r["curve"][-1]["bytes_up"] for r in rs)
         lines.append(f"| {name} | {message_bytes(name, d)} | {_fmt_reach(reach, 1e6, 'MB')} | "
-                     f"{_mean_sd([r['final_acc'] for r in rs])} | {total / 1e6:.3g} MB |")
+                     f"{mean_sd([r['final_acc'] for r in rs], 100)} | {total / 1e6:.3g} MB |")
     lines += [
         "",
         "## B. Accuracy against simulated time, 90 % stragglers",
@@ -230,7 +223,7 @@ def table(results: list[dict[str, Any]], p: Profile, profile: str, target: float
         per_round = statistics.mean(pt["clients"] for r in rs for pt in r["curve"])
         reach = [first_reaching(r["curve"], "sim_s", target) for r in rs]
         total = statistics.mean(r["curve"][-1]["sim_s"] for r in rs)
-        lines.append(f"| {name} | {_mean_sd([r['final_acc'] for r in rs])} | "
+        lines.append(f"| {name} | {mean_sd([r['final_acc'] for r in rs], 100)} | "
                      f"{100 * lo:.1f}–{100 * hi:.1f} | {per_round:.2f} | "
                      f"{_fmt_reach(reach, 1.0, 's')} | {total:.4g} |")
     lines += [

@@ -69,6 +69,7 @@ sys.path.insert(0, str(REPO))
 from fedflat.scenario.privacy import DP_MECHANISM_CONFIGS  # noqa: E402
 from fedflat.sweep import cells  # noqa: E402
 from fedflat.sweep.cells import CellJob, CellOutcome  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 MECHANISMS = ("dp_sgd", "dp_sat")
 DELTA = 1e-5
@@ -198,14 +199,6 @@ def run_results(out: CellOutcome) -> list[dict[str, Any]]:
     return results
 
 
-def _mean_sd(xs: list[float], scale: float = 100.0) -> str:
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{scale * xs[0]:.2f}"
-    return f"{scale * statistics.mean(xs):.2f} ± {scale * statistics.stdev(xs):.2f}"
-
-
 def table(results: list[dict[str, Any]], profile: str, p: Profile, rho: float,
           wall: float) -> str:
     lines = [
@@ -240,8 +233,8 @@ def table(results: list[dict[str, Any]], profile: str, p: Profile, rho: float,
             spent = max(r["epsilon_spent"] or 0.0 for m in MECHANISMS for r in rows[m])
             lines.append(
                 f"| {name} | {eps:g} | {rows['dp_sgd'][0]['sigma']:.3f} | {spent:.3f} | "
-                f"{_mean_sd([r['final_acc'] for r in rows['dp_sgd']])} | "
-                f"{_mean_sd([r['final_acc'] for r in rows['dp_sat']])} | "
+                f"{mean_sd([r['final_acc'] for r in rows['dp_sgd']], 100, 2)} | "
+                f"{mean_sd([r['final_acc'] for r in rows['dp_sat']], 100, 2)} | "
                 f"{100 * mean_d:+.2f}" + (f" ± {100 * sd_d:.2f}" if len(diffs) > 1 else "")
                 + f" | {agree} |")
     lines += ["", "Settings:", ""]
