@@ -2,7 +2,9 @@
 
 Usage:
     python scripts/reproduce_compression.py [--quick | --full] [--seeds 0,1] [--jobs 1]
-                                            [--target 0.7] [--out results/compression_table.md]
+                                            [--codecs fp32,sign] [--target 0.7]
+                                            [--out results/compression_table.md]
+                                            [--out-dir runs/reproduce_compression]
 
 Everything runs through ``fedflat.run`` on Synthetic(1,1) (the FedProx generator,
 ALGORITHMS.md §6.5: 30 devices, multinomial logistic regression, SGD lr 0.01, b = 10,
@@ -32,6 +34,9 @@ users; seed 0, default profile): fp32 51 s, top_k 1 % + EF 62 s (100 rounds of E
 10 of 30 devices, ≈ 0.5 s per round), FedAvg-drop at 90 % stragglers 4 s (one device per
 round), FedProx-partial 20 s. Default total ≈ 3 seeds × (6 × 55 s + 25 s) ≈ 18 min
 (``--jobs 2`` about halves it on an idle machine).
+Each codec and each straggler method is a sweep over the seeds (``fedflat.sweep.cells``) in
+``--out-dir/<profile>/<A|B>/<cell>/``; finished runs of the same scenario and code revision
+are reused, and the per-round curves go beside the table (``.json``).
 
 Comparison with ALGORITHMS.md §9.2 (our numpy re-run of the released FedProx protocol,
 E = 20, 200 rounds, no deadline): on Synthetic(1,1) at 90 % stragglers FedAvg (dropped)
@@ -51,21 +56,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fedflat  # noqa: E402
+from fedflat.report.tables import load_run  # noqa: E402
+from fedflat.sweep import cells  # noqa: E402
+from fedflat.sweep.cells import CellJob, CellOutcome  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 CODECS: dict[str, dict[str, Any]] = {
     "fp32": {"codec": "fp32"},
@@ -117,36 +123,34 @@ def base_scenario(p: Profile, seed: int) -> dict[str, Any]:
     }
 
 
-def specs(p: Profile, codecs: list[str]) -> list[dict[str, Any]]:
-    out = []
-    for seed in p.seeds:
-        for name in codecs:
-            out.append({"part": "A", "name": name, "seed": seed,
-                        "scenario": base_scenario(p, seed),
-                        "overrides": {"comm.uplink": CODECS[name]}})
-        for name, over in METHODS.items():
-            system = {"compute_speed": {"kind": "lognormal", "mean": SPEED_MEAN,
-                                        "sigma": SPEED_SIGMA},
-                      "deadline_s": p.epochs * DEADLINE_SAMPLES / SPEED_MEAN,
-                      "straggler_fraction": 0.9}
-            out.append({"part": "B", "name": name, "seed": seed,
-                        "scenario": base_scenario(p, seed),
-                        "overrides": {"system": system, **over}})
-    return out
+def cell_overrides(part: str, name: str, p: Profile) -> dict[str, Any]:
+    """The dotted keys of one cell on top of ``base_scenario``."""
+    if part == "A":
+        return {"comm.uplink": CODECS[name]}
+    return {"system.compute_speed": {"kind": "lognormal", "mean": SPEED_MEAN,
+                                     "sigma": SPEED_SIGMA},
+            "system.deadline_s": p.epochs * DEADLINE_SAMPLES / SPEED_MEAN,
+            "system.straggler_fraction": 0.9, **METHODS[name]}
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One fedflat run; returns its per-round curve and summary (run folder deleted)."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = fedflat.run(spec["scenario"], overrides=spec["overrides"], out=Path(tmp) / "run")
-    curve = [{"round": m["round"], "acc": m.get("test_accuracy"),
-              "bytes_up": m.get("bytes_up_total", 0), "sim_s": m.get("sim_seconds", 0.0),
-              "clients": len(m.get("clients", []))} for m in res.metrics]
-    return {"part": spec["part"], "name": spec["name"], "seed": spec["seed"],
-            "final_acc": res.summary.get("final_test_accuracy"), "curve": curve,
-            "wall_s": time.perf_counter() - t0}
+def slug(name: str) -> str:
+    """A cell's folder name: ``top_k 1% + EF`` -> ``top_k_1_ef``."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def run_results(out: CellOutcome) -> list[dict[str, Any]]:
+    """Per finished run of a cell, its per-round curve and summary (what the table reads)."""
+    part, name = out.job.key
+    results = []
+    for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
+        summary = load_run(run.run_dir).summary
+        curve = [{"round": m["round"], "acc": m.get("test_accuracy"),
+                  "bytes_up": m.get("bytes_up_total", 0), "sim_s": m.get("sim_seconds", 0.0),
+                  "clients": len(m.get("clients", []))} for m in metrics]
+        results.append({"part": part, "name": name, "seed": run.seed,
+                        "final_acc": summary.get("final_test_accuracy"), "curve": curve,
+                        "wall_s": float(summary.get("wall_seconds") or 0.0)})
+    return results
 
 
 def first_reaching(curve: list[dict[str, Any]], key: str, target: float) -> float | None:
@@ -154,14 +158,6 @@ def first_reaching(curve: list[dict[str, Any]], key: str, target: float) -> floa
         if pt["acc"] is not None and pt["acc"] >= target:
             return float(pt[key])
     return None
-
-
-def _mean_sd(xs: list[float]) -> str:
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{100 * xs[0]:.1f}"
-    return f"{100 * statistics.mean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
 
 
 def _fmt_reach(vals: list[float | None], scale: float, unit: str) -> str:
@@ -205,7 +201,7 @@ def table(results: list[dict[str, Any]], p: Profile, profile: str, target: float
         reach = [first_reaching(r["curve"], "bytes_up", target) for r in rs]
         total = statistics.mean(r["curve"][-1]["bytes_up"] for r in rs)
         lines.append(f"| {name} | {message_bytes(name, d)} | {_fmt_reach(reach, 1e6, 'MB')} | "
-                     f"{_mean_sd([r['final_acc'] for r in rs])} | {total / 1e6:.3g} MB |")
+                     f"{mean_sd([r['final_acc'] for r in rs], 100)} | {total / 1e6:.3g} MB |")
     lines += [
         "",
         "## B. Accuracy against simulated time, 90 % stragglers",
@@ -227,7 +223,7 @@ def table(results: list[dict[str, Any]], p: Profile, profile: str, target: float
         per_round = statistics.mean(pt["clients"] for r in rs for pt in r["curve"])
         reach = [first_reaching(r["curve"], "sim_s", target) for r in rs]
         total = statistics.mean(r["curve"][-1]["sim_s"] for r in rs)
-        lines.append(f"| {name} | {_mean_sd([r['final_acc'] for r in rs])} | "
+        lines.append(f"| {name} | {mean_sd([r['final_acc'] for r in rs], 100)} | "
                      f"{100 * lo:.1f}–{100 * hi:.1f} | {per_round:.2f} | "
                      f"{_fmt_reach(reach, 1.0, 's')} | {total:.4g} |")
     lines += [
@@ -243,43 +239,44 @@ def table(results: list[dict[str, Any]], p: Profile, profile: str, target: float
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smoke test (< 60 s)")
-    size.add_argument("--full", action="store_true", help="the §9.2 budget (hours)")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default per profile)")
-    ap.add_argument("--codecs", default=",".join(CODECS),
-                    help=f"comma-separated subset of: {', '.join(CODECS)}")
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = cells.script_parser(__doc__.splitlines()[0])
+    ap.add_argument("--out", dest="table", help="the same as --table")
+    ap.add_argument("--codecs", type=lambda s: cells.parse_list(s, list(CODECS), "codec"),
+                    default=list(CODECS), help=f"subset of: {', '.join(CODECS)}")
     ap.add_argument("--target", type=float, default=None,
                     help="target accuracy in [0, 1] (default 0.9 × mean final fp32 accuracy)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
-    ap.add_argument("--out", default=None,
-                    help="table path (default results/compression_table.md; "
-                         "results/compression_table_quick.md with --quick)")
     args = ap.parse_args(argv)
     profile = "quick" if args.quick else "full" if args.full else "default"
     p = PROFILES[profile]
     if args.seeds:
-        p = Profile(p.epochs, p.rounds, tuple(int(s) for s in args.seeds.split(",")), p.max_size)
-    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    unknown = [c for c in codecs if c not in CODECS]
-    if unknown:
-        ap.error(f"unknown codec(s) {unknown}; choose from {list(CODECS)}")
-    out = Path(args.out) if args.out else REPO / "results" / (
+        p = Profile(p.epochs, p.rounds, tuple(args.seeds), p.max_size)
+    try:
+        extra = cells.parse_sets(args.sets)
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
+    plots = args.plots if args.plots is not None else profile != "quick"
+    run_keys = {"output.plots": plots, **extra}  # output.* never changes a number
+    out = Path(args.table) if args.table else REPO / "results" / (
         "compression_table_quick.md" if args.quick else "compression_table.md")
-    torch.set_num_threads(1)
+    folder = Path(args.out_dir or REPO / "runs" / "reproduce_compression") / profile
+    cells_ab = [("A", c) for c in args.codecs] + [("B", m) for m in METHODS]
+    jobs = [CellJob((part, name), base_scenario(p, p.seeds[0]),
+                    {**cell_overrides(part, name, p), **run_keys},
+                    folder / part / slug(name), p.seeds) for part, name in cells_ab]
+    error = cells.validate_cells(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-    todo = specs(p, codecs)
-    if args.jobs > 1:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(run_one, todo))
-    else:
-        results = []
-        for s in todo:
-            results.append(run_one(s))
-            print(f"{s['part']} {s['name']:<24} seed {s['seed']}: final accuracy "
-                  f"{results[-1]['final_acc']:.4f} ({results[-1]['wall_s']:.1f} s)", flush=True)
+    outcomes = cells.run_cells(jobs, parallel=args.jobs, describe=lambda j: " ".join(j.key),
+                               log=lambda x: print(x, flush=True))
+    problems = [line for o in outcomes for line in o.problems]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    results = [r for o in outcomes for r in run_results(o)]
     fp32 = [r["final_acc"] for r in results if r["part"] == "A" and r["name"] == "fp32"]
     target = args.target if args.target is not None else (
         0.9 * statistics.mean(fp32) if fp32 else 0.5)

@@ -4,6 +4,7 @@ Usage:
     python scripts/reproduce_dpsat.py [--quick | --full] [--settings central,femnist,mnist_dir]
                                       [--seeds 0,1,2] [--epsilons 1,3,8] [--rho 0.03]
                                       [--jobs 1] [--out results/dpsat_table.md]
+                                      [--out-dir runs/reproduce_dpsat]
 
 Needs the data directory (``--data-dir`` or ``FEDFLAT_DATA``) with ``mnist/`` and
 ``femnist/``. Every run goes through ``fedflat.run`` with sample-level DP
@@ -31,6 +32,9 @@ Budgets:
     default    as above: 54 runs of 26–61 s each; 17.5 min with ``--jobs 2`` on the 2-core
                development machine (results/dpsat_table.md).
     --full     3× the rounds (central 6 epochs): ≈ 1 h with ``--jobs 2``.
+Each (setting, ε, mechanism) is a sweep over the seeds (``fedflat.sweep.cells``) in
+``--out-dir/<profile>/<setting>/eps<ε>/<dp_sgd | dp_sat_rho<ρ>>/``; finished runs of the same
+scenario and code revision are reused.
 
 What to expect (ALGORITHMS.md §4.2, R5–R6): the DP-SAT notebooks report DP-SAT ≥ DP-SGD
 by ≈ 0.3–1.5 points at equal (ε, δ): CIFAR-10 (3, 1e-5) 68.41 → 69.91, Fashion-MNIST
@@ -51,23 +55,21 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fedflat  # noqa: E402
 from fedflat.scenario.privacy import DP_MECHANISM_CONFIGS  # noqa: E402
+from fedflat.sweep import cells  # noqa: E402
+from fedflat.sweep.cells import CellJob, CellOutcome  # noqa: E402
+from fedflat.sweep.results import mean_sd  # noqa: E402
 
 MECHANISMS = ("dp_sgd", "dp_sat")
 DELTA = 1e-5
@@ -179,29 +181,22 @@ def scenario_for(name: str, mechanism: str, epsilon: float, seed: int, p: Profil
     return sc, (dict(s.quick) if p.quick else {})
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One fedflat run (its folder is deleted); accuracy, ε spent, σ, wall time."""
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        res = fedflat.run(spec["scenario"], overrides=spec["overrides"], out=Path(tmp) / "run")
-        privacy = json.loads((res.run_dir / "privacy.json").read_text())
-    last = res.metrics[-1]
-    return {k: spec[k] for k in ("setting", "mechanism", "epsilon", "seed")} | {
-        "final_acc": res.summary.get("final_test_accuracy"),
-        "epsilon_spent": last.get("epsilon_sample_max"),
-        "sigma": privacy["sample_level"]["noise_multiplier"],
-        "rounds": len(res.metrics),
-        "wall_s": time.perf_counter() - t0,
-    }
-
-
-def _mean_sd(xs: list[float], scale: float = 100.0) -> str:
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{scale * xs[0]:.2f}"
-    return f"{scale * statistics.mean(xs):.2f} ± {scale * statistics.stdev(xs):.2f}"
+def run_results(out: CellOutcome) -> list[dict[str, Any]]:
+    """Per finished run of a cell: accuracy, ε spent, σ, rounds and wall time."""
+    setting, epsilon, mechanism = out.job.key
+    results = []
+    for run, metrics in zip(out.finished_runs, out.round_metrics(), strict=True):
+        summary = json.loads((run.run_dir / "summary.json").read_text())
+        privacy = json.loads((run.run_dir / "privacy.json").read_text())
+        results.append({
+            "setting": setting, "mechanism": mechanism, "epsilon": epsilon, "seed": run.seed,
+            "final_acc": summary.get("final_test_accuracy"),
+            "epsilon_spent": metrics[-1].get("epsilon_sample_max"),
+            "sigma": privacy["sample_level"]["noise_multiplier"],
+            "rounds": len(metrics),
+            "wall_s": float(summary.get("wall_seconds") or 0.0),
+        })
+    return results
 
 
 def table(results: list[dict[str, Any]], profile: str, p: Profile, rho: float,
@@ -238,8 +233,8 @@ def table(results: list[dict[str, Any]], profile: str, p: Profile, rho: float,
             spent = max(r["epsilon_spent"] or 0.0 for m in MECHANISMS for r in rows[m])
             lines.append(
                 f"| {name} | {eps:g} | {rows['dp_sgd'][0]['sigma']:.3f} | {spent:.3f} | "
-                f"{_mean_sd([r['final_acc'] for r in rows['dp_sgd']])} | "
-                f"{_mean_sd([r['final_acc'] for r in rows['dp_sat']])} | "
+                f"{mean_sd([r['final_acc'] for r in rows['dp_sgd']], 100, 2)} | "
+                f"{mean_sd([r['final_acc'] for r in rows['dp_sat']], 100, 2)} | "
                 f"{100 * mean_d:+.2f}" + (f" ± {100 * sd_d:.2f}" if len(diffs) > 1 else "")
                 + f" | {agree} |")
     lines += ["", "Settings:", ""]
@@ -250,66 +245,58 @@ def table(results: list[dict[str, Any]], profile: str, p: Profile, rho: float,
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    size = ap.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smoke test (< 60 s)")
-    size.add_argument("--full", action="store_true", help="3× the rounds (≈ 1 h with --jobs 2)")
-    ap.add_argument("--settings", default=",".join(SETTINGS),
-                    help=f"comma-separated subset of {list(SETTINGS)}")
-    ap.add_argument("--seeds", default=None, help="comma-separated seeds")
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = cells.script_parser(__doc__.splitlines()[0])
+    ap.add_argument("--out", dest="table", help="the same as --table")
+    ap.add_argument("--settings", type=lambda s: cells.parse_list(s, list(SETTINGS), "setting"),
+                    default=list(SETTINGS), help=f"subset of {', '.join(SETTINGS)}")
     ap.add_argument("--epsilons", default=None, help="comma-separated target ε")
     ap.add_argument("--rho", type=float, default=0.03, help="DP-SAT radius ρ (default 0.03)")
-    ap.add_argument("--data-dir", default=os.environ.get("FEDFLAT_DATA"),
-                    help="data folder with mnist/ and femnist/ (default $FEDFLAT_DATA)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (1 thread each)")
-    ap.add_argument("--out", default=None,
-                    help="table path (default results/dpsat_table.md; "
-                         "results/dpsat_table_quick.md with --quick)")
     args = ap.parse_args(argv)
-    if not args.data_dir:
-        ap.error("no data directory: pass --data-dir or set FEDFLAT_DATA")
+    data_dir = cells.find_data_dir(args.data_dir, REPO)
+    if data_dir is None:
+        print("error: no data folder with mnist/ and femnist/: set FEDFLAT_DATA or pass "
+              "--data-dir", file=sys.stderr)
+        return 2
     profile = "quick" if args.quick else "full" if args.full else "default"
     p = PROFILES[profile]
     if args.seeds:
-        p = Profile(tuple(int(s) for s in args.seeds.split(",")), p.epsilons,
-                    p.round_factor, p.quick)
+        p = Profile(tuple(args.seeds), p.epsilons, p.round_factor, p.quick)
     if args.epsilons:
         p = Profile(p.seeds, tuple(float(e) for e in args.epsilons.split(",")),
                     p.round_factor, p.quick)
-    names = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SETTINGS]
-    if unknown:
-        ap.error(f"unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
-    out = Path(args.out) if args.out else REPO / "results" / (
+    try:
+        extra = cells.parse_sets(args.sets)
+    except argparse.ArgumentTypeError as exc:
+        ap.error(str(exc))
+    plots = args.plots if args.plots is not None else profile != "quick"
+    run_keys = {"output.plots": plots, **extra}  # output.* never changes a number
+    out = Path(args.table) if args.table else REPO / "results" / (
         "dpsat_table_quick.md" if args.quick else "dpsat_table.md")
-    torch.set_num_threads(1)
-    todo = []
-    for name in names:
+    folder = Path(args.out_dir or REPO / "runs" / "reproduce_dpsat") / profile
+    jobs = []
+    for name in args.settings:
         for eps in p.epsilons:
-            for seed in p.seeds:
-                for mech in MECHANISMS:
-                    sc, over = scenario_for(name, mech, eps, seed, p, args.rho, args.data_dir)
-                    todo.append({"setting": name, "mechanism": mech, "epsilon": eps,
-                                 "seed": seed, "scenario": sc, "overrides": over})
+            for mech in MECHANISMS:
+                sc, over = scenario_for(name, mech, eps, p.seeds[0], p, args.rho, data_dir)
+                # ρ in the folder name: another --rho keeps the runs of this one.
+                leaf = mech if mech == "dp_sgd" else f"{mech}_rho{args.rho:g}"
+                jobs.append(CellJob((name, eps, mech), sc, {**over, **run_keys},
+                                    folder / name / f"eps{eps:g}" / leaf, p.seeds))
+    error = cells.validate_cells(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
-
-    def report(r: dict[str, Any]) -> None:
-        print(f"{r['setting']:<9} {r['mechanism']:<6} ε={r['epsilon']:g} seed {r['seed']}: "
-              f"accuracy {r['final_acc']:.4f}, ε spent {r['epsilon_spent']:.3f}, "
-              f"σ={r['sigma']:.3f} ({r['wall_s']:.1f} s)", flush=True)
-
-    if args.jobs > 1:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = []
-            for r in pool.map(run_one, todo):  # in order, each reported as it is available
-                results.append(r)
-                report(r)
-    else:
-        results = []
-        for s in todo:
-            results.append(run_one(s))
-            report(results[-1])
+    outcomes = cells.run_cells(jobs, parallel=args.jobs,
+                               describe=lambda j: "{} ε={:g} {}".format(*j.key),
+                               log=lambda x: print(x, flush=True))
+    problems = [line for o in outcomes for line in o.problems]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 1
+    results = [r for o in outcomes for r in run_results(o)]
     text = table(results, profile, p, args.rho, time.perf_counter() - t0)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, out: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # The cells' sweep folders go beside the table, not into the repository's runs/.
     return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / script), "--quick", "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / script), "--quick", "--out", str(out),
+         "--out-dir", str(out.parent / "runs")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=590, check=False)
 
 
