@@ -6,9 +6,11 @@ Usage:
                                       [--clip-diff 0.1] [--jobs 1]
                                       [--out results/diff2_table.md]
 
-Every run is ``fedflat.run`` of one scenario: sklearn digits (built in, fixed 80/20 split),
-iid over P clients that all take part in every round, an MLP 64-32-10 (ReLU, non-convex),
-one full-batch local SGD step per round (η = LR), cross-entropy. Sample-level DP with
+Each table cell (method × ε) is one scenario over the seeds, run as a sweep through
+``fedflat.sweep.cells`` (a rerun reuses finished runs of the same code revision): sklearn
+digits (built in, fixed 80/20 split), iid over P clients that all take part in every
+round, an MLP 64-32-10 (ReLU, non-convex), one full-batch local SGD step per round
+(η = LR), cross-entropy. Sample-level DP with
 δ = 1e-5, per-record clip C1 = 1, ε given and σ calibrated by the RDP accountant for R
 full-batch (q = 1) releases:
 
@@ -37,16 +39,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import fedflat  # noqa: E402
+from fedflat.report.tables import load_run, training_rounds  # noqa: E402
+from fedflat.sweep.cells import CellJob, run_cells, validate_cells  # noqa: E402
 from fedflat.sweep.results import mean_sd  # noqa: E402
 
 DELTA = 1e-5
@@ -78,27 +79,28 @@ def method_privacy(method: str, epsilon: float, period: int, clip_diff: float) -
         "period": period, "clip_diff": clip_diff, "sigma_split": split}}}
 
 
-def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One fedflat run in a temporary folder: final train loss, accuracy, ε spent, σ."""
-    import torch
-
-    torch.set_num_threads(1)
-    sc = base_scenario(spec["seed"], spec["rounds"], spec["clients"], spec["lr"])
-    priv = method_privacy(spec["method"], spec["epsilon"], spec["period"], spec["clip_diff"])
+def cell_scenario(method: str, epsilon: float, seed: int, rounds: int, clients: int, lr: float,
+                  period: int, clip_diff: float) -> dict[str, Any]:
+    """One table cell's scenario (its seeds are the sweep's)."""
+    sc = base_scenario(seed, rounds, clients, lr)
+    priv = method_privacy(method, epsilon, period, clip_diff)
     if priv is not None:
         sc["privacy"] = priv
-    with tempfile.TemporaryDirectory() as tmp:
-        res = fedflat.run(sc, out=Path(tmp) / "run")
-        last = res.metrics[-1]
-        out = {**spec, "train_loss": last["global_train_loss"],
-               "test_accuracy": last["test_accuracy"], "status": res.summary["status"]}
-        pj = res.run_dir / "privacy.json"
-        if pj.exists():
-            s = json.loads(pj.read_text())["sample_level"]
-            out["spent"] = max(s["epsilon_per_client"])
-            d2 = s.get("diff2_noise_multipliers")
-            out["sigma"] = (f"{d2['full']:.2f} / {d2['difference']:.2f}" if d2
-                            else f"{s['noise_multiplier']:.2f}")
+    return sc
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """Final train loss, accuracy, ε spent and σ of one finished run folder."""
+    last = training_rounds(load_run(run_dir).metrics)[-1]
+    out: dict[str, Any] = {"train_loss": last["global_train_loss"],
+                           "test_accuracy": last["test_accuracy"]}
+    pj = run_dir / "privacy.json"
+    if pj.exists():
+        s = json.loads(pj.read_text())["sample_level"]
+        out["spent"] = max(s["epsilon_per_client"])
+        d2 = s.get("diff2_noise_multipliers")
+        out["sigma"] = (f"{d2['full']:.2f} / {d2['difference']:.2f}" if d2
+                        else f"{s['noise_multiplier']:.2f}")
     return out
 
 
@@ -119,21 +121,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-diff", type=float, default=C2)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "results" / "diff2_table.md"))
+    ap.add_argument("--out-dir", default=str(REPO / "runs" / "reproduce_diff2"),
+                    help="parent folder of the cells' sweep folders (finished runs are reused)")
     args = ap.parse_args(argv)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     rounds = 8 if args.quick else args.rounds
     eps_grid = [1.0] if args.quick else [float(e) for e in args.epsilons.split(",")]
     common = {"rounds": rounds, "clients": args.clients, "lr": args.lr,
               "period": args.period, "clip_diff": args.clip_diff}
-    specs = [{**common, "method": "gd", "epsilon": float("inf"), "seed": s} for s in seeds]
-    specs += [{**common, "method": m, "epsilon": e, "seed": s} for e in eps_grid
-              for m in ("dp_gd", "diff2_equal", "diff2_rdp_half") for s in seeds]
+    cells = [("gd", float("inf"))] + [(m, e) for e in eps_grid
+                                      for m in ("dp_gd", "diff2_equal", "diff2_rdp_half")]
+    budget = Path(args.out_dir) / ("quick" if args.quick else "r{rounds}-p{clients}-lr{lr}-"
+                                   "T{period}-c{clip_diff}".format(**common))
+    jobs = [CellJob((m, e), cell_scenario(m, e, seeds[0], **common), {},
+                    budget / (m if m == "gd" else f"{m}-eps{e:g}"), tuple(seeds))
+            for m, e in cells]
+    error = validate_cells(jobs)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     start = time.time()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(run_one, specs))
-    else:
-        results = [run_one(s) for s in specs]
+    outcomes = run_cells(jobs, parallel=args.jobs, describe=lambda j: f"{j.key[0]} ε={j.key[1]}",
+                         log=lambda x: print(x, flush=True))
+    results = []
+    for out in outcomes:
+        if out.problems:
+            print("\n".join(out.problems), file=sys.stderr)
+            return 1
+        m, e = out.job.key
+        results += [{"method": m, "epsilon": e, **run_record(r.run_dir)}
+                    for r in out.finished_runs]
     took = time.time() - start
     rows = []
     for e in [float("inf"), *eps_grid]:

@@ -241,7 +241,7 @@ def test_reproduce_diff2_quick_table(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "t.md"
-    assert mod.main(["--quick", "--out", str(out)]) == 0
+    assert mod.main(["--quick", "--out", str(out), "--out-dir", str(tmp_path / "runs")]) == 0
     rows = [ln for ln in out.read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
     assert len(rows) == 5  # header + GD + DP-GD + two DIFF2 rows
     assert sum("(spent 1.000)" in r for r in rows) == 3  # equal ε: the same ledger
