@@ -474,7 +474,7 @@ def test_privacy_config_defaults_and_valid():
         ),
         ({"user_level": {"delta": 1.0}}, ("user_level", "delta"), "less than 1"),
         ({"sample_level": {"delta": 0.0}}, ("sample_level", "delta"), "greater than 0"),
-        ({"sample_level": {"clip": 1.0}}, ("sample_level", "clip"), "Extra"),
+        ({"sample_level": {"clip": 1.0}}, ("sample_level", "clip"), "not a key of mechanism"),
         (
             {"sample_level": {"expected_batch_size": 8, "sampling_rate": 0.1}},
             ("sample_level", "sampling_rate"),

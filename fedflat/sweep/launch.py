@@ -59,7 +59,7 @@ class Launcher(Protocol):
 
 class InlineLauncher:
     """Each run in this process, one after another (``start`` returns when the run ends):
-    the same ``fedflat run`` / ``resume`` command through ``fedflat.cli.main``, without a
+    the same ``fedflat run`` / ``resume`` command through ``fedflat.commands.run_core``, without a
     fresh interpreter's imports (several seconds of CPU per run, which dominate small runs).
     One run at a time and from the main thread only (a run installs signal handlers); a
     crash of one run is a crash of the caller, which is why sweeps default to subprocesses."""
@@ -67,13 +67,13 @@ class InlineLauncher:
     def start(self, cmd: list[str], log: Path, env: dict[str, str]) -> int:
         import contextlib
 
-        from fedflat.cli import main
+        from fedflat.commands import run_core
 
         args = cmd[cmd.index("fedflat.cli") + 1:]
         with open(log, "a") as fh, contextlib.redirect_stdout(fh), \
                 contextlib.redirect_stderr(fh):
             try:
-                return int(main(args) or 0)
+                return int(run_core(args) or 0)
             except SystemExit as exc:  # argparse
                 return exc.code if isinstance(exc.code, int) else 1
             except Exception as exc:  # the log says why, as a child's traceback would
