@@ -579,12 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes=outcomes,
         elapsed=elapsed,
     )
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table_path.write_text(doc)
-    print()
-    print(doc, end="")
-    print(f"(written to {table_path})")
-    return 1 if any(o.problems for o in outcomes) else 0
+    return cells.publish_table(doc, table_path, outcomes)
 
 
 def main_mixing(args: Any, argv: Sequence[str]) -> int:
@@ -644,12 +639,7 @@ def main_mixing(args: Any, argv: Sequence[str]) -> int:
         outcomes=outcomes,
         elapsed=elapsed,
     )
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table_path.write_text(doc)
-    print()
-    print(doc, end="")
-    print(f"(written to {table_path})")
-    return 1 if any(o.problems for o in outcomes) else 0
+    return cells.publish_table(doc, table_path, outcomes)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ from fedflat.sweep.cells import (  # noqa: E402
     markdown_table,
     parse_list,
     parse_sets,
+    publish_table,
     run_cells,
     script_parser,
     seed_cell,
@@ -524,12 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes=outcomes,
         elapsed=elapsed,
     )
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table_path.write_text(doc)
-    print()
-    print(doc, end="")
-    print(f"(written to {table_path})")
-    return 1 if any(o.problems for o in outcomes) else 0
+    return publish_table(doc, table_path, outcomes)
 
 
 if __name__ == "__main__":

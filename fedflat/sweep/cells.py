@@ -253,6 +253,17 @@ def fmt_num(x: float | None, spec: str = ".2f") -> str:
     return "–" if x is None or not math.isfinite(x) else format(x, spec)
 
 
+def publish_table(doc: str, path: Path, outcomes: Sequence[CellOutcome]) -> int:
+    """Write a script's table document, print it and where it went; the exit code (1 when a
+    cell had problems, the table still written so the rest can be read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)
+    print()
+    print(doc, end="")
+    print(f"(written to {path})")
+    return 1 if any(o.problems for o in outcomes) else 0
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A GitHub-flavoured Markdown table; every column but the first right-aligned."""
     rows = [list(r) for r in rows]
